@@ -1,0 +1,256 @@
+//! The generation loop shared by every decoder-only model: a KV-cached prefill, then one-token
+//! decode steps, with batching by left padding, EOS ids, stop strings and streamed text.
+
+use burn::prelude::*;
+
+use crate::sampling::{Sampler, SamplingConfig};
+use crate::tokenizer::{TokenStream, Tokenizer};
+use crate::{Error, Result};
+
+/// A decoder-only language model with a KV cache.
+pub trait CausalLm<B: Backend> {
+    /// Per-sequence state carried between steps (KV cache, positions, padding).
+    type Cache;
+
+    /// A fresh cache for a batch whose row `r` starts with `pad[r]` left-padding tokens.
+    fn new_cache(&self, pad: Vec<usize>) -> Self::Cache;
+
+    /// Feeds `tokens` `[batch, seq]` after what `cache` holds and returns logits
+    /// `[batch, seq, vocab]`, or only the last position's `[batch, 1, vocab]` when `all` is
+    /// false (which skips the LM head for the rest of a prompt).
+    fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut Self::Cache,
+        all: bool,
+    ) -> Tensor<B, 3>;
+
+    /// Longest sequence (prompt + generated) the model supports.
+    fn max_context(&self) -> usize;
+
+    /// Vocabulary size (logits width).
+    fn vocab_size(&self) -> usize;
+
+    /// The device the weights live on.
+    fn device(&self) -> B::Device;
+}
+
+/// When to stop and how to choose tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// Upper bound on generated tokens per sequence.
+    pub max_new_tokens: usize,
+    /// Token choice.
+    pub sampling: SamplingConfig,
+    /// Generation of a row ends after any of these tokens (kept in the output).
+    pub eos_token_ids: Vec<u32>,
+    /// Generation of a row ends once its text contains any of these (the text is cut before it).
+    pub stop_strings: Vec<String>,
+    /// Token used for left padding and for rows that have finished.
+    pub pad_token_id: u32,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            sampling: SamplingConfig::greedy(),
+            eos_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            pad_token_id: 0,
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Sets `max_new_tokens`.
+    pub fn with_max_new_tokens(mut self, n: usize) -> Self {
+        self.max_new_tokens = n;
+        self
+    }
+    /// Sets the sampling config.
+    pub fn with_sampling(mut self, sampling: SamplingConfig) -> Self {
+        self.sampling = sampling;
+        self
+    }
+    /// Sets the EOS ids.
+    pub fn with_eos_token_ids(mut self, ids: Vec<u32>) -> Self {
+        self.eos_token_ids = ids;
+        self
+    }
+    /// Sets the stop strings.
+    pub fn with_stop_strings(mut self, stops: Vec<String>) -> Self {
+        self.stop_strings = stops;
+        self
+    }
+    /// Sets the padding id.
+    pub fn with_pad_token_id(mut self, id: u32) -> Self {
+        self.pad_token_id = id;
+        self
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An EOS token was generated.
+    Eos,
+    /// A stop string appeared in the text.
+    Stop,
+    /// `max_new_tokens` or the model's context was reached.
+    Length,
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated token ids (the prompt excluded; an EOS that ended it included).
+    pub tokens: Vec<u32>,
+    /// Decoded text of `tokens` (special tokens skipped, cut at a stop string), when a
+    /// tokenizer was given.
+    pub text: Option<String>,
+    /// Why it stopped.
+    pub finish: FinishReason,
+}
+
+/// Generates continuations of `prompts` in one batch.
+///
+/// `on_text(row, piece)` receives each row's text as it is produced (needs `tokenizer`).
+/// Each row stops on its own; a batch gives the same tokens as running the rows one by one.
+pub fn generate<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    mut on_text: impl FnMut(usize, &str),
+) -> Result<Vec<Generation>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let vocab = model.vocab_size();
+    let context = model.max_context();
+    for (row, prompt) in prompts.iter().enumerate() {
+        if prompt.is_empty() {
+            return Err(Error::arg("prompt", format!("prompt {row} has no tokens")));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::arg(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        if prompt.len() >= context {
+            return Err(Error::ContextOverflow {
+                prompt: prompt.len(),
+                context,
+                detail: " (no room left to generate)".into(),
+            });
+        }
+    }
+    if !config.stop_strings.is_empty() && tokenizer.is_none() {
+        return Err(Error::arg("stop_strings", "need a tokenizer to match text"));
+    }
+    let batch = prompts.len();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pad: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+    let device = model.device();
+
+    let mut input = Vec::with_capacity(batch * width);
+    for (prompt, &pad) in prompts.iter().zip(&pad) {
+        input.extend(std::iter::repeat_n(config.pad_token_id as i64, pad));
+        input.extend(prompt.iter().map(|&t| t as i64));
+    }
+    let mut tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(input, [batch, width]), &device);
+
+    let mut cache = model.new_cache(pad);
+    let mut samplers: Vec<Sampler> = (0..batch)
+        .map(|_| Sampler::new(config.sampling.clone()))
+        .collect::<Result<_>>()?;
+    let mut contexts: Vec<Vec<u32>> = prompts.to_vec();
+    let mut outputs: Vec<Generation> = (0..batch)
+        .map(|_| Generation {
+            tokens: Vec::new(),
+            text: tokenizer.map(|_| String::new()),
+            finish: FinishReason::Length,
+        })
+        .collect();
+    let mut streams = vec![TokenStream::new(); batch];
+    let mut done = vec![false; batch];
+    // The model can hold `context` positions; the longest row limits everyone.
+    let max_new = config.max_new_tokens.min(context - width);
+
+    for _ in 0..max_new {
+        let logits = model.forward(tokens, &mut cache, false);
+        let logits: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .map_err(|e| Error::arg("logits", format!("{e:?}")))?;
+        let mut next = Vec::with_capacity(batch);
+        for row in 0..batch {
+            if done[row] {
+                next.push(config.pad_token_id as i64);
+                continue;
+            }
+            let row_logits = &mut logits[row * vocab..(row + 1) * vocab].to_vec();
+            let token = samplers[row].sample(row_logits, &contexts[row]);
+            contexts[row].push(token);
+            let out = &mut outputs[row];
+            out.tokens.push(token);
+            next.push(token as i64);
+            if config.eos_token_ids.contains(&token) {
+                out.finish = FinishReason::Eos;
+                done[row] = true;
+            } else if let Some(tokenizer) = tokenizer
+                && let Some(piece) = streams[row].push(tokenizer, token)?
+            {
+                let text = out.text.get_or_insert_default();
+                let before = text.len();
+                text.push_str(&piece);
+                if let Some(cut) = find_stop(text, &config.stop_strings, before) {
+                    text.truncate(cut);
+                    if cut > before {
+                        on_text(row, &text[before..]);
+                    }
+                    out.finish = FinishReason::Stop;
+                    done[row] = true;
+                } else {
+                    on_text(row, &piece);
+                }
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        tokens = Tensor::from_data(TensorData::new(next, [batch, 1]), &device);
+    }
+    if let Some(tokenizer) = tokenizer {
+        for (row, out) in outputs.iter_mut().enumerate() {
+            if out.finish != FinishReason::Stop
+                && let Some(rest) = streams[row].finish(tokenizer)?
+            {
+                on_text(row, &rest);
+                out.text.get_or_insert_default().push_str(&rest);
+            }
+        }
+    }
+    Ok(outputs)
+}
+
+/// Byte offset of the first stop string that ends after `from - longest stop` (only text that
+/// changed can complete a new match).
+fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|stop| {
+            let mut start = from.saturating_sub(stop.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            text[start..].find(stop.as_str()).map(|i| start + i)
+        })
+        .min()
+}

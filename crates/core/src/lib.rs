@@ -1,0 +1,22 @@
+//! # kiln-core
+//!
+//! What every kiln model shares, written once: RMS norm, rotary embeddings (with Llama-3
+//! scaling), grouped-query attention with a KV cache and causal / sliding-window / padding
+//! masks, the sampling pipeline and generation loop, checkpoint loading (safetensors, sharded,
+//! f32/f16/bf16, from a folder or the Hugging Face hub) and a tokenizer wrapper with chat
+//! templates.
+//!
+//! Everything is generic over a Burn [`Backend`](burn::prelude::Backend); kiln's library crates
+//! never pick one.
+
+mod error;
+pub mod generate;
+pub mod loading;
+pub mod nn;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use generate::{CausalLm, FinishReason, Generation, GenerationConfig, generate};
+pub use sampling::{Sampler, SamplingConfig};
+pub use tokenizer::{Message, TokenStream, Tokenizer};

@@ -1,0 +1,123 @@
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use burn::module::{Module, ParamId};
+use burn::prelude::Backend;
+use burn::tensor::{DType, Tensor};
+use burn_store::{
+    ApplyError, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot, TensorSnapshotError,
+};
+
+use super::WeightSource;
+use crate::{Error, Result};
+
+/// How [`load_module`] treats the checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Module paths that may stay uninitialised because the checkpoint need not have them.
+    pub optional: Vec<String>,
+}
+
+/// Loads every parameter of `module` from `source`, by checkpoint key.
+///
+/// Linear weights are transposed from PyTorch's `[out, in]` to Burn's `[in, out]`; values are
+/// converted to the device's float type one tensor at a time. A missing tensor, a tensor of the
+/// wrong shape or one holding NaN is an error naming the tensor and its file. Tensors the module
+/// doesn't use (e.g. `rotary_emb.inv_freq` in older checkpoints) are ignored.
+pub fn load_module<B: Backend, M: Module<B>>(
+    mut module: M,
+    source: Arc<dyn WeightSource>,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<M> {
+    let float_dtype = Tensor::<B, 1>::zeros([1], device).dtype();
+    // Snapshot closures can only report strings; keep the first structured error here.
+    let first_error: Rc<RefCell<Option<Error>>> = Rc::default();
+    let stored_shapes: HashMap<String, Vec<usize>> = source
+        .tensors()
+        .into_iter()
+        .map(|t| (t.name, t.shape))
+        .collect();
+
+    let snapshots = source
+        .tensors()
+        .into_iter()
+        .map(|info| {
+            let source = source.clone();
+            let name = info.name.clone();
+            let first_error = first_error.clone();
+            let data_fn = Rc::new(move || {
+                let data = source.read_f32(&name).map_err(|e| {
+                    let message = e.to_string();
+                    first_error.borrow_mut().get_or_insert(e);
+                    TensorSnapshotError::DataError(message)
+                })?;
+                Ok(if float_dtype == DType::F32 {
+                    data
+                } else {
+                    data.convert_dtype(float_dtype)
+                })
+            });
+            TensorSnapshot::from_closure(
+                data_fn,
+                float_dtype,
+                info.shape.into(),
+                info.name.split('.').map(str::to_string).collect(),
+                vec![],
+                ParamId::new(),
+            )
+        })
+        .collect();
+
+    let result = module.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+
+    if let Some(error) = first_error.borrow_mut().take() {
+        return Err(error);
+    }
+    if let Some(error) = result.errors.into_iter().next() {
+        return Err(match error {
+            ApplyError::ShapeMismatch {
+                path,
+                expected,
+                found,
+            } => {
+                let stored = stored_shapes.get(&path).cloned().unwrap_or_default();
+                let found: Vec<usize> = found.iter().copied().collect();
+                let mut expected: Vec<usize> = expected.iter().copied().collect();
+                // The adapter transposed a Linear weight: report in the checkpoint's layout.
+                if found != stored {
+                    expected.reverse();
+                }
+                Error::TensorShape {
+                    file: source.file_of(&path).to_path_buf(),
+                    tensor: path,
+                    expected,
+                    found: stored,
+                }
+            }
+            other => Error::WeightFile {
+                path: source.describe().into(),
+                message: other.to_string(),
+            },
+        });
+    }
+    let missing = result
+        .missing
+        .into_iter()
+        .map(|(path, _)| path)
+        .find(|path| {
+            !options
+                .optional
+                .iter()
+                .any(|o| path.starts_with(o.as_str()))
+        });
+    if let Some(tensor) = missing {
+        return Err(Error::MissingTensor {
+            tensor,
+            files: source.describe(),
+        });
+    }
+    Ok(module)
+}

@@ -1,0 +1,48 @@
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+/// Boolean attention mask `[batch, 1, query_len, key_len]`; `true` hides a key from a query.
+pub type AttentionMask<B> = Tensor<B, 4, Bool>;
+
+/// `softmax(q·kᵀ·scale + bias, masked) · v` with grouped key/value heads.
+///
+/// - `q`: `[batch, heads, q_len, head_dim]`
+/// - `k`, `v`: `[batch, kv_heads, k_len, head_dim]`, `heads` a multiple of `kv_heads`
+/// - `mask`: `[batch, 1, q_len, k_len]`, shared by all heads
+/// - `bias`: added to the scores, `[1 or batch, heads, q_len, k_len]` (T5's relative positions)
+///
+/// Grouped-query attention folds each group's query heads into the query-length axis
+/// (`[batch, kv_heads, group·q_len, head_dim]`) instead of repeating K and V, so no copy of the
+/// cache is made per step. Masks must leave every query at least one key (the KV cache masks
+/// do: a padding query sees itself), so `-inf` filling cannot produce NaN.
+pub fn scaled_dot_product_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&AttentionMask<B>>,
+    bias: Option<Tensor<B, 4>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let [batch, heads, q_len, head_dim] = q.dims();
+    let [_, kv_heads, k_len, _] = k.dims();
+    let v_dim = v.dims()[3];
+    let group = heads / kv_heads;
+
+    let q = (q * scale).reshape([batch, kv_heads, group * q_len, head_dim]);
+    let mut scores = q.matmul(k.swap_dims(2, 3));
+    if let Some(bias) = bias {
+        let bias_batch = bias.dims()[0];
+        scores = scores + bias.reshape([bias_batch, kv_heads, group * q_len, k_len]);
+    }
+    if let Some(mask) = mask {
+        let mask = if group > 1 {
+            mask.clone().repeat_dim(2, group)
+        } else {
+            mask.clone()
+        };
+        let mask = mask.expand([batch, kv_heads, group * q_len, k_len]);
+        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    let probs = softmax(scores, 3);
+    probs.matmul(v).reshape([batch, heads, q_len, v_dim])
+}

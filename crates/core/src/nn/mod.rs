@@ -1,0 +1,11 @@
+//! Layers every model shares: norms, rotary embeddings, attention and its KV cache.
+
+mod attention;
+mod kv_cache;
+mod norm;
+mod rope;
+
+pub use attention::{AttentionMask, scaled_dot_product_attention};
+pub use kv_cache::{CacheState, CacheStep, KvCache};
+pub use norm::{RmsNorm, RmsNormConfig};
+pub use rope::{RopeScaling, RotaryEmbedding};

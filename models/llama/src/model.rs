@@ -1,0 +1,249 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
+use kiln_core::nn::{
+    CacheState, KvCache, RmsNorm, RmsNormConfig, RotaryEmbedding, scaled_dot_product_attention,
+};
+use kiln_core::{CausalLm, Result};
+
+use crate::LlamaConfig;
+
+/// Self-attention of one decoder layer (HF `LlamaAttention`).
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection.
+    pub q_proj: Linear<B>,
+    /// Key projection.
+    pub k_proj: Linear<B>,
+    /// Value projection.
+    pub v_proj: Linear<B>,
+    /// Output projection.
+    pub o_proj: Linear<B>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        mask: Option<&Tensor<B, 4, Bool>>,
+        cache: &mut KvCache<B>,
+        keep: usize,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let split = |t: Tensor<B, 3>, heads| {
+            t.reshape([batch, seq, heads, self.head_dim])
+                .swap_dims(1, 2)
+        };
+        let q = split(self.q_proj.forward(x.clone()), self.heads);
+        let k = split(self.k_proj.forward(x.clone()), self.kv_heads);
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let q = RotaryEmbedding::apply(q, &rope.0, &rope.1);
+        let k = RotaryEmbedding::apply(k, &rope.0, &rope.1);
+        let (k, v) = cache.update(k, v, keep);
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let out = scaled_dot_product_attention(q, k, v, mask, None, scale);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([batch, seq, self.heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// SwiGLU feed-forward (HF `LlamaMLP`).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection.
+    pub gate_proj: Linear<B>,
+    /// Up projection.
+    pub up_proj: Linear<B>,
+    /// Down projection.
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Attention.
+    pub self_attn: Attention<B>,
+    /// Feed-forward.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the feed-forward.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+/// The decoder stack (HF `LlamaModel`).
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// Token embeddings.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+}
+
+/// A Llama-family causal LM (HF `LlamaForCausalLM` / `MistralForCausalLM`); field names follow
+/// the checkpoint's keys, so weights load without a remap table.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// The decoder.
+    pub model: LlamaModel<B>,
+    /// LM head; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    rope: RotaryEmbedding<B>,
+    #[module(skip)]
+    config: LlamaConfig,
+}
+
+/// Per-sequence state: one KV cache per layer plus the shared positions/padding bookkeeping.
+#[derive(Debug, Clone)]
+pub struct LlamaCache<B: Backend> {
+    /// Per-layer keys and values.
+    pub layers: Vec<KvCache<B>>,
+    /// Positions, padding and the sliding window.
+    pub state: CacheState,
+}
+
+impl LlamaConfig {
+    /// A model with uninitialised (lazy) weights, to be loaded.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Llama<B> {
+        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let d = self.hidden_size;
+        let q_dim = self.num_attention_heads * self.head_dim;
+        let kv_dim = self.num_key_value_heads * self.head_dim;
+        let norm = || {
+            RmsNormConfig::new(d)
+                .with_eps(self.rms_norm_eps)
+                .init(device)
+        };
+        let layers = (0..self.num_hidden_layers)
+            .map(|_| DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(d, q_dim, self.attention_bias),
+                    k_proj: linear(d, kv_dim, self.attention_bias),
+                    v_proj: linear(d, kv_dim, self.attention_bias),
+                    o_proj: linear(q_dim, d, self.attention_bias),
+                    heads: self.num_attention_heads,
+                    kv_heads: self.num_key_value_heads,
+                    head_dim: self.head_dim,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(d, self.intermediate_size, self.mlp_bias),
+                    up_proj: linear(d, self.intermediate_size, self.mlp_bias),
+                    down_proj: linear(self.intermediate_size, d, self.mlp_bias),
+                },
+                input_layernorm: norm(),
+                post_attention_layernorm: norm(),
+            })
+            .collect();
+        Llama {
+            model: LlamaModel {
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, d).init(device),
+                layers,
+                norm: norm(),
+            },
+            lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size, false)),
+            rope: RotaryEmbedding::new(self.head_dim, self.rope_theta, &self.rope_scaling, device),
+            config: self.clone(),
+        }
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads the checkpoint in `dir` (config.json + safetensors, sharded or not).
+    pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let weights = SafetensorsWeights::open_dir(dir)?;
+        Self::from_weights(&config, Arc::new(weights), device)
+    }
+
+    /// Builds the model from `config` and any weight source (safetensors, GGUF, ...).
+    pub fn from_weights(
+        config: &LlamaConfig,
+        weights: Arc<dyn WeightSource>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        load_module(
+            config.init(device),
+            weights,
+            device,
+            &LoadOptions::default(),
+        )
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+}
+
+impl<B: Backend> CausalLm<B> for Llama<B> {
+    type Cache = LlamaCache<B>;
+
+    fn new_cache(&self, pad: Vec<usize>) -> LlamaCache<B> {
+        LlamaCache {
+            layers: vec![KvCache::new(); self.config.num_hidden_layers],
+            state: CacheState::new(pad, self.config.sliding_window),
+        }
+    }
+
+    fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut LlamaCache<B>,
+        all: bool,
+    ) -> Tensor<B, 3> {
+        let [_, seq] = tokens.dims();
+        let step = cache.state.advance::<B>(seq, &tokens.device());
+        let rope = self.rope.cos_sin(step.positions);
+        let mut x = self.model.embed_tokens.forward(tokens);
+        for (layer, kv) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = layer.input_layernorm.forward(x.clone());
+            x = x + layer
+                .self_attn
+                .forward(h, &rope, step.mask.as_ref(), kv, step.keep);
+            let h = layer.post_attention_layernorm.forward(x.clone());
+            x = x + layer.mlp.forward(h);
+        }
+        let x = if all || seq == 1 {
+            x
+        } else {
+            x.narrow(1, seq - 1, 1)
+        };
+        let x = self.model.norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    fn max_context(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn device(&self) -> B::Device {
+        self.model.norm.weight.val().device()
+    }
+}

@@ -1,0 +1,15 @@
+//! # kiln
+//!
+//! A model zoo for [Burn](https://burn.dev): Llama 1/2/3.x, Mistral and Yi (T5, NLLB and the
+//! ensemble/anchor/distill crates build on the same core), written once, generic over
+//! `B: Backend`, loading Hugging Face checkpoints and matching `transformers` to the last logit.
+//!
+//! This crate is the application layer: the `kiln` CLI, examples and integration tests. It
+//! re-exports the library crates and, unlike them, picks a backend through cargo features
+//! (`ndarray` by default; `flex`, `wgpu`, `vulkan`, `metal`, `cuda`).
+
+pub use kiln_core as core;
+pub use kiln_llama as llama;
+
+pub mod auto;
+pub mod backend;
