@@ -1159,6 +1159,8 @@ def smollm2_reference(gguf_path):
     g = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32, min_new_tokens=32,
                        repetition_penalty=None, pad_token_id=tok.pad_token_id or 2)
     new = g[0, len(prompt_ids):].tolist()
+    last = model(x).logits[0, -1].float()
+    top = last.topk(5)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     chat = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     chat_ids = tok(chat, add_special_tokens=False)["input_ids"]
@@ -1180,8 +1182,16 @@ def smollm2_reference(gguf_path):
         "chat_prompt_ids": chat_ids,
         "chat_answer_ids": answer_ids,
         "chat_answer_text": tok.decode(answer_ids, skip_special_tokens=True),
+        "chat_note": "chat_prompt is tok.apply_chat_template(add_generation_prompt=True) with the GGUF's template "
+                     "(it inserts the default system prompt); chat_answer_ids include the EOS that stopped it",
+        "eos_token_id": model.generation_config.eos_token_id,
+        "prompt_last_logits_top5": {"ids": top.indices.tolist(), "values": [round(v, 4) for v in top.values.tolist()]},
+        "torch_version": torch.__version__.split("+")[0],
         "generation": {"do_sample": False, "max_new_tokens": 32, "min_new_tokens": 32, "chat_max_new_tokens": 48},
     }
+    expected_start = [28, 260, 2240, 282, 23324, 27108]
+    if new[: len(expected_start)] != expected_start:
+        print(f"WARNING: greedy continuation starts {new[:6]}, expected {expected_start}", file=sys.stderr)
     path = os.path.join(FIXTURES, "smollm2-reference.json")
     write_json(path, res)
     print(json.dumps({k: res[k] for k in ("greedy_new_ids", "greedy_text", "chat_answer_text")}, ensure_ascii=False))
