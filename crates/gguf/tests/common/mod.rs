@@ -1,0 +1,175 @@
+//! Helpers shared by the integration tests: locating real data, and writing small GGUF files.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use kiln_gguf::{GgmlType, Value};
+
+/// The project's `shared/` folder (real tokenizer files), if it can be found:
+/// `$KILN_SHARED_DIR`, or `shared/` beside or inside the checkout.
+pub fn shared_dir() -> Option<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut candidates = Vec::new();
+    if let Some(d) = std::env::var_os("KILN_SHARED_DIR") {
+        candidates.push(PathBuf::from(d));
+    }
+    candidates.push(manifest.join("../../shared"));
+    candidates.push(manifest.join("../../../shared"));
+    candidates.push(PathBuf::from("/work/shared"));
+    candidates
+        .into_iter()
+        .find(|p| p.join("tokenizers").is_dir())
+}
+
+/// A file under `shared/tokenizers/`, or `None` (with a note on stderr) when absent.
+pub fn shared_tokenizer_file(rel: &str) -> Option<PathBuf> {
+    let Some(dir) = shared_dir() else {
+        eprintln!("SKIP: shared/ not found (set KILN_SHARED_DIR); cannot use {rel}");
+        return None;
+    };
+    let p = dir.join("tokenizers").join(rel);
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("SKIP: {} is missing", p.display());
+        None
+    }
+}
+
+/// The SmolLM2-135M-Instruct Q4_1 GGUF (98 MB), if present: `$KILN_SMOLLM2_GGUF`, or where
+/// `tools/fetch_smollm2.sh` puts it. `None` (with the reason on stderr) otherwise.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let path = match std::env::var_os("KILN_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let cache = std::env::var_os("KILN_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")));
+            let Some(cache) = cache else {
+                eprintln!("SKIP: neither KILN_SMOLLM2_GGUF, KILN_CACHE nor HOME is set");
+                return None;
+            };
+            cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }
+    };
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!(
+            "SKIP: {} not found; run tools/fetch_smollm2.sh (or set KILN_SMOLLM2_GGUF) to run this test",
+            path.display()
+        );
+        None
+    }
+}
+
+/// A tensor to write: name, ggml dims (`ne`, innermost first), type, raw data.
+pub struct TensorSpec {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    pub data: Vec<u8>,
+}
+
+/// Writes a GGUF file (little-endian, version `version`) with the given metadata and tensors.
+pub fn write_gguf(
+    version: u32,
+    kvs: &[(&str, Value)],
+    tensors: &[TensorSpec],
+    alignment: u64,
+) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&version.to_le_bytes());
+    b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+    for (k, v) in kvs {
+        put_str(&mut b, k);
+        b.extend_from_slice(&type_id(v).to_le_bytes());
+        put_value(&mut b, v);
+    }
+    let mut offset = 0u64;
+    let mut offsets = Vec::new();
+    for t in tensors {
+        put_str(&mut b, &t.name);
+        b.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+        for d in &t.dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&t.ggml_type.id().to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        offsets.push(offset);
+        offset += (t.data.len() as u64).div_ceil(alignment) * alignment;
+    }
+    while !(b.len() as u64).is_multiple_of(alignment) {
+        b.push(0);
+    }
+    let data_start = b.len() as u64;
+    for (t, off) in tensors.iter().zip(offsets) {
+        while (b.len() as u64) < data_start + off {
+            b.push(0);
+        }
+        b.extend_from_slice(&t.data);
+    }
+    b
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    b.extend_from_slice(s.as_bytes());
+}
+
+fn type_id(v: &Value) -> u32 {
+    v.value_type().id()
+}
+
+fn put_value(b: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => b.push(*x),
+        Value::I8(x) => b.push(*x as u8),
+        Value::U16(x) => b.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => b.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => b.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => b.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => b.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => b.push(*x as u8),
+        Value::String(s) => put_str(b, s),
+        Value::U64(x) => b.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => b.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => b.extend_from_slice(&x.to_le_bytes()),
+        Value::Array { elem_type, items } => {
+            b.extend_from_slice(&elem_type.id().to_le_bytes());
+            b.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for i in items {
+                put_value(b, i);
+            }
+        }
+    }
+}
+
+/// `Value::Array` of strings.
+pub fn str_array(items: &[&str]) -> Value {
+    Value::Array {
+        elem_type: kiln_gguf::ValueType::String,
+        items: items.iter().map(|s| Value::String(s.to_string())).collect(),
+    }
+}
+
+/// `Value::String`.
+pub fn s(v: &str) -> Value {
+    Value::String(v.to_string())
+}
+
+/// Reads a little-endian f32 file.
+pub fn read_f32(path: &std::path::Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// The directory of the committed fixtures.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}

@@ -1,0 +1,112 @@
+//! Dequantisation is bit-exact against the `gguf` Python package (fixtures made by
+//! `tools/gguf_reference.py`).
+
+mod common;
+
+use kiln_gguf::{GgmlType, GgufError, dequantize, dequantize_into};
+
+const TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+#[test]
+fn fixtures_are_bit_exact() {
+    let dir = common::fixtures().join("quant");
+    for &t in TYPES {
+        let raw = std::fs::read(dir.join(format!("{t}.bin"))).expect("fixture .bin");
+        let expected = common::read_f32(&dir.join(format!("{t}.f32")));
+        let got = dequantize(t, &raw).unwrap();
+        assert_eq!(got.len(), expected.len(), "{t}: element count");
+        let mismatches: Vec<_> = got
+            .iter()
+            .zip(&expected)
+            .enumerate()
+            .filter(|(_, (a, b))| a.to_bits() != b.to_bits())
+            .take(5)
+            .collect();
+        assert!(
+            mismatches.is_empty(),
+            "{t}: first mismatches (index, (ours, gguf-py)): {mismatches:?}"
+        );
+        eprintln!("{t}: {} values bit-exact", got.len());
+    }
+}
+
+#[test]
+fn threaded_path_matches_single_block_path() {
+    // Large enough to take the multi-threaded path: repeat the Q4_K fixture blocks.
+    let dir = common::fixtures().join("quant");
+    for t in [GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::F16] {
+        let raw = std::fs::read(dir.join(format!("{t}.bin"))).unwrap();
+        let expected = common::read_f32(&dir.join(format!("{t}.f32")));
+        let reps = 200;
+        let big: Vec<u8> = raw.iter().copied().cycle().take(raw.len() * reps).collect();
+        let got = dequantize(t, &big).unwrap();
+        assert_eq!(got.len(), expected.len() * reps);
+        for (chunk, _) in got.chunks(expected.len()).zip(0..reps) {
+            assert!(
+                chunk
+                    .iter()
+                    .zip(&expected)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{t}"
+            );
+        }
+    }
+}
+
+#[test]
+fn size_errors_do_not_panic() {
+    assert!(matches!(
+        dequantize(GgmlType::Q4_0, &[0u8; 17]),
+        Err(GgufError::Shape(_))
+    ));
+    let mut out = vec![0f32; 31];
+    assert!(matches!(
+        dequantize_into(GgmlType::Q4_0, &[0u8; 18], &mut out),
+        Err(GgufError::Shape(_))
+    ));
+    assert!(matches!(
+        dequantize(GgmlType::IQ2_XXS, &[0u8; 66]),
+        Err(GgufError::UnsupportedType { .. })
+    ));
+    assert_eq!(dequantize(GgmlType::Q6_K, &[]).unwrap(), Vec::<f32>::new());
+}
+
+#[test]
+fn q8_0_by_hand() {
+    // d = 0.5 (f16 0x3800), q = 0, 1, -1, 127, -128, then zeros.
+    let mut block = vec![0x00, 0x38];
+    block.extend_from_slice(&[0, 1, 0xFF, 127, 0x80]);
+    block.resize(34, 0);
+    let y = dequantize(GgmlType::Q8_0, &block).unwrap();
+    assert_eq!(&y[..5], &[0.0, 0.5, -0.5, 63.5, -64.0]);
+}
+
+#[test]
+fn q4_0_by_hand() {
+    // d = 2.0 (f16 0x4000); byte j holds element j (low nibble) and j + 16 (high nibble).
+    let mut block = vec![0x00, 0x40];
+    block.push(0xF0); // element 0: 0 - 8 = -8 -> -16; element 16: 15 - 8 = 7 -> 14
+    block.resize(18, 0x88); // the rest: 8 - 8 = 0
+    let y = dequantize(GgmlType::Q4_0, &block).unwrap();
+    assert_eq!(y[0], -16.0);
+    assert_eq!(y[16], 14.0);
+    assert!(
+        y.iter()
+            .enumerate()
+            .all(|(i, &v)| i == 0 || i == 16 || v == 0.0)
+    );
+}
