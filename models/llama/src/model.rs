@@ -8,6 +8,7 @@ use burn::tensor::activation::silu;
 use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
 use kiln_core::nn::{
     CacheState, KvCache, RmsNorm, RmsNormConfig, RotaryEmbedding, scaled_dot_product_attention,
+    tied_lm_head,
 };
 use kiln_core::{CausalLm, Result};
 
@@ -231,7 +232,7 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         let x = self.model.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => x.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+            None => tied_lm_head(x, self.model.embed_tokens.weight.val()),
         }
     }
 

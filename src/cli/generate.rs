@@ -1,0 +1,212 @@
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use kiln::auto;
+use kiln::backend::{Backend, NAME, device};
+use kiln::core::{GenerationConfig, Message, SamplingConfig, generate};
+
+pub const LONG_ABOUT: &str = "\
+Continue a prompt with a decoder-only model (Llama 1/2/3.x, Mistral, Yi).
+
+The model is a folder in Hugging Face layout (config.json, *.safetensors, tokenizer.json) or a
+hub id such as `TinyLlama/TinyLlama-1.1B-Chat-v1.0`, downloaded into the HF cache (HF_HOME;
+HF_HUB_OFFLINE=1 reads only the cache).
+
+Examples:
+  kiln generate --model ./TinyLlama-1.1B --prompt \"The capital of France is\" --max-new-tokens 20
+  kiln generate --model ./TinyLlama-1.1B --chat --prompt \"Write a haiku about kilns\" --temperature 0.7 --top-p 0.9
+  kiln generate --model ./m --prompt-ids 1,450,7483 --json
+  kiln generate --model ./m --prompt \"A\" --prompt \"B\"       (a batch of two, left-padded)";
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model folder or Hugging Face hub id (`org/name`, optionally `@revision`).
+    #[arg(
+        long,
+        env = "KILN_MODEL",
+        default_value = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )]
+    model: String,
+    /// Prompt text; repeat for a batch.
+    #[arg(long, short = 'p', conflicts_with_all = ["prompt_ids", "prompt_file"])]
+    prompt: Vec<String>,
+    /// Prompt as comma-separated token ids (no tokenizer needed), e.g. `1,450,7483`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt_file")]
+    prompt_ids: Option<Vec<u32>>,
+    /// Read the prompt from a UTF-8 file (`-` for stdin).
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, short = 't', default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only from the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches p.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Penalise tokens already in the text (1.0 = off; 1.1 is typical).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop when the text contains this string (repeatable); the text is cut before it.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Keep going past the model's EOS tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object per prompt: {"prompt_tokens": [...], "tokens": [...], "text": "..."}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let device = device();
+    let start = Instant::now();
+    let loaded = auto::load::<Backend>(&args.model, &device)
+        .with_context(|| format!("loading {}", args.model))?;
+    eprintln!(
+        "kiln: {} ({}) loaded in {:.1}s on {NAME}",
+        loaded.files.dir.display(),
+        loaded.description,
+        start.elapsed().as_secs_f64()
+    );
+    let tokenizer = loaded.tokenizer.as_ref();
+
+    let texts: Vec<String> = match (&args.prompt_ids, &args.prompt_file) {
+        (Some(_), _) => vec![],
+        (None, Some(path)) => vec![read_prompt_file(path)?],
+        (None, None) if args.prompt.is_empty() => {
+            bail!("give a prompt: --prompt TEXT, --prompt-ids 1,2,3 or --prompt-file FILE")
+        }
+        (None, None) => args.prompt.clone(),
+    };
+    let prompts: Vec<Vec<u32>> = match &args.prompt_ids {
+        Some(ids) => vec![ids.clone()],
+        None => {
+            let tokenizer =
+                tokenizer.context("this model folder has no tokenizer.json; use --prompt-ids")?;
+            texts
+                .iter()
+                .map(|text| {
+                    if args.chat {
+                        let mut messages = Vec::new();
+                        if let Some(system) = &args.system {
+                            messages.push(Message::new("system", system.clone()));
+                        }
+                        messages.push(Message::new("user", text.clone()));
+                        let rendered = tokenizer.apply_chat_template(&messages, true)?;
+                        // The template writes BOS itself when the model wants one.
+                        tokenizer.encode(&rendered, false)
+                    } else {
+                        tokenizer.encode(text, true)
+                    }
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+
+    let mut eos = if args.ignore_eos {
+        vec![]
+    } else {
+        loaded.defaults.eos_token_id.to_vec()
+    };
+    if args.chat
+        && !args.ignore_eos
+        && let Some(id) = tokenizer
+            .and_then(|t| t.eos_token())
+            .and_then(|e| tokenizer?.token_to_id(e))
+        && !eos.contains(&id)
+    {
+        eos.push(id);
+    }
+    let sampling = SamplingConfig::greedy()
+        .with_temperature(args.temperature)
+        .with_top_k(args.top_k)
+        .with_top_p(args.top_p)
+        .with_repetition_penalty(args.repetition_penalty)
+        .with_seed(args.seed);
+    let pad = loaded
+        .defaults
+        .pad_token_id
+        .to_vec()
+        .first()
+        .copied()
+        .or(eos.first().copied())
+        .unwrap_or(0);
+    let config = GenerationConfig::default()
+        .with_max_new_tokens(args.max_new_tokens)
+        .with_sampling(sampling)
+        .with_eos_token_ids(eos)
+        .with_stop_strings(args.stop.clone())
+        .with_pad_token_id(pad);
+
+    let stream = !args.json && prompts.len() == 1 && tokenizer.is_some();
+    let start = Instant::now();
+    let mut stdout = std::io::stdout();
+    let outputs = generate(&loaded.model, &prompts, &config, tokenizer, |_, piece| {
+        if stream {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+    })?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let generated: usize = outputs.iter().map(|o| o.tokens.len()).sum();
+
+    for (prompt, out) in prompts.iter().zip(&outputs) {
+        if args.json {
+            let json = serde_json::json!({
+                "prompt_tokens": prompt,
+                "tokens": out.tokens,
+                "text": out.text.clone().unwrap_or_default(),
+                "finish_reason": out.finish,
+            });
+            println!("{json}");
+        } else if stream {
+            println!();
+        } else {
+            println!(
+                "{}",
+                out.text
+                    .clone()
+                    .unwrap_or_else(|| format!("{:?}", out.tokens))
+            );
+        }
+    }
+    eprintln!(
+        "kiln: {generated} tokens in {elapsed:.2}s ({:.1} tok/s, prefill included)",
+        generated as f64 / elapsed.max(1e-9)
+    );
+    Ok(())
+}
+
+fn read_prompt_file(path: &PathBuf) -> anyhow::Result<String> {
+    let bytes = if path.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+        buf
+    } else {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (first bad byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}

@@ -1,0 +1,315 @@
+//! Every class of bad input is a clear error naming the file, tensor, field or argument —
+//! never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use kiln::core::{Error, GenerationConfig, generate};
+use kiln::llama::Llama;
+use safetensors::SafeTensors;
+
+/// A copy of a good fixture to break.
+fn copy_fixture(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+fn load(dir: &Path) -> Result<Llama<B>, Error> {
+    Llama::<B>::from_pretrained(dir, &device())
+}
+
+fn load_err(dir: &Path) -> Error {
+    load(dir).err().expect("loading should fail")
+}
+
+/// Rewrites model.safetensors through `edit(name, values) -> Option<values>` (None drops it).
+fn rewrite_weights(dir: &Path, edit: impl Fn(&str, Vec<f32>) -> Option<Vec<f32>>) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        if let Some(values) = edit(&name, values) {
+            let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            out.push((name, view.shape().to_vec(), data));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = out
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+}
+
+#[test]
+fn the_good_fixture_loads() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    load(&dir).unwrap();
+}
+
+#[test]
+fn missing_config() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        matches!(&err, Error::MissingFile { path, .. } if path.ends_with("config.json")),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_weights() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        matches!(&err, Error::MissingFile { path, .. } if path.ends_with("model.safetensors")),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_weights() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [4, 100, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let err = load_err(&dir);
+        assert!(
+            matches!(&err, Error::WeightFile { path: p, .. } if *p == path),
+            "cut at {cut}: {err}"
+        );
+    }
+}
+
+#[test]
+fn garbage_weights() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    std::fs::write(
+        dir.join("model.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a safetensors file",
+    )
+    .unwrap();
+    assert!(matches!(load_err(&dir), Error::WeightFile { .. }));
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    rewrite_weights(&dir, |name, v| {
+        (name != "model.layers.1.mlp.up_proj.weight").then_some(v)
+    });
+    let err = load_err(&dir);
+    assert!(
+        matches!(&err, Error::MissingTensor { tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn wrong_shape_is_named() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    edit_config(&dir, |c| c["intermediate_size"] = 96.into());
+    let err = load_err(&dir);
+    match &err {
+        Error::TensorShape {
+            tensor,
+            expected,
+            found,
+            file,
+        } => {
+            assert!(tensor.contains("mlp"), "{err}");
+            assert_ne!(expected, found);
+            assert!(file.ends_with("model.safetensors"));
+        }
+        _ => panic!("{err}"),
+    }
+}
+
+#[test]
+fn nan_weights_are_rejected() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    rewrite_weights(&dir, |name, mut v| {
+        if name == "model.norm.weight" {
+            v[3] = f32::NAN;
+        }
+        Some(v)
+    });
+    let err = load_err(&dir);
+    assert!(
+        matches!(&err, Error::TensorData { tensor, .. } if tensor == "model.norm.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_architecture() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    edit_config(&dir, |c| {
+        c["model_type"] = "gpt_neox".into();
+        c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    });
+    let err = load_err(&dir);
+    assert!(
+        matches!(&err, Error::UnsupportedModel(m) if m.contains("gpt_neox")),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_field_of_wrong_type_is_named() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    edit_config(&dir, |c| c["hidden_size"] = "sixty-four".into());
+    let err = load_err(&dir);
+    assert!(
+        matches!(&err, Error::Config { message, .. } if message.contains("hidden_size")),
+        "{err}"
+    );
+}
+
+#[test]
+fn inconsistent_heads_are_rejected() {
+    let (_tmp, dir) = copy_fixture("llama3-gqa");
+    edit_config(&dir, |c| c["num_key_value_heads"] = 3.into());
+    let err = load_err(&dir);
+    assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+}
+
+#[test]
+fn config_that_is_not_json_or_not_utf8() {
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    std::fs::write(dir.join("config.json"), b"{\"hidden_size\": \xff\xfe}").unwrap();
+    assert!(matches!(load_err(&dir), Error::Config { .. }));
+    std::fs::write(dir.join("config.json"), b"{\"hidden_size\": 64,").unwrap();
+    assert!(matches!(load_err(&dir), Error::Config { .. }));
+}
+
+#[test]
+fn missing_shard_is_named() {
+    let (_tmp, dir) = copy_fixture("llama3-sharded");
+    std::fs::remove_file(dir.join("model-00002-of-00003.safetensors")).unwrap();
+    let err = load_err(&dir);
+    assert!(
+        matches!(&err, Error::MissingFile { path, .. } if path.ends_with("model-00002-of-00003.safetensors")),
+        "{err}"
+    );
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let model = Llama::<B>::from_pretrained(&fixture("llama2-mha"), &device()).unwrap();
+    let prompt = vec![5u32; 300];
+    let err = generate(
+        &model,
+        &[prompt],
+        &GenerationConfig::default(),
+        None,
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ContextOverflow {
+                prompt: 300,
+                context: 128,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary() {
+    let model = Llama::<B>::from_pretrained(&fixture("llama2-mha"), &device()).unwrap();
+    let err = generate(
+        &model,
+        &[vec![1, 99_999]],
+        &GenerationConfig::default(),
+        None,
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { name: "prompt", .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_rejects_invalid_utf8_prompt_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompt.txt");
+    std::fs::write(&file, b"caf\xe9").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["generate", "--model"])
+        .arg(fixture("llama2-mha"))
+        .arg("--prompt-file")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not valid UTF-8") && stderr.contains("prompt.txt"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn cli_json_output() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "generate",
+            "--json",
+            "-n",
+            "6",
+            "--prompt-ids",
+            "1,5,6",
+            "--model",
+        ])
+        .arg(fixture("llama2-mha"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["prompt_tokens"], serde_json::json!([1, 5, 6]));
+    assert_eq!(json["tokens"].as_array().unwrap().len(), 6);
+    assert!(json["text"].is_string());
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command (README and .ci/run): the whole workspace on the CPU backend, then the parity
+# tests again on wgpu, so "same code, any backend" is tested. wgpu runs on Mesa's software
+# Vulkan (lavapipe) where no GPU is present; on Debian/Ubuntu it is installed when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== CPU (ndarray): all crates and tests"
+cargo test --workspace --locked
+
+if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "== installing Mesa's software Vulkan for the wgpu tests"
+    (apt-get install -y -q mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1 ||
+      (apt-get update -q >/dev/null && apt-get install -y -q mesa-vulkan-drivers libvulkan1 >/dev/null)) || true
+  fi
+fi
+if ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+  echo "== wgpu (Vulkan): parity tests"
+  cargo test --locked --no-default-features --features wgpu --test llama_parity
+else
+  echo "== wgpu: skipped (no Vulkan driver; install mesa-vulkan-drivers libvulkan1)"
+fi
