@@ -13,6 +13,10 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// Nested arrays deeper than this are rejected (llama.cpp itself reads no nested arrays at all).
 const MAX_ARRAY_DEPTH: usize = 8;
 
+/// Preallocation from counts read in the file is capped at this many items; vectors grow as
+/// items are actually read, so a lying count cannot make a huge allocation.
+const MAX_PREALLOC: u64 = 1 << 16;
+
 /// ggml tensors have at most four dimensions (`GGML_MAX_DIMS`).
 const MAX_DIMS: u32 = 4;
 
@@ -400,8 +404,9 @@ impl<'a> Parser<'a> {
             ));
         }
 
-        let mut metadata = Vec::with_capacity(n_kv as usize);
-        let mut key_index = HashMap::with_capacity(n_kv as usize);
+        let cap = n_kv.min(MAX_PREALLOC) as usize;
+        let mut metadata = Vec::with_capacity(cap);
+        let mut key_index = HashMap::with_capacity(cap);
         for i in 0..n_kv {
             let key = self
                 .string()
@@ -428,8 +433,9 @@ impl<'a> Parser<'a> {
             },
         };
 
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
-        let mut tensor_index = HashMap::with_capacity(n_tensors as usize);
+        let cap = n_tensors.min(MAX_PREALLOC) as usize;
+        let mut tensors = Vec::with_capacity(cap);
+        let mut tensor_index = HashMap::with_capacity(cap);
         for i in 0..n_tensors {
             let name = self
                 .string()
@@ -571,7 +577,7 @@ impl<'a> Parser<'a> {
                         ),
                     ));
                 }
-                let mut items = Vec::with_capacity(count as usize);
+                let mut items = Vec::with_capacity(count.min(MAX_PREALLOC) as usize);
                 for _ in 0..count {
                     items.push(self.value(elem_id, depth + 1, what)?);
                 }

@@ -48,8 +48,12 @@ pub fn dequantize_into(ggml_type: GgmlType, data: &[u8], out: &mut [f32]) -> Res
         ggml_type,
     })?;
 
+    if out.len() < PARALLEL_MIN_ELEMENTS {
+        kernel(data, out);
+        return Ok(());
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads <= 1 || out.len() < PARALLEL_MIN_ELEMENTS {
+    if threads <= 1 {
         kernel(data, out);
         return Ok(());
     }

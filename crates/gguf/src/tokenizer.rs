@@ -411,6 +411,9 @@ impl GgufFile {
 /// merges are ordered by the merged token's score, highest first (ties: vocabulary order, then
 /// the scores of the two halves).
 fn spm_merges(tokens: &[String], types: &[i64], scores: &[f32], vocab: &Vocab) -> Merges {
+    // SentencePiece pieces are short (16 characters by default); bounding the length bounds
+    // the quadratic split search on a hostile file.
+    const MAX_PIECE_BYTES: usize = 512;
     // Only ordinary pieces take part: control tokens (`<s>`) and byte tokens (`<0x41>`) are
     // never the result of a merge in SentencePiece.
     let mergeable = |id: u32| {
@@ -426,7 +429,10 @@ fn spm_merges(tokens: &[String], types: &[i64], scores: &[f32], vocab: &Vocab) -
     let mut merges: Vec<(f32, u32, f32, f32, u32, u32)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         let id = id as u32;
-        if !mergeable(id) || lookup.get(piece.as_str()) != Some(&id) {
+        if piece.len() > MAX_PIECE_BYTES
+            || !mergeable(id)
+            || lookup.get(piece.as_str()) != Some(&id)
+        {
             continue;
         }
         for (split, _) in piece.char_indices().skip(1) {

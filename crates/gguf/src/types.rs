@@ -383,11 +383,15 @@ impl Value {
             Value::Array { elem_type, items } => {
                 format!("array of {} {elem_type}", items.len())
             }
-            other => format!(
-                "{} {}",
-                other.value_type(),
-                other.as_f64().unwrap_or(f64::NAN)
-            ),
+            Value::Bool(b) => format!("bool {b}"),
+            other => match other.as_i64() {
+                Some(i) => format!("{} {i}", other.value_type()),
+                None => format!(
+                    "{} {}",
+                    other.value_type(),
+                    other.as_f64().unwrap_or(f64::NAN)
+                ),
+            },
         }
     }
 
