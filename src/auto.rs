@@ -1,10 +1,12 @@
 //! Loading whatever a folder or hub id holds, by its `config.json`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use kiln_core::loading::{GenerationDefaults, ModelFiles, read_json_value, resolve_model};
-use kiln_core::{CausalLm, Error, Result, Tokenizer};
+use kiln_core::loading::{
+    GenerationDefaults, ModelFiles, TokenIds, read_json_value, resolve_model,
+};
+use kiln_core::{Error, Result, Tokenizer};
 use kiln_llama::{Llama, LlamaConfig};
 
 /// A loaded decoder-only model with its tokenizer and generation defaults.
@@ -24,8 +26,40 @@ pub struct LoadedModel<B: Backend> {
 /// The model families kiln knows, by `model_type`.
 pub const SUPPORTED: &str = "llama, mistral, yi";
 
-/// Loads the model at `spec` (a folder in HF layout or a hub id).
+/// The hub id of kiln's default model.
+pub const DEFAULT_HUB_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
+
+/// Where `tools/fetch_smollm2.sh` puts SmolLM2-135M-Instruct's GGUF
+/// (`$KILN_CACHE`, default `~/.cache/kiln`).
+pub fn default_gguf_path() -> PathBuf {
+    let cache = std::env::var_os("KILN_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln")
+        });
+    cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The model to use when none is named: the local SmolLM2 GGUF if fetched, else its hub id.
+pub fn default_model() -> String {
+    let gguf = default_gguf_path();
+    if gguf.is_file() {
+        gguf.display().to_string()
+    } else {
+        DEFAULT_HUB_ID.to_string()
+    }
+}
+
+/// Loads the model at `spec`: a folder in HF layout, a hub id, or a `.gguf` file.
 pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
+    let path = Path::new(spec);
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return load_gguf(path, device);
+    }
     let files = resolve_model(spec)?;
     let config_path = files.file("config.json");
     let value = read_json_value(&config_path)?;
@@ -47,20 +81,7 @@ pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>
     let model = Llama::from_pretrained(&files.dir, device)?;
     let tokenizer = load_tokenizer(&files.dir)?;
     let defaults = GenerationDefaults::from_dir(&files.dir)?;
-    let description = format!(
-        "{:?} {:.2}B params, {} layers, {} heads / {} kv heads, vocab {}, context {}{}",
-        config.flavor,
-        config.num_parameters() as f64 / 1e9,
-        config.num_hidden_layers,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.vocab_size,
-        model.max_context(),
-        config
-            .sliding_window
-            .map(|w| format!(", sliding window {w}"))
-            .unwrap_or_default()
-    );
+    let description = describe(&config);
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -68,6 +89,44 @@ pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>
         description,
         files,
     })
+}
+
+fn load_gguf<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
+    let (model, tokenizer) = Llama::from_gguf(path, device)?;
+    let config = model.config();
+    let ids = |id: Option<u32>| id.map(TokenIds::One).unwrap_or_default();
+    let defaults = GenerationDefaults {
+        bos_token_id: ids(config.bos_token_id),
+        eos_token_id: TokenIds::Many(config.eos_token_ids.clone()),
+        pad_token_id: ids(config.pad_token_id),
+        ..Default::default()
+    };
+    Ok(LoadedModel {
+        description: format!("GGUF, {}", describe(config)),
+        tokenizer: Some(tokenizer),
+        defaults,
+        files: ModelFiles {
+            dir: path.to_path_buf(),
+        },
+        model,
+    })
+}
+
+fn describe(config: &LlamaConfig) -> String {
+    format!(
+        "{:?} {:.2}B params, {} layers, {} heads / {} kv heads, vocab {}, context {}{}",
+        config.flavor,
+        config.num_parameters() as f64 / 1e9,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.vocab_size,
+        config.max_position_embeddings,
+        config
+            .sliding_window
+            .map(|w| format!(", sliding window {w}"))
+            .unwrap_or_default()
+    )
 }
 
 fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {

@@ -11,8 +11,8 @@ use kiln::core::{GenerationConfig, Message, SamplingConfig, generate};
 pub const LONG_ABOUT: &str = "\
 Continue a prompt with a decoder-only model (Llama 1/2/3.x, Mistral, Yi).
 
-The model is a folder in Hugging Face layout (config.json, *.safetensors, tokenizer.json) or a
-hub id such as `TinyLlama/TinyLlama-1.1B-Chat-v1.0`, downloaded into the HF cache (HF_HOME;
+The model is a folder in Hugging Face layout (config.json, *.safetensors, tokenizer.json), a
+llama.cpp GGUF file, or a hub id such as `TinyLlama/TinyLlama-1.1B-Chat-v1.0`, downloaded into the HF cache (HF_HOME;
 HF_HUB_OFFLINE=1 reads only the cache).
 
 Examples:
@@ -23,13 +23,11 @@ Examples:
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model folder or Hugging Face hub id (`org/name`, optionally `@revision`).
-    #[arg(
-        long,
-        env = "KILN_MODEL",
-        default_value = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    )]
-    model: String,
+    /// Model folder, `.gguf` file, or Hugging Face hub id (`org/name`, optionally `@revision`).
+    /// Default: SmolLM2-135M-Instruct, from ~/.cache/kiln when `tools/fetch_smollm2.sh` fetched
+    /// it, else from the hub.
+    #[arg(long, env = "KILN_MODEL")]
+    model: Option<String>,
     /// Prompt text; repeat for a batch.
     #[arg(long, short = 'p', conflicts_with_all = ["prompt_ids", "prompt_file"])]
     prompt: Vec<String>,
@@ -77,8 +75,9 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = device();
     let start = Instant::now();
-    let loaded = auto::load::<Backend>(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model))?;
+    let model = args.model.clone().unwrap_or_else(auto::default_model);
+    let loaded =
+        auto::load::<Backend>(&model, &device).with_context(|| format!("loading {model}"))?;
     eprintln!(
         "kiln: {} ({}) loaded in {:.1}s on {NAME}",
         loaded.files.dir.display(),

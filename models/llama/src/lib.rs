@@ -21,7 +21,9 @@
 //! ```
 
 mod config;
+mod gguf;
 mod model;
 
 pub use config::{LlamaConfig, LlamaFlavor};
+pub use gguf::GgufWeights;
 pub use model::{Attention, DecoderLayer, Llama, LlamaCache, LlamaModel, Mlp};

@@ -1,0 +1,176 @@
+//! Llama-family models from GGUF files (llama.cpp's format): SmolLM2, TinyLlama, Llama 2/3,
+//! Mistral... Tensors are dequantised to f32 one at a time as they load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use kiln_core::loading::{TensorInfo, WeightSource};
+use kiln_core::nn::RopeScaling;
+use kiln_core::{Error, Result, Tokenizer};
+use kiln_gguf::{GgufFile, LlamaMetadata, hf_tensor_name, unpermute_qk};
+
+use crate::{Llama, LlamaConfig, LlamaFlavor};
+
+/// The tensors of a GGUF file under their Hugging Face names, with llama.cpp's Q/K row
+/// permutation undone (kiln's RoPE is HF's `rotate_half` form).
+pub struct GgufWeights {
+    file: GgufFile,
+    path: PathBuf,
+    /// HF name -> GGUF name.
+    names: HashMap<String, String>,
+    meta: LlamaMetadata,
+}
+
+fn gguf_err(path: &Path, e: kiln_gguf::GgufError) -> Error {
+    Error::WeightFile {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+impl GgufWeights {
+    /// Opens a GGUF file and reads its Llama metadata.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path).map_err(|e| gguf_err(path, e))?;
+        let meta = file.llama_metadata().map_err(|e| gguf_err(path, e))?;
+        let names = file
+            .tensors()
+            .iter()
+            .filter_map(|t| Some((hf_tensor_name(t.name())?, t.name().to_string())))
+            .collect();
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            names,
+            meta,
+        })
+    }
+
+    /// The model's hyper-parameters as a [`LlamaConfig`].
+    pub fn config(&self) -> Result<LlamaConfig> {
+        let m = &self.meta;
+        let flavor = match m.architecture.as_str() {
+            "llama" => LlamaFlavor::Llama,
+            "mistral" => LlamaFlavor::Mistral,
+            other => {
+                return Err(Error::UnsupportedModel(format!(
+                    "{}: GGUF architecture `{other}` is not a Llama-family model kiln loads",
+                    self.path.display()
+                )));
+            }
+        };
+        let rope_scaling = match &m.rope_scaling {
+            Some(s) if s.scaling_type.as_deref() == Some("linear") => RopeScaling::Linear {
+                factor: s.factor.unwrap_or(1.0) as f64,
+            },
+            Some(s) if !matches!(s.scaling_type.as_deref(), None | Some("none")) => {
+                return Err(Error::UnsupportedModel(format!(
+                    "{}: rope scaling `{:?}` in GGUF is not supported",
+                    self.path.display(),
+                    s.scaling_type
+                )));
+            }
+            _ => RopeScaling::None,
+        };
+        Ok(LlamaConfig {
+            flavor,
+            vocab_size: m.vocab_size,
+            hidden_size: m.embedding_length,
+            intermediate_size: m.feed_forward_length,
+            num_hidden_layers: m.block_count,
+            num_attention_heads: m.head_count,
+            num_key_value_heads: m.head_count_kv,
+            head_dim: m.head_dim,
+            max_position_embeddings: m.context_length,
+            rms_norm_eps: m.rms_norm_eps as f64,
+            rope_theta: m.rope_freq_base as f64,
+            rope_scaling,
+            tie_word_embeddings: m.tie_word_embeddings(),
+            attention_bias: self
+                .names
+                .contains_key("model.layers.0.self_attn.q_proj.bias"),
+            mlp_bias: false,
+            sliding_window: None,
+            bos_token_id: m.bos_token_id,
+            eos_token_ids: m.eos_token_id.into_iter().collect(),
+            pad_token_id: m.pad_token_id,
+        })
+    }
+
+    /// The embedded tokenizer with its chat template and special tokens.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let inner = self.file.tokenizer().map_err(|e| gguf_err(&self.path, e))?;
+        let token = |id: Option<u32>| id.and_then(|id| inner.id_to_token(id));
+        let (bos, eos) = (token(self.meta.bos_token_id), token(self.meta.eos_token_id));
+        Ok(Tokenizer::new(inner)
+            .with_chat_template(self.file.chat_template().map(str::to_string))
+            .with_special_tokens(bos, eos))
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn tensors(&self) -> Vec<TensorInfo> {
+        self.names
+            .iter()
+            .filter_map(|(hf, gguf)| {
+                Some(TensorInfo {
+                    name: hf.clone(),
+                    shape: self.file.tensor_info(gguf)?.shape(),
+                })
+            })
+            .collect()
+    }
+
+    fn read_f32(&self, name: &str) -> Result<TensorData> {
+        let gguf = self.names.get(name).ok_or_else(|| Error::MissingTensor {
+            tensor: name.to_string(),
+            files: self.path.display().to_string(),
+        })?;
+        let (shape, mut values) = self
+            .file
+            .tensor_f32(gguf)
+            .map_err(|e| gguf_err(&self.path, e))?;
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(self.meta.head_count)
+        } else if name.ends_with("k_proj.weight") {
+            Some(self.meta.head_count_kv)
+        } else {
+            None
+        };
+        if let (Some(heads), true, [rows, cols]) =
+            (heads, self.meta.qk_permuted(), shape.as_slice())
+        {
+            unpermute_qk(&mut values, *rows, *cols, heads).map_err(|e| gguf_err(&self.path, e))?;
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::TensorData {
+                tensor: name.to_string(),
+                file: self.path.clone(),
+                message: format!("holds a non-finite value at flat index {i}"),
+            });
+        }
+        Ok(TensorData::new(values, shape))
+    }
+
+    fn file_of(&self, _name: &str) -> &Path {
+        &self.path
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads a Llama-family GGUF file; returns the model and its embedded tokenizer.
+    pub fn from_gguf(path: &Path, device: &B::Device) -> Result<(Self, Tokenizer)> {
+        let weights = GgufWeights::open(path)?;
+        let config = weights.config()?;
+        let tokenizer = weights.tokenizer()?;
+        let model = Self::from_weights(&config, Arc::new(weights), device)?;
+        Ok((model, tokenizer))
+    }
+}

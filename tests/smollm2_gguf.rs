@@ -1,0 +1,75 @@
+//! The real SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by `tools/fetch_smollm2.sh`) against HF
+//! transformers' greedy output from the same file (`tests/fixtures/smollm2-reference.json`).
+//! Skipped, with a message, when the file has not been fetched.
+
+mod common;
+
+use common::*;
+use kiln::auto;
+use kiln::core::{GenerationConfig, Message, generate};
+
+fn reference() -> serde_json::Value {
+    let path = fixture("smollm2-reference.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn load() -> Option<auto::LoadedModel<B>> {
+    let path = auto::default_gguf_path();
+    if !path.is_file() {
+        eprintln!(
+            "SKIP: {} absent; run tools/fetch_smollm2.sh",
+            path.display()
+        );
+        return None;
+    }
+    Some(auto::load::<B>(path.to_str().unwrap(), &device()).unwrap())
+}
+
+#[test]
+fn greedy_matches_transformers() {
+    let Some(loaded) = load() else { return };
+    let reference = reference();
+    let prompt = ids(&reference["prompt_ids"]);
+    let expected = ids(&reference["greedy_new_ids"]);
+    let config = GenerationConfig::default().with_max_new_tokens(expected.len());
+    let out = generate(&loaded.model, &[prompt], &config, None, |_, _| {}).unwrap();
+    assert_eq!(out[0].tokens, expected);
+}
+
+#[test]
+fn chat_answers_paris() {
+    let Some(loaded) = load() else { return };
+    let tokenizer = loaded.tokenizer.as_ref().unwrap();
+    let rendered = tokenizer
+        .apply_chat_template(
+            &[Message::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    let prompt = tokenizer.encode(&rendered, false).unwrap();
+    let eos = tokenizer
+        .token_to_id(tokenizer.eos_token().unwrap())
+        .unwrap();
+    let config = GenerationConfig::default()
+        .with_max_new_tokens(30)
+        .with_eos_token_ids(vec![eos]);
+    let out = generate(
+        &loaded.model,
+        &[prompt],
+        &config,
+        Some(tokenizer),
+        |_, _| {},
+    )
+    .unwrap();
+    let text = out[0].text.clone().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+}
