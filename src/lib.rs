@@ -10,6 +10,8 @@
 
 pub use kiln_core as core;
 pub use kiln_llama as llama;
+pub use kiln_t5 as t5;
+pub use kiln_m2m100 as m2m100;
 
 pub mod auto;
 pub mod backend;

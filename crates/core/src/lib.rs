@@ -9,11 +9,13 @@
 //! Everything is generic over a Burn [`Backend`](burn::prelude::Backend); kiln's library crates
 //! never pick one.
 
+pub mod beam;
 mod error;
 pub mod generate;
 pub mod loading;
 pub mod nn;
 pub mod sampling;
+pub mod seq2seq;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -60,6 +60,13 @@ impl<B: Backend> KvCache<B> {
         self.k = self.k.take().map(|k| k.select(2, indices.clone()));
         self.v = self.v.take().map(|v| v.select(2, indices));
     }
+
+    /// Rebuilds the batch from rows `indices` (row `i` becomes old row `indices[i]`; rows may
+    /// repeat): expands a batch to its beams and reorders beams in beam search.
+    pub fn select_rows(&mut self, indices: Tensor<B, 1, Int>) {
+        self.k = self.k.take().map(|k| k.select(0, indices.clone()));
+        self.v = self.v.take().map(|v| v.select(0, indices));
+    }
 }
 
 /// What every layer of one forward step shares: positions and the attention mask.

@@ -1,0 +1,434 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, relu, silu};
+use kiln_core::Result;
+use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
+use kiln_core::nn::{AttentionMask, KvCache, scaled_dot_product_attention};
+use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
+
+use crate::{M2M100Activation, M2M100Config};
+
+/// HF `M2M100SinusoidalPositionalEmbedding.get_embedding` rows for `positions`, `[n, dim]`
+/// flattened: `sin` in the first half, `cos` in the second, frequencies
+/// `exp(-j·ln(10000)/(dim/2 - 1))`, the `padding_idx` row zero; `f32` arithmetic as torch.
+pub fn sinusoidal_positions(positions: &[i64], dim: usize, padding_idx: i64) -> Vec<f32> {
+    let half = dim / 2;
+    let step = (10000f64.ln() / (half as f64 - 1.0)) as f32;
+    let freqs: Vec<f32> = (0..half).map(|j| (j as f32 * -step).exp()).collect();
+    let mut out = Vec::with_capacity(positions.len() * dim);
+    for &p in positions {
+        if p == padding_idx {
+            out.extend(std::iter::repeat_n(0.0, dim));
+            continue;
+        }
+        let args: Vec<f32> = freqs.iter().map(|&f| p as f32 * f).collect();
+        out.extend(args.iter().map(|a| a.sin()));
+        out.extend(args.iter().map(|a| a.cos()));
+        if dim % 2 == 1 {
+            out.push(0.0);
+        }
+    }
+    out
+}
+
+/// HF `create_position_ids_from_input_ids`: non-padding tokens count from `padding_idx + 1`
+/// (after `past` earlier positions), padding gets `padding_idx`.
+pub fn position_ids(ids: &[i64], padding_idx: i64, past: usize) -> Vec<i64> {
+    let mut count = past as i64;
+    ids.iter()
+        .map(|&t| {
+            if t == padding_idx {
+                padding_idx
+            } else {
+                count += 1;
+                count + padding_idx
+            }
+        })
+        .collect()
+}
+
+/// Multi-head attention (HF `M2M100Attention`), scaled by `1/sqrt(head_dim)`.
+#[derive(Module, Debug)]
+pub struct M2M100Attention<B: Backend> {
+    /// Query projection.
+    pub q_proj: Linear<B>,
+    /// Key projection.
+    pub k_proj: Linear<B>,
+    /// Value projection.
+    pub v_proj: Linear<B>,
+    /// Output projection.
+    pub out_proj: Linear<B>,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl<B: Backend> M2M100Attention<B> {
+    fn split(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [batch, seq, _] = x.dims();
+        x.reshape([batch, seq, self.heads, self.head_dim])
+            .swap_dims(1, 2)
+    }
+
+    fn key_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            self.split(self.k_proj.forward(x.clone())),
+            self.split(self.v_proj.forward(x)),
+        )
+    }
+
+    fn attend(
+        &self,
+        x: Tensor<B, 3>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        mask: Option<&AttentionMask<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let q = self.split(self.q_proj.forward(x));
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let out = scaled_dot_product_attention(q, k, v, mask, None, scale);
+        self.out_proj.forward(
+            out.swap_dims(1, 2)
+                .reshape([batch, seq, self.heads * self.head_dim]),
+        )
+    }
+}
+
+fn activate<B: Backend>(act: M2M100Activation, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    match act {
+        M2M100Activation::Relu => relu(x),
+        M2M100Activation::Gelu => gelu(x),
+        M2M100Activation::GeluNew => {
+            let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715)
+                * (2.0 / std::f64::consts::PI).sqrt();
+            x * 0.5 * (inner.tanh() + 1.0)
+        }
+        M2M100Activation::Silu => silu(x),
+    }
+}
+
+/// One pre-norm encoder layer (HF `M2M100EncoderLayer`).
+#[derive(Module, Debug)]
+pub struct EncoderLayer<B: Backend> {
+    /// Self-attention.
+    pub self_attn: M2M100Attention<B>,
+    /// Norm before self-attention.
+    pub self_attn_layer_norm: LayerNorm<B>,
+    /// Feed-forward in.
+    pub fc1: Linear<B>,
+    /// Feed-forward out.
+    pub fc2: Linear<B>,
+    /// Norm before the feed-forward.
+    pub final_layer_norm: LayerNorm<B>,
+    #[module(skip)]
+    activation: M2M100Activation,
+}
+
+/// One pre-norm decoder layer (HF `M2M100DecoderLayer`).
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Causal self-attention.
+    pub self_attn: M2M100Attention<B>,
+    /// Norm before self-attention.
+    pub self_attn_layer_norm: LayerNorm<B>,
+    /// Cross-attention over the encoder output.
+    pub encoder_attn: M2M100Attention<B>,
+    /// Norm before cross-attention.
+    pub encoder_attn_layer_norm: LayerNorm<B>,
+    /// Feed-forward in.
+    pub fc1: Linear<B>,
+    /// Feed-forward out.
+    pub fc2: Linear<B>,
+    /// Norm before the feed-forward.
+    pub final_layer_norm: LayerNorm<B>,
+    #[module(skip)]
+    activation: M2M100Activation,
+}
+
+/// The encoder (its token embeddings are `model.shared`; positions are not weights).
+#[derive(Module, Debug)]
+pub struct M2M100Encoder<B: Backend> {
+    /// Layers.
+    pub layers: Vec<EncoderLayer<B>>,
+    /// Final norm.
+    pub layer_norm: LayerNorm<B>,
+}
+
+/// The decoder.
+#[derive(Module, Debug)]
+pub struct M2M100Decoder<B: Backend> {
+    /// Layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub layer_norm: LayerNorm<B>,
+}
+
+/// HF `M2M100Model`.
+#[derive(Module, Debug)]
+pub struct M2M100Model<B: Backend> {
+    /// Token embeddings shared by encoder, decoder and the (tied) LM head.
+    pub shared: Embedding<B>,
+    /// Encoder.
+    pub encoder: M2M100Encoder<B>,
+    /// Decoder.
+    pub decoder: M2M100Decoder<B>,
+}
+
+/// `M2M100ForConditionalGeneration` (M2M100, NLLB-200): field names follow the checkpoint's
+/// keys. transformers 5 stores only `model.shared.weight` for the tied embeddings.
+#[derive(Module, Debug)]
+pub struct M2M100<B: Backend> {
+    /// Encoder-decoder.
+    pub model: M2M100Model<B>,
+    /// Untied LM head; `None` when tied to `model.shared`.
+    pub lm_head: Option<Linear<B>>,
+    #[module(skip)]
+    config: M2M100Config,
+}
+
+impl M2M100Config {
+    /// A model with uninitialised weights, to be loaded.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> M2M100<B> {
+        let d = self.d_model;
+        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        let norm = || LayerNormConfig::new(d).init(device);
+        let attention = |heads: usize| M2M100Attention {
+            q_proj: linear(d, d),
+            k_proj: linear(d, d),
+            v_proj: linear(d, d),
+            out_proj: linear(d, d),
+            heads,
+            head_dim: d / heads,
+        };
+        let encoder = (0..self.encoder_layers)
+            .map(|_| EncoderLayer {
+                self_attn: attention(self.encoder_attention_heads),
+                self_attn_layer_norm: norm(),
+                fc1: linear(d, self.encoder_ffn_dim),
+                fc2: linear(self.encoder_ffn_dim, d),
+                final_layer_norm: norm(),
+                activation: self.activation,
+            })
+            .collect();
+        let decoder = (0..self.decoder_layers)
+            .map(|_| DecoderLayer {
+                self_attn: attention(self.decoder_attention_heads),
+                self_attn_layer_norm: norm(),
+                encoder_attn: attention(self.decoder_attention_heads),
+                encoder_attn_layer_norm: norm(),
+                fc1: linear(d, self.decoder_ffn_dim),
+                fc2: linear(self.decoder_ffn_dim, d),
+                final_layer_norm: norm(),
+                activation: self.activation,
+            })
+            .collect();
+        M2M100 {
+            model: M2M100Model {
+                shared: EmbeddingConfig::new(self.vocab_size, d).init(device),
+                encoder: M2M100Encoder {
+                    layers: encoder,
+                    layer_norm: norm(),
+                },
+                decoder: M2M100Decoder {
+                    layers: decoder,
+                    layer_norm: norm(),
+                },
+            },
+            lm_head: (!self.tie_word_embeddings).then(|| {
+                LinearConfig::new(d, self.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
+            config: self.clone(),
+        }
+    }
+}
+
+impl<B: Backend> M2M100<B> {
+    /// Loads the checkpoint in `dir` (config.json + safetensors).
+    pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = M2M100Config::from_file(&dir.join("config.json"))?;
+        let weights = SafetensorsWeights::open_dir(dir)?;
+        Self::from_weights(&config, Arc::new(weights), device)
+    }
+
+    /// Builds the model from `config` and any weight source. Copies of the tied embeddings
+    /// (`model.encoder.embed_tokens`, `lm_head`) are ignored when present.
+    pub fn from_weights(
+        config: &M2M100Config,
+        weights: Arc<dyn WeightSource>,
+        device: &B::Device,
+    ) -> Result<Self> {
+        load_module(
+            config.init(device),
+            weights,
+            device,
+            &LoadOptions::default(),
+        )
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &M2M100Config {
+        &self.config
+    }
+
+    /// Scaled token embeddings plus sinusoidal positions.
+    fn embed(&self, ids: Tensor<B, 2, Int>, past: usize) -> Tensor<B, 3> {
+        let [batch, len] = ids.dims();
+        let device = ids.device();
+        let d = self.config.d_model;
+        let pad = self.config.pad_token_id as i64;
+        let host: Vec<i64> = ids
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .expect("int ids");
+        let positions: Vec<i64> = host
+            .chunks_exact(len)
+            .flat_map(|row| position_ids(row, pad, past))
+            .collect();
+        let table = sinusoidal_positions(&positions, d, pad);
+        let positions = Tensor::<B, 3>::from_data(TensorData::new(table, [batch, len, d]), &device);
+        let scale = if self.config.scale_embedding {
+            (d as f64).sqrt()
+        } else {
+            1.0
+        };
+        self.model.shared.forward(ids) * scale + positions
+    }
+}
+
+impl<B: Backend> Seq2SeqLm<B> for M2M100<B> {
+    type Cache = DecoderCache<B>;
+
+    fn encode(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        padding: Option<Tensor<B, 2, Bool>>,
+    ) -> EncoderOutput<B> {
+        let [batch, len] = input_ids.dims();
+        let mask = padding.map(|p| p.reshape([batch, 1, 1, len]));
+        let mut x = self.embed(input_ids, 0);
+        for layer in &self.model.encoder.layers {
+            let h = layer.self_attn_layer_norm.forward(x.clone());
+            let (k, v) = layer.self_attn.key_values(h.clone());
+            x = x + layer.self_attn.attend(h, k, v, mask.as_ref());
+            let h = layer.final_layer_norm.forward(x.clone());
+            x = x + layer
+                .fc2
+                .forward(activate(layer.activation, layer.fc1.forward(h)));
+        }
+        EncoderOutput {
+            hidden: self.model.encoder.layer_norm.forward(x),
+            mask,
+        }
+    }
+
+    fn new_decoder_cache(&self, encoder: &EncoderOutput<B>) -> DecoderCache<B> {
+        let cross = self
+            .model
+            .decoder
+            .layers
+            .iter()
+            .map(|layer| layer.encoder_attn.key_values(encoder.hidden.clone()))
+            .collect();
+        DecoderCache {
+            self_attn: vec![KvCache::new(); self.model.decoder.layers.len()],
+            cross,
+            encoder_mask: encoder.mask.clone(),
+            seen: 0,
+        }
+    }
+
+    fn decode_step(&self, tokens: Tensor<B, 2, Int>, cache: &mut DecoderCache<B>) -> Tensor<B, 3> {
+        let [_, new] = tokens.dims();
+        let device = tokens.device();
+        let past = cache.seen;
+        let total = past + new;
+        let causal = (new > 1).then(|| {
+            let hidden: Vec<bool> = (0..new)
+                .flat_map(|q| (0..total).map(move |k| k > past + q))
+                .collect();
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [1, 1, new, total]), &device)
+        });
+        let mut x = self.embed(tokens, past);
+        for ((layer, kv), (ck, cv)) in self
+            .model
+            .decoder
+            .layers
+            .iter()
+            .zip(cache.self_attn.iter_mut())
+            .zip(cache.cross.iter())
+        {
+            let h = layer.self_attn_layer_norm.forward(x.clone());
+            let (k, v) = layer.self_attn.key_values(h.clone());
+            let (k, v) = kv.update(k, v, usize::MAX);
+            x = x + layer.self_attn.attend(h, k, v, causal.as_ref());
+            let h = layer.encoder_attn_layer_norm.forward(x.clone());
+            x = x + layer.encoder_attn.attend(
+                h,
+                ck.clone(),
+                cv.clone(),
+                cache.encoder_mask.as_ref(),
+            );
+            let h = layer.final_layer_norm.forward(x.clone());
+            x = x + layer
+                .fc2
+                .forward(activate(layer.activation, layer.fc1.forward(h)));
+        }
+        cache.seen = total;
+        let x = self.model.decoder.layer_norm.forward(x);
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.model.shared.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    fn reorder_cache(&self, cache: &mut DecoderCache<B>, indices: Tensor<B, 1, Int>) {
+        cache.select_rows(indices);
+    }
+
+    fn decoder_start_token_id(&self) -> u32 {
+        self.config.decoder_start_token_id
+    }
+
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.config.eos_token_ids.clone()
+    }
+
+    fn pad_token_id(&self) -> u32 {
+        self.config.pad_token_id
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn device(&self) -> B::Device {
+        self.model.shared.weight.val().device()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_skip_padding() {
+        assert_eq!(position_ids(&[5, 6, 7, 1, 1], 1, 0), vec![2, 3, 4, 1, 1]);
+        assert_eq!(position_ids(&[9], 1, 3), vec![5]);
+    }
+
+    #[test]
+    fn sinusoid_layout_is_sin_then_cos() {
+        let row = sinusoidal_positions(&[2], 8, 1);
+        assert!((row[0] - 2f32.sin()).abs() < 1e-7);
+        assert!((row[4] - 2f32.cos()).abs() < 1e-7);
+        assert_eq!(sinusoidal_positions(&[1], 8, 1), vec![0.0; 8]);
+    }
+}

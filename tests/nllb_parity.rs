@@ -1,0 +1,254 @@
+//! Parity of M2M100 as NLLB-200 (`nllb-tiny`) against HF transformers: encoder states,
+//! teacher-forced logits, greedy / beam / batched generation with the forced target language,
+//! and NLLB's language-code handling.
+
+mod common;
+
+use std::sync::Arc;
+
+use burn::prelude::*;
+use common::*;
+use kiln::core::loading::SafetensorsWeights;
+use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
+use kiln::core::{Error, Tokenizer};
+use kiln::m2m100::{
+    M2M100, M2M100Config, encode_source, language_codes, language_token_id, translate,
+};
+
+const NAME: &str = "nllb-tiny";
+const DEU: u32 = 305;
+
+fn tokens(ids: &[u32], batch: usize) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(data, [batch, ids.len() / batch]), &device())
+}
+
+fn host(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+fn load() -> M2M100<B> {
+    M2M100::<B>::from_pretrained(&fixture(NAME), &device()).unwrap()
+}
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::from_dir(&fixture(NAME)).unwrap()
+}
+
+/// HF's generate row (start token included, padding after EOS) cut after its first EOS.
+fn trim(row: &[u32], eos: &[u32]) -> Vec<u32> {
+    match row.iter().skip(1).position(|t| eos.contains(t)) {
+        Some(i) => row[..i + 2].to_vec(),
+        None => row.to_vec(),
+    }
+}
+
+#[test]
+fn encoder_and_teacher_forced_logits() {
+    let reference = Reference::load(NAME);
+    let model = load();
+    let (_, input) = reference.ids("input_ids");
+    let (_, expected_hidden) = reference.f32("encoder_hidden");
+    let (_, dec_in) = reference.ids("decoder_input_ids");
+    let (lshape, expected_logits) = reference.f32("decoder_logits");
+    let vocab = lshape[1];
+
+    let encoded = model.encode(tokens(&input, 1), None);
+    let diff = max_abs_diff(&host(encoded.hidden.clone()), &expected_hidden);
+    println!("{NAME}: encoder max |Δ| = {diff:e}");
+    assert!(diff <= TOL, "encoder hidden differs by {diff}");
+
+    let mut cache = model.new_decoder_cache(&encoded);
+    let logits = host(model.decode_step(tokens(&dec_in, 1), &mut cache));
+    let diff = max_abs_diff(&logits, &expected_logits);
+    println!("{NAME}: teacher-forced logits max |Δ| = {diff:e}");
+    assert!(diff <= TOL, "decoder logits differ by {diff}");
+
+    let mut cache = model.new_decoder_cache(&encoded);
+    for (i, expected) in expected_logits.chunks_exact(vocab).enumerate() {
+        let step = host(model.decode_step(tokens(&dec_in[i..i + 1], 1), &mut cache));
+        let diff = max_abs_diff(&step, expected);
+        assert!(diff <= TOL, "cached step {i} logits differ by {diff}");
+    }
+}
+
+#[test]
+fn greedy_and_beams_with_forced_language() {
+    let reference = Reference::load(NAME);
+    let model = load();
+    let (_, input) = reference.ids("input_ids");
+    let start = model.decoder_start_token_id();
+    let full = |tokens: &[u32]| [&[start], tokens].concat();
+    let base = Seq2SeqConfig::default()
+        .with_max_new_tokens(12)
+        .with_forced_bos_token_id(Some(DEU));
+
+    let (_, greedy) = reference.ids("greedy_ids");
+    let out = generate_seq2seq(&model, std::slice::from_ref(&input), &base).unwrap();
+    assert_eq!(full(&out[0].tokens), greedy, "greedy");
+
+    for (ids, score, lp, ngram) in [
+        ("beam_ids", "beam_score", 1.0, 0),
+        ("beam_ngram_ids", "beam_ngram_score", 0.6, 2),
+    ] {
+        let (_, expected) = reference.ids(ids);
+        let (_, expected_score) = reference.f32(score);
+        let config = base
+            .clone()
+            .with_num_beams(3)
+            .with_length_penalty(lp)
+            .with_early_stopping(true)
+            .with_no_repeat_ngram_size(ngram);
+        let out = generate_seq2seq(&model, std::slice::from_ref(&input), &config).unwrap();
+        assert_eq!(full(&out[0].tokens), expected, "{ids}");
+        let diff = (out[0].score.unwrap() - expected_score[0]).abs();
+        println!("{NAME}: {score} |Δ| = {diff:e}");
+        assert!(diff <= TOL, "{score} differs by {diff}");
+    }
+}
+
+#[test]
+fn right_padded_batch() {
+    let reference = Reference::load(NAME);
+    let model = load();
+    let (shape, ids) = reference.ids("batch_input_ids");
+    let (_, mask) = reference.ids("batch_attention_mask");
+    let (gshape, greedy) = reference.ids("batch_greedy_ids");
+    let width = shape[1];
+    let inputs: Vec<Vec<u32>> = ids
+        .chunks_exact(width)
+        .zip(mask.chunks_exact(width))
+        .map(|(row, m)| {
+            row.iter()
+                .zip(m)
+                .filter(|&(_, &m)| m == 1)
+                .map(|(&t, _)| t)
+                .collect()
+        })
+        .collect();
+    assert!(inputs[0].len() != inputs[1].len(), "batch is padded");
+    let start = model.decoder_start_token_id();
+    let eos = model.eos_token_ids();
+    let config = Seq2SeqConfig::default()
+        .with_max_new_tokens(gshape[1] - 1)
+        .with_forced_bos_token_id(Some(DEU));
+    let out = generate_seq2seq(&model, &inputs, &config).unwrap();
+    for (row, o) in out.iter().enumerate() {
+        let expected = trim(&greedy[row * gshape[1]..(row + 1) * gshape[1]], &eos);
+        assert_eq!(
+            [&[start], &o.tokens[..]].concat(),
+            expected,
+            "batch row {row}"
+        );
+        let alone = generate_seq2seq(&model, &inputs[row..row + 1], &config).unwrap();
+        assert_eq!(alone[0].tokens, o.tokens, "row {row} batched vs alone");
+    }
+
+    // The same batch through the text API.
+    let reference_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(NAME).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let texts: Vec<&str> = reference_json["batch_inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let tok = tokenizer();
+    for (text, input) in texts.iter().zip(&inputs) {
+        assert_eq!(
+            &encode_source(&tok, text, "eng_Latn", eos[0]).unwrap(),
+            input,
+            "{text}"
+        );
+    }
+    let translated = translate(&model, &tok, &texts, "eng_Latn", "deu_Latn", &config).unwrap();
+    for (text, o) in translated.iter().zip(&out) {
+        assert_eq!(text, &tok.decode(&o.tokens, true).unwrap());
+    }
+}
+
+#[test]
+fn language_codes_and_source_encoding() {
+    let reference = Reference::load(NAME);
+    let tok = tokenizer();
+    assert_eq!(language_codes(&tok), ["eng_Latn", "deu_Latn", "fra_Latn"]);
+    assert_eq!(
+        language_token_id(&tok, "deu_Latn", "tgt_lang").unwrap(),
+        DEU
+    );
+
+    let reference_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(NAME).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt = reference_json["prompt"].as_str().unwrap();
+    let (_, input) = reference.ids("input_ids");
+    let ids = encode_source(&tok, prompt, "eng_Latn", 2).unwrap();
+    assert_eq!(ids, input);
+    // Another source language swaps only the prefix, as NllbTokenizer(src_lang=...) does.
+    let fra = encode_source(&tok, prompt, "fra_Latn", 2).unwrap();
+    assert_eq!(fra[0], 306);
+    assert_eq!(fra[1..], input[1..]);
+}
+
+#[test]
+fn unknown_language_code_is_an_error() {
+    let model = load();
+    let tok = tokenizer();
+    let config = Seq2SeqConfig::default().with_max_new_tokens(2);
+    for (src, tgt, arg) in [
+        ("eng_Latn", "xx_YY", "tgt_lang"),
+        ("english", "deu_Latn", "src_lang"),
+        ("eng_Latn", "<mask>", "tgt_lang"),
+    ] {
+        match translate(&model, &tok, &["Hello."], src, tgt, &config) {
+            Err(err @ Error::InvalidArgument { name, .. }) => {
+                assert_eq!(name, arg);
+                let message = err.to_string();
+                assert!(message.contains("language_codes"), "{message}");
+                assert!(message.contains("eng_Latn"), "{message}");
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_checkpoints_are_errors() {
+    let dir = fixture(NAME);
+    let config = M2M100Config::from_file(&dir.join("config.json")).unwrap();
+    let weights = Arc::new(SafetensorsWeights::open_dir(&dir).unwrap());
+
+    let mut more_layers = config.clone();
+    more_layers.encoder_layers += 1;
+    match M2M100::<B>::from_weights(&more_layers, weights.clone(), &device()) {
+        Err(Error::MissingTensor { tensor, .. }) => {
+            assert!(tensor.starts_with("model.encoder.layers.2."), "{tensor}")
+        }
+        other => panic!("expected MissingTensor, got {:?}", other.map(|_| ())),
+    }
+
+    let mut wider = config.clone();
+    wider.decoder_ffn_dim = 96;
+    match M2M100::<B>::from_weights(&wider, weights.clone(), &device()) {
+        Err(Error::TensorShape { tensor, .. }) => assert!(tensor.contains("fc"), "{tensor}"),
+        other => panic!("expected TensorShape, got {:?}", other.map(|_| ())),
+    }
+
+    let mut untied = config;
+    untied.tie_word_embeddings = false;
+    match M2M100::<B>::from_weights(&untied, weights, &device()) {
+        Err(Error::MissingTensor { tensor, .. }) => assert_eq!(tensor, "lm_head.weight"),
+        other => panic!("expected MissingTensor, got {:?}", other.map(|_| ())),
+    }
+
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    value["model_type"] = "bart".into();
+    assert!(matches!(
+        M2M100Config::from_json(value, &dir.join("config.json")),
+        Err(Error::UnsupportedModel(_))
+    ));
+}
