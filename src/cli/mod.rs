@@ -1,12 +1,17 @@
 //! Command-line interface.
 
+mod anchor;
+mod distill;
+mod ensemble;
 mod generate;
 
 use clap::{Parser, Subcommand};
 
-/// kiln: a model zoo for Burn. Llama, Mistral and Yi from Hugging Face checkpoints, on CPU or GPU.
+/// kiln: a model zoo for Burn. Llama, Mistral, Yi, T5 and NLLB from Hugging Face checkpoints,
+/// on CPU or GPU, plus model ensembling (DeePEn), anchor-based attention (AnLLM) and
+/// step-by-step distillation.
 ///
-/// The backend is chosen when kiln is built: `cargo run --release` uses the CPU (ndarray);
+/// The backend is chosen when kiln is built: `cargo run --release` uses the CPU (flex);
 /// add `--features wgpu`, `vulkan`, `metal` or `cuda` for a GPU.
 #[derive(Parser, Debug)]
 #[command(name = "kiln", version, about, long_about)]
@@ -20,11 +25,23 @@ enum Command {
     /// Continue a prompt with a decoder-only model (greedy unless --temperature is given).
     #[command(long_about = generate::LONG_ABOUT)]
     Generate(generate::GenerateArgs),
+    /// Generate with an ensemble of models (DeePEn, GaC or UniTE).
+    #[command(long_about = ensemble::LONG_ABOUT)]
+    Ensemble(ensemble::EnsembleArgs),
+    /// Anchor-based attention (AnLLM): train, evaluate.
+    #[command(long_about = anchor::LONG_ABOUT)]
+    Anchor(anchor::AnchorArgs),
+    /// Distilling step-by-step: train and evaluate a T5 on labels and rationales.
+    #[command(long_about = distill::LONG_ABOUT)]
+    Distill(distill::DistillArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Ensemble(args) => ensemble::run(args),
+        Command::Anchor(args) => anchor::run(args),
+        Command::Distill(args) => distill::run(args),
     }
 }

@@ -1,0 +1,1 @@
+//! DeePEn ensembling (arXiv 2404.12715). Work in progress.
