@@ -196,6 +196,78 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+impl<B: Backend> Llama<B> {
+    /// Runs the decoder with explicit RoPE `positions` `[batch, seq]` and an explicit attention
+    /// `mask` `[batch, 1, seq, cached + seq]` (`true` hides a key), returning logits for every
+    /// position `[batch, seq, vocab]`.
+    ///
+    /// With `cache` (one [`KvCache`] per layer) the new keys and values are appended to it and
+    /// the queries attend to the cached keys first; without it the call is a plain full forward.
+    /// Nothing is trimmed: callers that compress the cache (anchor-based attention) compact it
+    /// with [`KvCache::retain`] themselves. Works under `Autodiff<B>` for training with custom
+    /// masks. [`CausalLm::forward`] does not go through here.
+    pub fn forward_masked(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut [KvCache<B>]>,
+    ) -> Result<Tensor<B, 3>> {
+        let layers = self.model.layers.len();
+        let [batch, seq] = tokens.dims();
+        if positions.dims() != [batch, seq] {
+            return Err(kiln_core::Error::arg(
+                "positions",
+                format!(
+                    "shape {:?} differs from the tokens' [{batch}, {seq}]",
+                    positions.dims()
+                ),
+            ));
+        }
+        let mut scratch;
+        let caches = match cache {
+            Some(caches) => caches,
+            None => {
+                scratch = vec![KvCache::new(); layers];
+                &mut scratch[..]
+            }
+        };
+        if caches.len() != layers {
+            return Err(kiln_core::Error::arg(
+                "cache",
+                format!("{} KV caches for {layers} layers", caches.len()),
+            ));
+        }
+        let keys = caches[0].len() + seq;
+        if let Some(mask) = &mask
+            && mask.dims() != [batch, 1, seq, keys]
+        {
+            return Err(kiln_core::Error::arg(
+                "mask",
+                format!(
+                    "shape {:?}, expected [{batch}, 1, {seq}, {keys}]",
+                    mask.dims()
+                ),
+            ));
+        }
+        let rope = self.rope.cos_sin(positions);
+        let mut x = self.model.embed_tokens.forward(tokens);
+        for (layer, kv) in self.model.layers.iter().zip(caches.iter_mut()) {
+            let h = layer.input_layernorm.forward(x.clone());
+            x = x + layer
+                .self_attn
+                .forward(h, &rope, mask.as_ref(), kv, usize::MAX);
+            let h = layer.post_attention_layernorm.forward(x.clone());
+            x = x + layer.mlp.forward(h);
+        }
+        let x = self.model.norm.forward(x);
+        Ok(match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => tied_lm_head(x, self.model.embed_tokens.weight.val()),
+        })
+    }
+}
+
 impl<B: Backend> CausalLm<B> for Llama<B> {
     type Cache = LlamaCache<B>;
 
