@@ -1,0 +1,91 @@
+//! Evaluation: greedy `predict:` decoding and accuracy (exact match, or equal value for SVAMP).
+
+use burn::prelude::*;
+use kiln_core::Tokenizer;
+use kiln_core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
+use kiln_t5::T5;
+
+use crate::DistillError;
+use crate::arith::same_value;
+use crate::data::{Example, Task};
+use crate::train::{Mode, predict_input};
+
+/// Accuracy over a set of examples, with the predictions.
+#[derive(Debug, Clone)]
+pub struct EvalResult {
+    /// Correct answers.
+    pub correct: usize,
+    /// Examples evaluated.
+    pub total: usize,
+    /// `correct / total` (0 when empty).
+    pub accuracy: f64,
+    /// The decoded predictions, in order.
+    pub predictions: Vec<String>,
+}
+
+/// Whether `pred` answers like `gold` under `task` (both trimmed).
+pub fn is_correct(task: Task, pred: &str, gold: &str) -> bool {
+    match task {
+        Task::Text => pred.trim() == gold.trim(),
+        Task::Equation => same_value(pred, gold),
+    }
+}
+
+/// Options of [`evaluate`].
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// How inputs are prefixed (`predict: ` in step-by-step mode).
+    pub mode: Mode,
+    /// Rows per generation batch.
+    pub batch_size: usize,
+    /// Generated tokens at most.
+    pub max_new_tokens: usize,
+    /// Input tokens kept (EOS included).
+    pub max_input_len: usize,
+}
+
+/// Greedy-decodes the label for each example and scores it against the gold label.
+pub fn evaluate<B: Backend>(
+    model: &T5<B>,
+    tokenizer: &Tokenizer,
+    examples: &[Example],
+    task: Task,
+    opts: &EvalOptions,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalResult, DistillError> {
+    let eos = model.eos_token_ids()[0];
+    let generation = Seq2SeqConfig::default().with_max_new_tokens(opts.max_new_tokens);
+    let mut predictions = Vec::with_capacity(examples.len());
+    let mut correct = 0;
+    for chunk in examples.chunks(opts.batch_size.max(1)) {
+        let inputs = chunk
+            .iter()
+            .map(|e| {
+                let mut ids = tokenizer.encode(&predict_input(opts.mode, &e.input), false)?;
+                ids.truncate(opts.max_input_len.max(2) - 1);
+                ids.push(eos);
+                Ok(ids)
+            })
+            .collect::<Result<Vec<_>, DistillError>>()?;
+        let outs = generate_seq2seq(model, &inputs, &generation)?;
+        for (e, o) in chunk.iter().zip(outs) {
+            let text = tokenizer.decode(&o.tokens, true)?;
+            if is_correct(task, &text, &e.label) {
+                correct += 1;
+            }
+            predictions.push(text);
+        }
+        progress(chunk.len());
+    }
+    let total = examples.len();
+    Ok(EvalResult {
+        correct,
+        total,
+        accuracy: if total == 0 {
+            0.0
+        } else {
+            correct as f64 / total as f64
+        },
+        predictions,
+    })
+}

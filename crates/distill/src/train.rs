@@ -1,0 +1,700 @@
+//! Multi-task training (`predict:` → label, `explain:` → rationale) and the label-only
+//! baselines, on Burn autodiff.
+//!
+//! The loop is written out here rather than run through burn-train's `Learner`: the Learner
+//! validates and checkpoints per epoch and resumes at epoch boundaries, while this method needs
+//! evaluation every N *steps* (generation-based accuracy, not only a loss) and a resume that
+//! continues bit-for-bit mid-epoch. Everything else is Burn's: `AdamW` (`burn::optim`),
+//! `GradientsAccumulator`, gradient clipping, and the file recorders for model and optimizer
+//! state.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::record::{DefaultRecorder, Recorder};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use kiln_core::Tokenizer;
+use kiln_core::seq2seq::Seq2SeqLm;
+use kiln_t5::{T5, T5Activation, T5Config};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::DistillError;
+use crate::data::Example;
+
+/// What the student learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Labels and rationales, told apart by the `predict: ` / `explain: ` prefixes.
+    StepByStep,
+    /// Labels only, input without prefix (standard fine-tuning or standard distillation).
+    Standard,
+}
+
+/// Which labels the student is trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabelSource {
+    /// The dataset's human labels (standard fine-tuning).
+    Gold,
+    /// The teacher LLM's labels (standard distillation; the paper's step-by-step runs on LLM
+    /// labels when no gold labels are assumed).
+    Llm,
+}
+
+/// The input the model sees for the label task.
+pub fn predict_input(mode: Mode, input: &str) -> String {
+    match mode {
+        Mode::StepByStep => format!("predict: {input}"),
+        Mode::Standard => input.to_string(),
+    }
+}
+
+/// The input the model sees for the rationale task.
+pub fn explain_input(input: &str) -> String {
+    format!("explain: {input}")
+}
+
+/// Training hyper-parameters (builder style; saved in checkpoints).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Multi-task or label-only.
+    pub mode: Mode,
+    /// Gold or LLM labels.
+    pub label_source: LabelSource,
+    /// Weight of the label loss: `α·CE(label) + (1−α)·CE(rationale)`.
+    pub alpha: f64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per micro-batch (each gives two sequences in step-by-step mode).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps, then linear decay to 0 at `steps`.
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f32,
+    /// Global gradient-norm clip (`None` = off).
+    pub grad_clip: Option<f32>,
+    /// Input tokens kept (EOS included).
+    pub max_input_len: usize,
+    /// Target tokens kept (EOS included).
+    pub max_target_len: usize,
+    /// Seed of the data order.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::StepByStep,
+            label_source: LabelSource::Llm,
+            alpha: 0.5,
+            steps: 1000,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 5e-4,
+            warmup_steps: 50,
+            weight_decay: 0.01,
+            grad_clip: Some(1.0),
+            max_input_len: 256,
+            max_target_len: 256,
+            seed: 0,
+        }
+    }
+}
+
+macro_rules! with {
+    ($($name:ident: $t:ty),*) => {
+        $(
+            #[doc = concat!("Sets `", stringify!($name), "`.")]
+            pub fn $name(mut self, v: $t) -> Self {
+                self.$name = v;
+                self
+            }
+        )*
+    };
+}
+
+impl TrainConfig {
+    with!(mode: Mode, label_source: LabelSource, alpha: f64, steps: usize, batch_size: usize,
+          grad_accum: usize, lr: f64, warmup_steps: usize, weight_decay: f32,
+          grad_clip: Option<f32>, max_input_len: usize, max_target_len: usize, seed: u64);
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), DistillError> {
+        let bad = |m: &str| Err(DistillError::Arg(m.to_string()));
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return bad("alpha must be in [0, 1]");
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("batch size and gradient accumulation must be positive");
+        }
+        if self.max_input_len < 2 || self.max_target_len < 2 {
+            return bad("max input/target lengths must be at least 2");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("learning rate must be positive");
+        }
+        Ok(())
+    }
+
+    /// Learning rate at optimizer step `step` (0-based): linear warmup to `lr`, then linear
+    /// decay to zero at `steps`. A pure function of the step, so resuming needs no scheduler
+    /// state.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let left = self.steps.saturating_sub(step) as f64;
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        self.lr * (left / span).clamp(0.0, 1.0)
+    }
+}
+
+/// One tokenized example: the label task and (in step-by-step mode) the rationale task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    /// Label-task input ids.
+    pub pred_input: Vec<u32>,
+    /// Label ids (EOS-terminated).
+    pub label: Vec<u32>,
+    /// Rationale-task input ids (empty in standard mode).
+    pub expl_input: Vec<u32>,
+    /// Rationale ids (empty in standard mode).
+    pub rationale: Vec<u32>,
+}
+
+fn encode_text(
+    tokenizer: &Tokenizer,
+    text: &str,
+    max: usize,
+    eos: u32,
+) -> Result<Vec<u32>, DistillError> {
+    // As HF `truncation=True`: cut the text, then append EOS.
+    let mut ids = tokenizer.encode(text, false)?;
+    ids.truncate(max - 1);
+    ids.push(eos);
+    Ok(ids)
+}
+
+/// Tokenizes `examples` for `config`. Examples lacking what the mode needs (an LLM label for
+/// `--label-source llm`, a rationale for step-by-step) are dropped; the count is returned.
+pub fn encode_examples(
+    tokenizer: &Tokenizer,
+    examples: &[Example],
+    config: &TrainConfig,
+    eos: u32,
+) -> Result<(Vec<Encoded>, usize), DistillError> {
+    let mut out = Vec::with_capacity(examples.len());
+    let mut dropped = 0;
+    for e in examples {
+        let label = match config.label_source {
+            LabelSource::Gold => Some(&e.label),
+            LabelSource::Llm => e.llm_label.as_ref(),
+        };
+        let rationale = match config.mode {
+            Mode::StepByStep => e.rationale.as_ref().map(Some),
+            Mode::Standard => Some(None),
+        };
+        let (Some(label), Some(rationale)) = (label, rationale) else {
+            dropped += 1;
+            continue;
+        };
+        let (expl_input, rationale) = match rationale {
+            Some(r) => (
+                encode_text(
+                    tokenizer,
+                    &explain_input(&e.input),
+                    config.max_input_len,
+                    eos,
+                )?,
+                encode_text(tokenizer, r, config.max_target_len, eos)?,
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        out.push(Encoded {
+            pred_input: encode_text(
+                tokenizer,
+                &predict_input(config.mode, &e.input),
+                config.max_input_len,
+                eos,
+            )?,
+            label: encode_text(tokenizer, label, config.max_target_len, eos)?,
+            expl_input,
+            rationale,
+        });
+    }
+    Ok((out, dropped))
+}
+
+/// A padded batch of one task: encoder input, teacher-forced decoder input and targets.
+#[derive(Debug, Clone)]
+pub struct TaskBatch<B: Backend> {
+    /// `[batch, src]` input ids, right-padded.
+    pub input: Tensor<B, 2, Int>,
+    /// `[batch, src]`, `true` on padding (`None` when no row is padded).
+    pub padding: Option<Tensor<B, 2, Bool>>,
+    /// `[batch, tgt]`: the decoder start token, then the targets shifted right.
+    pub decoder_input: Tensor<B, 2, Int>,
+    /// `[batch, tgt]` target ids (padding positions hold the pad id).
+    pub targets: Tensor<B, 2, Int>,
+    /// `[batch, tgt]`, 1.0 on real target tokens and 0.0 on padding.
+    pub target_mask: Tensor<B, 2>,
+}
+
+/// Pads `(input, target)` pairs into a [`TaskBatch`].
+pub fn make_batch<B: Backend>(
+    pairs: &[(&[u32], &[u32])],
+    pad: u32,
+    decoder_start: u32,
+    device: &B::Device,
+) -> TaskBatch<B> {
+    let b = pairs.len();
+    let src = pairs.iter().map(|p| p.0.len()).max().unwrap_or(1).max(1);
+    let tgt = pairs.iter().map(|p| p.1.len()).max().unwrap_or(1).max(1);
+    let mut input = Vec::with_capacity(b * src);
+    let mut padding = Vec::with_capacity(b * src);
+    let mut dec = Vec::with_capacity(b * tgt);
+    let mut targets = Vec::with_capacity(b * tgt);
+    let mut mask = Vec::with_capacity(b * tgt);
+    for (inp, t) in pairs {
+        for i in 0..src {
+            input.push(inp.get(i).copied().unwrap_or(pad) as i64);
+            padding.push(i >= inp.len());
+        }
+        for i in 0..tgt {
+            dec.push(if i == 0 {
+                decoder_start
+            } else {
+                t.get(i - 1).copied().unwrap_or(pad)
+            } as i64);
+            targets.push(t.get(i).copied().unwrap_or(pad) as i64);
+            mask.push(if i < t.len() { 1.0f32 } else { 0.0 });
+        }
+    }
+    let any_pad = padding.iter().any(|&p| p);
+    TaskBatch {
+        input: Tensor::from_data(TensorData::new(input, [b, src]), device),
+        padding: any_pad.then(|| Tensor::from_data(TensorData::new(padding, [b, src]), device)),
+        decoder_input: Tensor::from_data(TensorData::new(dec, [b, tgt]), device),
+        targets: Tensor::from_data(TensorData::new(targets, [b, tgt]), device),
+        target_mask: Tensor::from_data(TensorData::new(mask, [b, tgt]), device),
+    }
+}
+
+/// Teacher-forced logits `[batch, tgt, vocab]`: the encoder over the padded input, then the
+/// whole decoder input in one causal pass (kiln-t5's `decode_step` on a fresh cache).
+pub fn forward_logits<B: Backend>(model: &T5<B>, batch: &TaskBatch<B>) -> Tensor<B, 3> {
+    let encoder = model.encode(batch.input.clone(), batch.padding.clone());
+    let mut cache = model.new_decoder_cache(&encoder);
+    model.decode_step(batch.decoder_input.clone(), &mut cache)
+}
+
+/// Token-level cross-entropy averaged over the real target tokens (HF's loss with `-100`
+/// labels on padding).
+pub fn sequence_cross_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let logp = log_softmax(logits, 2);
+    let picked: Tensor<B, 2> = logp.gather(2, targets.unsqueeze_dim(2)).squeeze_dim(2);
+    let total = (picked * mask.clone()).sum();
+    total.neg() / mask.sum().clamp_min(1.0)
+}
+
+/// Cross-entropy of one task batch.
+pub fn task_loss<B: Backend>(model: &T5<B>, batch: &TaskBatch<B>) -> Tensor<B, 1> {
+    sequence_cross_entropy(
+        forward_logits(model, batch),
+        batch.targets.clone(),
+        batch.target_mask.clone(),
+    )
+}
+
+/// Losses of one step.
+#[derive(Debug, Clone)]
+pub struct StepLoss<B: Backend> {
+    /// The optimised loss: `α·label + (1−α)·rationale`, or `label` when label-only.
+    pub total: Tensor<B, 1>,
+    /// CE on the labels.
+    pub label: Tensor<B, 1>,
+    /// CE on the rationales (step-by-step only).
+    pub rationale: Option<Tensor<B, 1>>,
+}
+
+/// The paper's multi-task loss (`TaskPrefixTrainer.compute_loss`): two separate forward passes,
+/// `α·CE(label) + (1−α)·CE(rationale)`; label-only when `expl` is `None`.
+pub fn multitask_loss<B: Backend>(
+    model: &T5<B>,
+    pred: &TaskBatch<B>,
+    expl: Option<&TaskBatch<B>>,
+    alpha: f64,
+) -> StepLoss<B> {
+    let label = task_loss(model, pred);
+    match expl {
+        Some(expl) => {
+            let rationale = task_loss(model, expl);
+            StepLoss {
+                total: label.clone() * alpha + rationale.clone() * (1.0 - alpha),
+                label,
+                rationale: Some(rationale),
+            }
+        }
+        None => StepLoss {
+            total: label.clone(),
+            label,
+            rationale: None,
+        },
+    }
+}
+
+/// Metrics of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// The step just taken (1-based count of steps done).
+    pub step: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean total loss over the micro-batches.
+    pub loss: f64,
+    /// Mean label CE.
+    pub label_loss: f64,
+    /// Mean rationale CE (step-by-step only).
+    pub rationale_loss: Option<f64>,
+}
+
+/// What a checkpoint's `state.json` holds besides weights and optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The hyper-parameters.
+    pub config: TrainConfig,
+    /// Free-form description of the data (for `eval` defaults and reports).
+    pub data: serde_json::Value,
+}
+
+/// The T5 model, its AdamW state and the position in the data: everything a resume needs.
+pub struct Trainer<B: AutodiffBackend> {
+    /// The model being trained.
+    pub model: T5<B>,
+    optim: OptimizerAdaptor<AdamW, T5<B>, B>,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Hyper-parameters.
+    pub config: TrainConfig,
+    data: Vec<Encoded>,
+    order: Option<(usize, Vec<usize>)>,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// A trainer at step 0.
+    pub fn new(
+        model: T5<B>,
+        config: TrainConfig,
+        data: Vec<Encoded>,
+    ) -> Result<Self, DistillError> {
+        config.validate()?;
+        if data.is_empty() {
+            return Err(DistillError::Arg("no training examples left".into()));
+        }
+        if config.mode == Mode::StepByStep && data.iter().any(|e| e.rationale.is_empty()) {
+            return Err(DistillError::Arg(
+                "step-by-step training needs a rationale for every example".into(),
+            ));
+        }
+        let optim = Self::optimizer_config(&config).init();
+        Ok(Self {
+            model,
+            optim,
+            step: 0,
+            config,
+            data,
+            order: None,
+        })
+    }
+
+    fn optimizer_config(config: &TrainConfig) -> AdamWConfig {
+        AdamWConfig::new()
+            .with_weight_decay(config.weight_decay)
+            .with_grad_clipping(
+                config
+                    .grad_clip
+                    .map(burn::grad_clipping::GradientClippingConfig::Norm),
+            )
+    }
+
+    fn batches_per_epoch(&self) -> usize {
+        self.data.len().div_ceil(self.config.batch_size)
+    }
+
+    /// The example indices of global micro-batch `m`: epochs are seeded permutations of the
+    /// data, so the order depends only on `(seed, m)` and a resume sees the same batches.
+    pub fn micro_batch(&mut self, m: usize) -> Vec<usize> {
+        let per = self.batches_per_epoch();
+        let (epoch, k) = (m / per, m % per);
+        if self.order.as_ref().is_none_or(|o| o.0 != epoch) {
+            let mut idx: Vec<usize> = (0..self.data.len()).collect();
+            let seed = self
+                .config
+                .seed
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(epoch as u64);
+            idx.shuffle(&mut StdRng::seed_from_u64(seed));
+            self.order = Some((epoch, idx));
+        }
+        let order = &self.order.as_ref().expect("set above").1;
+        let bs = self.config.batch_size;
+        order[k * bs..((k + 1) * bs).min(order.len())].to_vec()
+    }
+
+    fn batches(&self, idx: &[usize]) -> (TaskBatch<B>, Option<TaskBatch<B>>) {
+        let device = self.model.device();
+        let pad = self.model.pad_token_id();
+        let start = self.model.decoder_start_token_id();
+        let pred: Vec<(&[u32], &[u32])> = idx
+            .iter()
+            .map(|&i| (&self.data[i].pred_input[..], &self.data[i].label[..]))
+            .collect();
+        let expl = (self.config.mode == Mode::StepByStep).then(|| {
+            let pairs: Vec<(&[u32], &[u32])> = idx
+                .iter()
+                .map(|&i| (&self.data[i].expl_input[..], &self.data[i].rationale[..]))
+                .collect();
+            make_batch(&pairs, pad, start, &device)
+        });
+        (make_batch(&pred, pad, start, &device), expl)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches (gradients summed, each loss scaled
+    /// by `1/grad_accum`, so the step sees the mean).
+    pub fn train_step(&mut self) -> StepMetrics {
+        let lr = self.config.lr_at(self.step);
+        let accum_n = self.config.grad_accum;
+        let mut accumulator = GradientsAccumulator::<T5<B>>::new();
+        let (mut loss_sum, mut label_sum, mut rat_sum) = (0.0, 0.0, 0.0);
+        for a in 0..accum_n {
+            let idx = self.micro_batch(self.step * accum_n + a);
+            let (pred, expl) = self.batches(&idx);
+            let loss = multitask_loss(&self.model, &pred, expl.as_ref(), self.config.alpha);
+            loss_sum += scalar(&loss.total);
+            label_sum += scalar(&loss.label);
+            if let Some(r) = &loss.rationale {
+                rat_sum += scalar(r);
+            }
+            let grads = (loss.total / accum_n as f64).backward();
+            accumulator.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+        }
+        let model = self.model.clone();
+        self.model = self.optim.step(lr, model, accumulator.grads());
+        self.step += 1;
+        let n = accum_n as f64;
+        StepMetrics {
+            step: self.step,
+            lr,
+            loss: loss_sum / n,
+            label_loss: label_sum / n,
+            rationale_loss: (self.config.mode == Mode::StepByStep).then_some(rat_sum / n),
+        }
+    }
+
+    /// Writes a checkpoint into `dir` (created; existing files replaced): `config.json`
+    /// (HF-style, readable by [`T5Config::from_file`]), `model.mpk`, `optim.mpk`, `state.json`,
+    /// and `tokenizer.json` when given.
+    pub fn save(
+        &self,
+        dir: &Path,
+        data: serde_json::Value,
+        tokenizer: Option<&Tokenizer>,
+    ) -> Result<(), DistillError> {
+        let ck = |e: String| DistillError::Checkpoint(dir.to_path_buf(), e);
+        // Write next to the target, then swap, so an interrupted save leaves the old one.
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| DistillError::Io(tmp.clone(), e))?;
+        write_json(&tmp.join("config.json"), &config_json(self.model.config()))?;
+        let recorder = DefaultRecorder::new();
+        self.model
+            .clone()
+            .save_file(tmp.join("model"), &recorder)
+            .map_err(|e| ck(e.to_string()))?;
+        Recorder::<B>::record(&recorder, self.optim.to_record(), tmp.join("optim"))
+            .map_err(|e| ck(e.to_string()))?;
+        let state = TrainState {
+            step: self.step,
+            config: self.config.clone(),
+            data,
+        };
+        write_json(
+            &tmp.join("state.json"),
+            &serde_json::to_value(&state).map_err(|e| ck(e.to_string()))?,
+        )?;
+        if let Some(t) = tokenizer {
+            t.inner()
+                .save(tmp.join("tokenizer.json"), false)
+                .map_err(|e| ck(format!("tokenizer.json: {e}")))?;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| DistillError::Io(dir.to_path_buf(), e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| DistillError::Io(dir.to_path_buf(), e))?;
+        Ok(())
+    }
+
+    /// Restores a trainer saved by [`Trainer::save`] over the same `data`: model, AdamW moments,
+    /// step and data position, so training continues exactly as if uninterrupted.
+    pub fn resume(
+        dir: &Path,
+        data: Vec<Encoded>,
+        device: &B::Device,
+    ) -> Result<(Self, TrainState), DistillError> {
+        let ck = |e: String| DistillError::Checkpoint(dir.to_path_buf(), e);
+        let (model, state) = load_checkpoint::<B>(dir, device)?;
+        let mut trainer = Self::new(model, state.config.clone(), data)?;
+        let record = Recorder::<B>::load(&DefaultRecorder::new(), dir.join("optim"), device)
+            .map_err(|e| ck(e.to_string()))?;
+        trainer.optim = trainer.optim.load_record(record);
+        trainer.step = state.step;
+        Ok((trainer, state))
+    }
+
+    /// The model without autodiff, for evaluation.
+    pub fn inference_model(&self) -> T5<B::InnerBackend> {
+        self.model.valid()
+    }
+}
+
+/// Loads the model and state of a checkpoint written by [`Trainer::save`].
+pub fn load_checkpoint<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(T5<B>, TrainState), DistillError> {
+    let ck = |e: String| DistillError::Checkpoint(dir.to_path_buf(), e);
+    if !dir.join("state.json").is_file() {
+        return Err(ck(
+            "no state.json here; not a kiln distill checkpoint".into()
+        ));
+    }
+    let config = T5Config::from_file(&dir.join("config.json"))?;
+    let state: TrainState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("state.json"))
+            .map_err(|e| DistillError::Io(dir.join("state.json"), e))?,
+    )
+    .map_err(|e| ck(format!("state.json: {e}")))?;
+    let model = config
+        .init::<B>(device)
+        .load_file(dir.join("model"), &DefaultRecorder::new(), device)
+        .map_err(|e| ck(e.to_string()))?;
+    Ok((model, state))
+}
+
+fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+    t.clone().into_scalar().elem::<f64>()
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), DistillError> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    std::fs::write(path, text).map_err(|e| DistillError::Io(path.to_path_buf(), e))
+}
+
+/// An HF `config.json` for `config`, so checkpoints read back with [`T5Config::from_file`].
+pub fn config_json(c: &T5Config) -> serde_json::Value {
+    let act = match c.activation {
+        T5Activation::Relu => "relu",
+        T5Activation::GeluNew => "gelu_new",
+        T5Activation::Gelu => "gelu",
+        T5Activation::Silu => "silu",
+    };
+    let ff = if c.gated {
+        format!("gated-{act}")
+    } else {
+        act.to_string()
+    };
+    serde_json::json!({
+        "model_type": "t5",
+        "architectures": ["T5ForConditionalGeneration"],
+        "vocab_size": c.vocab_size,
+        "d_model": c.d_model,
+        "d_kv": c.d_kv,
+        "d_ff": c.d_ff,
+        "num_layers": c.num_layers,
+        "num_decoder_layers": c.num_decoder_layers,
+        "num_heads": c.num_heads,
+        "relative_attention_num_buckets": c.relative_attention_num_buckets,
+        "relative_attention_max_distance": c.relative_attention_max_distance,
+        "layer_norm_epsilon": c.layer_norm_epsilon,
+        "feed_forward_proj": ff,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "decoder_start_token_id": c.decoder_start_token_id,
+        "eos_token_id": c.eos_token_ids,
+        "pad_token_id": c.pad_token_id,
+    })
+}
+
+/// A freshly initialised T5 shape: `tiny` (tests), `small` (~ the CPU experiment) or `base`-like
+/// widths for `t5-small` (60M with the 32k vocabulary).
+pub fn fresh_config(preset: &str, vocab_size: usize) -> Result<T5Config, DistillError> {
+    let (d_model, d_kv, d_ff, layers, heads) = match preset {
+        "tiny" => (32, 8, 64, 1, 4),
+        "mini" => (128, 32, 512, 2, 4),
+        "small" => (256, 32, 1024, 4, 8),
+        "t5-small" => (512, 64, 2048, 6, 8),
+        other => {
+            return Err(DistillError::Arg(format!(
+                "unknown fresh model preset `{other}` (tiny, mini, small, t5-small)"
+            )));
+        }
+    };
+    Ok(T5Config {
+        vocab_size,
+        d_model,
+        d_kv,
+        d_ff,
+        num_layers: layers,
+        num_decoder_layers: layers,
+        num_heads: heads,
+        relative_attention_num_buckets: 32,
+        relative_attention_max_distance: 128,
+        layer_norm_epsilon: 1e-6,
+        activation: T5Activation::Relu,
+        gated: false,
+        tie_word_embeddings: true,
+        decoder_start_token_id: 0,
+        eos_token_ids: vec![1],
+        pad_token_id: 0,
+    })
+}
+
+/// Appends one JSON object per line to a metrics log.
+pub struct MetricsLog {
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Logs to `path` (appending).
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    /// Appends `value`.
+    pub fn log(&self, value: &serde_json::Value) -> Result<(), DistillError> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| DistillError::Io(self.path.clone(), e))?;
+        writeln!(f, "{value}").map_err(|e| DistillError::Io(self.path.clone(), e))
+    }
+}
