@@ -1,0 +1,806 @@
+//! The ensemble: members, weights and method, and the generation loop that keeps every member's
+//! token stream in step with the chosen text.
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use kiln_core::{FinishReason, Sampler, SamplingConfig};
+
+use crate::error::{EnsembleError, Result};
+use crate::member::Member;
+use crate::relative::{RelativeConfig, RelativeMatrix};
+use crate::search::{SearchConfig, inverse_search};
+use crate::vocab::{AnchorConfig, Anchors, Vocab, find_anchors};
+
+/// How the members' distributions are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// DeePEn: average in the relative space, map back to the main model by gradient search.
+    Deepen,
+    /// GaC: average probabilities over the union of the vocabularies (by the tokens' bytes).
+    Gac,
+    /// UniTE: average over the union of each member's top-k tokens only.
+    Unite,
+}
+
+impl std::str::FromStr for Method {
+    type Err = EnsembleError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "deepen" => Ok(Method::Deepen),
+            "gac" => Ok(Method::Gac),
+            "unite" => Ok(Method::Unite),
+            other => Err(EnsembleError::arg(
+                "method",
+                format!("`{other}`; use deepen, gac or unite"),
+            )),
+        }
+    }
+}
+
+/// How an ensemble is built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnsembleConfig {
+    /// The combination rule.
+    pub method: Method,
+    /// One weight per member (main first), summing to 1; `None`: equal weights (DeePEn-Avg).
+    /// See [`weights_from_scores`] for DeePEn-Adapt.
+    pub weights: Option<Vec<f32>>,
+    /// Anchor selection (DeePEn).
+    pub anchors: AnchorConfig,
+    /// Relative matrices (DeePEn).
+    pub relative: RelativeConfig,
+    /// The inverse search (DeePEn).
+    pub search: SearchConfig,
+    /// Tokens per member in UniTE's union (the UniTE paper uses 10).
+    pub unite_k: usize,
+    /// Where relative matrices are cached (`None`: computed every time).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EnsembleConfig {
+    fn default() -> Self {
+        Self {
+            method: Method::Deepen,
+            weights: None,
+            anchors: AnchorConfig::default(),
+            relative: RelativeConfig::default(),
+            search: SearchConfig::default(),
+            unite_k: 10,
+            cache_dir: None,
+        }
+    }
+}
+
+impl EnsembleConfig {
+    /// Sets the method.
+    pub fn with_method(mut self, method: Method) -> Self {
+        self.method = method;
+        self
+    }
+    /// Sets the weights.
+    pub fn with_weights(mut self, weights: Option<Vec<f32>>) -> Self {
+        self.weights = weights;
+        self
+    }
+    /// Sets the anchor config.
+    pub fn with_anchors(mut self, anchors: AnchorConfig) -> Self {
+        self.anchors = anchors;
+        self
+    }
+    /// Sets the relative-matrix config.
+    pub fn with_relative(mut self, relative: RelativeConfig) -> Self {
+        self.relative = relative;
+        self
+    }
+    /// Sets the search config.
+    pub fn with_search(mut self, search: SearchConfig) -> Self {
+        self.search = search;
+        self
+    }
+    /// Sets UniTE's k.
+    pub fn with_unite_k(mut self, k: usize) -> Self {
+        self.unite_k = k;
+        self
+    }
+    /// Sets the matrix cache folder.
+    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.cache_dir = dir;
+        self
+    }
+}
+
+/// DeePEn-Adapt: weights proportional to each member's dev-set score.
+pub fn weights_from_scores(scores: &[f32]) -> Result<Vec<f32>> {
+    let sum: f32 = scores.iter().sum();
+    if scores.is_empty() || scores.iter().any(|s| !s.is_finite() || *s < 0.0) || sum <= 0.0 {
+        return Err(EnsembleError::BadWeights {
+            weights: scores.to_vec(),
+            message: "scores must be finite, non-negative and not all zero".into(),
+        });
+    }
+    Ok(scores.iter().map(|s| s / sum).collect())
+}
+
+/// Checks `weights` has one finite, non-negative entry per member and sums to 1.
+pub fn check_weights(weights: &[f32], members: usize) -> Result<()> {
+    let bad = |message: String| EnsembleError::BadWeights {
+        weights: weights.to_vec(),
+        message,
+    };
+    if weights.len() != members {
+        return Err(bad(format!(
+            "{} weights for {members} members",
+            weights.len()
+        )));
+    }
+    if weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+        return Err(bad("weights must be finite and non-negative".into()));
+    }
+    let sum: f32 = weights.iter().sum();
+    if (sum - 1.0).abs() > 1e-3 {
+        return Err(bad(format!(
+            "weights sum to {sum}, not 1 (use kiln_ensemble::weights_from_scores to normalise scores)"
+        )));
+    }
+    Ok(())
+}
+
+/// When to stop and how to choose tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnsembleGenerationConfig {
+    /// Most tokens to generate (in steps of the ensemble).
+    pub max_new_tokens: usize,
+    /// Token choice from the combined scores.
+    pub sampling: SamplingConfig,
+    /// End when the text contains one of these (the text is cut before it).
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for EnsembleGenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            sampling: SamplingConfig::greedy(),
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+impl EnsembleGenerationConfig {
+    /// Sets `max_new_tokens`.
+    pub fn with_max_new_tokens(mut self, n: usize) -> Self {
+        self.max_new_tokens = n;
+        self
+    }
+    /// Sets the sampling config.
+    pub fn with_sampling(mut self, sampling: SamplingConfig) -> Self {
+        self.sampling = sampling;
+        self
+    }
+    /// Sets the stop strings.
+    pub fn with_stop_strings(mut self, stops: Vec<String>) -> Self {
+        self.stop_strings = stops;
+        self
+    }
+}
+
+/// What an ensemble (or one member alone) generated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnsembleOutput {
+    /// The generated text (raw bytes of the chosen tokens, lossily decoded; a SentencePiece
+    /// leading space is kept, as it continues the prompt).
+    pub text: String,
+    /// The generated text's raw bytes (may end inside a character).
+    pub bytes: Vec<u8>,
+    /// The main model's generated tokens (for DeePEn: the chosen tokens).
+    pub tokens: Vec<u32>,
+    /// Each member's own generated token stream.
+    pub member_tokens: Vec<Vec<u32>>,
+    /// Why it stopped.
+    pub finish: FinishReason,
+}
+
+/// The token chosen at one step.
+enum Choice {
+    /// An id in the main model's vocabulary.
+    Main(u32),
+    /// A union token: its bytes, its id in the main vocabulary if any, whether it is EOS.
+    Union {
+        bytes: Vec<u8>,
+        main: Option<u32>,
+        eos: bool,
+    },
+}
+
+/// A member's position in the shared text.
+struct Track<B: Backend> {
+    /// Generated tokens before `stable` are final.
+    stable: usize,
+    /// Bytes of the generated text they cover.
+    stable_bytes: usize,
+    /// Bytes covered by everything fed (stable + tail).
+    covered: usize,
+    /// Logits after the last token fed.
+    logits: Tensor<B, 1>,
+}
+
+/// Longest uncommitted tail (tokens) before the ensemble commits all but its last few even
+/// without a word boundary (long numbers, scripts without spaces).
+const MAX_TAIL: usize = 16;
+const KEEP_TAIL: usize = 4;
+
+/// Member `m` re-tokenises texts in the middle of a sequence after this string, so that a
+/// SentencePiece dummy prefix lands on it and not on the text.
+const TAIL_PREFIX: &str = "\n";
+
+/// Models combined into one generator.
+pub struct Ensemble<B: Backend> {
+    members: Vec<Box<dyn Member<B>>>,
+    vocabs: Vec<Vocab>,
+    same_as_main: Vec<bool>,
+    tail_base: Vec<Vec<u32>>,
+    weights: Vec<f32>,
+    config: EnsembleConfig,
+    anchors: Option<Anchors>,
+    relative: Vec<RelativeMatrix<B>>,
+}
+
+impl<B: Backend> Ensemble<B> {
+    /// Builds the ensemble: `members[0]` is the main model. For DeePEn this finds the anchors
+    /// and builds (or reads from the cache) every member's relative matrix.
+    pub fn new(members: Vec<Box<dyn Member<B>>>, config: EnsembleConfig) -> Result<Self> {
+        if members.is_empty() {
+            return Err(EnsembleError::arg(
+                "members",
+                "an ensemble needs at least one member",
+            ));
+        }
+        let weights = match &config.weights {
+            Some(w) => w.clone(),
+            None => vec![1.0 / members.len() as f32; members.len()],
+        };
+        check_weights(&weights, members.len())?;
+        if config.method == Method::Unite && config.unite_k == 0 {
+            return Err(EnsembleError::arg("unite_k", "must be at least 1"));
+        }
+        config.search.validate()?;
+        let device = members[0].device();
+        for m in &members[1..] {
+            if m.device() != device {
+                return Err(EnsembleError::DeviceMismatch {
+                    member: m.name().to_string(),
+                    found: format!("{:?}", m.device()),
+                    expected: format!("{device:?}"),
+                });
+            }
+        }
+        let vocabs: Vec<Vocab> = members
+            .iter()
+            .map(|m| Vocab::from_tokenizer(m.tokenizer(), m.vocab_size()))
+            .collect();
+        let same_as_main = vocabs.iter().map(|v| v.same_as(&vocabs[0])).collect();
+        let tail_base = members
+            .iter()
+            .map(|m| m.tokenizer().encode(TAIL_PREFIX, false))
+            .collect::<kiln_core::Result<_>>()?;
+        let mut ensemble = Self {
+            members,
+            vocabs,
+            same_as_main,
+            tail_base,
+            weights,
+            config,
+            anchors: None,
+            relative: Vec::new(),
+        };
+        if ensemble.config.method == Method::Deepen {
+            ensemble.build_relative()?;
+        }
+        Ok(ensemble)
+    }
+
+    fn build_relative(&mut self) -> Result<()> {
+        let names: Vec<String> = self.members.iter().map(|m| m.name().to_string()).collect();
+        let vocabs: Vec<&Vocab> = self.vocabs.iter().collect();
+        let anchors = find_anchors(&vocabs, &names, &self.config.anchors)?;
+        let mut relative = Vec::with_capacity(self.members.len());
+        for (m, member) in self.members.iter().enumerate() {
+            let emb = member.embeddings();
+            let rows = emb.dims()[0];
+            if rows < member.vocab_size() {
+                return Err(EnsembleError::arg(
+                    "embeddings",
+                    format!(
+                        "`{}` has {rows} embedding rows for a vocabulary of {}",
+                        member.name(),
+                        member.vocab_size()
+                    ),
+                ));
+            }
+            let emb = emb.narrow(0, 0, member.vocab_size());
+            let matrix = match &self.config.cache_dir {
+                Some(dir) => {
+                    RelativeMatrix::build_cached(emb, &anchors.ids[m], &self.config.relative, dir)?
+                }
+                None => RelativeMatrix::build(emb, &anchors.ids[m], &self.config.relative)?,
+            };
+            relative.push(matrix);
+        }
+        self.anchors = Some(anchors);
+        self.relative = relative;
+        Ok(())
+    }
+
+    /// The members (main first).
+    pub fn members(&self) -> &[Box<dyn Member<B>>] {
+        &self.members
+    }
+
+    /// The anchors (DeePEn).
+    pub fn anchors(&self) -> Option<&Anchors> {
+        self.anchors.as_ref()
+    }
+
+    /// The relative matrices (DeePEn), one per member.
+    pub fn relative(&self) -> &[RelativeMatrix<B>] {
+        &self.relative
+    }
+
+    /// The members' weights.
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
+    }
+
+    /// Each member's vocabulary in raw bytes.
+    pub fn vocabs(&self) -> &[Vocab] {
+        &self.vocabs
+    }
+
+    /// DeePEn's combined logits over the main vocabulary for members' `logits`: each
+    /// distribution mapped to the relative space, averaged with the weights, mapped back by
+    /// the gradient search from the main model's logits.
+    pub fn deepen_logits(&self, logits: &[Tensor<B, 1>]) -> Result<Tensor<B, 1>> {
+        if self.relative.len() != self.members.len() {
+            return Err(EnsembleError::arg(
+                "method",
+                "relative matrices are built only for DeePEn",
+            ));
+        }
+        let mut aggregate: Option<Tensor<B, 2>> = None;
+        for ((l, r), &w) in logits.iter().zip(&self.relative).zip(&self.weights) {
+            let rel = r.map(softmax(l.clone().unsqueeze::<2>(), 1)) * w;
+            aggregate = Some(match aggregate {
+                Some(a) => a + rel,
+                None => rel,
+            });
+        }
+        let aggregate = aggregate
+            .expect("at least one member")
+            .reshape([self.relative[0].anchors()]);
+        if self.members.len() == 1 {
+            return Ok(logits[0].clone());
+        }
+        inverse_search(
+            logits[0].clone(),
+            aggregate,
+            &self.relative[0],
+            &self.config.search,
+        )
+    }
+
+    /// Generates from `prompts`: one per member (main first), or one shared by all.
+    pub fn generate(
+        &mut self,
+        prompts: &[&str],
+        config: &EnsembleGenerationConfig,
+    ) -> Result<EnsembleOutput> {
+        let n = self.members.len();
+        let prompts: Vec<&str> = match prompts.len() {
+            1 => vec![prompts[0]; n],
+            k if k == n => prompts.to_vec(),
+            k => {
+                return Err(EnsembleError::arg(
+                    "prompts",
+                    format!(
+                        "{k} prompts for {n} members; give one shared prompt or one per member"
+                    ),
+                ));
+            }
+        };
+        config.sampling.validate()?;
+        let mut sampler = Sampler::new(config.sampling.clone())?;
+        let mut tracks = Vec::with_capacity(n);
+        for (member, prompt) in self.members.iter_mut().zip(&prompts) {
+            let logits = member.start(prompt)?;
+            tracks.push(Track {
+                stable: 0,
+                stable_bytes: 0,
+                covered: 0,
+                logits,
+            });
+        }
+        let eos = self.members[0].eos_token_ids();
+        let mut text_bytes: Vec<u8> = Vec::new();
+        let mut chosen: Vec<u32> = Vec::new();
+        let mut finish = FinishReason::Length;
+        for _ in 0..config.max_new_tokens {
+            if self
+                .members
+                .iter()
+                .any(|m| m.prompt_len() + m.generated().len() + KEEP_TAIL + 2 > m.max_context())
+            {
+                break;
+            }
+            let choice = match self.config.method {
+                Method::Deepen => {
+                    let logits: Vec<Tensor<B, 1>> =
+                        tracks.iter().map(|t| t.logits.clone()).collect();
+                    let combined = self.deepen_logits(&logits)?;
+                    let mut host = host_vec(combined)?;
+                    Choice::Main(sampler.sample(&mut host, &chosen))
+                }
+                Method::Gac => self.choose_gac(&tracks, &mut sampler, &chosen)?,
+                Method::Unite => self.choose_unite(&tracks, &mut sampler, &chosen)?,
+            };
+            let (bytes, main_id, is_eos) = match choice {
+                Choice::Main(id) => (
+                    self.vocabs[0].token_bytes(id).to_vec(),
+                    Some(id),
+                    eos.contains(&id),
+                ),
+                Choice::Union { bytes, main, eos } => (bytes, main, eos),
+            };
+            if let Some(id) = main_id {
+                chosen.push(id);
+            }
+            if is_eos {
+                finish = FinishReason::Eos;
+                break;
+            }
+            let before = text_bytes.len();
+            text_bytes.extend_from_slice(&bytes);
+            for m in 0..n {
+                if let Some(id) = main_id
+                    && self.same_as_main[m]
+                    && tracks[m].covered == before
+                {
+                    let track = &mut tracks[m];
+                    track.logits = self.members[m].feed(&[id])?;
+                    track.stable = self.members[m].generated().len();
+                    track.stable_bytes = text_bytes.len();
+                    track.covered = text_bytes.len();
+                    self.members[m].commit(track.stable);
+                } else {
+                    self.retokenize(m, &mut tracks[m], &text_bytes)?;
+                }
+            }
+            if !config.stop_strings.is_empty() {
+                let text = String::from_utf8_lossy(&text_bytes);
+                if let Some(cut) = config
+                    .stop_strings
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| text.find(s.as_str()))
+                    .min()
+                {
+                    text_bytes = text[..cut].as_bytes().to_vec();
+                    finish = FinishReason::Stop;
+                    break;
+                }
+            }
+        }
+        let tokens = match self.config.method {
+            Method::Deepen => chosen,
+            _ => self.members[0].generated().to_vec(),
+        };
+        Ok(EnsembleOutput {
+            text: String::from_utf8_lossy(&text_bytes).into_owned(),
+            bytes: text_bytes,
+            tokens,
+            member_tokens: self
+                .members
+                .iter()
+                .map(|m| m.generated().to_vec())
+                .collect(),
+            finish,
+        })
+    }
+
+    /// Runs member `index` alone (its own greedy/sampled choice and EOS), for comparisons.
+    pub fn generate_member(
+        &mut self,
+        index: usize,
+        prompt: &str,
+        config: &EnsembleGenerationConfig,
+    ) -> Result<EnsembleOutput> {
+        let member = self
+            .members
+            .get_mut(index)
+            .ok_or_else(|| EnsembleError::arg("index", format!("no member {index}")))?;
+        let vocab = &self.vocabs[index];
+        let mut sampler = Sampler::new(config.sampling.clone())?;
+        let eos = member.eos_token_ids();
+        let mut logits = member.start(prompt)?;
+        let mut text_bytes = Vec::new();
+        let mut tokens = Vec::new();
+        let mut finish = FinishReason::Length;
+        for _ in 0..config.max_new_tokens {
+            if member.prompt_len() + tokens.len() + 1 > member.max_context() {
+                break;
+            }
+            let mut host = host_vec(logits)?;
+            let id = sampler.sample(&mut host, &tokens);
+            tokens.push(id);
+            if eos.contains(&id) {
+                finish = FinishReason::Eos;
+                break;
+            }
+            text_bytes.extend_from_slice(vocab.token_bytes(id));
+            let text = String::from_utf8_lossy(&text_bytes);
+            if let Some(cut) = config
+                .stop_strings
+                .iter()
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                text_bytes = text[..cut].as_bytes().to_vec();
+                finish = FinishReason::Stop;
+                break;
+            }
+            logits = member.feed(&[id])?;
+            member.commit(tokens.len());
+        }
+        Ok(EnsembleOutput {
+            text: String::from_utf8_lossy(&text_bytes).into_owned(),
+            bytes: text_bytes,
+            member_tokens: vec![tokens.clone()],
+            tokens,
+            finish,
+        })
+    }
+
+    /// Member `m`'s tokens for `text` in the middle of a sequence.
+    fn encode_tail(&self, m: usize, text: &str) -> Result<Vec<u32>> {
+        let tokenizer = self.members[m].tokenizer();
+        let base = &self.tail_base[m];
+        let full = tokenizer.encode(&format!("{TAIL_PREFIX}{text}"), false)?;
+        if full.starts_with(base) {
+            Ok(full[base.len()..].to_vec())
+        } else {
+            Ok(tokenizer.encode(text, false)?)
+        }
+    }
+
+    /// Member `m`'s tokens for the raw bytes `bytes` in the middle of a sequence, and how many
+    /// bytes they cover. Valid UTF-8 goes through the tokenizer; a byte that is not valid
+    /// UTF-8 (random or byte-level models can emit lone bytes) becomes the member's one-byte
+    /// token when it has one (byte-level, byte fallback) and is dropped otherwise; an
+    /// incomplete character at the end waits for its next bytes.
+    fn encode_bytes(&self, m: usize, bytes: &[u8]) -> Result<(Vec<u32>, usize)> {
+        let mut ids = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let (valid, bad) = match std::str::from_utf8(&bytes[at..]) {
+                Ok(s) => (s.len(), None),
+                Err(e) => (e.valid_up_to(), e.error_len()),
+            };
+            if valid > 0 {
+                let text = std::str::from_utf8(&bytes[at..at + valid]).expect("valid prefix");
+                ids.extend(self.encode_tail(m, text)?);
+                at += valid;
+            }
+            match bad {
+                Some(n) => {
+                    for &b in &bytes[at..at + n] {
+                        ids.extend(self.vocabs[m].id_of(&[b]));
+                    }
+                    at += n;
+                }
+                None if at < bytes.len() => break,
+                None => {}
+            }
+        }
+        Ok((ids, at))
+    }
+
+    /// Brings member `m` up to the text `text_bytes`: re-tokenises only the text after its last
+    /// committed token, keeps the tokens that did not change, rewinds the rest.
+    fn retokenize(&mut self, m: usize, track: &mut Track<B>, text_bytes: &[u8]) -> Result<()> {
+        let pending = &text_bytes[track.stable_bytes..];
+        let (tail, covered) = self.encode_bytes(m, pending)?;
+        if track.stable_bytes + covered == track.covered {
+            return Ok(()); // Only an incomplete character arrived.
+        }
+        let member = &mut self.members[m];
+        let old = &member.generated()[track.stable..];
+        let same = old.iter().zip(&tail).take_while(|(a, b)| a == b).count();
+        if same < old.len() {
+            track.logits = member.rewind(track.stable + same)?;
+        }
+        if same < tail.len() {
+            track.logits = member.feed(&tail[same..])?;
+        }
+        track.covered = track.stable_bytes + covered;
+        // Commit up to the last token that starts a word (its bytes begin with whitespace):
+        // text before a word boundary no longer changes its tokens.
+        let vocab = &self.vocabs[m];
+        let starts_word = |id: u32| {
+            vocab
+                .token_bytes(id)
+                .first()
+                .is_some_and(|b| b.is_ascii_whitespace())
+        };
+        let mut cut = (1..tail.len())
+            .rev()
+            .find(|&i| starts_word(tail[i]))
+            .unwrap_or(0);
+        if tail.len() - cut > MAX_TAIL {
+            cut = tail.len() - KEEP_TAIL;
+        }
+        if cut > 0 {
+            let bytes: Vec<u8> = tail[..cut]
+                .iter()
+                .flat_map(|&id| vocab.token_bytes(id).to_vec())
+                .collect();
+            if pending.starts_with(&bytes) {
+                track.stable += cut;
+                track.stable_bytes += bytes.len();
+                member.commit(track.stable);
+            }
+        }
+        Ok(())
+    }
+
+    fn host_probs(&self, tracks: &[Track<B>]) -> Result<Vec<Vec<f32>>> {
+        tracks
+            .iter()
+            .map(|t| {
+                host_vec(
+                    softmax(t.logits.clone().unsqueeze::<2>(), 1).reshape([t.logits.dims()[0]]),
+                )
+            })
+            .collect()
+    }
+
+    /// The union token `bytes` (or EOS) as a [`Choice`].
+    fn union_choice(&self, key: &UnionKey) -> Choice {
+        match key {
+            UnionKey::Eos => Choice::Union {
+                bytes: Vec::new(),
+                main: self.members[0].eos_token_ids().first().copied(),
+                eos: true,
+            },
+            UnionKey::Bytes(bytes) => Choice::Union {
+                main: self.vocabs[0].id_of(bytes),
+                bytes: bytes.clone(),
+                eos: false,
+            },
+        }
+    }
+
+    /// GaC: probabilities summed per union token, weighted.
+    fn choose_gac(
+        &self,
+        tracks: &[Track<B>],
+        sampler: &mut Sampler,
+        context: &[u32],
+    ) -> Result<Choice> {
+        let probs = self.host_probs(tracks)?;
+        let mut union: std::collections::HashMap<UnionKey, f32> = std::collections::HashMap::new();
+        for (m, p) in probs.iter().enumerate() {
+            let eos = self.members[m].eos_token_ids();
+            let vocab = &self.vocabs[m];
+            for (id, &pr) in p.iter().enumerate() {
+                let id = id as u32;
+                let key = if eos.contains(&id) {
+                    UnionKey::Eos
+                } else {
+                    let b = vocab.token_bytes(id);
+                    if b.is_empty() {
+                        continue;
+                    }
+                    UnionKey::Bytes(b.to_vec())
+                };
+                *union.entry(key).or_default() += self.weights[m] * pr;
+            }
+        }
+        self.pick(union, sampler, context)
+    }
+
+    /// UniTE: each member's top-k tokens; a member scores a token it lacks by the first token
+    /// of its own spelling of it; each member's scores are renormalised over the union.
+    fn choose_unite(
+        &self,
+        tracks: &[Track<B>],
+        sampler: &mut Sampler,
+        context: &[u32],
+    ) -> Result<Choice> {
+        let probs = self.host_probs(tracks)?;
+        let k = self.config.unite_k;
+        let mut keys: Vec<UnionKey> = Vec::new();
+        for (m, p) in probs.iter().enumerate() {
+            let eos = self.members[m].eos_token_ids();
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            let k = k.min(p.len());
+            order.select_nth_unstable_by(k - 1, |a, b| p[*b].total_cmp(&p[*a]));
+            for &id in &order[..k] {
+                let key = if eos.contains(&(id as u32)) {
+                    UnionKey::Eos
+                } else {
+                    let b = self.vocabs[m].token_bytes(id as u32);
+                    if b.is_empty() {
+                        continue;
+                    }
+                    UnionKey::Bytes(b.to_vec())
+                };
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        let mut union: std::collections::HashMap<UnionKey, f32> = std::collections::HashMap::new();
+        for (m, p) in probs.iter().enumerate() {
+            let eos = self.members[m].eos_token_ids();
+            let mut scores = Vec::with_capacity(keys.len());
+            for key in &keys {
+                let score = match key {
+                    UnionKey::Eos => eos
+                        .iter()
+                        .map(|&e| p.get(e as usize).copied().unwrap_or(0.0))
+                        .sum(),
+                    UnionKey::Bytes(b) => match self.vocabs[m].id_of(b) {
+                        Some(id) => p[id as usize],
+                        None => {
+                            let text = String::from_utf8_lossy(b);
+                            self.encode_tail(m, &text)?
+                                .first()
+                                .map_or(0.0, |&id| p.get(id as usize).copied().unwrap_or(0.0))
+                        }
+                    },
+                };
+                scores.push(score);
+            }
+            let total: f32 = scores.iter().sum::<f32>().max(1e-30);
+            for (key, s) in keys.iter().zip(scores) {
+                *union.entry(key.clone()).or_default() += self.weights[m] * s / total;
+            }
+        }
+        self.pick(union, sampler, context)
+    }
+
+    /// Samples a union token from its (unnormalised) probabilities.
+    fn pick(
+        &self,
+        union: std::collections::HashMap<UnionKey, f32>,
+        sampler: &mut Sampler,
+        context: &[u32],
+    ) -> Result<Choice> {
+        let mut entries: Vec<(UnionKey, f32)> = union.into_iter().collect();
+        // A fixed order, so that greedy ties and seeded sampling are reproducible.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut scores: Vec<f32> = entries.iter().map(|(_, p)| p.max(1e-30).ln()).collect();
+        // The repetition penalty would read union indices as main-vocabulary ids; not applied.
+        let _ = context;
+        let index = sampler.sample(&mut scores, &[]) as usize;
+        Ok(self.union_choice(&entries[index].0))
+    }
+}
+
+/// A token of the union vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum UnionKey {
+    /// Any member's end of sequence.
+    Eos,
+    /// A text token, by its bytes.
+    Bytes(Vec<u8>),
+}
+
+fn host_vec<B: Backend>(t: Tensor<B, 1>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| EnsembleError::arg("logits", format!("{e:?}")))
+}
