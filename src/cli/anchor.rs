@@ -1,12 +1,413 @@
-//! `kiln anchor`: work in progress.
+//! `kiln anchor`: AnLLM training and evaluation.
 
-use clap::Args;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-pub const LONG_ABOUT: &str = "Work in progress.";
+use anyhow::{Context, bail};
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Module};
+use clap::{Args, Subcommand};
+use kiln::anchor::score::{Choice, nll_masked, nll_streamed, score_choices};
+use kiln::anchor::{
+    AnchorCheckpoint, AnchorMode, AnchorSession, AnchorSet, Corpus, FullSession, PositionMode,
+    TrainConfig, add_ac_token, ep_anchor_ids, grow_vocab, kv_bytes, load_checkpoint, read_texts,
+    save_checkpoint, tiny_config, tokenize, train,
+};
+use kiln::backend::{Backend, NAME, device};
+use kiln::core::Tokenizer;
+use kiln::llama::{Llama, LlamaConfig};
+
+pub const LONG_ABOUT: &str = "\
+Anchor-based LLMs (AnLLM, arXiv 2402.07616): train a Llama with the AnSAN attention mask, then
+run it with an anchor-compressed KV cache (only anchors and the current sentence are kept).
+
+Anchors are `.`-like tokens (--mode ep) or a new `<AC>` token put after every sentence
+(--mode ac; added to the tokenizer and the embeddings, initialised from `.`). --mode causal
+trains the plain baseline on the same text.
+
+Examples:
+  # a ~1M-parameter Llama from scratch on the step-by-step rationales, AC mode
+  kiln anchor train --data ../shared/datasets/step-by-step/cqa/llm/train_CoT_0.json \\
+      --tokenizer tests/fixtures/llama2-mha --mode ac --steps 300 --out runs/ac
+  # continue a zoo model (HF folder) with EP anchors; resume after an interruption
+  kiln anchor train --init ./TinyLlama --data corpus.txt --mode ep --out runs/ep --resume
+  # held-out perplexity and CQA multiple choice, full vs anchor cache
+  kiln anchor eval --model runs/ac --text ../shared/datasets/step-by-step/cqa/llm/test_CoT_0.json \\
+      --choices ../shared/datasets/step-by-step/cqa/cqa_test.json --limit 50
+  # generation with the anchor cache
+  kiln generate --model runs/ac --anchor ac --prompt \"The sky is blue. Grass is\"";
 
 #[derive(Args, Debug)]
-pub struct AnchorArgs {}
+pub struct AnchorArgs {
+    #[command(subcommand)]
+    command: AnchorCommand,
+}
 
-pub fn run(_args: AnchorArgs) -> anyhow::Result<()> {
-    anyhow::bail!("kiln anchor is not implemented yet")
+#[derive(Subcommand, Debug)]
+enum AnchorCommand {
+    /// Train (from scratch or continue a zoo model) with the AnSAN or causal mask.
+    Train(TrainArgs),
+    /// Perplexity and multiple-choice accuracy, KV-cache size and time: full vs anchor cache.
+    Eval(EvalArgs),
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Training text: plain text (a document per line), JSONL (--field) or a JSON array of strings.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// JSONL field holding the text.
+    #[arg(long)]
+    field: Option<String>,
+    /// Output folder (checkpoints, then the final model).
+    #[arg(long)]
+    out: PathBuf,
+    /// ep, ac, or causal (the baseline).
+    #[arg(long, default_value = "ac")]
+    mode: String,
+    /// Continue this zoo model (HF folder or hub id) instead of training a small one from scratch.
+    #[arg(long)]
+    init: Option<String>,
+    /// Tokenizer folder for a model from scratch.
+    #[arg(long, default_value = "tests/fixtures/llama2-mha")]
+    tokenizer: PathBuf,
+    /// Hidden size / layers / heads of a model from scratch.
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// Warm-up steps (default: a tenth of --steps).
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use at most this many documents.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// A folder written by `kiln anchor train`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Held-out text for perplexity (same formats as train --data).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// CommonsenseQA-style JSONL (question, choices, answer) for multiple choice.
+    #[arg(long)]
+    choices: Option<PathBuf>,
+    /// Few-shot examples taken from the start of --choices' sibling train file, if any.
+    #[arg(long, default_value_t = 3)]
+    shots: usize,
+    /// Documents / questions to use.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// compacted (the paper) or true.
+    #[arg(long, default_value = "compacted")]
+    positions: String,
+}
+
+pub fn run(args: AnchorArgs) -> anyhow::Result<()> {
+    match args.command {
+        AnchorCommand::Train(a) => run_train(a),
+        AnchorCommand::Eval(a) => run_eval(a),
+    }
+}
+
+type A = Autodiff<Backend>;
+
+fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    let dev = device();
+    let (model, tokenizer, config_json, bos): (
+        Llama<A>,
+        Tokenizer,
+        serde_json::Value,
+        Option<u32>,
+    ) = match &args.init {
+        Some(spec) => {
+            let loaded =
+                kiln::auto::load::<A>(spec, &dev).with_context(|| format!("loading {spec}"))?;
+            let tokenizer = loaded
+                .tokenizer
+                .context("the model has no tokenizer.json")?;
+            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+                loaded.files.dir.join("config.json"),
+            )?)?;
+            let bos = loaded.model.config().bos_token_id;
+            (loaded.model, tokenizer, json, bos)
+        }
+        None => {
+            let tokenizer = Tokenizer::from_dir(&args.tokenizer)?;
+            // Room for <AC> from the start.
+            let vocab = tokenizer.vocab_size() + usize::from(args.mode == "ac");
+            let json = tiny_config(
+                vocab,
+                args.hidden,
+                args.layers,
+                args.heads,
+                args.hidden * 8 / 3,
+                4096,
+            );
+            let config = LlamaConfig::from_json(json.clone(), Path::new("config"))?;
+            <A as burn::prelude::Backend>::seed(&dev, args.seed);
+            let lazy: Llama<A> = config.init(&dev);
+            let model = config.init::<A>(&dev).load_record(lazy.into_record());
+            (model, tokenizer, json, tokenizer_bos(&args.tokenizer))
+        }
+    };
+    let (model, tokenizer, anchors) = match args.mode.as_str() {
+        "causal" => (model, tokenizer, None),
+        "ep" => {
+            let set = ep_anchor_ids(&tokenizer, &[".", "!", "?"])?;
+            (model, tokenizer, Some(set))
+        }
+        "ac" => {
+            let (tokenizer, ac) = add_ac_token(&tokenizer)?;
+            let model = if model.config().vocab_size <= ac as usize {
+                let dot = tokenizer
+                    .encode(".", false)?
+                    .last()
+                    .copied()
+                    .context("the tokenizer cannot encode `.`")?;
+                grow_vocab(model, dot)?
+            } else {
+                model
+            };
+            (
+                model,
+                tokenizer,
+                Some(AnchorSet::new(AnchorMode::Ac, [ac])?),
+            )
+        }
+        other => bail!("--mode `{other}`: expected ep, ac or causal"),
+    };
+    let mut texts = Vec::new();
+    for path in &args.data {
+        texts.extend(read_texts(path, args.field.as_deref())?);
+    }
+    if let Some(limit) = args.limit {
+        texts.truncate(limit);
+    }
+    let ac = anchors.as_ref().filter(|a| a.mode == AnchorMode::Ac);
+    let rows = tokenize(&tokenizer, &texts, ac, bos)?;
+    let corpus = Corpus::new(rows, args.max_len);
+    eprintln!(
+        "kiln anchor: {} documents, {} parameters, mode {}, on {NAME}",
+        corpus.rows.len(),
+        model.num_params(),
+        args.mode
+    );
+    let cfg = TrainConfig::default()
+        .with_steps(args.steps)
+        .with_warmup_steps(args.warmup.unwrap_or(args.steps / 10))
+        .with_batch_size(args.batch_size)
+        .with_grad_accum(args.grad_accum)
+        .with_lr(args.lr)
+        .with_seed(args.seed)
+        .with_save_every(args.save_every)
+        .with_log_every((args.steps / 20).max(1));
+    let start = Instant::now();
+    let (model, report) = train(
+        model,
+        &corpus,
+        anchors.as_ref(),
+        &cfg,
+        Some(&args.out),
+        args.resume,
+        |step, loss, lr| {
+            eprintln!(
+                "step {step}/{}: loss {loss:.4}, lr {lr:.2e}, {:.0}s",
+                args.steps,
+                start.elapsed().as_secs_f64()
+            );
+        },
+    )?;
+    let meta = AnchorCheckpoint { anchors, bos };
+    save_checkpoint(
+        &args.out,
+        &model.valid(),
+        &config_json,
+        Some(&tokenizer),
+        &meta,
+    )?;
+    println!(
+        "saved {} (step {}, final loss {:.4})",
+        args.out.display(),
+        report.step,
+        report.losses.last().map_or(f32::NAN, |l| l.1)
+    );
+    Ok(())
+}
+
+fn tokenizer_bos(dir: &Path) -> Option<u32> {
+    let t = Tokenizer::from_dir(dir).ok()?;
+    t.token_to_id("<s>")
+        .or_else(|| t.token_to_id("<|begin_of_text|>"))
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    let dev = device();
+    let (model, tokenizer, meta, _) = load_checkpoint::<Backend>(&args.model, &dev)?;
+    let tokenizer = tokenizer.context("the checkpoint has no tokenizer.json")?;
+    let anchors = match meta.anchors.clone() {
+        Some(a) => a,
+        None => ep_anchor_ids(&tokenizer, &["."])?,
+    };
+    let mode: PositionMode = args.positions.parse()?;
+    let ac = (anchors.mode == AnchorMode::Ac).then(|| anchors.clone());
+    let ac_id = ac.as_ref().and_then(|a| a.ids.first().copied());
+    let skip = move |t: u32| Some(t) == ac_id;
+    println!(
+        "anchors: {:?} mode, ids {:?}; positions {mode:?}",
+        anchors.mode, anchors.ids
+    );
+    if let Some(path) = &args.text {
+        let mut texts = read_texts(path, None)?;
+        texts.truncate(args.limit);
+        let rows = tokenize(&tokenizer, &texts, ac.as_ref(), meta.bos)?;
+        let t = Instant::now();
+        let full = nll_masked(&model, &rows, None, &skip)?;
+        let full_t = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let anchor = nll_streamed(
+            &rows,
+            || AnchorSession::new(&model, anchors.clone(), mode),
+            &skip,
+        )?;
+        println!("| inference | perplexity | tokens | time (s) |\n|---|---|---|---|");
+        println!(
+            "| full attention | {:.3} | {} | {full_t:.1} |",
+            full.perplexity(),
+            full.count
+        );
+        println!(
+            "| anchor cache (streamed) | {:.3} | {} | {:.1} |",
+            anchor.perplexity(),
+            anchor.count,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    if let Some(path) = &args.choices {
+        let items = read_choices(path, &tokenizer, ac_id, meta.bos, args.shots, args.limit)?;
+        let full = score_choices(&items, || FullSession::new(&model))?;
+        let anchor = score_choices(&items, || AnchorSession::new(&model, anchors.clone(), mode))?;
+        let bytes = |len: f64| kv_bytes(model.config(), len.round() as usize);
+        println!(
+            "\n{} questions, {}-shot, mean prompt {:.0} tokens",
+            full.total, args.shots, full.mean_context_len
+        );
+        println!("| inference | accuracy | KV bytes after prompt | time (s) |\n|---|---|---|---|");
+        for (name, r) in [("full cache", &full), ("anchor cache", &anchor)] {
+            println!(
+                "| {name} | {:.1}% | {} | {:.2} |",
+                100.0 * r.accuracy(),
+                bytes(r.mean_cache_len),
+                r.seconds
+            );
+        }
+    }
+    if args.text.is_none() && args.choices.is_none() {
+        bail!("give --text FILE and/or --choices FILE");
+    }
+    Ok(())
+}
+
+/// Multiple-choice items from a CQA-style JSONL; the shots are its first `shots` questions
+/// (skipped from the evaluated ones) with their answers.
+fn read_choices(
+    path: &Path,
+    tok: &Tokenizer,
+    ac: Option<u32>,
+    bos: Option<u32>,
+    shots: usize,
+    limit: usize,
+) -> anyhow::Result<Vec<Choice>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{} is not JSONL", path.display()))?;
+    let letters = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let parse = |q: &serde_json::Value| -> anyhow::Result<(String, Vec<String>, usize)> {
+        let question = q["question"].as_str().context("no `question`")?;
+        let choices: Vec<String> = q["choices"]
+            .as_array()
+            .context("no `choices` array")?
+            .iter()
+            .map(|c| c.as_str().map(String::from).context("a non-string choice"))
+            .collect::<anyhow::Result<_>>()?;
+        let answer = q["answer"].as_str().context("no `answer`")?;
+        let idx = choices
+            .iter()
+            .position(|c| c == answer)
+            .context("the answer is not a choice")?;
+        let listed: Vec<String> = choices
+            .iter()
+            .zip(letters)
+            .map(|(c, l)| format!("({l}) {c}"))
+            .collect();
+        Ok((
+            format!(
+                "Q: {question} Answer choices: {}. A: So the answer is",
+                listed.join(" ")
+            ),
+            choices,
+            idx,
+        ))
+    };
+    let mut prefix = String::new();
+    for q in rows.iter().take(shots) {
+        let (text, choices, idx) = parse(q)?;
+        prefix.push_str(&format!("{text} {}. ", choices[idx]));
+    }
+    let mut items = Vec::new();
+    for q in rows.iter().skip(shots).take(limit) {
+        let (text, choices, answer) = parse(q)?;
+        let text = format!("{prefix}{text}");
+        let context = match ac {
+            Some(id) => kiln::anchor::encode_ac(tok, &text, id, bos)?,
+            None => {
+                let mut ids: Vec<u32> = bos.into_iter().collect();
+                ids.extend(tok.encode(&text, false)?);
+                ids
+            }
+        };
+        let options = choices
+            .iter()
+            .map(|c| tok.encode(&format!("{c}."), false))
+            .collect::<Result<_, _>>()?;
+        items.push(Choice {
+            context,
+            options,
+            answer,
+        });
+    }
+    if items.is_empty() {
+        bail!(
+            "{} has no questions after the {shots} shots",
+            path.display()
+        );
+    }
+    Ok(items)
 }

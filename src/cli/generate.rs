@@ -70,9 +70,18 @@ pub struct GenerateArgs {
     /// Print one JSON object per prompt: {"prompt_tokens": [...], "tokens": [...], "text": "..."}.
     #[arg(long)]
     json: bool,
+    /// Anchor-based inference (AnLLM, see `kiln anchor --help`): `ep` (`.`, `!`, `?` tokens are
+    /// the anchors) or `ac` (`<AC>` after every prompt sentence; the model must know the token,
+    /// e.g. one trained by `kiln anchor train --mode ac`). One prompt; the KV cache keeps only
+    /// anchors and the current sentence. The model may also be a `kiln anchor train` folder.
+    #[arg(long, value_parser = ["ep", "ac"])]
+    anchor: Option<String>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(mode) = args.anchor.clone() {
+        return run_anchor(&args, &mode);
+    }
     let device = device();
     let start = Instant::now();
     let model = args.model.clone().unwrap_or_else(auto::default_model);
@@ -208,4 +217,88 @@ fn read_prompt_file(path: &PathBuf) -> anyhow::Result<String> {
             e.utf8_error().valid_up_to()
         )
     })
+}
+
+/// `--anchor`: generation with the anchor-compressed KV cache (batch of one).
+fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
+    use kiln::anchor::{
+        AnchorMode, AnchorSet, PositionMode, anchor_generate, encode_ac, ep_anchor_ids,
+        is_checkpoint, kv_bytes, load_checkpoint,
+    };
+    let device = device();
+    let spec = args.model.clone().unwrap_or_else(auto::default_model);
+    let (model, tokenizer, bos, eos_ids) = if is_checkpoint(std::path::Path::new(&spec)) {
+        let (model, tokenizer, meta, _) =
+            load_checkpoint::<Backend>(std::path::Path::new(&spec), &device)?;
+        let eos = model.config().eos_token_ids.clone();
+        (model, tokenizer, meta.bos, eos)
+    } else {
+        let loaded =
+            auto::load::<Backend>(&spec, &device).with_context(|| format!("loading {spec}"))?;
+        let bos = loaded.model.config().bos_token_id;
+        let eos = loaded.defaults.eos_token_id.to_vec();
+        (loaded.model, loaded.tokenizer, bos, eos)
+    };
+    let tokenizer = tokenizer.context("--anchor needs the model's tokenizer.json")?;
+    let anchors = match mode {
+        "ep" => ep_anchor_ids(&tokenizer, &[".", "!", "?"])?,
+        _ => {
+            let id = tokenizer.token_to_id(kiln::anchor::AC_TOKEN).context(
+                "the tokenizer has no <AC> token: train one with `kiln anchor train --mode ac`, or use --anchor ep",
+            )?;
+            AnchorSet::new(AnchorMode::Ac, [id])?
+        }
+    };
+    let text = match (&args.prompt_file, args.prompt.as_slice()) {
+        (Some(path), _) => read_prompt_file(path)?,
+        (None, [one]) => one.clone(),
+        _ => bail!("--anchor takes exactly one --prompt or --prompt-file"),
+    };
+    let prompt = match anchors.mode {
+        AnchorMode::Ac => encode_ac(&tokenizer, &text, *anchors.ids.first().unwrap_or(&0), bos)?,
+        AnchorMode::Ep => {
+            let mut ids: Vec<u32> = bos.into_iter().collect();
+            ids.extend(tokenizer.encode(&text, false)?);
+            ids
+        }
+    };
+    let sampling = SamplingConfig::greedy()
+        .with_temperature(args.temperature)
+        .with_top_k(args.top_k)
+        .with_top_p(args.top_p)
+        .with_repetition_penalty(args.repetition_penalty)
+        .with_seed(args.seed);
+    let eos = if args.ignore_eos { vec![] } else { eos_ids };
+    let start = Instant::now();
+    let mut stream = kiln::core::TokenStream::new();
+    let mut stdout = std::io::stdout();
+    let out = anchor_generate(
+        &model,
+        &prompt,
+        &anchors,
+        PositionMode::Compacted,
+        sampling,
+        args.max_new_tokens,
+        &eos,
+        |token| {
+            if let Ok(Some(piece)) = stream.push(&tokenizer, token) {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+        },
+    )?;
+    if let Ok(Some(rest)) = stream.finish(&tokenizer) {
+        print!("{rest}");
+    }
+    println!();
+    eprintln!(
+        "kiln: {} tokens in {:.2}s; anchor KV cache {} positions ({} bytes) for {} tokens seen, peak {}",
+        out.tokens.len(),
+        start.elapsed().as_secs_f64(),
+        out.cache_len,
+        kv_bytes(model.config(), out.cache_len),
+        out.seen,
+        out.peak_len
+    );
+    Ok(())
 }

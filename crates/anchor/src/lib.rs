@@ -1,1 +1,45 @@
-//! AnLLM anchor-based attention (arXiv 2402.07616). Work in progress.
+//! # kiln-anchor
+//!
+//! AnLLM, anchor-based large language models (Pang et al., 2024, arXiv 2402.07616), on any
+//! kiln decoder-only model (the Llama family):
+//!
+//! - **Anchors** ([`AnchorSet`]): in *EP* mode existing end-of-sentence tokens (e.g. `.`); in
+//!   *AC* mode a new `<AC>` token appended to the tokenizer and the embeddings
+//!   ([`add_ac_token`], [`grow_vocab`]) and inserted after every sentence ([`encode_ac`]).
+//! - **AnSAN mask** ([`ansan_mask`], [`Segments`]): as the paper's code, the anchor is the
+//!   *last* token of its sentence. A non-anchor token sees every earlier anchor plus the earlier
+//!   tokens of its own sentence; an anchor sees only its own sentence (itself included);
+//!   padding is hidden. Built with tensor ops from per-token sentence ids and anchor flags.
+//! - **Training** ([`train`]): continual pre-training with the AnSAN (or plain causal) mask,
+//!   AdamW, warm-up + cosine schedule, gradient accumulation, exact checkpoint/resume.
+//! - **Anchor-based inference** ([`AnchorSession`]): after every chunk that contains an anchor
+//!   the KV cache keeps only earlier anchors, the chunk's anchors and the tokens after its last
+//!   anchor. New positions come from the compacted cache length (the paper) or stay the true
+//!   positions ([`PositionMode`]).
+//! - **Scoring** ([`score`]): perplexity and multiple-choice log-likelihood, full cache vs
+//!   anchor cache.
+
+mod anchors;
+mod data;
+mod error;
+mod infer;
+mod mask;
+mod model;
+pub mod score;
+mod train;
+
+pub use anchors::{
+    AC_TOKEN, AnchorMode, AnchorSet, add_ac_token, encode_ac, ep_anchor_ids, split_sentences,
+};
+pub use data::{read_texts, tokenize};
+pub use error::{AnchorError, Result};
+pub use infer::{
+    AnchorGeneration, AnchorSession, FullSession, PositionMode, Session, anchor_generate, kv_bytes,
+};
+pub use mask::{SegTensors, Segments, ansan_mask, causal_mask};
+pub use model::{
+    AnchorCheckpoint, grow_vocab, is_checkpoint, load_checkpoint, save_checkpoint, tiny_config,
+};
+pub use train::{
+    Corpus, MaskKind, TrainConfig, TrainReport, batch_loss, inference_model, train, train_steps,
+};

@@ -1,0 +1,161 @@
+//! Model plumbing: growing the vocabulary for `<AC>`, a small config, checkpoints.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::EmbeddingConfig;
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use kiln_core::Tokenizer;
+use kiln_llama::{Llama, LlamaConfig};
+
+use crate::{AnchorError, AnchorSet, Result};
+
+/// Adds one vocabulary row (the `<AC>` token, id = the old vocabulary size) to the embeddings
+/// and the untied LM head, both initialised from row `init_from` (e.g. the id of `.`), as the
+/// paper does. Returns the grown model; the config's `vocab_size` grows by one.
+pub fn grow_vocab<B: Backend>(model: Llama<B>, init_from: u32) -> Result<Llama<B>> {
+    let mut config = model.config().clone();
+    let vocab = config.vocab_size;
+    if init_from as usize >= vocab {
+        return Err(AnchorError::invalid(format!(
+            "init row {init_from} is outside the vocabulary of {vocab}"
+        )));
+    }
+    config.vocab_size += 1;
+    let device = model.model.norm.weight.val().device();
+    let grow = |w: Tensor<B, 2>, rows_are_vocab: bool| {
+        if rows_are_vocab {
+            let row = w.clone().narrow(0, init_from as usize, 1);
+            Tensor::cat(vec![w, row], 0)
+        } else {
+            let col = w.clone().narrow(1, init_from as usize, 1);
+            Tensor::cat(vec![w, col], 1)
+        }
+    };
+    let mut new = config.init::<B>(&device);
+    let mut decoder = model.model;
+    let mut embed = EmbeddingConfig::new(config.vocab_size, config.hidden_size).init(&device);
+    embed.weight = Param::from_tensor(grow(decoder.embed_tokens.weight.val(), true));
+    decoder.embed_tokens = embed;
+    new.model = decoder;
+    new.lm_head = model.lm_head.map(|mut head| {
+        // burn's Linear stores [d_in, d_out]: vocabulary is the column axis.
+        head.weight = Param::from_tensor(grow(head.weight.val(), false));
+        head
+    });
+    Ok(new)
+}
+
+/// An HF-style `config.json` for a small Llama trained from scratch.
+pub fn tiny_config(
+    vocab_size: usize,
+    hidden_size: usize,
+    layers: usize,
+    heads: usize,
+    intermediate_size: usize,
+    max_positions: usize,
+) -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": true,
+        "hidden_act": "silu",
+    })
+}
+
+/// What `kiln anchor train` writes into a folder beside the weights.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AnchorCheckpoint {
+    /// The anchors the model was trained with (`None`: plain causal training).
+    pub anchors: Option<AnchorSet>,
+    /// BOS id to put before texts, if any.
+    pub bos: Option<u32>,
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
+}
+
+/// Writes `config.json`, `model.mpk`, `anchor.json` and (when given) `tokenizer.json` to `dir`.
+pub fn save_checkpoint<B: Backend>(
+    dir: &Path,
+    model: &Llama<B>,
+    config_json: &serde_json::Value,
+    tokenizer: Option<&Tokenizer>,
+    meta: &AnchorCheckpoint,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| AnchorError::io(dir, e))?;
+    let mut config = config_json.clone();
+    config["vocab_size"] = model.config().vocab_size.into();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| AnchorError::io(path, e))
+    };
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )?;
+    write(
+        "anchor.json",
+        serde_json::to_string_pretty(meta).unwrap_or_default(),
+    )?;
+    if let Some(tokenizer) = tokenizer {
+        let path = dir.join("tokenizer.json");
+        tokenizer
+            .inner()
+            .save(&path, false)
+            .map_err(|e| AnchorError::io(path, e))?;
+    }
+    model
+        .clone()
+        .save_file(dir.join("model"), &recorder())
+        .map_err(|e| AnchorError::io(dir.join("model.mpk"), e))
+}
+
+/// Reads a folder written by [`save_checkpoint`]: the model, its tokenizer (if saved), the
+/// anchor metadata and the raw config JSON.
+pub fn load_checkpoint<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(
+    Llama<B>,
+    Option<Tokenizer>,
+    AnchorCheckpoint,
+    serde_json::Value,
+)> {
+    let read = |name: &str| -> Result<String> {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|e| AnchorError::io(path, e))
+    };
+    let config_path = dir.join("config.json");
+    let config_json: serde_json::Value = serde_json::from_str(&read("config.json")?)
+        .map_err(|e| AnchorError::io(&config_path, e))?;
+    let config = LlamaConfig::from_json(config_json.clone(), &config_path)?;
+    let meta: AnchorCheckpoint = serde_json::from_str(&read("anchor.json")?)
+        .map_err(|e| AnchorError::io(dir.join("anchor.json"), e))?;
+    let model = config
+        .init::<B>(device)
+        .load_file(dir.join("model"), &recorder(), device)
+        .map_err(|e| AnchorError::io(dir.join("model.mpk"), e))?;
+    let tokenizer = if dir.join("tokenizer.json").is_file() {
+        Some(Tokenizer::from_dir(dir)?)
+    } else {
+        None
+    };
+    Ok((model, tokenizer, meta, config_json))
+}
+
+/// True when `dir` holds a checkpoint written by [`save_checkpoint`].
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("anchor.json").is_file() && dir.join("model.mpk").is_file()
+}

@@ -1,0 +1,191 @@
+//! Scoring: perplexity and multiple-choice log-likelihood, full attention vs anchors.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use kiln_llama::Llama;
+
+use crate::infer::Session;
+use crate::{AnchorError, AnchorSet, Result, Segments};
+
+/// Log-probabilities of `targets` under `logits` `[n, vocab]` (row `i` predicts `targets[i]`).
+pub fn token_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32]) -> Result<Vec<f32>> {
+    let [n, _] = logits.dims();
+    if n != targets.len() {
+        return Err(AnchorError::invalid(format!(
+            "{n} logit rows for {} targets",
+            targets.len()
+        )));
+    }
+    let device = logits.device();
+    let ids: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, 1]), &device);
+    log_softmax(logits, 1)
+        .gather(1, ids)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| AnchorError::invalid(format!("logits: {e:?}")))
+}
+
+/// Summed negative log-likelihood and the number of tokens it covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Nll {
+    /// Sum of `-log p`.
+    pub sum: f64,
+    /// Tokens counted.
+    pub count: usize,
+}
+
+impl Nll {
+    /// `exp(sum / count)`.
+    pub fn perplexity(&self) -> f64 {
+        (self.sum / self.count.max(1) as f64).exp()
+    }
+
+    fn add(&mut self, logprobs: &[f32], targets: &[u32], skip: &dyn Fn(u32) -> bool) {
+        for (&lp, &t) in logprobs.iter().zip(targets) {
+            if !skip(t) {
+                self.sum -= lp as f64;
+                self.count += 1;
+            }
+        }
+    }
+}
+
+/// Teacher-forced NLL of each row's tokens after the first, in one full forward per row with
+/// the AnSAN mask (`anchors` given) or the plain causal mask (`None`). Targets for which
+/// `skip` is true (e.g. `<AC>`) are not counted.
+pub fn nll_masked<B: Backend>(
+    model: &Llama<B>,
+    rows: &[Vec<u32>],
+    anchors: Option<&AnchorSet>,
+    skip: &dyn Fn(u32) -> bool,
+) -> Result<Nll> {
+    let device = model.device_of();
+    let mut nll = Nll::default();
+    for row in rows.iter().filter(|r| r.len() >= 2) {
+        let n = row.len();
+        let seg = Segments::from_rows(std::slice::from_ref(row), anchors, 0);
+        let ids: Vec<i64> = row.iter().map(|&t| t as i64).collect();
+        let tokens = Tensor::from_data(TensorData::new(ids, [1, n]), &device);
+        let positions = Tensor::arange(0..n as i64, &device).reshape([1, n]);
+        let logits = model.forward_masked(tokens, positions, Some(seg.mask(&device)), None)?;
+        let vocab = logits.dims()[2];
+        let logits = logits.reshape([n, vocab]).narrow(0, 0, n - 1);
+        let lp = token_logprobs(logits, &row[1..])?;
+        nll.add(&lp, &row[1..], skip);
+    }
+    Ok(nll)
+}
+
+/// NLL of each row's tokens after the first, fed one token at a time through a fresh session
+/// from `new_session` (incremental decoding: anchor compaction happens as it would when
+/// generating).
+pub fn nll_streamed<B: Backend, S: Session<B>>(
+    rows: &[Vec<u32>],
+    mut new_session: impl FnMut() -> S,
+    skip: &dyn Fn(u32) -> bool,
+) -> Result<Nll> {
+    let mut nll = Nll::default();
+    for row in rows.iter().filter(|r| r.len() >= 2) {
+        let mut session = new_session();
+        for w in row.windows(2) {
+            let lp = token_logprobs(session.feed(&w[..1])?, &w[1..])?;
+            nll.add(&lp, &w[1..], skip);
+        }
+    }
+    Ok(nll)
+}
+
+/// One multiple-choice question, tokenized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The few-shot prompt and the question.
+    pub context: Vec<u32>,
+    /// Each option's tokens.
+    pub options: Vec<Vec<u32>>,
+    /// Index of the right option.
+    pub answer: usize,
+}
+
+/// Accuracy and cost of multiple-choice scoring with one kind of session.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChoiceReport {
+    /// Questions answered right.
+    pub correct: usize,
+    /// Questions.
+    pub total: usize,
+    /// Mean KV-cache positions after the context (what must be kept while scoring options).
+    pub mean_cache_len: f64,
+    /// Mean context length in tokens.
+    pub mean_context_len: f64,
+    /// Seconds spent.
+    pub seconds: f64,
+}
+
+impl ChoiceReport {
+    /// `correct / total`.
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// The paper's multiple-choice protocol: prefill the context once, then score each option by
+/// the summed log-likelihood of its tokens given the context (from a copy of the session);
+/// the highest wins.
+pub fn score_choices<B: Backend, S: Session<B>>(
+    items: &[Choice],
+    mut new_session: impl FnMut() -> S,
+) -> Result<ChoiceReport> {
+    let start = Instant::now();
+    let mut report = ChoiceReport::default();
+    let (mut cache_sum, mut ctx_sum) = (0usize, 0usize);
+    for item in items {
+        if item.context.is_empty() || item.options.iter().any(Vec::is_empty) {
+            return Err(AnchorError::invalid("an empty context or option"));
+        }
+        let mut session = new_session();
+        let logits = session.feed(&item.context)?;
+        let n = logits.dims()[0];
+        let last = logits.narrow(0, n - 1, 1);
+        cache_sum += session.cache_len();
+        ctx_sum += item.context.len();
+        let mut best = (f64::NEG_INFINITY, 0);
+        for (i, option) in item.options.iter().enumerate() {
+            let mut s = session.clone();
+            let first = token_logprobs(last.clone(), &option[..1])?[0] as f64;
+            let rest = if option.len() > 1 {
+                let logits = s.feed(&option[..option.len() - 1])?;
+                token_logprobs(logits, &option[1..])?
+                    .iter()
+                    .map(|&x| x as f64)
+                    .sum()
+            } else {
+                0.0
+            };
+            let total = first + rest;
+            if total > best.0 {
+                best = (total, i);
+            }
+        }
+        report.correct += (best.1 == item.answer) as usize;
+        report.total += 1;
+    }
+    report.mean_cache_len = cache_sum as f64 / items.len().max(1) as f64;
+    report.mean_context_len = ctx_sum as f64 / items.len().max(1) as f64;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// `model.device()` without naming the `CausalLm` trait at every call site.
+trait DeviceOf<B: Backend> {
+    fn device_of(&self) -> B::Device;
+}
+
+impl<B: Backend> DeviceOf<B> for Llama<B> {
+    fn device_of(&self) -> B::Device {
+        kiln_core::CausalLm::device(self)
+    }
+}

@@ -1,0 +1,267 @@
+//! AnLLM: the AnSAN mask, anchor-cache inference equals the masked full forward, training.
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::module::Module;
+use burn::prelude::*;
+use common::{B, device, fixture, max_abs_diff};
+use kiln::anchor::{
+    AnchorMode, AnchorSession, AnchorSet, Corpus, PositionMode, Segments, TrainConfig,
+    add_ac_token, encode_ac, train,
+};
+use kiln::core::Tokenizer;
+use kiln::llama::{Llama, LlamaConfig};
+
+/// The rule of the paper, written out slot by slot: true = hidden.
+fn reference_mask(rows: &[Vec<u32>], anchors: &AnchorSet) -> Vec<bool> {
+    let len = rows.iter().map(Vec::len).max().unwrap();
+    let mut out = Vec::new();
+    for row in rows {
+        // sentence of each token: anchors close their sentence
+        let mut sent = Vec::new();
+        let mut s = 0;
+        for &t in row {
+            sent.push(s);
+            if anchors.contains(t) {
+                s += 1;
+            }
+        }
+        for q in 0..len {
+            for k in 0..len {
+                let visible = if q >= row.len() || k >= row.len() {
+                    q == k
+                } else if k > q {
+                    false
+                } else if anchors.contains(row[q]) {
+                    sent[k] == sent[q]
+                } else {
+                    sent[k] == sent[q] || anchors.contains(row[k])
+                };
+                out.push(!visible);
+            }
+        }
+    }
+    out
+}
+
+fn mask_values(seg: &Segments) -> Vec<bool> {
+    seg.mask::<B>(&device())
+        .into_data()
+        .into_vec::<bool>()
+        .unwrap()
+}
+
+#[test]
+fn mask_hand_written_ep() {
+    // Anchor id 9 (say "."): sentences [5 6 9] [7 9] [8 8], second row shorter (padding).
+    let anchors = AnchorSet::new(AnchorMode::Ep, [9]).unwrap();
+    let rows = vec![vec![5, 6, 9, 7, 9, 8, 8], vec![5, 9, 6, 6]];
+    let seg = Segments::from_rows(&rows, Some(&anchors), 0);
+    assert_eq!(seg.seg[..7], [0, 0, 0, 1, 1, 2, 2]);
+    let got = mask_values(&seg);
+    // Row 0 written by hand ('.' visible, 'x' hidden); query rows top to bottom.
+    let hand = [
+        ".xxxxxx", // 5: itself
+        "..xxxxx", // 6: its sentence
+        "...xxxx", // 9 (anchor): its own sentence, itself included
+        "xx..xxx", // 7: earlier anchor 9@2, then itself
+        "xxx..xx", // 9 (anchor): only its sentence [7 9]
+        "xx.x..x", // 8: anchors 9@2 and 9@4, itself
+        "xx.x...", // 8: anchors, its sentence
+    ];
+    let hand: Vec<bool> = hand.concat().chars().map(|c| c == 'x').collect();
+    assert_eq!(got[..49], hand[..]);
+    assert_eq!(got, reference_mask(&rows, &anchors));
+    // Padding: slots 4..7 of row 1 see only themselves, and no valid query sees them.
+    let row1 = &got[49..];
+    for q in 0..7 {
+        for k in 4..7 {
+            assert_eq!(row1[q * 7 + k], q != k, "q {q} k {k}");
+        }
+    }
+}
+
+#[test]
+fn mask_ac_mode_from_text() {
+    let tokenizer = Tokenizer::from_dir(&fixture("llama2-mha")).unwrap();
+    let (tokenizer, ac) = add_ac_token(&tokenizer).unwrap();
+    assert_eq!(ac as usize, tokenizer.vocab_size() - 1);
+    let anchors = AnchorSet::new(AnchorMode::Ac, [ac]).unwrap();
+    let texts = [
+        "The sun is hot. Ice is cold! Is water wet? yes",
+        "One sentence only.",
+    ];
+    let rows: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| encode_ac(&tokenizer, t, ac, Some(1)).unwrap())
+        .collect();
+    assert_eq!(rows[0].iter().filter(|&&t| t == ac).count(), 3);
+    assert_eq!(*rows[1].last().unwrap(), ac);
+    let decoded = tokenizer.decode(&rows[0], false).unwrap();
+    assert!(decoded.contains("hot.<AC>"), "{decoded}");
+    let seg = Segments::from_rows(&rows, Some(&anchors), 0);
+    assert_eq!(mask_values(&seg), reference_mask(&rows, &anchors));
+    // Also EP mode on the same tokens with '.' as anchor.
+    let ep = kiln::anchor::ep_anchor_ids(&tokenizer, &["."]).unwrap();
+    let seg = Segments::from_rows(&rows, Some(&ep), 0);
+    assert_eq!(mask_values(&seg), reference_mask(&rows, &ep));
+}
+
+fn logits_full(
+    model: &Llama<B>,
+    tokens: &[u32],
+    positions: &[i64],
+    anchors: &AnchorSet,
+) -> Vec<f32> {
+    let dev = device();
+    let n = tokens.len();
+    let seg = Segments::from_rows(&[tokens.to_vec()], Some(anchors), 0);
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    let t = Tensor::from_data(TensorData::new(ids, [1, n]), &dev);
+    let p = Tensor::from_data(TensorData::new(positions.to_vec(), [1, n]), &dev);
+    model
+        .forward_masked(t, p, Some(seg.mask(&dev)), None)
+        .unwrap()
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn anchor_cache_equals_masked_full_forward() {
+    let model = Llama::<B>::from_pretrained(&fixture("llama2-mha"), &device()).unwrap();
+    // Token 29 plays the anchor (and 31, to have two anchor ids).
+    let anchors = AnchorSet::new(AnchorMode::Ep, [29, 31]).unwrap();
+    let tokens: Vec<u32> = vec![
+        1, 40, 41, 42, 29, 50, 51, 31, 60, 61, 62, 63, 29, 70, 71, 72, 29, 80, 81, 82, 83, 84, 29,
+        90, 91,
+    ];
+    // Prefill of 9 (two anchors inside), then single steps, then a chunk of 5 with an anchor.
+    let chunks: Vec<std::ops::Range<usize>> =
+        vec![0..9, 9..10, 10..11, 11..12, 12..13, 13..18, 18..25];
+    for mode in [PositionMode::True, PositionMode::Compacted] {
+        let mut session = AnchorSession::new(&model, anchors.clone(), mode);
+        let mut got = Vec::new();
+        let mut compacted = false;
+        for c in &chunks {
+            let logits = session.feed(&tokens[c.clone()]).unwrap();
+            got.extend(logits.into_data().into_vec::<f32>().unwrap());
+            compacted |= session.cache_len() < session.seen();
+        }
+        assert!(compacted, "the cache was never compacted");
+        // Compacted cache: the 5 anchors + the 2 tokens after the last one.
+        assert_eq!(session.cache_len(), 5 + 2);
+        let positions = session.positions().to_vec();
+        if mode == PositionMode::True {
+            assert_eq!(positions, (0..tokens.len() as i64).collect::<Vec<_>>());
+        } else {
+            assert!(positions.last().unwrap() < &(tokens.len() as i64 - 1));
+        }
+        let want = logits_full(&model, &tokens, &positions, &anchors);
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "{mode:?}: max diff {diff}");
+    }
+}
+
+#[test]
+fn training_lowers_loss_and_resumes_exactly() {
+    type A = Autodiff<B>;
+    let dev = device();
+    let json = kiln::anchor::tiny_config(40, 32, 2, 2, 64, 64);
+    let config = LlamaConfig::from_json(json, std::path::Path::new("tiny")).unwrap();
+    A::seed(&dev, 7);
+    // `init` is lazy: materialise the weights once so that clones share them.
+    let model: Llama<A> = config.init(&dev);
+    let model = config.init(&dev).load_record(model.into_record());
+    let anchors = AnchorSet::new(AnchorMode::Ac, [39]).unwrap();
+    // A tiny repetitive corpus with anchors: easy to fit.
+    let rows: Vec<Vec<u32>> = (0..12)
+        .map(|i| {
+            let a = 2 + (i % 5) as u32;
+            vec![1, a, a + 5, a + 10, 39, a + 1, a + 6, 39]
+        })
+        .collect();
+    let corpus = Corpus::new(rows, 32);
+    let cfg = TrainConfig::default()
+        .with_steps(8)
+        .with_warmup_steps(2)
+        .with_batch_size(3)
+        .with_grad_accum(2)
+        .with_lr(1e-2)
+        .with_save_every(4)
+        .with_log_every(0);
+    let dir = tempfile::tempdir().unwrap();
+    let (full, report) = train(
+        model.clone(),
+        &corpus,
+        Some(&anchors),
+        &cfg,
+        None,
+        false,
+        |_, _, _| {},
+    )
+    .unwrap();
+    let losses: Vec<f32> = report.losses.iter().map(|l| l.1).collect();
+    assert!(losses[7] < losses[0] * 0.8, "loss did not fall: {losses:?}");
+
+    // An interrupted run: 4 steps of the same 8-step schedule, checkpointed; then resume
+    // into a differently initialised model.
+    let (_, r4) = train_until(model.clone(), &corpus, &anchors, &cfg, dir.path(), 4);
+    assert_eq!(r4.step, 4);
+    A::seed(&dev, 99);
+    let other: Llama<A> = config.init(&dev);
+    let (resumed, r) = train(
+        other,
+        &corpus,
+        Some(&anchors),
+        &cfg,
+        Some(dir.path()),
+        true,
+        |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(r.step, 8);
+    let resumed_losses: Vec<f32> = r.losses.iter().map(|l| l.1).collect();
+    assert_eq!(resumed_losses, losses, "resumed losses differ");
+    let a = full
+        .model
+        .embed_tokens
+        .weight
+        .val()
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap();
+    let b = resumed
+        .model
+        .embed_tokens
+        .weight
+        .val()
+        .into_data()
+        .into_vec::<f32>()
+        .unwrap();
+    assert_eq!(a, b, "resumed weights differ");
+}
+
+/// Trains with `config` but stops (with a checkpoint) after `stop` steps: emulates an
+/// interrupted run by running `stop` steps with save_every = stop.
+fn train_until(
+    model: Llama<Autodiff<B>>,
+    corpus: &Corpus,
+    anchors: &AnchorSet,
+    config: &TrainConfig,
+    dir: &std::path::Path,
+    stop: usize,
+) -> (Llama<Autodiff<B>>, kiln::anchor::TrainReport) {
+    kiln::anchor::train_steps(
+        model,
+        corpus,
+        Some(anchors),
+        config,
+        Some(dir),
+        false,
+        stop,
+        |_, _, _| {},
+    )
+    .unwrap()
+}
