@@ -138,7 +138,7 @@ impl TrainConfig {
                 "batch size, gradient accumulation and steps must be positive",
             ));
         }
-        if !(self.lr > 0.0) {
+        if self.lr.is_nan() || self.lr <= 0.0 {
             return Err(AnchorError::invalid("the learning rate must be positive"));
         }
         Ok(())
