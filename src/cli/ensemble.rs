@@ -1,12 +1,364 @@
-//! `kiln ensemble`: work in progress.
+//! `kiln ensemble`: generate with several models at once (DeePEn, GaC, UniTE), or compare them
+//! and their ensemble on a JSONL file of prompts and answers.
 
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
 use clap::Args;
+use kiln::auto;
+use kiln::backend::{Backend, NAME, device};
+use kiln::core::loading::{read_json_value, resolve_model};
+use kiln::core::seq2seq::Seq2SeqLm;
+use kiln::core::{SamplingConfig, Tokenizer};
+use kiln::ensemble::eval::{Metric, is_correct, read_jsonl};
+use kiln::ensemble::{
+    AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
+    Method, RelativeConfig, SearchConfig, SearchOptimizer, Seq2SeqMember, weights_from_scores,
+};
+use kiln::m2m100::{M2M100, language_token_id};
 
-pub const LONG_ABOUT: &str = "Work in progress.";
+pub const LONG_ABOUT: &str = "\
+Generate with an ensemble of models whose vocabularies differ.
+
+DeePEn (arXiv 2404.12715, the default): every model's next-token distribution is mapped to a shared
+space (similarities to the tokens all vocabularies share), averaged there with --weights, and mapped
+back to the main model's vocabulary by --steps gradient steps of size --lr on its logits. GaC averages
+probabilities over the union of the vocabularies; UniTE over the union of each model's top-k tokens.
+Each model keeps its own tokens and KV cache; after each chosen token the others are fed the new text
+in their own tokens.
+
+Models are folders in Hugging Face layout (or hub ids): Llama-family decoders, and NLLB (M2M100)
+encoder-decoders, which translate --source (default: the prompt) from --src-lang to --tgt-lang.
+
+Examples:
+  kiln ensemble --main ./Llama-2-7b --assist ./Mistral-7B --prompt \"Question: ...\\nAnswer:\" -n 20
+  kiln ensemble --main ./m1 --assist ./m2 --method gac --prompt \"The capital of France is\"
+  kiln ensemble --main ./m1 --assist ./m2 --weights 0.6,0.4 --lr 0.15 --steps 5 --json --prompt \"...\"
+  kiln ensemble --main ./Llama-2-7b --assist ./nllb-200-distilled-600M --src-lang eng_Latn --tgt-lang deu_Latn \\
+      --prompt \"Translate English to German: Hello world\\nGerman:\" --source \"Hello world\"
+  kiln ensemble --main ./m1 --assist ./m2 --eval qa.jsonl --metric contains --stop $'\\n'
+      (JSONL lines: {\"prompt\": \"...\", \"answer\": \"...\" | \"answers\": [...], \"source\": optional};
+       prints per-model and ensemble accuracy)";
 
 #[derive(Args, Debug)]
-pub struct EnsembleArgs {}
+pub struct EnsembleArgs {
+    /// The main model (DeePEn returns tokens of its vocabulary): folder or hub id.
+    #[arg(long)]
+    main: String,
+    /// Assistant models (repeatable).
+    #[arg(long, required = true)]
+    assist: Vec<String>,
+    /// deepen, gac or unite.
+    #[arg(long, default_value = "deepen")]
+    method: String,
+    /// One weight per model, main first, summing to 1 (default: equal, DeePEn-Avg).
+    #[arg(long, value_delimiter = ',', conflicts_with = "scores")]
+    weights: Option<Vec<f32>>,
+    /// Dev-set scores, one per model: weights proportional to them (DeePEn-Adapt).
+    #[arg(long, value_delimiter = ',')]
+    scores: Option<Vec<f32>>,
+    /// Learning rate of DeePEn's inverse search.
+    #[arg(long, default_value_t = 0.15)]
+    lr: f32,
+    /// Steps of DeePEn's inverse search.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Use plain gradient descent instead of the reference code's AdamW in the search.
+    #[arg(long)]
+    sgd: bool,
+    /// Keep the k largest entries of each relative-matrix row (sparse; default dense).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Use only the first N shared tokens as anchors (default: all).
+    #[arg(long)]
+    max_anchors: Option<usize>,
+    /// Also match special tokens as anchors.
+    #[arg(long)]
+    special_anchors: bool,
+    /// Softmax temperature of the relative matrices.
+    #[arg(long, default_value_t = 100.0)]
+    temperature: f32,
+    /// Tokens per model in UniTE's union.
+    #[arg(long, default_value_t = 10)]
+    unite_k: usize,
+    /// Cache relative matrices here (keyed by the embedding values). Default: $KILN_CACHE/ensemble
+    /// (~/.cache/kiln/ensemble); `none` turns it off.
+    #[arg(long)]
+    cache_dir: Option<String>,
+    /// The prompt (decoder-only models).
+    #[arg(long, short = 'p', required_unless_present = "eval")]
+    prompt: Option<String>,
+    /// Source text for encoder-decoder models (default: the prompt).
+    #[arg(long)]
+    source: Option<String>,
+    /// NLLB source language.
+    #[arg(long, default_value = "eng_Latn")]
+    src_lang: String,
+    /// NLLB target language.
+    #[arg(long, default_value = "deu_Latn")]
+    tgt_lang: String,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, short = 't', default_value_t = 0.0)]
+    sampling_temperature: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Print one JSON object: {"text", "tokens", "member_tokens", "finish_reason", "method"}.
+    #[arg(long)]
+    json: bool,
+    /// Evaluate on a JSONL file of prompts and answers instead of generating once.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// exact or contains.
+    #[arg(long, default_value = "contains")]
+    metric: String,
+    /// Evaluate at most this many examples.
+    #[arg(long)]
+    limit: Option<usize>,
+}
 
-pub fn run(_args: EnsembleArgs) -> anyhow::Result<()> {
-    anyhow::bail!("kiln ensemble is not implemented yet")
+fn load_member(spec: &str, args: &EnsembleArgs) -> anyhow::Result<Box<dyn Member<Backend>>> {
+    let device = device();
+    let path = Path::new(spec);
+    let is_gguf = path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if !is_gguf {
+        let files = resolve_model(spec)?;
+        let config = read_json_value(&files.file("config.json"))?;
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if model_type == "m2m_100" {
+            let model = M2M100::<Backend>::from_pretrained(&files.dir, &device)?;
+            let tokenizer = Tokenizer::from_dir(&files.dir)?;
+            let src = language_token_id(&tokenizer, &args.src_lang, "src_lang")?;
+            let tgt = language_token_id(&tokenizer, &args.tgt_lang, "tgt_lang")?;
+            let eos = model.eos_token_ids()[0];
+            let context = model.config().max_position_embeddings;
+            let embeddings = model.model.shared.weight.val();
+            return Ok(Box::new(
+                Seq2SeqMember::new(spec, model, tokenizer, embeddings)
+                    .with_source_affixes(vec![src], vec![eos])
+                    .with_forced_prefix(vec![tgt])
+                    .with_max_context(context),
+            ));
+        }
+    }
+    let loaded = auto::load::<Backend>(spec, &device).with_context(|| format!("loading {spec}"))?;
+    let tokenizer = loaded
+        .tokenizer
+        .with_context(|| format!("{spec} has no tokenizer.json; ensembling works on text"))?;
+    let embeddings = loaded.model.model.embed_tokens.weight.val();
+    let eos = loaded.defaults.eos_token_id.to_vec();
+    Ok(Box::new(DecoderMember::new(
+        spec,
+        loaded.model,
+        tokenizer,
+        embeddings,
+        eos,
+    )))
+}
+
+fn cache_dir(arg: &Option<String>) -> Option<PathBuf> {
+    match arg.as_deref() {
+        Some("none") => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => {
+            let base = std::env::var_os("KILN_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln"))
+                })?;
+            Some(base.join("ensemble"))
+        }
+    }
+}
+
+pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
+    let method: Method = args.method.parse()?;
+    let start = Instant::now();
+    let specs: Vec<&String> = std::iter::once(&args.main).chain(&args.assist).collect();
+    let members = specs
+        .iter()
+        .map(|s| load_member(s, &args))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kinds: Vec<bool> = members.iter().map(|m| m.is_encoder_decoder()).collect();
+    let weights = match (&args.weights, &args.scores) {
+        (Some(w), _) => Some(w.clone()),
+        (None, Some(s)) => Some(weights_from_scores(s)?),
+        (None, None) => None,
+    };
+    let config = EnsembleConfig::default()
+        .with_method(method)
+        .with_weights(weights)
+        .with_anchors(
+            AnchorConfig::default()
+                .with_include_special(args.special_anchors)
+                .with_max_anchors(args.max_anchors),
+        )
+        .with_relative(
+            RelativeConfig::default()
+                .with_temperature(args.temperature)
+                .with_top_k(args.top_k),
+        )
+        .with_search(
+            SearchConfig::default()
+                .with_learning_rate(args.lr)
+                .with_steps(args.steps)
+                .with_optimizer(if args.sgd {
+                    SearchOptimizer::Sgd
+                } else {
+                    SearchOptimizer::AdamW
+                }),
+        )
+        .with_unite_k(args.unite_k)
+        .with_cache_dir(cache_dir(&args.cache_dir));
+    let mut ensemble = Ensemble::new(members, config)?;
+    if let Some(anchors) = ensemble.anchors() {
+        eprintln!(
+            "kiln: {} models, {} anchors, relative matrices {:.1} MB, ready in {:.1}s on {NAME}",
+            specs.len(),
+            anchors.len(),
+            ensemble
+                .relative()
+                .iter()
+                .map(|r| r.size_bytes())
+                .sum::<usize>() as f64
+                / 1e6,
+            start.elapsed().as_secs_f64()
+        );
+    } else {
+        eprintln!(
+            "kiln: {} models ready in {:.1}s on {NAME}",
+            specs.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let generation = EnsembleGenerationConfig::default()
+        .with_max_new_tokens(args.max_new_tokens)
+        .with_sampling(
+            SamplingConfig::greedy()
+                .with_temperature(args.sampling_temperature)
+                .with_seed(args.seed),
+        )
+        .with_stop_strings(args.stop.clone());
+
+    if let Some(file) = &args.eval {
+        return evaluate(&mut ensemble, &kinds, &specs, file, &args, &generation);
+    }
+    let prompt = args.prompt.clone().unwrap_or_default();
+    let source = args.source.clone().unwrap_or_else(|| prompt.clone());
+    let prompts: Vec<&str> = kinds
+        .iter()
+        .map(|&s| if s { source.as_str() } else { prompt.as_str() })
+        .collect();
+    let start = Instant::now();
+    let out = ensemble.generate(&prompts, &generation)?;
+    let elapsed = start.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "method": args.method,
+                "text": out.text,
+                "tokens": out.tokens,
+                "member_tokens": out.member_tokens,
+                "finish_reason": out.finish,
+            })
+        );
+    } else {
+        println!("{}", out.text);
+    }
+    let steps = out.tokens.len().max(1);
+    eprintln!(
+        "kiln: {} steps in {elapsed:.2}s ({:.3} s/token, prefill included)",
+        out.tokens.len(),
+        elapsed / steps as f64
+    );
+    Ok(())
+}
+
+fn evaluate(
+    ensemble: &mut Ensemble<Backend>,
+    kinds: &[bool],
+    specs: &[&String],
+    file: &Path,
+    args: &EnsembleArgs,
+    generation: &EnsembleGenerationConfig,
+) -> anyhow::Result<()> {
+    let metric: Metric = args.metric.parse()?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut examples = read_jsonl(&text)?;
+    if let Some(n) = args.limit {
+        examples.truncate(n);
+    }
+    if examples.is_empty() {
+        bail!("{} has no examples", file.display());
+    }
+    let n = specs.len();
+    let mut correct = vec![0usize; n + 1];
+    let start = Instant::now();
+    for (i, ex) in examples.iter().enumerate() {
+        let source = ex.source.clone().unwrap_or_else(|| ex.prompt.clone());
+        let prompts: Vec<&str> = kinds
+            .iter()
+            .map(|&s| {
+                if s {
+                    source.as_str()
+                } else {
+                    ex.prompt.as_str()
+                }
+            })
+            .collect();
+        for m in 0..n {
+            let out = ensemble.generate_member(m, prompts[m], generation)?;
+            correct[m] += is_correct(&out.text, &ex.answer, metric) as usize;
+        }
+        let out = ensemble.generate(&prompts, generation)?;
+        correct[n] += is_correct(&out.text, &ex.answer, metric) as usize;
+        eprintln!(
+            "kiln: {}/{} examples ({:.0}s)",
+            i + 1,
+            examples.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let total = examples.len() as f64;
+    println!(
+        "| model | {} |",
+        if metric == Metric::ExactMatch {
+            "exact match"
+        } else {
+            "contains"
+        }
+    );
+    println!("|---|---|");
+    for (m, spec) in specs.iter().enumerate() {
+        let role = if m == 0 { "main" } else { "assist" };
+        println!(
+            "| {spec} ({role}) | {:.1}% ({}/{}) |",
+            100.0 * correct[m] as f64 / total,
+            correct[m],
+            examples.len()
+        );
+    }
+    println!(
+        "| ensemble ({}) | {:.1}% ({}/{}) |",
+        args.method,
+        100.0 * correct[n] as f64 / total,
+        correct[n],
+        examples.len()
+    );
+    Ok(())
 }

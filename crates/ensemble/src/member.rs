@@ -20,6 +20,10 @@ pub trait Member<B: Backend> {
     fn name(&self) -> &str;
     /// Its tokenizer.
     fn tokenizer(&self) -> &Tokenizer;
+    /// True for encoder-decoders: their prompt is a source text, not the start of the stream.
+    fn is_encoder_decoder(&self) -> bool {
+        false
+    }
     /// Logits width.
     fn vocab_size(&self) -> usize;
     /// Input embedding matrix `[vocab, d]` (the relative matrix is built from it).
@@ -329,6 +333,9 @@ impl<B: Backend, M: Seq2SeqLm<B>> Seq2SeqMember<B, M> {
 impl<B: Backend, M: Seq2SeqLm<B>> Member<B> for Seq2SeqMember<B, M> {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn is_encoder_decoder(&self) -> bool {
+        true
     }
     fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
