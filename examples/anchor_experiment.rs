@@ -18,7 +18,7 @@ use burn::prelude::*;
 use kiln::anchor::score::{Choice, nll_masked, nll_streamed, score_choices};
 use kiln::anchor::{
     AnchorMode, AnchorSession, AnchorSet, Corpus, FullSession, PositionMode, Segments, TrainConfig,
-    add_ac_token, ep_anchor_ids, kv_bytes, read_texts, tiny_config, tokenize, train,
+    add_ac_token, ep_anchor_ids, init_model, kv_bytes, read_texts, tiny_config, tokenize, train,
 };
 use kiln::backend::{Backend as B, NAME, device};
 use kiln::core::Tokenizer;
@@ -86,8 +86,7 @@ fn main() -> anyhow::Result<()> {
     );
     let config = LlamaConfig::from_json(json.clone(), Path::new("tiny"))?;
     A::seed(&dev, 42);
-    let lazy: Llama<A> = config.init(&dev);
-    let init = config.init::<A>(&dev).load_record(lazy.into_record());
+    let init: Llama<A> = init_model(&config, &dev);
     println!(
         "model: {} parameters, {layers} layers, hidden {hidden}; backend {NAME}",
         init.num_params()

@@ -168,8 +168,7 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             );
             let config = LlamaConfig::from_json(json.clone(), Path::new("config"))?;
             <A as burn::prelude::Backend>::seed(&dev, args.seed);
-            let lazy: Llama<A> = config.init(&dev);
-            let model = config.init::<A>(&dev).load_record(lazy.into_record());
+            let model: Llama<A> = kiln::anchor::init_model(&config, &dev);
             (model, tokenizer, json, tokenizer_bos(&args.tokenizer))
         }
     };

@@ -38,7 +38,8 @@ pub use infer::{
 };
 pub use mask::{SegTensors, Segments, ansan_mask, causal_mask};
 pub use model::{
-    AnchorCheckpoint, grow_vocab, is_checkpoint, load_checkpoint, save_checkpoint, tiny_config,
+    AnchorCheckpoint, grow_vocab, init_model, is_checkpoint, load_checkpoint, save_checkpoint,
+    tiny_config,
 };
 pub use train::{
     Corpus, MaskKind, TrainConfig, TrainReport, batch_loss, inference_model, train, train_steps,

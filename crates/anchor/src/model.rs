@@ -159,3 +159,18 @@ pub fn load_checkpoint<B: Backend>(
 pub fn is_checkpoint(dir: &Path) -> bool {
     dir.join("anchor.json").is_file() && dir.join("model.mpk").is_file()
 }
+
+/// A model from scratch for `config`, weights materialised (burn's `init` is lazy, and clones
+/// of a lazy module would each draw their own weights) and the embedding drawn from
+/// N(0, 0.02) as HF's `initializer_range` (burn's N(0, 1) default makes the tied LM head's
+/// first logits huge).
+pub fn init_model<B: Backend>(config: &LlamaConfig, device: &B::Device) -> Llama<B> {
+    let mut model = config.init::<B>(device);
+    model.model.embed_tokens.weight = Param::from_tensor(Tensor::random(
+        [config.vocab_size, config.hidden_size],
+        burn::tensor::Distribution::Normal(0.0, 0.02),
+        device,
+    ));
+    let record = model.into_record();
+    config.init::<B>(device).load_record(record)
+}
