@@ -21,7 +21,7 @@ use kiln::backend::{Backend, NAME, device};
 use kiln::core::Tokenizer;
 use kiln::ensemble::{
     AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
-    RelativeConfig,
+    RelativeConfig, SearchConfig,
 };
 use kiln::llama::LlamaConfig;
 
@@ -36,6 +36,9 @@ struct Args {
     /// Anchors used (default: all shared tokens).
     #[arg(long)]
     max_anchors: Option<usize>,
+    /// Steps of the inverse search (0 measures everything but the search).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
     /// Skip the dense ensemble (its matrices are |V| x |A| floats each).
     #[arg(long)]
     no_dense: bool,
@@ -126,7 +129,8 @@ fn main() -> Result<()> {
         ];
         let config = EnsembleConfig::default()
             .with_anchors(AnchorConfig::default().with_max_anchors(args.max_anchors))
-            .with_relative(relative);
+            .with_relative(relative)
+            .with_search(SearchConfig::default().with_steps(args.steps));
         let e = Ensemble::new(members, config)?;
         Ok((e, t.elapsed().as_secs_f64()))
     };
