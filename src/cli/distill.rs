@@ -1,12 +1,485 @@
-//! `kiln distill`: work in progress.
+//! `kiln distill`: Distilling step-by-step (train and evaluate a T5 on labels and rationales).
 
-use clap::Args;
+use std::path::{Path, PathBuf};
 
-pub const LONG_ABOUT: &str = "Work in progress.";
+use anyhow::{Context, bail};
+use burn::backend::Autodiff;
+use clap::{Args, Subcommand, ValueEnum};
+use kiln::backend::{Backend, NAME, device};
+use kiln::core::Tokenizer;
+use kiln::core::loading::resolve_model;
+use kiln::distill::data::{DataSource, Split, Task};
+use kiln::distill::eval::{EvalOptions, evaluate};
+use kiln::distill::fit::{FitOptions, checkpoint_dir, fit};
+use kiln::distill::train::{
+    LabelSource, Mode, TrainConfig, Trainer, encode_examples, fresh_config, load_checkpoint,
+};
+use kiln::t5::T5;
+
+pub const LONG_ABOUT: &str = "\
+Distilling step-by-step (Hsieh et al. 2023, arXiv 2305.02301): train a small T5 on a task's labels
+and on a teacher LLM's rationales as two tasks, `predict: <input>` -> label and
+`explain: <input>` -> rationale, with loss alpha*CE(label) + (1-alpha)*CE(rationale). At test time
+only `predict:` runs. Baselines: `--mode standard --label-source gold` (standard fine-tuning) and
+`--mode standard --label-source llm` (standard distillation).
+
+Data: `svamp` and `cqa` read the paper's files (with PaLM-540B rationales) under --data-root
+(default ../shared/datasets/step-by-step); any other value is a JSONL file of
+{\"input\", \"label\", \"rationale\", \"llm_label\"?} objects (your own data and teacher; give the test
+file with --test-data and --task equation for arithmetic answers).
+
+Examples:
+  # the CPU experiment's step-by-step run (fresh 'mini' T5, T5 tokenizer)
+  kiln distill train --data svamp --fresh mini --mode step-by-step --label-source llm \\
+      --steps 300 --batch-size 16 --lr 1e-3 --out runs/sbs
+  # standard fine-tuning on gold labels, same budget
+  kiln distill train --data svamp --fresh mini --mode standard --label-source gold \\
+      --steps 300 --batch-size 16 --lr 1e-3 --out runs/ft
+  # start from a pretrained T5 folder or hub id instead
+  kiln distill train --data cqa --model google/flan-t5-small --out runs/cqa --lr 5e-5
+  # continue an interrupted run exactly where its last checkpoint left it
+  kiln distill train --out runs/sbs --resume
+  # test accuracy of a checkpoint
+  kiln distill eval --checkpoint runs/sbs/checkpoint";
+
+/// `kiln distill` arguments.
+#[derive(Args, Debug)]
+pub struct DistillArgs {
+    #[command(subcommand)]
+    command: DistillCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum DistillCommand {
+    /// Train (or resume) a student T5; writes <out>/checkpoint and <out>/metrics.jsonl.
+    Train(Box<TrainArgs>),
+    /// Test accuracy of a checkpoint (greedy `predict:` decoding).
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    StepByStep,
+    Standard,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LabelArg {
+    Gold,
+    Llm,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TaskArg {
+    Text,
+    Equation,
+}
 
 #[derive(Args, Debug)]
-pub struct DistillArgs {}
+struct TrainArgs {
+    /// `svamp`, `cqa`, or a JSONL training file.
+    #[arg(long, default_value = "svamp")]
+    data: String,
+    /// JSONL test file (with a JSONL --data).
+    #[arg(long)]
+    test_data: Option<PathBuf>,
+    /// Answer comparison for JSONL data.
+    #[arg(long, value_enum, default_value = "text")]
+    task: TaskArg,
+    /// Folder holding the paper's `svamp/` and `cqa/` data.
+    #[arg(long, default_value = "../shared/datasets/step-by-step")]
+    data_root: PathBuf,
+    /// Pretrained T5: a folder (config.json, safetensors, tokenizer.json) or a hub id.
+    #[arg(long, conflicts_with = "fresh")]
+    model: Option<String>,
+    /// Train a freshly initialised T5 of this size instead: tiny, mini, small, t5-small.
+    #[arg(long)]
+    fresh: Option<String>,
+    /// Folder with tokenizer.json (default: the model's, else ../shared/tokenizers/t5).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Multi-task with rationales, or label-only.
+    #[arg(long, value_enum, default_value = "step-by-step")]
+    mode: ModeArg,
+    /// Train on gold labels or the teacher LLM's labels.
+    #[arg(long, value_enum, default_value = "llm")]
+    label_source: LabelArg,
+    /// Label-loss weight.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (AdamW; linear warmup then linear decay).
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f32,
+    /// Gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    /// Max input tokens.
+    #[arg(long, default_value_t = 256)]
+    max_input_len: usize,
+    /// Max target tokens (labels and rationales).
+    #[arg(long, default_value_t = 256)]
+    max_target_len: usize,
+    /// Keep this fraction of the training set (seeded).
+    #[arg(long, default_value_t = 1.0)]
+    subsample: f64,
+    /// Fraction of the training set held out for validation (as the paper, 10%).
+    #[arg(long, default_value_t = 0.1)]
+    valid_fraction: f64,
+    /// Seed of subsampling, validation split, data order and fresh weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Validate every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Validation examples per evaluation (0 = all).
+    #[arg(long, default_value_t = 0)]
+    eval_samples: usize,
+    /// Checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    /// Max generated tokens at evaluation.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// After training, evaluate on the test split and print its accuracy.
+    #[arg(long)]
+    test: bool,
+    /// Run folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Data-parallel training over this many devices of the backend (GPU builds: devices
+    /// 0..N); the micro-batches of a step (--grad-accum, use a multiple of N) are spread over
+    /// them and their gradients summed on device 0.
+    #[arg(long, default_value_t = 1)]
+    devices: u16,
+    /// Resume from <out>/checkpoint (its saved settings win over the flags above).
+    #[arg(long)]
+    resume: bool,
+}
 
-pub fn run(_args: DistillArgs) -> anyhow::Result<()> {
-    anyhow::bail!("kiln distill is not implemented yet")
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// A checkpoint folder written by `kiln distill train` (<out>/checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Data to evaluate (default: the data the checkpoint was trained on).
+    #[arg(long)]
+    data: Option<String>,
+    /// Answer comparison for JSONL data.
+    #[arg(long, value_enum, default_value = "text")]
+    task: TaskArg,
+    /// Folder holding the paper's data.
+    #[arg(long, default_value = "../shared/datasets/step-by-step")]
+    data_root: PathBuf,
+    /// Split of the paper's data.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Evaluate only the first N examples (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Generation batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Max generated tokens.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Print every prediction.
+    #[arg(long)]
+    show: bool,
+}
+
+type TrainB = Autodiff<Backend>;
+
+pub fn run(args: DistillArgs) -> anyhow::Result<()> {
+    match args.command {
+        DistillCommand::Train(a) => train(*a),
+        DistillCommand::Eval(a) => eval(a),
+    }
+}
+
+fn task_of(t: TaskArg) -> Task {
+    match t {
+        TaskArg::Text => Task::Text,
+        TaskArg::Equation => Task::Equation,
+    }
+}
+
+fn data_source(
+    data: &str,
+    root: &Path,
+    test: Option<PathBuf>,
+    task: TaskArg,
+) -> anyhow::Result<DataSource> {
+    Ok(match data {
+        "svamp" => DataSource::Svamp(root.to_path_buf()),
+        "cqa" => DataSource::Cqa(root.to_path_buf()),
+        path => {
+            let p = PathBuf::from(path);
+            if !p.is_file() {
+                bail!("--data {path}: expected `svamp`, `cqa` or a JSONL file");
+            }
+            DataSource::Jsonl {
+                train: p,
+                test,
+                task: task_of(task),
+            }
+        }
+    })
+}
+
+fn report_split(name: &str, s: &Split) {
+    eprintln!(
+        "{name}: {} examples ({} without a parseable rationale, {} without a parseable LLM label)",
+        s.examples.len(),
+        s.unparsed_rationales,
+        s.unparsed_llm_labels
+    );
+}
+
+fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let device = device();
+    let ck = checkpoint_dir(&a.out);
+    // On resume, the checkpoint's own settings and data description decide.
+    let (source, config, valid_fraction, subsample) = if a.resume {
+        let state: kiln::distill::train::TrainState = serde_json::from_str(
+            &std::fs::read_to_string(ck.join("state.json")).with_context(|| {
+                format!("--resume: reading {}", ck.join("state.json").display())
+            })?,
+        )?;
+        let source: DataSource = serde_json::from_value(state.data["source"].clone())?;
+        let vf = state.data["valid_fraction"].as_f64().unwrap_or(0.1);
+        let sub = state.data["subsample"].as_f64().unwrap_or(1.0);
+        (source, state.config, vf, sub)
+    } else {
+        let config = TrainConfig::default()
+            .mode(match a.mode {
+                ModeArg::StepByStep => Mode::StepByStep,
+                ModeArg::Standard => Mode::Standard,
+            })
+            .label_source(match a.label_source {
+                LabelArg::Gold => LabelSource::Gold,
+                LabelArg::Llm => LabelSource::Llm,
+            })
+            .alpha(a.alpha)
+            .steps(a.steps)
+            .batch_size(a.batch_size)
+            .grad_accum(a.grad_accum)
+            .lr(a.lr)
+            .warmup_steps(a.warmup)
+            .weight_decay(a.weight_decay)
+            .grad_clip((a.grad_clip > 0.0).then_some(a.grad_clip))
+            .max_input_len(a.max_input_len)
+            .max_target_len(a.max_target_len)
+            .seed(a.seed);
+        config.validate()?;
+        let source = data_source(&a.data, &a.data_root, a.test_data.clone(), a.task)?;
+        (source, config, a.valid_fraction, a.subsample)
+    };
+
+    let full = source.load("train").context("loading the training data")?;
+    report_split("train file", &full);
+    let (train_split, valid_split) = full
+        .subsample(subsample, config.seed)?
+        .split_off_valid(valid_fraction, config.seed);
+    report_split("train", &train_split);
+    report_split("valid", &valid_split);
+    let task = source.task();
+
+    let tokenizer_dir = |model_dir: Option<&Path>| -> PathBuf {
+        a.tokenizer.clone().unwrap_or_else(|| match model_dir {
+            Some(d) if d.join("tokenizer.json").is_file() => d.to_path_buf(),
+            _ => PathBuf::from("../shared/tokenizers/t5"),
+        })
+    };
+
+    let (model, tokenizer) = if a.resume {
+        (None, Tokenizer::from_dir(&ck)?)
+    } else if let Some(spec) = &a.model {
+        let files = resolve_model(spec)?;
+        let model = T5::<TrainB>::from_pretrained(&files.dir, &device)
+            .with_context(|| format!("loading T5 {spec}"))?;
+        let tok = Tokenizer::from_dir(&tokenizer_dir(Some(&files.dir)))?;
+        (Some(model), tok)
+    } else {
+        let preset = a.fresh.as_deref().unwrap_or("mini");
+        let tok = Tokenizer::from_dir(&tokenizer_dir(None))
+            .context("the T5 tokenizer (give --tokenizer <folder with tokenizer.json>)")?;
+        // T5's padded vocabulary: 32100 pieces rounded up to 32128 as in the released models.
+        let vocab = tok.vocab_size().div_ceil(128) * 128;
+        let cfg = fresh_config(preset, vocab)?;
+        <Backend as burn::tensor::backend::Backend>::seed(&device, config.seed);
+        (Some(cfg.init::<TrainB>(&device)), tok)
+    };
+
+    let eos = 1; // T5's `</s>`; checked against the model below.
+    let (encoded, dropped) = encode_examples(&tokenizer, &train_split.examples, &config, eos)?;
+    eprintln!(
+        "training on {} examples ({dropped} dropped: missing what {:?}/{:?} needs), backend {NAME}",
+        encoded.len(),
+        config.mode,
+        config.label_source
+    );
+    let mut trainer = match model {
+        Some(model) => {
+            use kiln::core::seq2seq::Seq2SeqLm;
+            if model.eos_token_ids().first() != Some(&eos) {
+                bail!("kiln distill expects a T5 with EOS id 1");
+            }
+            let n: usize = burn::module::Module::num_params(&model);
+            eprintln!(
+                "model: T5 d_model {} ff {} layers {}+{} heads {} vocab {}: {:.1}M parameters",
+                model.config().d_model,
+                model.config().d_ff,
+                model.config().num_layers,
+                model.config().num_decoder_layers,
+                model.config().num_heads,
+                model.config().vocab_size,
+                n as f64 / 1e6
+            );
+            Trainer::new(model, config, encoded)?
+        }
+        None => {
+            let (t, state) = Trainer::<TrainB>::resume(&ck, encoded, &device)?;
+            eprintln!("resumed at step {} of {}", state.step, t.config.steps);
+            t
+        }
+    };
+
+    if a.devices > 1 {
+        use burn::tensor::backend::Device as _;
+        let main = device.clone();
+        let devices = (0..a.devices)
+            .map(|i| {
+                let mut id = main.to_id();
+                id.index_id = i;
+                burn::tensor::Device::<TrainB>::from_id(id)
+            })
+            .collect();
+        trainer = trainer.with_devices(devices)?;
+        eprintln!("data-parallel over {} devices", a.devices);
+    }
+    let data = serde_json::json!({
+        "source": source,
+        "subsample": subsample,
+        "valid_fraction": valid_fraction,
+        "task": task,
+        "train_examples": train_split.examples.len(),
+        "dropped": dropped,
+    });
+    let opts = FitOptions {
+        out_dir: a.out.clone(),
+        eval_every: a.eval_every,
+        eval_samples: a.eval_samples,
+        save_every: a.save_every,
+        max_new_tokens: a.max_new_tokens,
+        eval_batch_size: 32,
+        data,
+        progress: true,
+    };
+    let acc = fit(&mut trainer, &tokenizer, &valid_split.examples, task, &opts)?;
+    if let Some(acc) = acc {
+        println!("valid accuracy: {acc:.4}");
+    }
+    println!("checkpoint: {}", ck.display());
+    if a.test {
+        let test = source.load("test")?;
+        let r = evaluate(
+            &trainer.inference_model(),
+            &tokenizer,
+            &test.examples,
+            task,
+            &EvalOptions {
+                mode: trainer.config.mode,
+                batch_size: 32,
+                max_new_tokens: a.max_new_tokens,
+                max_input_len: trainer.config.max_input_len,
+            },
+            |_| {},
+        )?;
+        kiln::distill::train::MetricsLog::new(a.out.join("metrics.jsonl")).log(
+            &serde_json::json!({"step": trainer.step, "split": "test", "accuracy": r.accuracy,
+                                "correct": r.correct, "total": r.total}),
+        )?;
+        println!(
+            "test accuracy: {:.4} ({}/{})",
+            r.accuracy, r.correct, r.total
+        );
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let device = device();
+    let (model, state) = load_checkpoint::<Backend>(&a.checkpoint, &device)?;
+    let tokenizer = Tokenizer::from_dir(&a.checkpoint)?;
+    let source = match &a.data {
+        Some(d) => data_source(d, &a.data_root, None, a.task)?,
+        None => serde_json::from_value(state.data["source"].clone())
+            .context("the checkpoint names no data; pass --data")?,
+    };
+    // A JSONL file given here is the file to evaluate.
+    let mut split = match (&a.data, &source) {
+        (Some(_), DataSource::Jsonl { train, task, .. }) => {
+            kiln::distill::data::load_jsonl(train, *task)?
+        }
+        _ => source.load(&a.split)?,
+    };
+    if a.limit > 0 {
+        split.examples.truncate(a.limit);
+    }
+    let bar = indicatif_bar(split.examples.len());
+    let r = evaluate(
+        &model,
+        &tokenizer,
+        &split.examples,
+        split.task,
+        &EvalOptions {
+            mode: state.config.mode,
+            batch_size: a.batch_size,
+            max_new_tokens: a.max_new_tokens,
+            max_input_len: state.config.max_input_len,
+        },
+        |n| bar(n),
+    )?;
+    if a.show {
+        for (e, p) in split.examples.iter().zip(&r.predictions) {
+            println!("gold {:?}\tpred {:?}", e.label, p);
+        }
+    }
+    println!(
+        "accuracy: {:.4} ({}/{}) [{:?}, step {}, {:?} / {:?}]",
+        r.accuracy,
+        r.correct,
+        r.total,
+        a.split,
+        state.step,
+        state.config.mode,
+        state.config.label_source
+    );
+    Ok(())
+}
+
+fn indicatif_bar(n: usize) -> impl Fn(usize) {
+    let done = std::cell::Cell::new(0usize);
+    move |k| {
+        done.set(done.get() + k);
+        eprint!("\revaluated {}/{n}", done.get());
+        if done.get() >= n {
+            eprintln!();
+        }
+    }
 }

@@ -18,6 +18,7 @@ pub mod arith;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod fit;
 pub mod train;
 
 pub use error::DistillError;

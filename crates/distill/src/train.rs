@@ -397,6 +397,7 @@ pub struct Trainer<B: AutodiffBackend> {
     pub config: TrainConfig,
     data: Vec<Encoded>,
     order: Option<(usize, Vec<usize>)>,
+    devices: Vec<B::Device>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -416,6 +417,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             ));
         }
         let optim = Self::optimizer_config(&config).init();
+        let devices = vec![model.device()];
         Ok(Self {
             model,
             optim,
@@ -423,7 +425,24 @@ impl<B: AutodiffBackend> Trainer<B> {
             config,
             data,
             order: None,
+            devices,
         })
+    }
+
+    /// Data-parallel training over `devices` (the first is the main device, where the model and
+    /// optimizer live): the `grad_accum` micro-batches of each step are dealt round-robin to the
+    /// devices, each runs forward/backward on its own fork of the model in its own thread, and
+    /// the gradients are moved to the main device and summed before one AdamW step, as
+    /// burn-train's multi-device strategy does (`Module::fork`, `GradientsParams::to_device`).
+    /// The result equals single-device training with the same `grad_accum` up to float
+    /// summation order. Set `grad_accum` to a multiple of the device count to keep all busy.
+    pub fn with_devices(mut self, devices: Vec<B::Device>) -> Result<Self, DistillError> {
+        if devices.is_empty() {
+            return Err(DistillError::Arg("no devices given".into()));
+        }
+        self.model = self.model.fork(&devices[0]);
+        self.devices = devices;
+        Ok(self)
     }
 
     fn optimizer_config(config: &TrainConfig) -> AdamWConfig {
@@ -460,24 +479,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         order[k * bs..((k + 1) * bs).min(order.len())].to_vec()
     }
 
-    fn batches(&self, idx: &[usize]) -> (TaskBatch<B>, Option<TaskBatch<B>>) {
-        let device = self.model.device();
-        let pad = self.model.pad_token_id();
-        let start = self.model.decoder_start_token_id();
-        let pred: Vec<(&[u32], &[u32])> = idx
-            .iter()
-            .map(|&i| (&self.data[i].pred_input[..], &self.data[i].label[..]))
-            .collect();
-        let expl = (self.config.mode == Mode::StepByStep).then(|| {
-            let pairs: Vec<(&[u32], &[u32])> = idx
-                .iter()
-                .map(|&i| (&self.data[i].expl_input[..], &self.data[i].rationale[..]))
-                .collect();
-            make_batch(&pairs, pad, start, &device)
-        });
-        (make_batch(&pred, pad, start, &device), expl)
-    }
-
     /// One optimizer step over `grad_accum` micro-batches (gradients summed, each loss scaled
     /// by `1/grad_accum`, so the step sees the mean).
     pub fn train_step(&mut self) -> StepMetrics {
@@ -485,17 +486,45 @@ impl<B: AutodiffBackend> Trainer<B> {
         let accum_n = self.config.grad_accum;
         let mut accumulator = GradientsAccumulator::<T5<B>>::new();
         let (mut loss_sum, mut label_sum, mut rat_sum) = (0.0, 0.0, 0.0);
-        for a in 0..accum_n {
-            let idx = self.micro_batch(self.step * accum_n + a);
-            let (pred, expl) = self.batches(&idx);
-            let loss = multitask_loss(&self.model, &pred, expl.as_ref(), self.config.alpha);
-            loss_sum += scalar(&loss.total);
-            label_sum += scalar(&loss.label);
-            if let Some(r) = &loss.rationale {
-                rat_sum += scalar(r);
+        let micro: Vec<Vec<usize>> = (0..accum_n)
+            .map(|a| self.micro_batch(self.step * accum_n + a))
+            .collect();
+        let main = self.devices[0].clone();
+        // Micro-batches in rounds of one per device; gradients are accumulated in micro-batch
+        // order so one device reproduces the plain loop exactly.
+        for round in micro.chunks(self.devices.len()) {
+            let (data, mode, alpha) = (&self.data[..], self.config.mode, self.config.alpha);
+            let results: Vec<(GradientsParams, [f64; 3])> = if round.len() == 1 {
+                let model = self.model.clone();
+                vec![micro_step(
+                    model, data, &round[0], &main, mode, alpha, accum_n,
+                )]
+            } else {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = round
+                        .iter()
+                        .zip(&self.devices)
+                        .map(|(idx, dev)| {
+                            let model = if *dev == main {
+                                self.model.clone()
+                            } else {
+                                self.model.clone().fork(dev)
+                            };
+                            s.spawn(move || micro_step(model, data, idx, dev, mode, alpha, accum_n))
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("training thread panicked"))
+                        .collect()
+                })
+            };
+            for (grads, [l, lab, rat]) in results {
+                loss_sum += l;
+                label_sum += lab;
+                rat_sum += rat;
+                accumulator.accumulate(&self.model, grads.to_device(&main, &self.model));
             }
-            let grads = (loss.total / accum_n as f64).backward();
-            accumulator.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
         }
         let model = self.model.clone();
         self.model = self.optim.step(lr, model, accumulator.grads());
@@ -574,6 +603,58 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn inference_model(&self) -> T5<B::InnerBackend> {
         self.model.valid()
     }
+}
+
+/// The padded label-task batch and (step-by-step) rationale-task batch of examples `idx`.
+fn batches<B: Backend>(
+    data: &[Encoded],
+    idx: &[usize],
+    mode: Mode,
+    pad: u32,
+    start: u32,
+    device: &B::Device,
+) -> (TaskBatch<B>, Option<TaskBatch<B>>) {
+    let pred: Vec<(&[u32], &[u32])> = idx
+        .iter()
+        .map(|&i| (&data[i].pred_input[..], &data[i].label[..]))
+        .collect();
+    let expl = (mode == Mode::StepByStep).then(|| {
+        let pairs: Vec<(&[u32], &[u32])> = idx
+            .iter()
+            .map(|&i| (&data[i].expl_input[..], &data[i].rationale[..]))
+            .collect();
+        make_batch(&pairs, pad, start, device)
+    });
+    (make_batch(&pred, pad, start, device), expl)
+}
+
+/// Forward and backward of one micro-batch with `model` (already on `device`): gradients of
+/// `loss / accum_n` and the unscaled total, label and rationale losses.
+fn micro_step<B: AutodiffBackend>(
+    model: T5<B>,
+    data: &[Encoded],
+    idx: &[usize],
+    device: &B::Device,
+    mode: Mode,
+    alpha: f64,
+    accum_n: usize,
+) -> (GradientsParams, [f64; 3]) {
+    let (pred, expl) = batches(
+        data,
+        idx,
+        mode,
+        model.pad_token_id(),
+        model.decoder_start_token_id(),
+        device,
+    );
+    let loss = multitask_loss(&model, &pred, expl.as_ref(), alpha);
+    let values = [
+        scalar(&loss.total),
+        scalar(&loss.label),
+        loss.rationale.as_ref().map_or(0.0, scalar),
+    ];
+    let grads = (loss.total / accum_n as f64).backward();
+    (GradientsParams::from_grads(grads, &model), values)
 }
 
 /// Loads the model and state of a checkpoint written by [`Trainer::save`].

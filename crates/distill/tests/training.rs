@@ -15,6 +15,10 @@ type IB = Flex;
 const VOCAB: usize = 40;
 
 fn tiny_model<B: Backend>() -> kiln_t5::T5<B> {
+    // The backend RNG is global and tests run in parallel: seed and initialise under a lock so
+    // every call gives the same weights.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     B::seed(&Default::default(), 7);
     fresh_config("tiny", VOCAB)
         .unwrap()
@@ -200,4 +204,29 @@ fn bad_config_is_an_error() {
         &Default::default(),
     );
     assert!(missing.is_err());
+}
+
+#[test]
+fn two_device_data_parallel_matches_one_device() {
+    // The CPU backend has one device; listing it twice still runs the threaded multi-device path
+    // (two model copies, gradients summed on the main device).
+    let cfg = config(Mode::StepByStep).steps(3).grad_accum(2);
+    let base = tiny_model::<AB>();
+    assert_eq!(params(&base), params(&base.clone()));
+    let mut one = Trainer::new(base.clone(), cfg.clone(), data()).unwrap();
+    let mut two = Trainer::new(base, cfg, data())
+        .unwrap()
+        .with_devices(vec![Default::default(), Default::default()])
+        .unwrap();
+    for _ in 0..3 {
+        let (a, b) = (one.train_step(), two.train_step());
+        assert!((a.loss - b.loss).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    let (pa, pb) = (params(&one.model), params(&two.model));
+    let max = pa
+        .iter()
+        .zip(&pb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max < 1e-5, "max parameter difference {max}");
 }
