@@ -124,11 +124,14 @@ pub fn fit<B: AutodiffBackend>(
             None => format!("loss {:.4}", m.loss),
         });
         let last = trainer.step == total;
-        if !valid.is_empty() && !last && opts.eval_every > 0 && trainer.step % opts.eval_every == 0
+        if !valid.is_empty()
+            && !last
+            && opts.eval_every > 0
+            && trainer.step.is_multiple_of(opts.eval_every)
         {
             last_acc = Some(evaluate_now(trainer, &bar)?);
         }
-        if !last && opts.save_every > 0 && trainer.step % opts.save_every == 0 {
+        if !last && opts.save_every > 0 && trainer.step.is_multiple_of(opts.save_every) {
             trainer.save(
                 &checkpoint_dir(&opts.out_dir),
                 opts.data.clone(),
