@@ -74,7 +74,7 @@ fn config(
 fn member(
     name: &str,
     config: &LlamaConfig,
-    tokenizer: &PathBuf,
+    tokenizer: &std::path::Path,
 ) -> Result<Box<dyn Member<Backend>>> {
     let tokenizer =
         Tokenizer::from_dir(tokenizer).with_context(|| format!("{}", tokenizer.display()))?;

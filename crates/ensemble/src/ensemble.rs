@@ -461,19 +461,18 @@ impl<B: Backend> Ensemble<B> {
             }
             let before = text_bytes.len();
             text_bytes.extend_from_slice(&bytes);
-            for m in 0..n {
+            for (m, track) in tracks.iter_mut().enumerate() {
                 if let Some(id) = main_id
                     && self.same_as_main[m]
-                    && tracks[m].covered == before
+                    && track.covered == before
                 {
-                    let track = &mut tracks[m];
                     track.logits = self.members[m].feed(&[id])?;
                     track.stable = self.members[m].generated().len();
                     track.stable_bytes = text_bytes.len();
                     track.covered = text_bytes.len();
                     self.members[m].commit(track.stable);
                 } else {
-                    self.retokenize(m, &mut tracks[m], &text_bytes)?;
+                    self.retokenize(m, track, &text_bytes)?;
                 }
             }
             if !config.stop_strings.is_empty() {
