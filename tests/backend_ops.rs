@@ -1,0 +1,180 @@
+//! The shared attention kernel on this build's backend against a plain host computation:
+//! masks broadcast over heads and grouped queries, one-query decode steps included. This is
+//! what "same code, any backend" rests on, so it runs on every backend CI builds.
+
+mod common;
+
+use burn::prelude::*;
+use common::{B, device};
+use kiln::core::nn::scaled_dot_product_attention;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// softmax(q·kᵀ·scale, masked)·v on the host; query head h uses kv head h / group.
+#[allow(clippy::too_many_arguments)]
+fn host_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hidden: &[bool],
+    [batch, heads, q_len, dim]: [usize; 4],
+    kv_heads: usize,
+    k_len: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let group = heads / kv_heads;
+    let mut out = vec![0.0; batch * heads * q_len * dim];
+    for b in 0..batch {
+        for h in 0..heads {
+            let kh = h / group;
+            for i in 0..q_len {
+                let qi = &q[((b * heads + h) * q_len + i) * dim..][..dim];
+                let mut scores: Vec<f32> = (0..k_len)
+                    .map(|j| {
+                        if hidden[(b * q_len + i) * k_len + j] {
+                            return f32::NEG_INFINITY;
+                        }
+                        let kj = &k[((b * kv_heads + kh) * k_len + j) * dim..][..dim];
+                        qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = scores
+                    .iter_mut()
+                    .map(|s| {
+                        *s = (*s - max).exp();
+                        *s
+                    })
+                    .sum();
+                let o = &mut out[((b * heads + h) * q_len + i) * dim..][..dim];
+                for j in 0..k_len {
+                    let vj = &v[((b * kv_heads + kh) * k_len + j) * dim..][..dim];
+                    for d in 0..dim {
+                        o[d] += scores[j] / sum * vj[d];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn check(batch: usize, heads: usize, kv_heads: usize, q_len: usize, k_len: usize) {
+    let dim = 8;
+    let device = device();
+    let q = values(batch * heads * q_len * dim, 1);
+    let k = values(batch * kv_heads * k_len * dim, 2);
+    let v = values(batch * kv_heads * k_len * dim, 3);
+    // Row b hides its first b+1 keys (left padding) and keys after the query (causal).
+    let hidden: Vec<bool> = (0..batch * q_len * k_len)
+        .map(|i| {
+            let (b, rest) = (i / (q_len * k_len), i % (q_len * k_len));
+            let (qi, j) = (rest / k_len, rest % k_len);
+            j < b + 1 || j > k_len - q_len + qi
+        })
+        .collect();
+    let t = |data: Vec<f32>, shape: [usize; 4]| {
+        Tensor::<B, 4>::from_data(TensorData::new(data, shape), &device)
+    };
+    let mask = Tensor::<B, 4, Bool>::from_data(
+        TensorData::new(hidden.clone(), [batch, 1, q_len, k_len]),
+        &device,
+    );
+    let out = scaled_dot_product_attention(
+        t(q.clone(), [batch, heads, q_len, dim]),
+        t(k.clone(), [batch, kv_heads, k_len, dim]),
+        t(v.clone(), [batch, kv_heads, k_len, dim]),
+        Some(&mask),
+        None,
+        0.5,
+    );
+    let got = out.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let want = host_attention(
+        &q,
+        &k,
+        &v,
+        &hidden,
+        [batch, heads, q_len, dim],
+        kv_heads,
+        k_len,
+        0.5,
+    );
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-5,
+        "batch {batch}, heads {heads}/{kv_heads}, q {q_len}, k {k_len}: max |Δ| {diff}"
+    );
+}
+
+#[test]
+fn masked_prefill_mha() {
+    check(2, 4, 4, 5, 7);
+}
+
+#[test]
+fn masked_prefill_gqa() {
+    check(2, 4, 2, 5, 7);
+}
+
+#[test]
+fn masked_decode_step_mha() {
+    check(2, 4, 4, 1, 9);
+}
+
+#[test]
+fn masked_decode_step_gqa() {
+    check(3, 6, 2, 1, 9);
+}
+
+/// RoPE angles for a left-padded batch: each row has its own positions.
+#[test]
+fn rope_positions_per_row() {
+    rope_positions(6, 0);
+}
+
+/// A decode step: one new position per row, rows at different positions.
+#[test]
+fn rope_decode_positions_per_row() {
+    rope_positions(1, 24);
+}
+
+fn rope_positions(seq: usize, start: i64) {
+    use kiln::core::nn::{RopeScaling, RotaryEmbedding};
+    let device = device();
+    let (batch, dim) = (3, 8);
+    let positions: Vec<i64> = (0..batch * seq)
+        .map(|i| (start + (i % seq) as i64 - 7 * (i / seq) as i64).max(0))
+        .collect();
+    let rope = RotaryEmbedding::<B>::new(dim, 10000.0, &RopeScaling::None, &device);
+    let (cos, _) = rope.cos_sin(Tensor::from_data(
+        TensorData::new(positions.clone(), [batch, seq]),
+        &device,
+    ));
+    let got = cos.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    for (i, &p) in positions.iter().enumerate() {
+        for c in 0..dim {
+            let freq = 1.0 / 10000f64.powf((2 * (c % (dim / 2))) as f64 / dim as f64);
+            let want = (p as f64 * freq).cos() as f32;
+            let have = got[i * dim + c];
+            assert!(
+                (have - want).abs() < 1e-5,
+                "position {p} (flat {i}), channel {c}: {have} vs {want}"
+            );
+        }
+    }
+}
