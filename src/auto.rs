@@ -136,3 +136,77 @@ fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
         Ok(None)
     }
 }
+
+/// An encoder-decoder kiln knows: T5 (original, v1.1, FLAN) or M2M100/NLLB.
+pub enum Seq2SeqModel<B: Backend> {
+    /// `model_type: t5`.
+    T5(kiln_t5::T5<B>),
+    /// `model_type: m2m_100` (NLLB-200, M2M100).
+    M2M100(kiln_m2m100::M2M100<B>),
+}
+
+/// A loaded encoder-decoder with its tokenizer and generation defaults.
+pub struct LoadedSeq2Seq<B: Backend> {
+    /// The model.
+    pub model: Seq2SeqModel<B>,
+    /// Its tokenizer (absent when the folder has no tokenizer.json).
+    pub tokenizer: Option<Tokenizer>,
+    /// Beam width, length limits and token ids from generation_config.json.
+    pub defaults: GenerationDefaults,
+    /// Where the files are.
+    pub files: ModelFiles,
+}
+
+/// The encoder-decoder families kiln knows, by `model_type`.
+pub const SUPPORTED_SEQ2SEQ: &str = "t5, m2m_100 (NLLB-200)";
+
+/// The `model_type` of the checkpoint at `spec` (folder or hub id), lower-cased; `gguf` for a
+/// `.gguf` file.
+pub fn model_type(spec: &str) -> Result<String> {
+    let path = Path::new(spec);
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return Ok("gguf".into());
+    }
+    let files = resolve_model(spec)?;
+    let config_path = files.file("config.json");
+    let value = read_json_value(&config_path)?;
+    Ok(value
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_lowercase())
+}
+
+/// Loads the encoder-decoder at `spec`: a folder in HF layout or a hub id.
+pub fn load_seq2seq<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedSeq2Seq<B>> {
+    let files = resolve_model(spec)?;
+    let config_path = files.file("config.json");
+    let value = read_json_value(&config_path)?;
+    let model_type = value
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_lowercase();
+    let model = match model_type.as_str() {
+        "t5" => Seq2SeqModel::T5(kiln_t5::T5::from_pretrained(&files.dir, device)?),
+        "m2m_100" | "m2m100" | "nllb" => {
+            Seq2SeqModel::M2M100(kiln_m2m100::M2M100::from_pretrained(&files.dir, device)?)
+        }
+        other => {
+            return Err(Error::UnsupportedModel(format!(
+                "{}: model_type `{other}` is not an encoder-decoder kiln knows ({SUPPORTED_SEQ2SEQ})",
+                config_path.display()
+            )));
+        }
+    };
+    Ok(LoadedSeq2Seq {
+        model,
+        tokenizer: load_tokenizer(&files.dir)?,
+        defaults: GenerationDefaults::from_dir(&files.dir)?,
+        files,
+    })
+}

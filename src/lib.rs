@@ -8,13 +8,13 @@
 //! re-exports the library crates and, unlike them, picks a backend through cargo features
 //! (`ndarray` by default; `flex`, `wgpu`, `vulkan`, `metal`, `cuda`).
 
-pub use kiln_core as core;
-pub use kiln_llama as llama;
-pub use kiln_t5 as t5;
-pub use kiln_m2m100 as m2m100;
-pub use kiln_ensemble as ensemble;
 pub use kiln_anchor as anchor;
+pub use kiln_core as core;
 pub use kiln_distill as distill;
+pub use kiln_ensemble as ensemble;
+pub use kiln_llama as llama;
+pub use kiln_m2m100 as m2m100;
+pub use kiln_t5 as t5;
 
 pub mod auto;
 pub mod backend;

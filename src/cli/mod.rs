@@ -4,6 +4,7 @@ mod anchor;
 mod distill;
 mod ensemble;
 mod generate;
+mod translate;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,9 @@ enum Command {
     /// Continue a prompt with a decoder-only model (greedy unless --temperature is given).
     #[command(long_about = generate::LONG_ABOUT)]
     Generate(generate::GenerateArgs),
+    /// Translate with NLLB-200, or run T5 / FLAN-T5 text-to-text (greedy, sampling or beams).
+    #[command(long_about = translate::LONG_ABOUT)]
+    Translate(translate::TranslateArgs),
     /// Generate with an ensemble of models (DeePEn, GaC or UniTE).
     #[command(long_about = ensemble::LONG_ABOUT)]
     Ensemble(ensemble::EnsembleArgs),
@@ -40,6 +44,7 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Translate(args) => translate::run(args),
         Command::Ensemble(args) => ensemble::run(args),
         Command::Anchor(args) => anchor::run(args),
         Command::Distill(args) => distill::run(args),

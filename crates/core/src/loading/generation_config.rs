@@ -62,6 +62,19 @@ pub struct GenerationDefaults {
     /// Default length cap.
     #[serde(default)]
     pub max_new_tokens: Option<usize>,
+    /// Older length cap (prompt included for decoder-only models; generated tokens for
+    /// encoder-decoders), e.g. NLLB's `max_length: 200`.
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// Default beam width.
+    #[serde(default)]
+    pub num_beams: Option<usize>,
+    /// Default beam length penalty.
+    #[serde(default)]
+    pub length_penalty: Option<f32>,
+    /// Default `no_repeat_ngram_size`.
+    #[serde(default)]
+    pub no_repeat_ngram_size: Option<usize>,
 }
 
 impl GenerationDefaults {
