@@ -138,6 +138,8 @@ fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
 }
 
 /// An encoder-decoder kiln knows: T5 (original, v1.1, FLAN) or M2M100/NLLB.
+// One value per process holds a whole model; boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Seq2SeqModel<B: Backend> {
     /// `model_type: t5`.
     T5(kiln_t5::T5<B>),

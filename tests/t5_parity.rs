@@ -35,11 +35,7 @@ fn load(name: &str) -> T5<B> {
 /// a documented looser float32 bound on every backend; a wrong formula misses it by orders of
 /// magnitude.
 fn logits_tol(name: &str) -> f32 {
-    if name == "t5-relu-tied" {
-        3e-4
-    } else {
-        TOL
-    }
+    if name == "t5-relu-tied" { 3e-4 } else { TOL }
 }
 
 /// HF's generate row (start token included, padding after EOS) cut after its first EOS.

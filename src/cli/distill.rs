@@ -361,6 +361,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
 
     if a.devices > 1 {
         use burn::tensor::backend::Device as _;
+        #[allow(clippy::clone_on_copy)] // Copy on CPU backends, Clone only on GPU ones.
         let main = device.clone();
         let devices = (0..a.devices)
             .map(|i| {
@@ -453,7 +454,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
             max_new_tokens: a.max_new_tokens,
             max_input_len: state.config.max_input_len,
         },
-        |n| bar(n),
+        bar,
     )?;
     if a.show {
         for (e, p) in split.examples.iter().zip(&r.predictions) {

@@ -224,7 +224,7 @@ mod tests {
         )
         .unwrap();
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut vec![0.0, 5.0, 4.9, 1.0], &[]), 1);
+            assert_eq!(s.sample(&mut [0.0, 5.0, 4.9, 1.0], &[]), 1);
         }
     }
 
@@ -238,7 +238,7 @@ mod tests {
         )
         .unwrap();
         for _ in 0..200 {
-            let t = s.sample(&mut vec![3.0, 2.0, 1.0, 0.0], &[]);
+            let t = s.sample(&mut [3.0, 2.0, 1.0, 0.0], &[]);
             assert!(t == 0 || t == 1, "{t}");
         }
     }
@@ -249,7 +249,7 @@ mod tests {
         let draw = |c: &SamplingConfig| {
             let mut s = Sampler::new(c.clone()).unwrap();
             (0..30)
-                .map(|_| s.sample(&mut vec![1.0, 1.1, 0.9, 1.2], &[]))
+                .map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.2], &[]))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(&config), draw(&config));

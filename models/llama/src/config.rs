@@ -180,7 +180,7 @@ impl LlamaConfig {
         }
         let head_dim = match raw.head_dim {
             Some(d) => positive("head_dim", d)?,
-            None if raw.hidden_size % heads == 0 => raw.hidden_size / heads,
+            None if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
             None => {
                 return Err(Error::config(
                     path,

@@ -148,7 +148,7 @@ fn to_f32(bytes: &[u8], dtype: Dtype) -> std::result::Result<Vec<f32>, String> {
         Dtype::F64 => 8,
         other => return Err(format!("dtype {other:?} is not a float type kiln can load")),
     };
-    if bytes.len() % width != 0 {
+    if !bytes.len().is_multiple_of(width) {
         return Err(format!(
             "{} bytes is not a whole number of {dtype:?} values",
             bytes.len()
