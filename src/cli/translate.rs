@@ -1,6 +1,6 @@
 //! `kiln translate`: encoder-decoder generation (NLLB-200 translation, T5 text-to-text).
 
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -26,8 +26,9 @@ stopping, no-repeat n-grams) or --temperature > 0 (sampling). Defaults for beams
 from the model's generation_config.json.
 
 Examples:
-  kiln translate --model facebook/nllb-200-distilled-600M --src eng_Latn --tgt fra_Latn --text \"The kiln is hot.\"
+  kiln translate --model facebook/nllb-200-distilled-600M --src eng_Latn --tgt fra_Latn \"The kiln is hot.\"
   kiln translate --model ./nllb --src eng_Latn --tgt deu_Latn --file sentences.txt --num-beams 4 --json
+  cat sentences.txt | kiln translate --model ./nllb --src eng_Latn --tgt deu_Latn --batch-size 8
   kiln translate --model google-t5/t5-small --src English --tgt German --text \"The house is wonderful.\"
   kiln translate --model google/flan-t5-small --text \"Answer: what is the capital of France?\"";
 
@@ -40,10 +41,14 @@ pub struct TranslateArgs {
         default_value = "facebook/nllb-200-distilled-600M"
     )]
     model: String,
-    /// Text to translate; repeat for a batch.
+    /// Texts to translate, one input each (a batch).
+    #[arg(conflicts_with = "file")]
+    inputs: Vec<String>,
+    /// Text to translate; repeatable (the same as a positional input).
     #[arg(long, short = 'p', conflicts_with = "file")]
     text: Vec<String>,
     /// Read one input per line from a UTF-8 file (`-` for stdin); empty lines are skipped.
+    /// With no input at all and stdin not a terminal, stdin is read this way.
     #[arg(long)]
     file: Option<PathBuf>,
     /// Source language: NLLB code (eng_Latn) or, for T5, a name (English).
@@ -111,12 +116,16 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let given: Vec<String> = args.inputs.iter().chain(&args.text).cloned().collect();
     let texts = match &args.file {
         Some(path) => read_lines(path)?,
-        None if args.text.is_empty() => {
-            bail!("give input: --text TEXT (repeatable) or --file FILE")
+        None if given.is_empty() && !std::io::stdin().is_terminal() => {
+            read_lines(&PathBuf::from("-"))?
         }
-        None => args.text.clone(),
+        None if given.is_empty() => {
+            bail!("give input: TEXT arguments, --text TEXT, --file FILE, or lines on stdin")
+        }
+        None => given,
     };
     let defaults = &loaded.defaults;
     let sampling = SamplingConfig::greedy()
@@ -240,7 +249,12 @@ fn read_lines(path: &PathBuf) -> anyhow::Result<Vec<String>> {
         }
     }
     if lines.is_empty() {
-        bail!("{} holds no non-empty lines", path.display());
+        let name = if path.as_os_str() == "-" {
+            "stdin".to_string()
+        } else {
+            path.display().to_string()
+        };
+        bail!("{name} holds no non-empty lines");
     }
     Ok(lines)
 }
