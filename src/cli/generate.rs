@@ -9,7 +9,8 @@ use kiln::backend::{Backend, NAME, device};
 use kiln::core::{GenerationConfig, Message, SamplingConfig, generate};
 
 pub const LONG_ABOUT: &str = "\
-Continue a prompt with a decoder-only model (Llama 1/2/3.x, Mistral, Yi).
+Continue a prompt with a decoder-only model (Llama 1/2/3.x, Mistral, Yi), or run a T5 / FLAN-T5
+text-to-text prompt (the prompt is the encoder input; `kiln translate` has beams and NLLB).
 
 The model is a folder in Hugging Face layout (config.json, *.safetensors, tokenizer.json), a
 llama.cpp GGUF file, or a hub id such as `TinyLlama/TinyLlama-1.1B-Chat-v1.0`, downloaded into the HF cache (HF_HOME;
@@ -85,6 +86,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let device = device();
     let start = Instant::now();
     let model = args.model.clone().unwrap_or_else(auto::default_model);
+    if !std::path::Path::new(&model).is_file()
+        && matches!(auto::model_type(&model).as_deref(), Ok("t5"))
+    {
+        return run_text_to_text(&args, &model);
+    }
     let loaded =
         auto::load::<Backend>(&model, &device).with_context(|| format!("loading {model}"))?;
     eprintln!(
@@ -301,4 +307,99 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
         out.peak_len
     );
     Ok(())
+}
+
+/// T5 / FLAN-T5 through `kiln generate`: each prompt is the encoder input, the output is the
+/// decoder's text (no streaming; encoder-decoder generation returns whole sequences).
+fn run_text_to_text(args: &GenerateArgs, spec: &str) -> anyhow::Result<()> {
+    use kiln::core::seq2seq::{Seq2SeqConfig, generate_seq2seq};
+    let device = device();
+    let start = Instant::now();
+    let loaded =
+        auto::load_seq2seq::<Backend>(spec, &device).with_context(|| format!("loading {spec}"))?;
+    let auto::Seq2SeqModel::T5(model) = &loaded.model else {
+        bail!("{spec} is not a T5 model; use `kiln translate` for NLLB");
+    };
+    eprintln!(
+        "kiln: {} (T5 encoder-decoder) loaded in {:.1}s on {NAME}",
+        loaded.files.dir.display(),
+        start.elapsed().as_secs_f64()
+    );
+    if args.chat || args.anchor.is_some() {
+        bail!("--chat and --anchor need a decoder-only model; T5 takes the prompt as written");
+    }
+    let tokenizer = loaded.tokenizer.as_ref();
+    let prompts: Vec<Vec<u32>> = match (&args.prompt_ids, &args.prompt_file) {
+        (Some(ids), _) => vec![ids.clone()],
+        (None, Some(path)) => {
+            let tokenizer = tokenizer.context("this model folder has no tokenizer.json")?;
+            vec![tokenizer.encode(&read_prompt_file(path)?, true)?]
+        }
+        (None, None) if args.prompt.is_empty() => {
+            bail!("give a prompt: --prompt TEXT, --prompt-ids 1,2,3 or --prompt-file FILE")
+        }
+        (None, None) => {
+            let tokenizer = tokenizer.context("this model folder has no tokenizer.json")?;
+            args.prompt
+                .iter()
+                .map(|p| tokenizer.encode(p, true))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let sampling = SamplingConfig::greedy()
+        .with_temperature(args.temperature)
+        .with_top_k(args.top_k)
+        .with_top_p(args.top_p)
+        .with_repetition_penalty(args.repetition_penalty)
+        .with_seed(args.seed);
+    let mut config = Seq2SeqConfig::default()
+        .with_max_new_tokens(args.max_new_tokens)
+        .with_sampling(sampling);
+    if args.ignore_eos {
+        config = config.with_eos_token_ids(vec![]);
+    }
+    let start = Instant::now();
+    let outputs = generate_seq2seq(model, &prompts, &config)?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut generated = 0;
+    for (prompt, out) in prompts.iter().zip(&outputs) {
+        generated += out.tokens.len();
+        let mut text = match tokenizer {
+            Some(t) => Some(t.decode(&in_vocabulary(&out.tokens, t), true)?),
+            None => None,
+        };
+        // Stop strings cut the text after the fact (the sequence is generated whole).
+        if let Some(t) = text.as_mut()
+            && let Some(cut) = args.stop.iter().filter_map(|s| t.find(s.as_str())).min()
+        {
+            t.truncate(cut);
+        }
+        if args.json {
+            let json = serde_json::json!({
+                "prompt_tokens": prompt,
+                "tokens": out.tokens,
+                "text": text.clone().unwrap_or_default(),
+                "finish_reason": out.finish,
+            });
+            println!("{json}");
+        } else {
+            println!("{}", text.unwrap_or_else(|| format!("{:?}", out.tokens)));
+        }
+    }
+    eprintln!(
+        "kiln: {generated} tokens in {elapsed:.2}s ({:.1} tok/s, encoder included)",
+        generated as f64 / elapsed.max(1e-9)
+    );
+    Ok(())
+}
+
+/// `tokens` without ids past the tokenizer's vocabulary: T5's embedding is padded beyond it
+/// (32128 rows for 32100 pieces), and HF decodes those ids as nothing.
+pub fn in_vocabulary(tokens: &[u32], tokenizer: &kiln::core::Tokenizer) -> Vec<u32> {
+    let size = tokenizer.vocab_size();
+    tokens
+        .iter()
+        .copied()
+        .filter(|&t| (t as usize) < size)
+        .collect()
 }

@@ -212,7 +212,10 @@ fn print_output(
     tokenizer: &Tokenizer,
     json: bool,
 ) -> anyhow::Result<()> {
-    let text = tokenizer.decode(&out.tokens, true)?;
+    let text = tokenizer.decode(
+        &super::generate::in_vocabulary(&out.tokens, tokenizer),
+        true,
+    )?;
     if json {
         let json = serde_json::json!({
             "input": input,
