@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
 
+#[allow(unused_imports)] // not every test binary uses both
 pub use kiln::backend::{Backend as B, device};
 
 /// `tests/fixtures/<name>`.
