@@ -16,13 +16,24 @@ const VOCAB: usize = 40;
 
 fn tiny_model<B: Backend>() -> kiln_t5::T5<B> {
     // The backend RNG is global and tests run in parallel: seed and initialise under a lock so
-    // every call gives the same weights.
+    // every call gives the same weights. Burn initialises parameters lazily, on first use, so
+    // touch every one before the lock is released.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     B::seed(&Default::default(), 7);
-    fresh_config("tiny", VOCAB)
+    let model = fresh_config("tiny", VOCAB)
         .unwrap()
-        .init::<B>(&Default::default())
+        .init::<B>(&Default::default());
+    model.visit(&mut Touch);
+    model
+}
+
+/// Reads every float parameter, which runs its lazy initialiser.
+struct Touch;
+impl<B: Backend> burn::module::ModuleVisitor<B> for Touch {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        let _ = param.val();
+    }
 }
 
 /// Synthetic data: label = first input token + 2 (then EOS), rationale = the input reversed.
