@@ -85,3 +85,43 @@ fn translate_rejects_unknown_language() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("xxx_Latn"), "{err}");
 }
+
+#[test]
+fn chat_reads_turns_from_stdin_and_keeps_history() {
+    use std::io::Write;
+    let gguf = kiln::auto::default_gguf_path();
+    if !gguf.is_file() {
+        eprintln!(
+            "SKIP: {} absent; run tools/fetch_smollm2.sh",
+            gguf.display()
+        );
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["chat", "--model", gguf.to_str().unwrap(), "-n", "30"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running kiln");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n\nAnd what is the capital of Italy?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    // Two messages (the blank line is skipped), two streamed replies.
+    let replies: Vec<&str> = stdout.lines().filter(|l| !l.is_empty()).collect();
+    assert!(replies.len() >= 2, "{stdout}");
+    assert!(
+        stdout.contains("Paris") && stdout.contains("Rome"),
+        "{stdout}"
+    );
+}

@@ -73,3 +73,49 @@ fn chat_answers_paris() {
     let text = out[0].text.clone().unwrap();
     assert!(text.contains("Paris"), "{text}");
 }
+
+#[test]
+fn chat_session_keeps_history_and_reuses_the_cache() {
+    let Some(loaded) = load() else { return };
+    let tokenizer = loaded.tokenizer.as_ref().unwrap();
+    let eos = tokenizer
+        .token_to_id(tokenizer.eos_token().unwrap())
+        .unwrap();
+    let config = GenerationConfig::default()
+        .with_max_new_tokens(30)
+        .with_eos_token_ids(vec![eos]);
+    let mut session =
+        kiln::core::ChatSession::new(&loaded.model, tokenizer, config.clone(), None).unwrap();
+    let first = session
+        .reply("What is the capital of France?", |_| {})
+        .unwrap();
+    assert!(
+        first.text.as_deref().unwrap().contains("Paris"),
+        "{first:?}"
+    );
+    assert_eq!(session.messages().len(), 2);
+    let second_prompt = {
+        let mut messages = session.messages().to_vec();
+        messages.push(Message::new("user", "And what is the capital of Italy?"));
+        let text = tokenizer.apply_chat_template(&messages, true).unwrap();
+        tokenizer.encode(&text, false).unwrap()
+    };
+    let second = session
+        .reply("And what is the capital of Italy?", |_| {})
+        .unwrap();
+    // Natural text re-tokenises as generated, so the whole first turn comes from the cache.
+    assert!(session.last_reused() > 20, "{}", session.last_reused());
+    let fresh = generate(
+        &loaded.model,
+        &[second_prompt],
+        &config,
+        Some(tokenizer),
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(second.tokens, fresh[0].tokens);
+    assert!(
+        second.text.as_deref().unwrap().contains("Rome"),
+        "{second:?}"
+    );
+}

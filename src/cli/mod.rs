@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod anchor;
+mod chat;
 mod distill;
 mod ensemble;
 mod generate;
@@ -26,6 +27,9 @@ enum Command {
     /// Continue a prompt with a decoder-only model (greedy unless --temperature is given).
     #[command(long_about = generate::LONG_ABOUT)]
     Generate(generate::GenerateArgs),
+    /// Talk with an instruction-tuned model: streamed replies, history kept (KV cache reused).
+    #[command(long_about = chat::LONG_ABOUT)]
+    Chat(chat::ChatArgs),
     /// Translate with NLLB-200, or run T5 / FLAN-T5 text-to-text (greedy, sampling or beams).
     #[command(long_about = translate::LONG_ABOUT)]
     Translate(translate::TranslateArgs),
@@ -44,6 +48,7 @@ enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Ensemble(args) => ensemble::run(args),
         Command::Anchor(args) => anchor::run(args),

@@ -25,6 +25,14 @@ pub trait CausalLm<B: Backend> {
         all: bool,
     ) -> Tensor<B, 3>;
 
+    /// Forgets every cached token from `len` on, so the cache holds the first `len` tokens fed
+    /// to it; returns false (cache unchanged) when this model or cache cannot, e.g. after a
+    /// sliding window dropped old tokens. Lets a chat reuse the common prefix of two prompts.
+    fn truncate_cache(&self, cache: &mut Self::Cache, len: usize) -> bool {
+        let _ = (cache, len);
+        false
+    }
+
     /// Longest sequence (prompt + generated) the model supports.
     fn max_context(&self) -> usize;
 
@@ -241,7 +249,7 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
 
 /// Byte offset of the first stop string that ends after `from - longest stop` (only text that
 /// changed can complete a new match).
-fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
+pub(crate) fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
     stops
         .iter()
         .filter(|s| !s.is_empty())

@@ -10,6 +10,7 @@
 //! never pick one.
 
 pub mod beam;
+pub mod chat;
 mod error;
 pub mod generate;
 pub mod loading;
@@ -18,6 +19,7 @@ pub mod sampling;
 pub mod seq2seq;
 pub mod tokenizer;
 
+pub use chat::ChatSession;
 pub use error::{Error, Result};
 pub use generate::{CausalLm, FinishReason, Generation, GenerationConfig, generate};
 pub use sampling::{Sampler, SamplingConfig};

@@ -308,6 +308,16 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         }
     }
 
+    fn truncate_cache(&self, cache: &mut LlamaCache<B>, len: usize) -> bool {
+        if !cache.state.truncate(len) {
+            return false;
+        }
+        for layer in &mut cache.layers {
+            layer.truncate(len);
+        }
+        true
+    }
+
     fn max_context(&self) -> usize {
         self.config.max_position_embeddings
     }

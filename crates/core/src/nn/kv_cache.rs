@@ -55,6 +55,14 @@ impl<B: Backend> KvCache<B> {
         self.len() == 0
     }
 
+    /// Keeps only the first `len` cached positions (forgets the rest).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len() {
+            self.k = self.k.take().map(|k| k.narrow(2, 0, len));
+            self.v = self.v.take().map(|v| v.narrow(2, 0, len));
+        }
+    }
+
     /// Keeps only the cached positions at `indices` (ascending); used by anchor-based inference.
     pub fn retain(&mut self, indices: Tensor<B, 1, Int>) {
         self.k = self.k.take().map(|k| k.select(2, indices.clone()));
@@ -107,6 +115,17 @@ impl CacheState {
     /// Slots seen so far (padding included).
     pub fn seen(&self) -> usize {
         self.seen
+    }
+
+    /// Forgets every slot from `len` on, so the next forward continues at slot `len`. Possible
+    /// only while no slot has left the cache (no sliding window has dropped one); returns
+    /// whether it was done. The layers' [`KvCache::truncate`] must follow with the same `len`.
+    pub fn truncate(&mut self, len: usize) -> bool {
+        if self.kept_from > 0 || len > self.seen {
+            return false;
+        }
+        self.seen = len;
+        true
     }
 
     /// Rows in the batch.
