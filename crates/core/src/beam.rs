@@ -54,9 +54,16 @@ fn log_softmax(logits: &mut [f32]) {
 
 /// Indices of the `k` largest values, best first; ties keep the lower index first.
 fn top_k(values: &[f32], k: usize) -> Vec<usize> {
+    // (value desc, index asc) is a total order, so partitioning around the k-th element and
+    // sorting only the first k gives exactly the full sort's prefix. A full sort of
+    // num_beams × vocab candidates (1M for NLLB) per row and step cost more than the model.
+    let order = |&a: &usize, &b: &usize| values[b].total_cmp(&values[a]).then(a.cmp(&b));
     let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
     idx
 }
 
@@ -245,6 +252,9 @@ mod tests {
     #[test]
     fn top_k_orders_and_breaks_ties_by_index() {
         assert_eq!(top_k(&[1.0, 3.0, 3.0, 2.0], 3), vec![1, 2, 3]);
+        assert_eq!(top_k(&[1.0, 3.0], 5), vec![1, 0]);
+        assert_eq!(top_k(&[2.0, 2.0, 2.0, 5.0, 2.0], 2), vec![3, 0]);
+        assert_eq!(top_k(&[1.0], 0), Vec::<usize>::new());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
-use kiln_core::nn::{AttentionMask, KvCache, scaled_dot_product_attention};
+use kiln_core::nn::{AttentionMask, KvCache, scaled_dot_product_attention, tied_lm_head};
 use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
 
 use crate::{M2M100Activation, M2M100Config};
@@ -385,7 +385,7 @@ impl<B: Backend> Seq2SeqLm<B> for M2M100<B> {
         let x = self.model.decoder.layer_norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => x.matmul(self.model.shared.weight.val().transpose().unsqueeze()),
+            None => tied_lm_head(x, self.model.shared.weight.val()),
         }
     }
 

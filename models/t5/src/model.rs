@@ -7,7 +7,9 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
-use kiln_core::nn::{AttentionMask, KvCache, RmsNorm, RmsNormConfig, scaled_dot_product_attention};
+use kiln_core::nn::{
+    AttentionMask, KvCache, RmsNorm, RmsNormConfig, scaled_dot_product_attention, tied_lm_head,
+};
 use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
 
 use crate::{T5Activation, T5Config};
@@ -339,8 +341,10 @@ impl<B: Backend> T5<B> {
     fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => (x * (self.config.d_model as f64).powf(-0.5))
-                .matmul(self.shared.weight.val().transpose().unsqueeze()),
+            None => tied_lm_head(
+                x * (self.config.d_model as f64).powf(-0.5),
+                self.shared.weight.val(),
+            ),
         }
     }
 }
