@@ -26,7 +26,7 @@ use kiln::llama::Llama;
 #[command(version)]
 struct Args {
     /// Folder in HF layout (config.json + safetensors), e.g. one made by the
-    /// `random_checkpoint` example.
+    /// `random_checkpoint` example, or a llama.cpp `.gguf` file (dequantised to f32).
     #[arg(long)]
     model: PathBuf,
     /// Prompt length in tokens (random ids, seeded; the same ids as bench/candle).
@@ -123,8 +123,14 @@ fn main() -> Result<()> {
     let device = backend::device();
 
     let t = Instant::now();
-    let model = Llama::<B>::from_pretrained(&args.model, &device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let model = if args.model.extension().is_some_and(|e| e == "gguf") {
+        // GGUF: dequantised to f32 at load.
+        kiln::auto::load::<B>(args.model.to_str().context("UTF-8 path")?, &device)
+            .map(|loaded| loaded.model)
+    } else {
+        Llama::<B>::from_pretrained(&args.model, &device)
+    }
+    .with_context(|| format!("loading {}", args.model.display()))?;
     let _ = <B as burn::tensor::backend::Backend>::sync(&device);
     let load_s = t.elapsed().as_secs_f64();
     let rss_after_load = rss_gib("VmRSS:");

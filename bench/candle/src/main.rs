@@ -2,8 +2,12 @@
 //! (load time, prefill tok/s, greedy cached decode tok/s, peak RSS) on the same HF-layout
 //! folder, with `candle_transformers::models::llama::Llama` in f32 on the CPU.
 //!
+//! A `.gguf` file is run with `candle_transformers::models::quantized_llama` instead: weights stay
+//! quantised (candle's own path for GGUF, as its `quantized` example), activations f32.
+//!
 //! ```text
 //! cargo run --release -- --model /tmp/tinyllama-random --prompt-len 128 --gen 32 --repeats 3
+//! cargo run --release -- --model ~/.cache/kiln/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 //! ```
 
 use std::path::PathBuf;
@@ -13,6 +17,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Config, Llama, LlamaConfig};
+use candle_transformers::models::quantized_llama::ModelWeights;
 use clap::Parser;
 
 /// Measures load time, prefill and decode throughput and peak memory of a Llama checkpoint
@@ -20,7 +25,8 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Folder in HF layout (config.json + model.safetensors or shards with an index json).
+    /// Folder in HF layout (config.json + model.safetensors or shards with an index json), or a
+    /// llama.cpp `.gguf` file.
     #[arg(long)]
     model: PathBuf,
     /// Prompt length in tokens (random ids, seeded; the same ids as kiln's bench).
@@ -99,23 +105,48 @@ struct Run {
     decode_s: f64,
 }
 
-fn run_once(
-    model: &Llama,
-    config: &Config,
-    device: &Device,
-    ids: &[u32],
-    gen: usize,
-) -> Result<Run> {
-    let mut cache = Cache::new(true, DType::F32, config, device)?;
+/// The two candle models, behind one "fresh cache, then forward at a position" interface.
+enum Model {
+    F32 {
+        model: Llama,
+        config: Config,
+        cache: Option<Cache>,
+    },
+    Quantized(ModelWeights),
+}
+
+impl Model {
+    fn reset(&mut self, device: &Device) -> Result<()> {
+        match self {
+            Model::F32 { config, cache, .. } => {
+                *cache = Some(Cache::new(true, DType::F32, config, device)?)
+            }
+            Model::Quantized(m) => m.clear_kv_cache(),
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, input: &Tensor, pos: usize) -> Result<Tensor> {
+        Ok(match self {
+            Model::F32 { model, cache, .. } => {
+                model.forward(input, pos, cache.as_mut().context("reset first")?)?
+            }
+            Model::Quantized(m) => m.forward(input, pos)?,
+        })
+    }
+}
+
+fn run_once(model: &mut Model, device: &Device, ids: &[u32], gen: usize) -> Result<Run> {
+    model.reset(device)?;
     let input = Tensor::new(ids, device)?.unsqueeze(0)?;
     let t = Instant::now();
-    let logits = model.forward(&input, 0, &mut cache)?;
+    let logits = model.forward(&input, 0)?;
     let mut next = argmax(&logits)?;
     let prefill_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     for step in 0..gen {
         let input = Tensor::new(&[next], device)?.unsqueeze(0)?;
-        let logits = model.forward(&input, ids.len() + step, &mut cache)?;
+        let logits = model.forward(&input, ids.len() + step)?;
         next = argmax(&logits)?;
     }
     let decode_s = t.elapsed().as_secs_f64();
@@ -140,25 +171,50 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
 
     let t = Instant::now();
-    let raw = std::fs::read(args.model.join("config.json"))
-        .with_context(|| format!("reading {}/config.json", args.model.display()))?;
-    let llama_config: LlamaConfig = serde_json::from_slice(&raw)?;
-    let config = llama_config.into_config(false);
-    let files = weight_files(&args.model)?;
-    // SAFETY: the checkpoint is not modified while mapped.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &device)? };
-    let model = Llama::load(vb, &config)?;
+    let gguf = args.model.extension().is_some_and(|e| e == "gguf");
+    let (mut model, vocab, dtype) = if gguf {
+        let mut file = std::fs::File::open(&args.model)
+            .with_context(|| format!("opening {}", args.model.display()))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+        let vocab = content
+            .metadata
+            .get("tokenizer.ggml.tokens")
+            .context("GGUF without tokenizer.ggml.tokens")?
+            .to_vec()?
+            .len();
+        let weights = ModelWeights::from_gguf(content, &mut file, &device)?;
+        (Model::Quantized(weights), vocab, "quantized")
+    } else {
+        let raw = std::fs::read(args.model.join("config.json"))
+            .with_context(|| format!("reading {}/config.json", args.model.display()))?;
+        let llama_config: LlamaConfig = serde_json::from_slice(&raw)?;
+        let config = llama_config.into_config(false);
+        let files = weight_files(&args.model)?;
+        // SAFETY: the checkpoint is not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &device)? };
+        let model = Llama::load(vb, &config)?;
+        let vocab = config.vocab_size;
+        (
+            Model::F32 {
+                model,
+                config,
+                cache: None,
+            },
+            vocab,
+            "f32",
+        )
+    };
     let load_s = t.elapsed().as_secs_f64();
     let rss_after_load = rss_gib("VmRSS:");
 
-    let ids = prompt(args.seed, args.prompt_len, config.vocab_size);
+    let ids = prompt(args.seed, args.prompt_len, vocab);
     for _ in 0..args.warmup {
-        run_once(&model, &config, &device, &ids[..ids.len().min(16)], 2)?;
+        run_once(&mut model, &device, &ids[..ids.len().min(16)], 2)?;
     }
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
     for r in 0..args.repeats {
-        let run = run_once(&model, &config, &device, &ids, args.gen)?;
+        let run = run_once(&mut model, &device, &ids, args.gen)?;
         let (p, d) = (
             args.prompt_len as f64 / run.prefill_s,
             args.gen as f64 / run.decode_s,
@@ -174,7 +230,7 @@ fn main() -> Result<()> {
     let best = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
 
     println!(
-        "candle (cpu, f32, {} threads): load {load_s:.2} s | prefill {:.2} tok/s (best {:.2}) | \
+        "candle (cpu, {dtype}, {} threads): load {load_s:.2} s | prefill {:.2} tok/s (best {:.2}) | \
          decode {:.2} tok/s (best {:.2}) | peak RSS {peak:.2} GiB (after load {rss_after_load:.2})",
         candle_core::utils::get_num_threads(),
         median(prefill.clone()),
@@ -185,7 +241,7 @@ fn main() -> Result<()> {
     let json = serde_json::json!({
         "impl": "candle",
         "backend": "cpu",
-        "compute_dtype": "f32",
+        "weights": dtype,
         "threads": candle_core::utils::get_num_threads(),
         "model": args.model.display().to_string(),
         "prompt_len": args.prompt_len,
