@@ -112,11 +112,23 @@ fn load_gguf<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<
     })
 }
 
+/// `1.10B`, `135M`, `852k`.
+fn human_count(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.0}M", n / 1e6)
+    } else {
+        format!("{:.0}k", n / 1e3)
+    }
+}
+
 fn describe(config: &LlamaConfig) -> String {
     format!(
-        "{:?} {:.2}B params, {} layers, {} heads / {} kv heads, vocab {}, context {}{}",
+        "{:?} {} params, {} layers, {} heads / {} kv heads, vocab {}, context {}{}",
         config.flavor,
-        config.num_parameters() as f64 / 1e9,
+        human_count(config.num_parameters()),
         config.num_hidden_layers,
         config.num_attention_heads,
         config.num_key_value_heads,

@@ -14,7 +14,7 @@ tokenizer_config.json or the GGUF file) formats the turns, and its KV cache is k
 so only the new message is processed.
 
 Type /reset to start over, /exit (or Ctrl-D) to leave. When stdin is not a terminal, every line is
-one message and the replies are printed one per line, so a conversation can be scripted.
+one message and each reply ends with a newline, so a conversation can be scripted.
 
 The model defaults to SmolLM2-135M-Instruct (see `kiln generate --help`).
 

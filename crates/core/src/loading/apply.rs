@@ -171,21 +171,42 @@ impl ModuleAdapter for FastPyTorchAdapter {
     }
 }
 
-/// `[rows, cols]` row-major to `[cols, rows]`, in 32×32 tiles so reads and writes stay in cache.
+/// `[rows, cols]` row-major to `[cols, rows]`, in 32×32 tiles so reads and writes stay in cache,
+/// split over the available cores (each thread writes its own band of output rows).
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const TILE: usize = 32;
     let mut dst = vec![0.0f32; src.len()];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let row = &src[r * cols..(r + 1) * cols];
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = row[c];
+    if src.is_empty() {
+        return dst;
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(cols.div_ceil(TILE));
+    let band = cols.div_ceil(threads).next_multiple_of(TILE);
+    std::thread::scope(|scope| {
+        for (i, out) in dst.chunks_mut(band * rows).enumerate() {
+            scope.spawn(move || transpose_band(src, rows, cols, i * band, out));
+        }
+    });
+    dst
+}
+
+const TILE: usize = 32;
+
+/// Output rows `first..first + out.len() / rows` (= input columns) of the transpose into `out`.
+fn transpose_band(src: &[f32], rows: usize, cols: usize, first: usize, out: &mut [f32]) {
+    let n = out.len() / rows;
+    for c0 in (0..n).step_by(TILE) {
+        for r0 in (0..rows).step_by(TILE) {
+            let r1 = (r0 + TILE).min(rows);
+            for c in c0..(c0 + TILE).min(n) {
+                let column = first + c;
+                let dst = &mut out[c * rows + r0..c * rows + r1];
+                for (r, value) in (r0..r1).zip(dst) {
+                    *value = src[r * cols + column];
                 }
             }
         }
     }
-    dst
 }
 
 #[cfg(test)]
@@ -194,12 +215,14 @@ mod tests {
 
     #[test]
     fn transpose_matches_definition_on_ragged_tiles() {
-        let (rows, cols) = (37, 70);
-        let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-        let dst = transpose(&src, rows, cols);
-        for r in 0..rows {
-            for c in 0..cols {
-                assert_eq!(dst[c * rows + r], src[r * cols + c]);
+        for (rows, cols) in [(37, 70), (1, 100), (100, 1), (64, 64), (33, 129), (0, 5)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let dst = transpose(&src, rows, cols);
+            assert_eq!(dst.len(), src.len());
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows}x{cols}");
+                }
             }
         }
     }
