@@ -24,24 +24,19 @@ pub fn grow_vocab<B: Backend>(model: Llama<B>, init_from: u32) -> Result<Llama<B
     }
     config.vocab_size += 1;
     let device = model.model.norm.weight.val().device();
-    let grow = |w: Tensor<B, 2>, rows_are_vocab: bool| {
-        if rows_are_vocab {
-            let row = w.clone().narrow(0, init_from as usize, 1);
-            Tensor::cat(vec![w, row], 0)
-        } else {
-            let col = w.clone().narrow(1, init_from as usize, 1);
-            Tensor::cat(vec![w, col], 1)
-        }
+    // Embedding and LM head both store [vocab, hidden]: append a copy of row `init_from`.
+    let grow = |w: Tensor<B, 2>| {
+        let row = w.clone().narrow(0, init_from as usize, 1);
+        Tensor::cat(vec![w, row], 0)
     };
     let mut new = config.init::<B>(&device);
     let mut decoder = model.model;
     let mut embed = EmbeddingConfig::new(config.vocab_size, config.hidden_size).init(&device);
-    embed.weight = Param::from_tensor(grow(decoder.embed_tokens.weight.val(), true));
+    embed.weight = Param::from_tensor(grow(decoder.embed_tokens.weight.val()));
     decoder.embed_tokens = embed;
     new.model = decoder;
     new.lm_head = model.lm_head.map(|mut head| {
-        // burn's Linear stores [d_in, d_out]: vocabulary is the column axis.
-        head.weight = Param::from_tensor(grow(head.weight.val(), false));
+        head.weight = Param::from_tensor(grow(head.weight.val()));
         head
     });
     Ok(new)

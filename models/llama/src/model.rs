@@ -2,13 +2,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
 use kiln_core::nn::{
-    CacheState, KvCache, RmsNorm, RmsNormConfig, RotaryEmbedding, scaled_dot_product_attention,
-    tied_lm_head,
+    CacheState, KvCache, RmsNorm, RmsNormConfig, RotaryEmbedding, TorchLinear, TorchLinearConfig,
+    scaled_dot_product_attention, tied_lm_head,
 };
 use kiln_core::{CausalLm, Result};
 
@@ -18,13 +18,13 @@ use crate::LlamaConfig;
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// Query projection.
-    pub q_proj: Linear<B>,
+    pub q_proj: TorchLinear<B>,
     /// Key projection.
-    pub k_proj: Linear<B>,
+    pub k_proj: TorchLinear<B>,
     /// Value projection.
-    pub v_proj: Linear<B>,
+    pub v_proj: TorchLinear<B>,
     /// Output projection.
-    pub o_proj: Linear<B>,
+    pub o_proj: TorchLinear<B>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -63,11 +63,11 @@ impl<B: Backend> Attention<B> {
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// Gate projection.
-    pub gate_proj: Linear<B>,
+    pub gate_proj: TorchLinear<B>,
     /// Up projection.
-    pub up_proj: Linear<B>,
+    pub up_proj: TorchLinear<B>,
     /// Down projection.
-    pub down_proj: Linear<B>,
+    pub down_proj: TorchLinear<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -108,7 +108,7 @@ pub struct Llama<B: Backend> {
     /// The decoder.
     pub model: LlamaModel<B>,
     /// LM head; `None` when tied to `model.embed_tokens`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<TorchLinear<B>>,
     rope: RotaryEmbedding<B>,
     #[module(skip)]
     config: LlamaConfig,
@@ -126,7 +126,7 @@ pub struct LlamaCache<B: Backend> {
 impl LlamaConfig {
     /// A model with uninitialised (lazy) weights, to be loaded.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Llama<B> {
-        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let linear = |i, o, bias| TorchLinearConfig::new(i, o).with_bias(bias).init(device);
         let d = self.hidden_size;
         let q_dim = self.num_attention_heads * self.head_dim;
         let kv_dim = self.num_key_value_heads * self.head_dim;

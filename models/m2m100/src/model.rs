@@ -2,12 +2,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
-use kiln_core::nn::{AttentionMask, KvCache, scaled_dot_product_attention, tied_lm_head};
+use kiln_core::nn::{
+    AttentionMask, KvCache, TorchLinear, TorchLinearConfig, scaled_dot_product_attention,
+    tied_lm_head,
+};
 use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
 
 use crate::{M2M100Activation, M2M100Config};
@@ -55,13 +58,13 @@ pub fn position_ids(ids: &[i64], padding_idx: i64, past: usize) -> Vec<i64> {
 #[derive(Module, Debug)]
 pub struct M2M100Attention<B: Backend> {
     /// Query projection.
-    pub q_proj: Linear<B>,
+    pub q_proj: TorchLinear<B>,
     /// Key projection.
-    pub k_proj: Linear<B>,
+    pub k_proj: TorchLinear<B>,
     /// Value projection.
-    pub v_proj: Linear<B>,
+    pub v_proj: TorchLinear<B>,
     /// Output projection.
-    pub out_proj: Linear<B>,
+    pub out_proj: TorchLinear<B>,
     heads: usize,
     head_dim: usize,
 }
@@ -119,9 +122,9 @@ pub struct EncoderLayer<B: Backend> {
     /// Norm before self-attention.
     pub self_attn_layer_norm: LayerNorm<B>,
     /// Feed-forward in.
-    pub fc1: Linear<B>,
+    pub fc1: TorchLinear<B>,
     /// Feed-forward out.
-    pub fc2: Linear<B>,
+    pub fc2: TorchLinear<B>,
     /// Norm before the feed-forward.
     pub final_layer_norm: LayerNorm<B>,
     #[module(skip)]
@@ -140,9 +143,9 @@ pub struct DecoderLayer<B: Backend> {
     /// Norm before cross-attention.
     pub encoder_attn_layer_norm: LayerNorm<B>,
     /// Feed-forward in.
-    pub fc1: Linear<B>,
+    pub fc1: TorchLinear<B>,
     /// Feed-forward out.
-    pub fc2: Linear<B>,
+    pub fc2: TorchLinear<B>,
     /// Norm before the feed-forward.
     pub final_layer_norm: LayerNorm<B>,
     #[module(skip)]
@@ -185,7 +188,7 @@ pub struct M2M100<B: Backend> {
     /// Encoder-decoder.
     pub model: M2M100Model<B>,
     /// Untied LM head; `None` when tied to `model.shared`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<TorchLinear<B>>,
     #[module(skip)]
     config: M2M100Config,
 }
@@ -194,7 +197,7 @@ impl M2M100Config {
     /// A model with uninitialised weights, to be loaded.
     pub fn init<B: Backend>(&self, device: &B::Device) -> M2M100<B> {
         let d = self.d_model;
-        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        let linear = |i, o| TorchLinearConfig::new(i, o).init(device);
         let norm = || LayerNormConfig::new(d).init(device);
         let attention = |heads: usize| M2M100Attention {
             q_proj: linear(d, d),
@@ -239,7 +242,7 @@ impl M2M100Config {
                 },
             },
             lm_head: (!self.tie_word_embeddings).then(|| {
-                LinearConfig::new(d, self.vocab_size)
+                TorchLinearConfig::new(d, self.vocab_size)
                     .with_bias(false)
                     .init(device)
             }),

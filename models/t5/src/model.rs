@@ -2,13 +2,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
 use kiln_core::nn::{
-    AttentionMask, KvCache, RmsNorm, RmsNormConfig, scaled_dot_product_attention, tied_lm_head,
+    AttentionMask, KvCache, RmsNorm, RmsNormConfig, TorchLinear, TorchLinearConfig,
+    scaled_dot_product_attention, tied_lm_head,
 };
 use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
 
@@ -54,13 +55,13 @@ pub fn relative_position_bucket(
 #[derive(Module, Debug)]
 pub struct T5Attention<B: Backend> {
     /// Query projection.
-    pub q: Linear<B>,
+    pub q: TorchLinear<B>,
     /// Key projection.
-    pub k: Linear<B>,
+    pub k: TorchLinear<B>,
     /// Value projection.
-    pub v: Linear<B>,
+    pub v: TorchLinear<B>,
     /// Output projection.
-    pub o: Linear<B>,
+    pub o: TorchLinear<B>,
     /// `[num_buckets, heads]`, only in the first self-attention of each stack.
     pub relative_attention_bias: Option<Embedding<B>>,
     heads: usize,
@@ -139,13 +140,13 @@ impl<B: Backend> T5Attention<B> {
 #[derive(Module, Debug)]
 pub struct T5DenseReluDense<B: Backend> {
     /// Input projection (non-gated).
-    pub wi: Option<Linear<B>>,
+    pub wi: Option<TorchLinear<B>>,
     /// Activated input projection (gated).
-    pub wi_0: Option<Linear<B>>,
+    pub wi_0: Option<TorchLinear<B>>,
     /// Linear input projection (gated).
-    pub wi_1: Option<Linear<B>>,
+    pub wi_1: Option<TorchLinear<B>>,
     /// Output projection.
-    pub wo: Linear<B>,
+    pub wo: TorchLinear<B>,
     #[module(skip)]
     activation: T5Activation,
 }
@@ -233,7 +234,7 @@ pub struct T5<B: Backend> {
     /// Decoder.
     pub decoder: T5Stack<B>,
     /// Untied LM head; `None` when tied to `shared`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<TorchLinear<B>>,
     #[module(skip)]
     config: T5Config,
 }
@@ -241,7 +242,7 @@ pub struct T5<B: Backend> {
 impl T5Config {
     /// A model with uninitialised weights, to be loaded.
     pub fn init<B: Backend>(&self, device: &B::Device) -> T5<B> {
-        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        let linear = |i, o| TorchLinearConfig::new(i, o).with_bias(false).init(device);
         let d = self.d_model;
         let inner = self.num_heads * self.d_kv;
         let norm = || {

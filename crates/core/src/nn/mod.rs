@@ -2,12 +2,14 @@
 
 mod attention;
 mod kv_cache;
+mod linear;
 mod norm;
 mod rope;
 mod tied;
 
 pub use attention::{AttentionMask, scaled_dot_product_attention};
 pub use kv_cache::{CacheState, CacheStep, KvCache};
+pub use linear::{TorchLinear, TorchLinearConfig, linear_out_in};
 pub use norm::{RmsNorm, RmsNormConfig};
 pub use rope::{RopeScaling, RotaryEmbedding};
 pub use tied::tied_lm_head;

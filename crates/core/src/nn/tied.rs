@@ -8,8 +8,5 @@ use burn::prelude::*;
 /// vocabulary matrix (1 GB for Llama 3.2 1B) per decode step. This way only the small result is
 /// transposed.
 pub fn tied_lm_head<B: Backend>(x: Tensor<B, 3>, embedding: Tensor<B, 2>) -> Tensor<B, 3> {
-    let [batch, seq, d] = x.dims();
-    let vocab = embedding.dims()[0];
-    let logits = embedding.matmul(x.reshape([batch * seq, d]).transpose());
-    logits.transpose().reshape([batch, seq, vocab])
+    super::linear_out_in(x, embedding)
 }
