@@ -124,11 +124,14 @@ pub fn load_module<B: Backend, M: Module<B>>(
     Ok(module)
 }
 
-/// [`PyTorchToBurnAdapter`] with a cache-blocked transpose of f32 Linear weights.
+/// [`PyTorchToBurnAdapter`] with a cache-blocked, multi-threaded transpose of f32 burn-nn
+/// `Linear` weights.
 ///
+/// kiln's own models use [`crate::nn::TorchLinear`], which keeps the checkpoint layout and needs
+/// no transpose; this serves burn-nn `Linear` layers in modules loaded through [`load_module`].
 /// burn-store 0.21 transposes element by element through byte slices, writing with a stride of
-/// a whole row; that was most of kiln's load time (TinyLlama: ~10 of 12.5 s). Everything else
-/// (norm renames, other dtypes) is delegated unchanged.
+/// a whole row (it was ~10 of kiln's 12.5 s TinyLlama load). Everything else (norm renames,
+/// other dtypes) is delegated unchanged.
 #[derive(Clone)]
 struct FastPyTorchAdapter;
 
