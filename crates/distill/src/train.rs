@@ -504,8 +504,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                     let handles: Vec<_> = round
                         .iter()
                         .zip(&self.devices)
-                        .map(|(idx, dev)| {
-                            let model = if *dev == main {
+                        .enumerate()
+                        .map(|(i, (idx, dev))| {
+                            // Every thread but the first gets a fork, even on the main device:
+                            // clones share their parameters' autodiff leaves, and two backward
+                            // passes over shared leaves at once made gradients nondeterministic.
+                            let model = if i == 0 {
                                 self.model.clone()
                             } else {
                                 self.model.clone().fork(dev)
