@@ -1,11 +1,12 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
 
+use super::sampling::SamplingArgs;
 use anyhow::{Context, bail};
 use clap::Args;
 use kiln::auto;
 use kiln::backend::{Backend, NAME, device};
-use kiln::core::{ChatSession, GenerationConfig, SamplingConfig};
+use kiln::core::{ChatSession, GenerationConfig};
 
 pub const LONG_ABOUT: &str = "\
 Talk with an instruction-tuned model. Each line you type is a user message; the reply streams as
@@ -34,21 +35,8 @@ pub struct ChatArgs {
     /// Most tokens per reply.
     #[arg(long, short = 'n', default_value_t = 512)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, short = 't', default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only from the k most likely tokens.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample from the smallest set of tokens whose probability reaches p.
-    #[arg(long)]
-    top_p: Option<f32>,
-    /// Penalise tokens already in the conversation (1.0 = off; 1.1 is typical).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// Random seed for sampling (one stream for the whole session).
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
@@ -86,12 +74,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     if eos.is_empty() {
         bail!("the model names no EOS token, so a reply would never end; use `kiln generate`");
     }
-    let sampling = SamplingConfig::greedy()
-        .with_temperature(args.temperature)
-        .with_top_k(args.top_k)
-        .with_top_p(args.top_p)
-        .with_repetition_penalty(args.repetition_penalty)
-        .with_seed(args.seed);
+    let sampling = args.sampling.to_config();
     let config = GenerationConfig::default()
         .with_max_new_tokens(args.max_new_tokens)
         .with_sampling(sampling)

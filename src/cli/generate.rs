@@ -2,11 +2,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::sampling::SamplingArgs;
 use anyhow::{Context, bail};
 use clap::Args;
 use kiln::auto;
 use kiln::backend::{Backend, NAME, device};
-use kiln::core::{GenerationConfig, Message, SamplingConfig, generate};
+use kiln::core::{GenerationConfig, Message, generate};
 
 pub const LONG_ABOUT: &str = "\
 Continue a prompt with a decoder-only model (Llama 1/2/3.x, Mistral, Yi), or run a T5 / FLAN-T5
@@ -47,21 +48,8 @@ pub struct GenerateArgs {
     /// Most tokens to generate.
     #[arg(long, short = 'n', default_value_t = 128)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, short = 't', default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only from the k most likely tokens.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample from the smallest set of tokens whose probability reaches p.
-    #[arg(long)]
-    top_p: Option<f32>,
-    /// Penalise tokens already in the text (1.0 = off; 1.1 is typical).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Stop when the text contains this string (repeatable); the text is cut before it.
     #[arg(long = "stop")]
     stop: Vec<String>,
@@ -148,12 +136,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     {
         eos.push(id);
     }
-    let sampling = SamplingConfig::greedy()
-        .with_temperature(args.temperature)
-        .with_top_k(args.top_k)
-        .with_top_p(args.top_p)
-        .with_repetition_penalty(args.repetition_penalty)
-        .with_seed(args.seed);
+    let sampling = args.sampling.to_config();
     let pad = loaded
         .defaults
         .pad_token_id
@@ -268,12 +251,7 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
             ids
         }
     };
-    let sampling = SamplingConfig::greedy()
-        .with_temperature(args.temperature)
-        .with_top_k(args.top_k)
-        .with_top_p(args.top_p)
-        .with_repetition_penalty(args.repetition_penalty)
-        .with_seed(args.seed);
+    let sampling = args.sampling.to_config();
     let eos = if args.ignore_eos { vec![] } else { eos_ids };
     let start = Instant::now();
     let mut stream = kiln::core::TokenStream::new();
@@ -346,12 +324,7 @@ fn run_text_to_text(args: &GenerateArgs, spec: &str) -> anyhow::Result<()> {
                 .collect::<Result<_, _>>()?
         }
     };
-    let sampling = SamplingConfig::greedy()
-        .with_temperature(args.temperature)
-        .with_top_k(args.top_k)
-        .with_top_p(args.top_p)
-        .with_repetition_penalty(args.repetition_penalty)
-        .with_seed(args.seed);
+    let sampling = args.sampling.to_config();
     let mut config = Seq2SeqConfig::default()
         .with_max_new_tokens(args.max_new_tokens)
         .with_sampling(sampling);

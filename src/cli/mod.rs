@@ -5,6 +5,7 @@ mod chat;
 mod distill;
 mod ensemble;
 mod generate;
+mod sampling;
 mod translate;
 
 use clap::{Parser, Subcommand};

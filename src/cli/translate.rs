@@ -4,11 +4,11 @@ use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::sampling::SamplingArgs;
 use anyhow::{Context, bail};
 use clap::Args;
 use kiln::auto::{self, Seq2SeqModel};
 use kiln::backend::{Backend, NAME, device};
-use kiln::core::SamplingConfig;
 use kiln::core::Tokenizer;
 use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqOutput, generate_seq2seq};
 use kiln::m2m100::{encode_source, language_codes, language_token_id};
@@ -72,18 +72,8 @@ pub struct TranslateArgs {
     /// Most generated tokens per input. Default: generation_config.json's max_length, else 200.
     #[arg(long, short = 'n')]
     max_new_tokens: Option<usize>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, short = 't', default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only from the k most likely tokens.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Sample from the smallest set of tokens whose probability reaches p.
-    #[arg(long)]
-    top_p: Option<f32>,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Inputs per batch (padded together).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
@@ -128,14 +118,16 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
         None => given,
     };
     let defaults = &loaded.defaults;
-    let sampling = SamplingConfig::greedy()
-        .with_temperature(args.temperature)
-        .with_top_k(args.top_k)
-        .with_top_p(args.top_p)
-        .with_seed(args.seed);
+    let num_beams = args.num_beams.or(defaults.num_beams).unwrap_or(1);
+    if num_beams > 1 && args.sampling.repetition_penalty != 1.0 {
+        bail!(
+            "--repetition-penalty applies to greedy decoding and sampling, not to beam search \
+             (--num-beams {num_beams}); use --num-beams 1 or --no-repeat-ngram-size"
+        );
+    }
     let mut config = Seq2SeqConfig::default()
-        .with_sampling(sampling)
-        .with_num_beams(args.num_beams.or(defaults.num_beams).unwrap_or(1))
+        .with_sampling(args.sampling.to_config())
+        .with_num_beams(num_beams)
         .with_length_penalty(
             args.length_penalty
                 .or(defaults.length_penalty)

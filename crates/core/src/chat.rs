@@ -9,7 +9,7 @@
 
 use burn::prelude::*;
 
-use crate::generate::{CausalLm, FinishReason, Generation, GenerationConfig, find_stop};
+use crate::generate::{CausalLm, Generation, GenerationConfig};
 use crate::sampling::Sampler;
 use crate::tokenizer::{Message, TokenStream, Tokenizer};
 use crate::{Error, Result};
@@ -155,11 +155,7 @@ impl<'a, B: Backend, M: CausalLm<B>> ChatSession<'a, B, M> {
         let mut feed: Vec<u32> = prompt[self.held.len()..].to_vec();
         let mut context_ids = prompt.clone();
         let mut stream = TokenStream::new();
-        let mut out = Generation {
-            tokens: Vec::new(),
-            text: Some(String::new()),
-            finish: FinishReason::Length,
-        };
+        let mut out = Generation::start(true);
         let max_new = self.config.max_new_tokens.min(context - prompt.len());
         for _ in 0..max_new {
             let input = TensorData::new(
@@ -177,33 +173,18 @@ impl<'a, B: Backend, M: CausalLm<B>> ChatSession<'a, B, M> {
                 .map_err(|e| Error::arg("logits", format!("{e:?}")))?;
             let token = self.sampler.sample(&mut logits, &context_ids);
             context_ids.push(token);
-            out.tokens.push(token);
-            if self.config.eos_token_ids.contains(&token) {
-                out.finish = FinishReason::Eos;
+            if out.accept(
+                token,
+                &self.config,
+                Some(self.tokenizer),
+                &mut stream,
+                &mut on_text,
+            )? {
                 break;
-            }
-            if let Some(piece) = stream.push(self.tokenizer, token)? {
-                let text = out.text.get_or_insert_default();
-                let before = text.len();
-                text.push_str(&piece);
-                if let Some(cut) = find_stop(text, &self.config.stop_strings, before) {
-                    text.truncate(cut);
-                    if cut > before {
-                        on_text(&text[before..]);
-                    }
-                    out.finish = FinishReason::Stop;
-                    break;
-                }
-                on_text(&piece);
             }
             feed = vec![token];
         }
-        if out.finish != FinishReason::Stop
-            && let Some(rest) = stream.finish(self.tokenizer)?
-        {
-            on_text(&rest);
-            out.text.get_or_insert_default().push_str(&rest);
-        }
+        out.flush(self.tokenizer, &mut stream, &mut on_text)?;
         messages.push(Message::new(
             "assistant",
             out.text.clone().unwrap_or_default(),

@@ -122,6 +122,69 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
+impl Generation {
+    /// An empty sequence, with text when a tokenizer decodes it.
+    pub(crate) fn start(with_text: bool) -> Self {
+        Self {
+            tokens: Vec::new(),
+            text: with_text.then(String::new),
+            finish: FinishReason::Length,
+        }
+    }
+
+    /// Takes the sampled `token`, the step every decode loop shares: records it, ends on an
+    /// EOS, else streams its text through `on_text` and ends on a stop string (the text is cut
+    /// before it). Returns whether the sequence has ended.
+    pub(crate) fn accept(
+        &mut self,
+        token: u32,
+        config: &GenerationConfig,
+        tokenizer: Option<&Tokenizer>,
+        stream: &mut TokenStream,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<bool> {
+        self.tokens.push(token);
+        if config.eos_token_ids.contains(&token) {
+            self.finish = FinishReason::Eos;
+            return Ok(true);
+        }
+        if let Some(tokenizer) = tokenizer
+            && let Some(piece) = stream.push(tokenizer, token)?
+        {
+            let text = self.text.get_or_insert_default();
+            let before = text.len();
+            text.push_str(&piece);
+            if let Some(cut) = find_stop(text, &config.stop_strings, before) {
+                text.truncate(cut);
+                if cut > before {
+                    on_text(&text[before..]);
+                }
+                self.finish = FinishReason::Stop;
+                return Ok(true);
+            }
+            on_text(&piece);
+        }
+        Ok(false)
+    }
+
+    /// Streams the text still held back at the end (an incomplete character), unless a stop
+    /// string ended the sequence.
+    pub(crate) fn flush(
+        &mut self,
+        tokenizer: &Tokenizer,
+        stream: &mut TokenStream,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<()> {
+        if self.finish != FinishReason::Stop
+            && let Some(rest) = stream.finish(tokenizer)?
+        {
+            on_text(&rest);
+            self.text.get_or_insert_default().push_str(&rest);
+        }
+        Ok(())
+    }
+}
+
 /// Generates continuations of `prompts` in one batch.
 ///
 /// `on_text(row, piece)` receives each row's text as it is produced (needs `tokenizer`).
@@ -178,11 +241,7 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
         .collect::<Result<_>>()?;
     let mut contexts: Vec<Vec<u32>> = prompts.to_vec();
     let mut outputs: Vec<Generation> = (0..batch)
-        .map(|_| Generation {
-            tokens: Vec::new(),
-            text: tokenizer.map(|_| String::new()),
-            finish: FinishReason::Length,
-        })
+        .map(|_| Generation::start(tokenizer.is_some()))
         .collect();
     let mut streams = vec![TokenStream::new(); batch];
     let mut done = vec![false; batch];
@@ -205,29 +264,11 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
             let row_logits = &mut logits[row * vocab..(row + 1) * vocab].to_vec();
             let token = samplers[row].sample(row_logits, &contexts[row]);
             contexts[row].push(token);
-            let out = &mut outputs[row];
-            out.tokens.push(token);
             next.push(token as i64);
-            if config.eos_token_ids.contains(&token) {
-                out.finish = FinishReason::Eos;
-                done[row] = true;
-            } else if let Some(tokenizer) = tokenizer
-                && let Some(piece) = streams[row].push(tokenizer, token)?
-            {
-                let text = out.text.get_or_insert_default();
-                let before = text.len();
-                text.push_str(&piece);
-                if let Some(cut) = find_stop(text, &config.stop_strings, before) {
-                    text.truncate(cut);
-                    if cut > before {
-                        on_text(row, &text[before..]);
-                    }
-                    out.finish = FinishReason::Stop;
-                    done[row] = true;
-                } else {
-                    on_text(row, &piece);
-                }
-            }
+            done[row] =
+                outputs[row].accept(token, config, tokenizer, &mut streams[row], |piece| {
+                    on_text(row, piece)
+                })?;
         }
         if done.iter().all(|&d| d) {
             break;
@@ -236,12 +277,7 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
     }
     if let Some(tokenizer) = tokenizer {
         for (row, out) in outputs.iter_mut().enumerate() {
-            if out.finish != FinishReason::Stop
-                && let Some(rest) = streams[row].finish(tokenizer)?
-            {
-                on_text(row, &rest);
-                out.text.get_or_insert_default().push_str(&rest);
-            }
+            out.flush(tokenizer, &mut streams[row], |rest| on_text(row, rest))?;
         }
     }
     Ok(outputs)
