@@ -12,7 +12,8 @@ use kiln::distill::data::{DataSource, Split, Task};
 use kiln::distill::eval::{EvalOptions, evaluate};
 use kiln::distill::fit::{FitOptions, checkpoint_dir, fit};
 use kiln::distill::train::{
-    LabelSource, Mode, TrainConfig, Trainer, encode_examples, fresh_config, load_checkpoint,
+    DataParallel, LabelSource, Mode, TrainConfig, Trainer, encode_examples, fresh_config,
+    load_checkpoint,
 };
 use kiln::t5::T5;
 
@@ -166,6 +167,11 @@ struct TrainArgs {
     /// them and their gradients summed on device 0.
     #[arg(long, default_value_t = 1)]
     devices: u16,
+    /// With --devices N: distributed data parallel through burn-collective instead. Every
+    /// device keeps its own replica and optimizer, and gradients are all-reduced between
+    /// them, so no weights move after the start (--grad-accum must be a multiple of N).
+    #[arg(long)]
+    collective: bool,
     /// Resume from <out>/checkpoint (its saved settings win over the flags above).
     #[arg(long)]
     resume: bool,
@@ -359,6 +365,9 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         }
     };
 
+    if a.collective && a.devices < 2 {
+        bail!("--collective shares training between devices: give --devices N with N >= 2");
+    }
     if a.devices > 1 {
         use burn::tensor::backend::Device as _;
         #[allow(clippy::clone_on_copy)] // Copy on CPU backends, Clone only on GPU ones.
@@ -370,8 +379,13 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
                 burn::tensor::Device::<TrainB>::from_id(id)
             })
             .collect();
-        trainer = trainer.with_devices(devices)?;
-        eprintln!("data-parallel over {} devices", a.devices);
+        let parallel = if a.collective {
+            DataParallel::Collective
+        } else {
+            DataParallel::MainDevice
+        };
+        trainer = trainer.with_parallel(devices, parallel)?;
+        eprintln!("data-parallel ({parallel:?}) over {} devices", a.devices);
     }
     let data = serde_json::json!({
         "source": source,

@@ -104,7 +104,7 @@ pub fn fit<B: AutodiffBackend>(
         Ok(r.accuracy)
     };
     while trainer.step < total {
-        let m = trainer.train_step();
+        let m = trainer.train_step()?;
         if !m.loss.is_finite() {
             return Err(DistillError::Arg(format!(
                 "loss became {} at step {}; lower the learning rate",

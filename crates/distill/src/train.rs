@@ -386,11 +386,29 @@ pub struct TrainState {
     pub data: serde_json::Value,
 }
 
+/// How [`Trainer::with_parallel`] shares each step out over several devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataParallel {
+    /// One model and optimizer on the main device. Each round of micro-batches forks the model
+    /// to the other devices, and their gradients are moved back and summed before one AdamW
+    /// step: burn-train's multi-device strategy (`MultiDeviceOptim::OptimMainDevice`).
+    #[default]
+    MainDevice,
+    /// Distributed data parallel through burn-collective: one replica and one optimizer per
+    /// device, each device's gradients summed over all devices by `GradientsParams::all_reduce`
+    /// and every replica stepping itself. No weights move between devices after the start.
+    /// Needs `grad_accum` to be a multiple of the device count (every peer takes part in each
+    /// all-reduce).
+    Collective,
+}
+
+type Adam<B> = OptimizerAdaptor<AdamW, T5<B>, B>;
+
 /// The T5 model, its AdamW state and the position in the data: everything a resume needs.
 pub struct Trainer<B: AutodiffBackend> {
-    /// The model being trained.
+    /// The model being trained (device 0's replica under [`DataParallel::Collective`]).
     pub model: T5<B>,
-    optim: OptimizerAdaptor<AdamW, T5<B>, B>,
+    optim: Adam<B>,
     /// Optimizer steps done.
     pub step: usize,
     /// Hyper-parameters.
@@ -398,6 +416,9 @@ pub struct Trainer<B: AutodiffBackend> {
     data: Vec<Encoded>,
     order: Option<(usize, Vec<usize>)>,
     devices: Vec<B::Device>,
+    parallel: DataParallel,
+    /// Devices 1.. under [`DataParallel::Collective`]: their replicas and optimizers.
+    replicas: Vec<(T5<B>, Adam<B>)>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -426,6 +447,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             data,
             order: None,
             devices,
+            parallel: DataParallel::MainDevice,
+            replicas: Vec::new(),
         })
     }
 
@@ -436,12 +459,41 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// burn-train's multi-device strategy does (`Module::fork`, `GradientsParams::to_device`).
     /// The result equals single-device training with the same `grad_accum` up to float
     /// summation order. Set `grad_accum` to a multiple of the device count to keep all busy.
-    pub fn with_devices(mut self, devices: Vec<B::Device>) -> Result<Self, DistillError> {
+    pub fn with_devices(self, devices: Vec<B::Device>) -> Result<Self, DistillError> {
+        self.with_parallel(devices, DataParallel::MainDevice)
+    }
+
+    /// Data-parallel training over `devices` with the given scheme; see [`DataParallel`]. Call
+    /// it after [`resume`](Self::resume), not before: replicas start from the current model
+    /// and optimizer state.
+    pub fn with_parallel(
+        mut self,
+        devices: Vec<B::Device>,
+        parallel: DataParallel,
+    ) -> Result<Self, DistillError> {
         if devices.is_empty() {
             return Err(DistillError::Arg("no devices given".into()));
         }
+        if parallel == DataParallel::Collective
+            && !self.config.grad_accum.is_multiple_of(devices.len())
+        {
+            return Err(DistillError::Arg(format!(
+                "collective data parallel needs grad_accum ({}) to be a multiple of the {} devices",
+                self.config.grad_accum,
+                devices.len()
+            )));
+        }
         self.model = self.model.fork(&devices[0]);
+        self.replicas = match parallel {
+            DataParallel::MainDevice => Vec::new(),
+            // The optimizer moves its state to each gradient's device on the first step.
+            DataParallel::Collective => devices[1..]
+                .iter()
+                .map(|d| (self.model.clone().fork(d), self.optim.clone()))
+                .collect(),
+        };
         self.devices = devices;
+        self.parallel = parallel;
         Ok(self)
     }
 
@@ -481,14 +533,32 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// One optimizer step over `grad_accum` micro-batches (gradients summed, each loss scaled
     /// by `1/grad_accum`, so the step sees the mean).
-    pub fn train_step(&mut self) -> StepMetrics {
+    pub fn train_step(&mut self) -> Result<StepMetrics, DistillError> {
         let lr = self.config.lr_at(self.step);
         let accum_n = self.config.grad_accum;
-        let mut accumulator = GradientsAccumulator::<T5<B>>::new();
-        let (mut loss_sum, mut label_sum, mut rat_sum) = (0.0, 0.0, 0.0);
         let micro: Vec<Vec<usize>> = (0..accum_n)
             .map(|a| self.micro_batch(self.step * accum_n + a))
             .collect();
+        let [loss_sum, label_sum, rat_sum] = match self.parallel {
+            DataParallel::MainDevice => self.main_device_step(&micro, lr),
+            DataParallel::Collective => self.collective_step(&micro, lr)?,
+        };
+        self.step += 1;
+        let n = accum_n as f64;
+        Ok(StepMetrics {
+            step: self.step,
+            lr,
+            loss: loss_sum / n,
+            label_loss: label_sum / n,
+            rationale_loss: (self.config.mode == Mode::StepByStep).then_some(rat_sum / n),
+        })
+    }
+
+    /// [`DataParallel::MainDevice`]: returns the summed total, label and rationale losses.
+    fn main_device_step(&mut self, micro: &[Vec<usize>], lr: f64) -> [f64; 3] {
+        let accum_n = self.config.grad_accum;
+        let mut accumulator = GradientsAccumulator::<T5<B>>::new();
+        let (mut loss_sum, mut label_sum, mut rat_sum) = (0.0, 0.0, 0.0);
         let main = self.devices[0].clone();
         // Micro-batches in rounds of one per device; gradients are accumulated in micro-batch
         // order so one device reproduces the plain loop exactly.
@@ -532,15 +602,94 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let model = self.model.clone();
         self.model = self.optim.step(lr, model, accumulator.grads());
-        self.step += 1;
-        let n = accum_n as f64;
-        StepMetrics {
-            step: self.step,
-            lr,
-            loss: loss_sum / n,
-            label_loss: label_sum / n,
-            rationale_loss: (self.config.mode == Mode::StepByStep).then_some(rat_sum / n),
+        [loss_sum, label_sum, rat_sum]
+    }
+
+    /// [`DataParallel::Collective`]: device `d` takes micro-batches `d, d + n, …`, accumulates
+    /// their gradients, all-reduces the sum with the other devices through burn-collective,
+    /// and steps its own replica. Returns the summed losses of all devices.
+    fn collective_step(&mut self, micro: &[Vec<usize>], lr: f64) -> Result<[f64; 3], DistillError> {
+        use burn::collective::{
+            CollectiveConfig, PeerId, ReduceOperation, finish_collective, register,
+            reset_collective,
+        };
+        // The collective server is one per backend type and process: one step at a time.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.devices.len();
+        if self.replicas.len() + 1 != n {
+            return Err(DistillError::Arg(
+                "an earlier collective step failed and took the other devices' replicas with it; \
+                 resume from the last checkpoint"
+                    .into(),
+            ));
         }
+        let (data, mode, alpha) = (&self.data[..], self.config.mode, self.config.alpha);
+        let accum_n = self.config.grad_accum;
+        let mut replicas = vec![(self.model.clone(), self.optim.clone())];
+        replicas.append(&mut self.replicas);
+        let config = CollectiveConfig::default().with_num_devices(n);
+        let results: Vec<Result<(T5<B>, Adam<B>, [f64; 3]), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = replicas
+                .into_iter()
+                .zip(&self.devices)
+                .enumerate()
+                .map(|(d, ((model, mut optim), device))| {
+                    let config = config.clone();
+                    s.spawn(move || {
+                        let peer = PeerId(d as u32);
+                        register::<B::InnerBackend>(peer, device.clone(), config)
+                            .map_err(|e| format!("registering device {d}: {e:?}"))?;
+                        let mut accumulator = GradientsAccumulator::<T5<B>>::new();
+                        let mut sums = [0.0; 3];
+                        for idx in micro.iter().skip(d).step_by(n) {
+                            let (grads, values) =
+                                micro_step(model.clone(), data, idx, device, mode, alpha, accum_n);
+                            accumulator.accumulate(&model, grads);
+                            for (s, v) in sums.iter_mut().zip(values) {
+                                *s += v;
+                            }
+                        }
+                        let grads = accumulator
+                            .grads()
+                            .all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum)
+                            .map_err(|e| format!("all-reduce on device {d}: {e:?}"))?;
+                        let model = optim.step(lr, model, grads);
+                        finish_collective::<B::InnerBackend>(peer)
+                            .map_err(|e| format!("leaving the collective on device {d}: {e:?}"))?;
+                        Ok((model, optim, sums))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("training thread panicked".into()))
+                })
+                .collect()
+        });
+        let mut totals = [0.0; 3];
+        let mut replicas = Vec::with_capacity(n);
+        for result in results {
+            match result {
+                Ok((model, optim, sums)) => {
+                    for (t, s) in totals.iter_mut().zip(sums) {
+                        *t += s;
+                    }
+                    replicas.push((model, optim));
+                }
+                Err(message) => {
+                    // Peers still registered would block the next step's registration.
+                    reset_collective::<B::InnerBackend>();
+                    return Err(DistillError::Arg(format!("collective training: {message}")));
+                }
+            }
+        }
+        let mut replicas = replicas.into_iter();
+        (self.model, self.optim) = replicas.next().expect("device 0");
+        self.replicas = replicas.collect();
+        Ok(totals)
     }
 
     /// Writes a checkpoint into `dir` (created; existing files replaced): `config.json`

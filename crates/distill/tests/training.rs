@@ -6,7 +6,8 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use kiln_core::seq2seq::Seq2SeqLm;
 use kiln_distill::train::{
-    Encoded, LabelSource, Mode, TrainConfig, Trainer, fresh_config, make_batch, multitask_loss,
+    DataParallel, Encoded, LabelSource, Mode, TrainConfig, Trainer, fresh_config, make_batch,
+    multitask_loss,
 };
 
 type AB = Autodiff<Flex>;
@@ -126,10 +127,10 @@ fn config(mode: Mode) -> TrainConfig {
 fn few_steps_lower_the_loss() {
     for mode in [Mode::StepByStep, Mode::Standard] {
         let mut t = Trainer::new(tiny_model::<AB>(), config(mode).steps(25), data()).unwrap();
-        let first = t.train_step();
+        let first = t.train_step().unwrap();
         let mut last = first;
         for _ in 1..25 {
-            last = t.train_step();
+            last = t.train_step().unwrap();
         }
         assert_eq!(last.step, 25);
         assert!(
@@ -173,13 +174,13 @@ fn save_and_resume_continue_exactly() {
     let mut a = Trainer::new(tiny_model::<AB>(), cfg.clone(), data()).unwrap();
     let mut a_metrics = Vec::new();
     for _ in 0..5 {
-        a_metrics.push(a.train_step());
+        a_metrics.push(a.train_step().unwrap());
     }
 
     // Interrupted after 2 steps, saved, restored from disk, 3 more.
     let mut b = Trainer::new(tiny_model::<AB>(), cfg, data()).unwrap();
-    b.train_step();
-    b.train_step();
+    b.train_step().unwrap();
+    b.train_step().unwrap();
     b.save(&ck, serde_json::json!({"test": true}), None)
         .unwrap();
     drop(b);
@@ -188,7 +189,7 @@ fn save_and_resume_continue_exactly() {
     assert_eq!(c.step, 2);
     let mut c_metrics = Vec::new();
     for _ in 0..3 {
-        c_metrics.push(c.train_step());
+        c_metrics.push(c.train_step().unwrap());
     }
     assert_eq!(&a_metrics[2..], &c_metrics[..]);
     assert_eq!(params(&a.model), params(&c.model));
@@ -233,7 +234,7 @@ fn two_device_data_parallel_matches_one_device() {
     // runs do the same arithmetic. (Before every extra thread got its own fork, two threads
     // shared autodiff leaves and about one run in eight drifted by ~1e-2 from step 3.)
     for step in 0..3 {
-        let (a, b) = (one.train_step(), two.train_step());
+        let (a, b) = (one.train_step().unwrap(), two.train_step().unwrap());
         assert!(
             (a.loss - b.loss).abs() < 1e-6,
             "step {step}: {a:?} vs {b:?}"
@@ -246,4 +247,56 @@ fn two_device_data_parallel_matches_one_device() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     assert!(max < 1e-6, "max parameter difference {max}");
+}
+
+#[test]
+fn collective_data_parallel_matches_one_device() {
+    // Two replicas on the CPU device (burn-collective's own tests do the same), each with its
+    // own AdamW; gradients all-reduced between them. Device 0 sums micro-batches 0 and 2,
+    // device 1 sums 1 and 3, so the float order differs from one device's 0+1+2+3.
+    let cfg = config(Mode::StepByStep).steps(3).grad_accum(4);
+    let base = tiny_model::<AB>();
+    let mut one = Trainer::new(base.clone(), cfg.clone(), data()).unwrap();
+    let mut two = Trainer::new(base, cfg, data())
+        .unwrap()
+        .with_parallel(
+            vec![Default::default(), Default::default()],
+            DataParallel::Collective,
+        )
+        .unwrap();
+    let start = params(&one.model);
+    for step in 0..3 {
+        let (a, b) = (one.train_step().unwrap(), two.train_step().unwrap());
+        assert!(
+            (a.loss - b.loss).abs() < 1e-5 * a.loss.abs(),
+            "step {step}: {a:?} vs {b:?}"
+        );
+    }
+    let (pa, pb) = (params(&one.model), params(&two.model));
+    let moved = pa
+        .iter()
+        .zip(&start)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    let max = pa
+        .iter()
+        .zip(&pb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(moved > 1e-3, "training did not move the weights: {moved}");
+    assert!(max < 1e-5, "max parameter difference {max} (moved {moved})");
+}
+
+#[test]
+fn collective_needs_a_multiple_of_the_devices() {
+    let cfg = config(Mode::Standard).grad_accum(3);
+    let err = Trainer::new(tiny_model::<AB>(), cfg, data())
+        .unwrap()
+        .with_parallel(
+            vec![Default::default(), Default::default()],
+            DataParallel::Collective,
+        )
+        .err()
+        .expect("3 micro-batches cannot be shared by 2 peers");
+    assert!(err.to_string().contains("multiple"), "{err}");
 }
