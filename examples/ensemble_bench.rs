@@ -21,7 +21,7 @@ use kiln::backend::{Backend, NAME, device};
 use kiln::core::Tokenizer;
 use kiln::ensemble::{
     AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
-    RelativeConfig, SearchConfig,
+    RelativeConfig, SearchConfig, SearchGradient,
 };
 use kiln::llama::LlamaConfig;
 
@@ -39,6 +39,12 @@ struct Args {
     /// Steps of the inverse search (0 measures everything but the search).
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Repetitions (members and ensemble interleaved); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Compute the search's gradient with Burn's autodiff instead of its closed form.
+    #[arg(long)]
+    autodiff: bool,
     /// Skip the dense ensemble (its matrices are |V| x |A| floats each).
     #[arg(long)]
     no_dense: bool,
@@ -102,6 +108,11 @@ fn peak_rss_gb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1e6)
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Seconds per token over `n` tokens, prefill removed (a 1-token run is subtracted).
 fn per_token(mut run: impl FnMut(usize) -> Result<Vec<u32>>, n: usize) -> Result<(f64, Vec<u32>)> {
     run(1)?; // warm-up
@@ -114,9 +125,31 @@ fn per_token(mut run: impl FnMut(usize) -> Result<Vec<u32>>, n: usize) -> Result
     Ok(((all - one) / (n - 1) as f64, tokens))
 }
 
+/// Milliseconds of one DeePEn combination step (both mappings, the average and the search) on
+/// random logits, without the members' forwards: the median of 9 runs.
+fn combination_ms(ensemble: &Ensemble<Backend>) -> Result<f64> {
+    use burn::tensor::{Distribution, Tensor};
+    let logits: Vec<Tensor<Backend, 1>> = ensemble
+        .relative()
+        .iter()
+        .map(|r| Tensor::random([r.vocab()], Distribution::Normal(0.0, 3.0), &device()))
+        .collect();
+    let mut times = Vec::new();
+    for _ in 0..9 {
+        let t = Instant::now();
+        let out = ensemble.deepen_logits(&logits)?;
+        // Reading the result back waits for the backend (and is what generation does).
+        let _ = out.into_data();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.tokens >= 2, "--tokens must be at least 2");
+    anyhow::ensure!(args.reps >= 1, "--reps must be at least 1");
     let smol_tok = args.tokenizers.join("smollm2-135m-instruct");
     let mistral_tok = args.tokenizers.join("mistral-7b-v0.1");
     let smol = config(49152, 576, 30, 9, 3, 1536, true)?;
@@ -130,7 +163,15 @@ fn main() -> Result<()> {
         let config = EnsembleConfig::default()
             .with_anchors(AnchorConfig::default().with_max_anchors(args.max_anchors))
             .with_relative(relative)
-            .with_search(SearchConfig::default().with_steps(args.steps));
+            .with_search(
+                SearchConfig::default()
+                    .with_steps(args.steps)
+                    .with_gradient(if args.autodiff {
+                        SearchGradient::Autodiff
+                    } else {
+                        SearchGradient::Analytic
+                    }),
+            );
         let e = Ensemble::new(members, config)?;
         Ok((e, t.elapsed().as_secs_f64()))
     };
@@ -152,30 +193,43 @@ fn main() -> Result<()> {
             .sum::<usize>() as f64
             / 1e6
     );
-    let mut alone = Vec::new();
-    for m in 0..2 {
-        let name = sparse.members()[m].name().to_string();
-        let (s, _) = per_token(
-            |n| {
-                Ok(sparse
-                    .generate_member(m, &args.prompt, &generation(n))?
-                    .tokens)
-            },
+    // Members alone and the ensemble, interleaved rep by rep (the machine's speed drifts), and
+    // the median of each.
+    let names: Vec<String> = (0..2)
+        .map(|m| sparse.members()[m].name().to_string())
+        .collect();
+    let (mut alone, mut together) = ([Vec::new(), Vec::new()], Vec::new());
+    let mut sparse_tokens = Vec::new();
+    for _ in 0..args.reps {
+        for (m, times) in alone.iter_mut().enumerate() {
+            let (s, _) = per_token(
+                |n| {
+                    Ok(sparse
+                        .generate_member(m, &args.prompt, &generation(n))?
+                        .tokens)
+                },
+                args.tokens,
+            )?;
+            times.push(s);
+        }
+        let (s, tokens) = per_token(
+            |n| Ok(sparse.generate(&[&args.prompt], &generation(n))?.tokens),
             args.tokens,
         )?;
-        println!(
-            "| {name} alone | {:.1} ms | peak RSS {:.2} GB |",
-            s * 1e3,
-            peak_rss_gb()
-        );
-        alone.push(s);
+        together.push(s);
+        sparse_tokens = tokens;
+    }
+    let alone = alone.map(median);
+    for (name, s) in names.iter().zip(alone) {
+        println!("| {name} alone | {:.1} ms | |", s * 1e3);
     }
     let sum: f64 = alone.iter().sum();
     println!("| sum of members | {:.1} ms | |", sum * 1e3);
-    let (s, sparse_tokens) = per_token(
-        |n| Ok(sparse.generate(&[&args.prompt], &generation(n))?.tokens),
-        args.tokens,
-    )?;
+    println!(
+        "| DeePEn combination alone (map + search) | {:.1} ms | |",
+        combination_ms(&sparse)?
+    );
+    let s = median(together);
     println!(
         "| DeePEn top-{} | {:.1} ms ({:.2}x the sum) | peak RSS {:.2} GB |",
         args.top_k,

@@ -14,7 +14,8 @@ use kiln::core::{SamplingConfig, Tokenizer};
 use kiln::ensemble::eval::{Metric, is_correct, read_jsonl};
 use kiln::ensemble::{
     AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
-    Method, RelativeConfig, SearchConfig, SearchOptimizer, Seq2SeqMember, weights_from_scores,
+    Method, RelativeConfig, SearchConfig, SearchGradient, SearchOptimizer, Seq2SeqMember,
+    weights_from_scores,
 };
 use kiln::m2m100::{M2M100, language_token_id};
 
@@ -67,6 +68,10 @@ pub struct EnsembleArgs {
     /// Use plain gradient descent instead of the reference code's AdamW in the search.
     #[arg(long)]
     sgd: bool,
+    /// Compute the search's gradient with Burn's autodiff instead of its closed form (the same
+    /// numbers, slower; for checking).
+    #[arg(long)]
+    autodiff_search: bool,
     /// Keep the k largest entries of each relative-matrix row (sparse; default dense).
     #[arg(long)]
     top_k: Option<usize>,
@@ -219,6 +224,11 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
                     SearchOptimizer::Sgd
                 } else {
                     SearchOptimizer::AdamW
+                })
+                .with_gradient(if args.autodiff_search {
+                    SearchGradient::Autodiff
+                } else {
+                    SearchGradient::Analytic
                 }),
         )
         .with_unite_k(args.unite_k)

@@ -368,20 +368,20 @@ impl<B: Backend> Ensemble<B> {
                 "relative matrices are built only for DeePEn",
             ));
         }
-        let mut aggregate: Option<Tensor<B, 2>> = None;
-        for ((l, r), &w) in logits.iter().zip(&self.relative).zip(&self.weights) {
-            let rel = r.map(softmax(l.clone().unsqueeze::<2>(), 1)) * w;
-            aggregate = Some(match aggregate {
-                Some(a) => a + rel,
-                None => rel,
-            });
-        }
-        let aggregate = aggregate
-            .expect("at least one member")
-            .reshape([self.relative[0].anchors()]);
         if self.members.len() == 1 {
             return Ok(logits[0].clone());
         }
+        // The average lives on the host: a sparse matrix maps there, and it is |A| floats.
+        let device = logits[0].device();
+        let mut aggregate = vec![0f32; self.relative[0].anchors()];
+        for ((l, r), &w) in logits.iter().zip(&self.relative).zip(&self.weights) {
+            let p = host_vec(softmax(l.clone(), 0))?;
+            for (a, x) in aggregate.iter_mut().zip(r.map_host(&p, &device)?) {
+                *a += w * x;
+            }
+        }
+        let anchors = aggregate.len();
+        let aggregate = Tensor::from_data(TensorData::new(aggregate, [anchors]), &device);
         inverse_search(
             logits[0].clone(),
             aggregate,

@@ -48,6 +48,6 @@ pub use ensemble::{
 };
 pub use error::{EnsembleError, Result};
 pub use member::{DecoderMember, Member, Seq2SeqMember};
-pub use relative::{RelativeConfig, RelativeMatrix};
-pub use search::{SearchConfig, SearchOptimizer, inverse_search};
+pub use relative::{RelativeConfig, RelativeMatrix, SparseRelative};
+pub use search::{SearchConfig, SearchGradient, SearchOptimizer, inverse_search};
 pub use vocab::{AnchorConfig, Anchors, Spelling, Vocab, find_anchors};
