@@ -404,6 +404,10 @@ pub enum DataParallel {
 
 type Adam<B> = OptimizerAdaptor<AdamW, T5<B>, B>;
 
+/// What one device's thread of a collective step hands back: its stepped replica, its optimizer
+/// and its summed losses, or why it failed.
+type PeerResult<B> = Result<(T5<B>, Adam<B>, [f64; 3]), String>;
+
 /// The T5 model, its AdamW state and the position in the data: everything a resume needs.
 pub struct Trainer<B: AutodiffBackend> {
     /// The model being trained (device 0's replica under [`DataParallel::Collective`]).
@@ -629,7 +633,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut replicas = vec![(self.model.clone(), self.optim.clone())];
         replicas.append(&mut self.replicas);
         let config = CollectiveConfig::default().with_num_devices(n);
-        let results: Vec<Result<(T5<B>, Adam<B>, [f64; 3]), String>> = std::thread::scope(|s| {
+        let results: Vec<PeerResult<B>> = std::thread::scope(|s| {
             let handles: Vec<_> = replicas
                 .into_iter()
                 .zip(&self.devices)
