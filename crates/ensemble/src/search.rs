@@ -324,6 +324,18 @@ mod tests {
 
     const GRADIENTS: [SearchGradient; 2] = [SearchGradient::Analytic, SearchGradient::Autodiff];
 
+    /// `inverse_search` from host logits and target, back on the host.
+    fn search(z: &[f32], target: &[f32], r: &RelativeMatrix<B>, config: &SearchConfig) -> Vec<f32> {
+        let device = Default::default();
+        let logits = Tensor::<B, 1>::from_data(z, &device);
+        let target = Tensor::<B, 1>::from_data(target, &device);
+        inverse_search(logits, target, r, config)
+            .unwrap()
+            .into_data()
+            .into_vec()
+            .unwrap()
+    }
+
     #[test]
     fn one_sgd_step_by_hand() {
         let (r, z, rh) = setup();
@@ -331,18 +343,12 @@ mod tests {
         let g = hand_gradient(&z, &rh, &t);
         let lr = 0.5;
         for gradient in GRADIENTS {
-            let logits = Tensor::<B, 1>::from_data(z.as_slice(), &Default::default());
-            let target = Tensor::<B, 1>::from_data([0.2f32, 0.8], &Default::default());
             let config = SearchConfig::default()
                 .with_learning_rate(lr)
                 .with_steps(1)
                 .with_optimizer(SearchOptimizer::Sgd)
                 .with_gradient(gradient);
-            let out: Vec<f32> = inverse_search(logits, target, &r, &config)
-                .unwrap()
-                .into_data()
-                .into_vec()
-                .unwrap();
+            let out = search(&z, &[0.2, 0.8], &r, &config);
             for v in 0..3 {
                 let want = z[v] as f64 - lr as f64 * g[v];
                 assert!(
@@ -361,16 +367,10 @@ mod tests {
         let g = hand_gradient(&z, &rh, &[0.2, 0.8]);
         let lr = 0.15f64;
         for gradient in GRADIENTS {
-            let logits = Tensor::<B, 1>::from_data(z.as_slice(), &Default::default());
-            let target = Tensor::<B, 1>::from_data([0.2f32, 0.8], &Default::default());
             let config = SearchConfig::default()
                 .with_steps(1)
                 .with_gradient(gradient);
-            let out: Vec<f32> = inverse_search(logits, target, &r, &config)
-                .unwrap()
-                .into_data()
-                .into_vec()
-                .unwrap();
+            let out = search(&z, &[0.2, 0.8], &r, &config);
             for v in 0..3 {
                 let want = z[v] as f64 * (1.0 - lr * 0.01) - lr * g[v].signum();
                 assert!((out[v] as f64 - want).abs() < 1e-4, "{gradient:?}: {out:?}");
