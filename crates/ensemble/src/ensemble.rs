@@ -375,7 +375,7 @@ impl<B: Backend> Ensemble<B> {
         let device = logits[0].device();
         let mut aggregate = vec![0f32; self.relative[0].anchors()];
         for ((l, r), &w) in logits.iter().zip(&self.relative).zip(&self.weights) {
-            let p = host_vec(softmax(l.clone(), 0))?;
+            let p = host_vec(softmax(l.clone(), 0), "logits")?;
             for (a, x) in aggregate.iter_mut().zip(r.map_host(&p, &device)?) {
                 *a += w * x;
             }
@@ -438,7 +438,7 @@ impl<B: Backend> Ensemble<B> {
                     let logits: Vec<Tensor<B, 1>> =
                         tracks.iter().map(|t| t.logits.clone()).collect();
                     let combined = self.deepen_logits(&logits)?;
-                    let mut host = host_vec(combined)?;
+                    let mut host = host_vec(combined, "logits")?;
                     Choice::Main(sampler.sample(&mut host, &chosen))
                 }
                 Method::Gac => self.choose_gac(&tracks, &mut sampler, &chosen)?,
@@ -529,7 +529,7 @@ impl<B: Backend> Ensemble<B> {
             if member.prompt_len() + tokens.len() + 1 > member.max_context() {
                 break;
             }
-            let mut host = host_vec(logits)?;
+            let mut host = host_vec(logits, "logits")?;
             let id = sampler.sample(&mut host, &tokens);
             tokens.push(id);
             if eos.contains(&id) {
@@ -659,6 +659,7 @@ impl<B: Backend> Ensemble<B> {
             .map(|t| {
                 host_vec(
                     softmax(t.logits.clone().unsqueeze::<2>(), 1).reshape([t.logits.dims()[0]]),
+                    "logits",
                 )
             })
             .collect()
@@ -797,9 +798,13 @@ enum UnionKey {
     Bytes(Vec<u8>),
 }
 
-fn host_vec<B: Backend>(t: Tensor<B, 1>) -> Result<Vec<f32>> {
+/// A tensor's values read back to the host as f32; `what` names it in the error.
+pub(crate) fn host_vec<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    what: &'static str,
+) -> Result<Vec<f32>> {
     t.into_data()
         .convert::<f32>()
         .into_vec()
-        .map_err(|e| EnsembleError::arg("logits", format!("{e:?}")))
+        .map_err(|e| EnsembleError::arg(what, format!("{e:?}")))
 }

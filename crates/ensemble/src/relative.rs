@@ -12,7 +12,7 @@
 //! The dense matrix lives on the backend's device and maps with a matmul. The sparse one lives
 //! in host memory ([`SparseRelative`]) and maps with plain loops over its rows, split over the
 //! CPU cores: Burn has no sparse matmul, and its gather/scatter on the CPU backends took 35 ms for
-//! one 49k × 32 map, against ~1 ms for the loops; on a GPU the 49k-float logits cross to the host
+//! one 49k × 32 map, against ~2 ms for the loops; on a GPU the 49k-float logits cross to the host
 //! once per token, as sampling does anyway.
 
 use std::io::{Read, Write};
@@ -24,6 +24,7 @@ use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::softmax;
 use rayon::prelude::*;
 
+use crate::ensemble::host_vec;
 use crate::error::{EnsembleError, Result};
 
 /// How relative matrices are built.
@@ -275,7 +276,7 @@ impl<B: Backend> RelativeMatrix<B> {
                 Some(k) => {
                     let (v, i) = probs.topk_with_indices(k, 1);
                     let v = v.clone() / v.sum_dim(1);
-                    vals.extend(host_floats(v)?);
+                    vals.extend(host_vec(v, "relative")?);
                     let i = i.into_data().convert::<i64>().into_vec::<i64>();
                     let i = i.map_err(|e| EnsembleError::arg("relative", format!("{e:?}")))?;
                     idx.extend(i.into_iter().map(|a| a as u32));
@@ -353,7 +354,7 @@ impl<B: Backend> RelativeMatrix<B> {
             RelativeMatrix::Dense(r) => {
                 let p =
                     Tensor::<B, 2>::from_data(TensorData::new(p.to_vec(), [1, p.len()]), device);
-                host_floats(p.matmul(r.clone()))
+                host_vec(p.matmul(r.clone()), "relative")
             }
         }
     }
@@ -461,13 +462,6 @@ impl<B: Backend> RelativeMatrix<B> {
 }
 
 const MAGIC: &[u8; 8] = b"KILNREL1";
-
-fn host_floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec()
-        .map_err(|e| EnsembleError::arg("relative", format!("{e:?}")))
-}
 
 /// `x / max(‖x‖₂, eps)` along dim 1.
 fn l2_normalize<B: Backend>(x: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {

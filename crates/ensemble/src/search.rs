@@ -18,6 +18,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use crate::ensemble::host_vec;
 use crate::error::{EnsembleError, Result};
 use crate::relative::{RelativeMatrix, SparseRelative};
 
@@ -227,8 +228,8 @@ pub fn inverse_search<B: Backend>(
     let device = logits.device();
     if let (SearchGradient::Analytic, RelativeMatrix::Sparse(sparse)) = (config.gradient, relative)
     {
-        let mut z = host(logits)?;
-        let target = host(target)?;
+        let mut z = host_vec(logits, "logits")?;
+        let target = host_vec(target, "target")?;
         let (mut m, mut v, mut g) = (vec![0f32; vocab], vec![0f32; vocab], vec![0f32; vocab]);
         for t in 0..config.steps {
             sparse_gradient(&z, &target, sparse, mean, &mut g);
@@ -277,13 +278,6 @@ pub fn inverse_search<B: Backend>(
         };
     }
     Ok(z.squeeze::<1>())
-}
-
-fn host<B: Backend>(t: Tensor<B, 1>) -> Result<Vec<f32>> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec()
-        .map_err(|e| EnsembleError::arg("logits", format!("{e:?}")))
 }
 
 #[cfg(test)]
