@@ -218,6 +218,13 @@ fn bad_config_is_an_error() {
     assert!(missing.is_err());
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
 #[test]
 fn two_device_data_parallel_matches_one_device() {
     // The CPU backend has one device; listing it twice still runs the threaded multi-device path
@@ -241,11 +248,7 @@ fn two_device_data_parallel_matches_one_device() {
         );
     }
     let (pa, pb) = (params(&one.model), params(&two.model));
-    let max = pa
-        .iter()
-        .zip(&pb)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let max = max_abs_diff(&pa, &pb);
     assert!(max < 1e-6, "max parameter difference {max}");
 }
 
@@ -273,16 +276,8 @@ fn collective_data_parallel_matches_one_device() {
         );
     }
     let (pa, pb) = (params(&one.model), params(&two.model));
-    let moved = pa
-        .iter()
-        .zip(&start)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
-    let max = pa
-        .iter()
-        .zip(&pb)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let moved = max_abs_diff(&pa, &start);
+    let max = max_abs_diff(&pa, &pb);
     assert!(moved > 1e-3, "training did not move the weights: {moved}");
     assert!(max < 1e-5, "max parameter difference {max} (moved {moved})");
 }
