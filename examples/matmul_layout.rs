@@ -27,7 +27,7 @@ fn main() {
         burn::tensor::Distribution::Normal(0.0, 0.02),
         &device,
     );
-    for m in [1usize, 8, 32, 128] {
+    for m in [1usize, 4, 8, 16, 32, 64, 96, 128, 256, 512] {
         let x = Tensor::<B, 2>::random(
             [m, inp],
             burn::tensor::Distribution::Normal(0.0, 1.0),
