@@ -141,7 +141,7 @@ fn masked_decode_step_gqa() {
     check(3, 6, 2, 1, 9);
 }
 
-/// RoPE angles for a left-padded batch: each row has its own positions.
+/// RoPE of a left-padded batch: each row has its own positions.
 #[test]
 fn rope_positions_per_row() {
     rope_positions(6, 0);
@@ -153,28 +153,49 @@ fn rope_decode_positions_per_row() {
     rope_positions(1, 24);
 }
 
+/// The rotation against HF's formula on the host: `x·cos + rotate_half(x)·sin`, with
+/// `rotate_half(x) = cat(-x₂, x₁)` and channel `c` turning at frequency `c mod dim/2`.
 fn rope_positions(seq: usize, start: i64) {
     use kiln::core::nn::{RopeScaling, RotaryEmbedding};
     let device = device();
-    let (batch, dim) = (3, 8);
+    let (batch, heads, dim) = (3, 2, 8);
+    let half = dim / 2;
     let positions: Vec<i64> = (0..batch * seq)
         .map(|i| (start + (i % seq) as i64 - 7 * (i / seq) as i64).max(0))
         .collect();
+    let x = values(batch * seq * heads * dim, 5);
     let rope = RotaryEmbedding::<B>::new(dim, 10000.0, &RopeScaling::None, &device);
-    let (cos, _) = rope.cos_sin(Tensor::from_data(
-        TensorData::new(positions.clone(), [batch, seq]),
-        &device,
-    ));
-    let got = cos.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let angles = rope.angles(
+        Tensor::from_data(TensorData::new(positions.clone(), [batch, seq]), &device),
+        heads,
+    );
+    let got = angles
+        .apply(Tensor::from_data(
+            TensorData::new(x.clone(), [batch, seq, heads, dim]),
+            &device,
+        ))
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap();
     for (i, &p) in positions.iter().enumerate() {
-        for c in 0..dim {
-            let freq = 1.0 / 10000f64.powf((2 * (c % (dim / 2))) as f64 / dim as f64);
-            let want = (p as f64 * freq).cos() as f32;
-            let have = got[i * dim + c];
-            assert!(
-                (have - want).abs() < 1e-5,
-                "position {p} (flat {i}), channel {c}: {have} vs {want}"
-            );
+        for h in 0..heads {
+            let row = &x[(i * heads + h) * dim..][..dim];
+            for c in 0..dim {
+                let freq = 1.0 / 10000f64.powf((2 * (c % half)) as f64 / dim as f64);
+                let (sin, cos) = (p as f64 * freq).sin_cos();
+                let rotated = if c < half {
+                    -row[c + half]
+                } else {
+                    row[c - half]
+                };
+                let want = (row[c] as f64 * cos + rotated as f64 * sin) as f32;
+                let have = got[(i * heads + h) * dim + c];
+                assert!(
+                    (have - want).abs() < 1e-5,
+                    "position {p} (flat {i}), head {h}, channel {c}: {have} vs {want}"
+                );
+            }
         }
     }
 }

@@ -7,8 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
 use kiln_core::nn::{
-    CacheState, KvCache, RmsNorm, RmsNormConfig, RotaryEmbedding, TorchLinear, TorchLinearConfig,
-    scaled_dot_product_attention, tied_lm_head,
+    CacheState, KvCache, RmsNorm, RmsNormConfig, RotaryAngles, RotaryEmbedding, TorchLinear,
+    TorchLinearConfig, scaled_dot_product_attention, tied_lm_head,
 };
 use kiln_core::{CausalLm, Result};
 
@@ -34,29 +34,35 @@ impl<B: Backend> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        rope: &Rope<B>,
         mask: Option<&Tensor<B, 4, Bool>>,
         cache: &mut KvCache<B>,
         keep: usize,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let split = |t: Tensor<B, 3>, heads| {
-            t.reshape([batch, seq, heads, self.head_dim])
-                .swap_dims(1, 2)
-        };
-        let q = split(self.q_proj.forward(x.clone()), self.heads);
-        let k = split(self.k_proj.forward(x.clone()), self.kv_heads);
-        let v = split(self.v_proj.forward(x), self.kv_heads);
-        let q = RotaryEmbedding::apply(q, &rope.0, &rope.1);
-        let k = RotaryEmbedding::apply(k, &rope.0, &rope.1);
-        let (k, v) = cache.update(k, v, keep);
+        let heads = |t: Tensor<B, 3>, heads| t.reshape([batch, seq, heads, self.head_dim]);
+        // RoPE in the projections' [batch, seq, heads, head_dim] layout, then heads to the front.
+        let q = rope
+            .q
+            .apply(heads(self.q_proj.forward(x.clone()), self.heads));
+        let k = rope
+            .k
+            .apply(heads(self.k_proj.forward(x.clone()), self.kv_heads));
+        let v = heads(self.v_proj.forward(x), self.kv_heads);
+        let (k, v) = cache.update(k.swap_dims(1, 2), v.swap_dims(1, 2), keep);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = scaled_dot_product_attention(q, k, v, mask, None, scale);
+        let out = scaled_dot_product_attention(q.swap_dims(1, 2), k, v, mask, None, scale);
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, seq, self.heads * self.head_dim]);
         self.o_proj.forward(out)
     }
+}
+
+/// The rotary angles of one forward pass, for the query heads and for the key heads.
+struct Rope<B: Backend> {
+    q: RotaryAngles<B>,
+    k: RotaryAngles<B>,
 }
 
 /// SwiGLU feed-forward (HF `LlamaMLP`).
@@ -197,6 +203,20 @@ impl<B: Backend> Llama<B> {
 }
 
 impl<B: Backend> Llama<B> {
+    fn rope_angles(&self, positions: Tensor<B, 2, Int>) -> Rope<B> {
+        let (heads, kv_heads) = (
+            self.config.num_attention_heads,
+            self.config.num_key_value_heads,
+        );
+        let q = self.rope.angles(positions.clone(), heads);
+        let k = if kv_heads == heads {
+            q.clone()
+        } else {
+            self.rope.angles(positions, kv_heads)
+        };
+        Rope { q, k }
+    }
+
     /// Runs the decoder with explicit RoPE `positions` `[batch, seq]` and an explicit attention
     /// `mask` `[batch, 1, seq, cached + seq]` (`true` hides a key), returning logits for every
     /// position `[batch, seq, vocab]`.
@@ -250,7 +270,7 @@ impl<B: Backend> Llama<B> {
                 ),
             ));
         }
-        let rope = self.rope.cos_sin(positions);
+        let rope = self.rope_angles(positions);
         let mut x = self.model.embed_tokens.forward(tokens);
         for (layer, kv) in self.model.layers.iter().zip(caches.iter_mut()) {
             let h = layer.input_layernorm.forward(x.clone());
@@ -286,7 +306,7 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
     ) -> Tensor<B, 3> {
         let [_, seq] = tokens.dims();
         let step = cache.state.advance::<B>(seq, &tokens.device());
-        let rope = self.rope.cos_sin(step.positions);
+        let rope = self.rope_angles(step.positions);
         let mut x = self.model.embed_tokens.forward(tokens);
         for (layer, kv) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
             let h = layer.input_layernorm.forward(x.clone());

@@ -11,5 +11,5 @@ pub use attention::{AttentionMask, scaled_dot_product_attention};
 pub use kv_cache::{CacheState, CacheStep, KvCache};
 pub use linear::{TorchLinear, TorchLinearConfig, linear_out_in};
 pub use norm::{RmsNorm, RmsNormConfig};
-pub use rope::{RopeScaling, RotaryEmbedding};
+pub use rope::{RopeScaling, RotaryAngles, RotaryEmbedding};
 pub use tied::tied_lm_head;
