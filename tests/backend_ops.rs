@@ -165,10 +165,12 @@ fn rope_positions(seq: usize, start: i64) {
         .collect();
     let x = values(batch * seq * heads * dim, 5);
     let rope = RotaryEmbedding::<B>::new(dim, 10000.0, &RopeScaling::None, &device);
-    let angles = rope.angles(
-        Tensor::from_data(TensorData::new(positions.clone(), [batch, seq]), &device),
-        heads,
-    );
+    let angles = rope
+        .angles(Tensor::from_data(
+            TensorData::new(positions.clone(), [batch, seq]),
+            &device,
+        ))
+        .for_heads(heads);
     let got = angles
         .apply(Tensor::from_data(
             TensorData::new(x.clone(), [batch, seq, heads, dim]),

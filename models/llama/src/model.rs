@@ -208,11 +208,12 @@ impl<B: Backend> Llama<B> {
             self.config.num_attention_heads,
             self.config.num_key_value_heads,
         );
-        let q = self.rope.angles(positions.clone(), heads);
+        let angles = self.rope.angles(positions);
+        let q = angles.for_heads(heads);
         let k = if kv_heads == heads {
             q.clone()
         } else {
-            self.rope.angles(positions, kv_heads)
+            angles.for_heads(kv_heads)
         };
         Rope { q, k }
     }

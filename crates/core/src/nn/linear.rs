@@ -2,7 +2,7 @@ use burn::module::{Initializer, Param};
 use burn::prelude::*;
 
 /// A linear layer whose weight keeps PyTorch's `nn.Linear` layout, `[d_output, d_input]`, and
-/// computes `y = (W · xᵀ)ᵀ + b`.
+/// computes `y = x · Wᵀ + b` (see [`linear_out_in`] for the order of the product).
 ///
 /// Written instead of using burn-nn's `Linear`, which stores `[d_input, d_output]`: that layout
 /// makes loading transpose every checkpoint weight, and on the CPU backends `x · W` is slower

@@ -130,26 +130,24 @@ impl<B: Backend> RotaryEmbedding<B> {
         }
     }
 
-    /// The rotation of integer `positions` `[batch, seq]` for `heads` heads, to be applied to
-    /// every layer's queries (or keys) of one forward pass.
-    pub fn angles(&self, positions: Tensor<B, 2, Int>, heads: usize) -> RotaryAngles<B> {
+    /// The rotation of integer `positions` `[batch, seq]`, for one head; widen it to a layer's
+    /// query or key heads with [`RotaryAngles::for_heads`].
+    pub fn angles(&self, positions: Tensor<B, 2, Int>) -> RotaryAngles<B> {
         let [batch, seq] = positions.dims();
         let half = self.head_dim / 2;
         // As HF: angles in f32, `emb = cat(freqs, freqs)`.
         let freqs = positions.float().reshape([batch, seq, 1, 1])
             * self.inv_freq.clone().reshape([1, 1, 1, half]);
         let (cos, sin) = (freqs.clone().cos(), freqs.sin());
-        let cos = Tensor::cat(vec![cos.clone(), cos], 3);
-        let sin = Tensor::cat(vec![sin.clone().neg(), sin], 3);
         RotaryAngles {
-            cos: cos.repeat_dim(2, heads),
-            sin: sin.repeat_dim(2, heads),
+            cos: Tensor::cat(vec![cos.clone(), cos], 3),
+            sin: Tensor::cat(vec![sin.clone().neg(), sin], 3),
         }
     }
 }
 
 /// cos and sin of one forward pass's rotary angles, `[batch, seq, heads, head_dim]`, made by
-/// [`RotaryEmbedding::angles`].
+/// [`RotaryEmbedding::angles`] (one head) and [`RotaryAngles::for_heads`].
 ///
 /// Written out for every head (not broadcast from `[batch, seq, 1, head_dim]`) and applied in the
 /// projections' own `[batch, seq, heads, head_dim]` layout: every operand of the rotation is then
@@ -164,6 +162,15 @@ pub struct RotaryAngles<B: Backend> {
 }
 
 impl<B: Backend> RotaryAngles<B> {
+    /// The same angles written out for `heads` heads (from the one head of
+    /// [`RotaryEmbedding::angles`]).
+    pub fn for_heads(&self, heads: usize) -> Self {
+        Self {
+            cos: self.cos.clone().repeat_dim(2, heads),
+            sin: self.sin.clone().repeat_dim(2, heads),
+        }
+    }
+
     /// Rotates `x` `[batch, seq, heads, head_dim]`: `x·cos + rotate_half(x)·sin`, with
     /// `rotate_half(x) = cat(-x₂, x₁)` written as `cat(x₂, x₁)` times the signed sin.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
