@@ -4,7 +4,9 @@
 //! scaling), grouped-query attention with a KV cache and causal / sliding-window / padding
 //! masks, the sampling pipeline and generation loop, checkpoint loading (safetensors, sharded,
 //! f32/f16/bf16, from a folder or the Hugging Face hub) and a tokenizer wrapper with chat
-//! templates.
+//! templates, and weights held on the host in the precision they ship in (f16/bf16, ggml's
+//! Q8_0/Q4_0/Q4_1 blocks) with the CPU kernels that multiply by them ([`packed`], chosen at load
+//! by [`loading::LoadOptions`]).
 //!
 //! Everything is generic over a Burn [`Backend`](burn::prelude::Backend); kiln's library crates
 //! never pick one.
@@ -15,6 +17,7 @@ mod error;
 pub mod generate;
 pub mod loading;
 pub mod nn;
+pub mod packed;
 pub mod sampling;
 pub mod seq2seq;
 pub mod tokenizer;

@@ -1,0 +1,408 @@
+//! AVX2 + FMA + F16C dot products over packed rows, chosen at run time.
+//!
+//! Each 32-value block is dequantised into four 8-lane registers exactly as ggml dequantises
+//! it, then multiplied into four independent accumulators per activation row (so FMA latency
+//! overlaps across blocks). Activation rows go through in groups of up to four, so a weight
+//! block is loaded and unpacked once per group.
+
+use super::PackedFormat;
+use super::kernels::{Acts, DotKernel};
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Whether this CPU has AVX2, FMA and F16C (checked once).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var_os("KILN_NO_AVX2").is_none()
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    })
+}
+
+const F32: u8 = 0;
+const F16: u8 = 1;
+const BF16: u8 = 2;
+const Q8_0: u8 = 3;
+const Q4_0: u8 = 4;
+const Q4_1: u8 = 5;
+
+/// The AVX2 kernel for `format`. Only call after [`available`] returned true.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
+    match format {
+        PackedFormat::F32 => entry::<F32>,
+        PackedFormat::F16 => entry::<F16>,
+        PackedFormat::BF16 => entry::<BF16>,
+        PackedFormat::Q8_0 => entry::<Q8_0>,
+        PackedFormat::Q4_0 => entry::<Q4_0>,
+        PackedFormat::Q4_1 => entry::<Q4_1>,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+    let (cols, m) = (acts.cols, out.len());
+    assert_eq!(w.len(), format.row_bytes(cols));
+    assert!(acts.x.len() >= m * cols);
+    if matches!(F, Q4_0 | Q4_1) {
+        let blocks = m * (cols / 32);
+        assert!(acts.sum.len() >= blocks && acts.scale.len() >= blocks);
+        assert!(acts.q16.len() >= m * cols);
+    }
+    // Safety: `dot_kernel` is only handed out when `available()`; the asserts above bound every
+    // read (w is one whole row; x, q16, sum and scale hold `m` rows).
+    unsafe { dot_rows::<F>(format, w, acts, out) }
+}
+
+/// Bytes of one 32-value block.
+const fn block_bytes<const F: u8>() -> usize {
+    match F {
+        F32 => 128,
+        F16 | BF16 => 64,
+        Q8_0 => 34,
+        Q4_0 => 18,
+        _ => 20,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+    let (x, cols) = (acts.x, acts.cols);
+    let m = out.len();
+    let blocks = cols / 32;
+    let mut j = 0;
+    while j < m {
+        let n = (m - j).min(4);
+        let xs = &x[j * cols..];
+        let o = &mut out[j..j + n];
+        unsafe {
+            if matches!(F, Q4_0 | Q4_1) {
+                let q = Q16 {
+                    q: &acts.q16[j * cols..],
+                    sum: &acts.sum[j * blocks..],
+                    scale: &acts.scale[j * blocks..],
+                };
+                match n {
+                    4 => group_q4::<F, 4>(w, &q, cols, o),
+                    3 => group_q4::<F, 3>(w, &q, cols, o),
+                    2 => group_q4::<F, 2>(w, &q, cols, o),
+                    _ => group_q4::<F, 1>(w, &q, cols, o),
+                }
+            } else if F == Q8_0 {
+                match n {
+                    4 => group_q8::<4>(w, xs, cols, o),
+                    3 => group_q8::<3>(w, xs, cols, o),
+                    2 => group_q8::<2>(w, xs, cols, o),
+                    _ => group_q8::<1>(w, xs, cols, o),
+                }
+            } else {
+                match n {
+                    4 => group::<F, 4>(w, xs, cols, o),
+                    3 => group::<F, 3>(w, xs, cols, o),
+                    2 => group::<F, 2>(w, xs, cols, o),
+                    _ => group::<F, 1>(w, xs, cols, o),
+                }
+            }
+        }
+        j += n;
+    }
+    // Float formats allow any width: the last `cols % 32` values go one by one.
+    let done = cols / 32 * 32;
+    if done < cols {
+        let mut tail = vec![0f32; cols];
+        super::kernels::dequantize_row(format, w, &mut tail);
+        for (j, y) in out.iter_mut().enumerate() {
+            let xr = &x[j * cols..(j + 1) * cols];
+            *y += (done..cols).map(|i| tail[i] * xr[i]).sum::<f32>();
+        }
+    }
+}
+
+/// The i16 activations of a group of rows (see [`Acts::new`]).
+struct Q16<'a> {
+    q: &'a [i16],
+    sum: &'a [f32],
+    scale: &'a [f32],
+}
+
+/// `M` rows of i16 activations against one row of 4-bit blocks: per block, `vpmaddwd` of the
+/// quants (0..15) with the activations gives eight i32 partial sums, scaled once by `d·s`
+/// (s the activations' scale); the offset (`m` for Q4_1, `−8·d` for Q4_0) multiplies the
+/// block's exact f32 sum. Alternate blocks go to two accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn group_q4<const F: u8, const M: usize>(
+    w: &[u8],
+    acts: &Q16,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let blocks = cols / 32;
+    // Two of everything, for even and odd blocks: the scale FMA and the offset sum are
+    // loop-carried, and one chain per block would stall on their latency.
+    let mut acc = [[_mm256_setzero_ps(); M]; 2];
+    let mut offset = [[0f32; M]; 2];
+    let wp = w.as_ptr();
+    let mut b = 0;
+    while b < blocks {
+        let pair = (blocks - b).min(2);
+        for (half, (acc, offset)) in acc.iter_mut().zip(offset.iter_mut()).take(pair).enumerate() {
+            unsafe { q4_block::<F, M>(wp, acts, cols, blocks, b + half, acc, offset) };
+        }
+        b += 2;
+    }
+    for j in 0..M {
+        out[j] = hsum(_mm256_add_ps(acc[0][j], acc[1][j])) + (offset[0][j] + offset[1][j]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4_block<const F: u8, const M: usize>(
+    wp: *const u8,
+    acts: &Q16,
+    cols: usize,
+    blocks: usize,
+    b: usize,
+    acc: &mut [__m256; M],
+    offset: &mut [f32; M],
+) {
+    unsafe {
+        let p = wp.add(b * block_bytes::<F>());
+        let d = h2f(p);
+        let (off, qs) = if F == Q4_0 {
+            (-8.0 * d, _mm_loadu_si128(p.add(2).cast()))
+        } else {
+            (h2f(p.add(2)), _mm_loadu_si128(p.add(4).cast()))
+        };
+        // Elements 0..16 are the low nibbles, 16..32 the high ones (ggml's order).
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, mask));
+        let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), mask));
+        for j in 0..M {
+            let xq = acts.q.as_ptr().add(j * cols + b * 32);
+            let s = _mm256_add_epi32(
+                _mm256_madd_epi16(lo, _mm256_loadu_si256(xq.cast())),
+                _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(16).cast())),
+            );
+            let k = j * blocks + b;
+            let scale = _mm256_set1_ps(d * *acts.scale.get_unchecked(k));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[j]);
+            offset[j] += off * *acts.sum.get_unchecked(k);
+        }
+    }
+}
+
+/// `M` activation rows against one weight row: full 32-value blocks only.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn group<const F: u8, const M: usize>(w: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
+    let blocks = cols / 32;
+    let mut acc = [[_mm256_setzero_ps(); 4]; M];
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    for b in 0..blocks {
+        let wv = unsafe { load::<F>(wp.add(b * block_bytes::<F>())) };
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let xb = unsafe { xp.add(j * cols + b * 32) };
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv[k], unsafe { _mm256_loadu_ps(xb.add(8 * k)) }, *a);
+            }
+        }
+    }
+    for (y, acc) in out.iter_mut().zip(acc) {
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        *y = hsum(s);
+    }
+}
+
+/// `M` activation rows against one row of Q8_0 blocks: the quants, widened to f32, multiply
+/// the activations, and the sum is scaled once by `d`. Alternate blocks go to two
+/// accumulators, so the scale's FMA chain does not stall.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn group_q8<const M: usize>(w: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
+    let blocks = cols / 32;
+    let mut acc = [[_mm256_setzero_ps(); 2]; M];
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    for b in 0..blocks {
+        unsafe {
+            let p = wp.add(b * 34);
+            let dv = _mm256_set1_ps(h2f(p));
+            let q = [
+                i8x8(p.add(2)),
+                i8x8(p.add(10)),
+                i8x8(p.add(18)),
+                i8x8(p.add(26)),
+            ];
+            for j in 0..M {
+                let xb = xp.add(j * cols + b * 32);
+                let s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+                let s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb.add(8)), s);
+                let t = _mm256_mul_ps(q[2], _mm256_loadu_ps(xb.add(16)));
+                let t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb.add(24)), t);
+                let a = &mut acc[j][b & 1];
+                *a = _mm256_fmadd_ps(_mm256_add_ps(s, t), dv, *a);
+            }
+        }
+    }
+    for j in 0..M {
+        out[j] = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+    }
+}
+
+/// The f16 at `p` as an f32 scalar.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn h2f(p: *const u8) -> f32 {
+    let bits = unsafe { p.cast::<u16>().read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// 32 values of a float format at `p`, as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load<const F: u8>(p: *const u8) -> [__m256; 4] {
+    unsafe {
+        match F {
+            F32 => {
+                let p = p.cast::<f32>();
+                [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ]
+            }
+            F16 => [
+                _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(32).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(48).cast())),
+            ],
+            _ => [
+                bf16x8(p),
+                bf16x8(p.add(16)),
+                bf16x8(p.add(32)),
+                bf16x8(p.add(48)),
+            ],
+        }
+    }
+}
+
+/// Eight bf16 at `p` as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn bf16x8(p: *const u8) -> __m256 {
+    let v = _mm256_cvtepu16_epi32(unsafe { _mm_loadu_si128(p.cast()) });
+    _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+}
+
+/// Eight i8 at `p` as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn i8x8(p: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) }))
+}
+
+/// One row to f32, with the scalar dequantiser's arithmetic (`(q − 8)·d`, `q·d + m` without a
+/// fused multiply-add, `q·d`), so the results are bit-identical; `false` when the format or
+/// width is not one it handles (the caller falls back to the scalar loop).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) -> bool {
+    let blocks = dst.len() / 32;
+    if dst.len() % 32 != 0 || src.len() != format.row_bytes(dst.len()) {
+        return false;
+    }
+    // Safety: `available()` was checked by the caller; lengths checked above.
+    unsafe {
+        match format {
+            PackedFormat::F32 => return false,
+            PackedFormat::F16 => dequant::<F16>(src, dst, blocks),
+            PackedFormat::BF16 => dequant::<BF16>(src, dst, blocks),
+            PackedFormat::Q8_0 => dequant::<Q8_0>(src, dst, blocks),
+            PackedFormat::Q4_0 => dequant::<Q4_0>(src, dst, blocks),
+            PackedFormat::Q4_1 => dequant::<Q4_1>(src, dst, blocks),
+        }
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
+    for b in 0..blocks {
+        unsafe {
+            let p = src.as_ptr().add(b * block_bytes::<F>());
+            let v = match F {
+                Q8_0 => {
+                    let d = _mm256_set1_ps(h2f(p));
+                    [
+                        _mm256_mul_ps(i8x8(p.add(2)), d),
+                        _mm256_mul_ps(i8x8(p.add(10)), d),
+                        _mm256_mul_ps(i8x8(p.add(18)), d),
+                        _mm256_mul_ps(i8x8(p.add(26)), d),
+                    ]
+                }
+                Q4_0 | Q4_1 => {
+                    let d = _mm256_set1_ps(h2f(p));
+                    let qs = _mm_loadu_si128(p.add(if F == Q4_0 { 2 } else { 4 }).cast());
+                    let mask = _mm_set1_epi8(0x0F);
+                    let lo = _mm_and_si128(qs, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                    let q = [
+                        _mm256_cvtepu8_epi32(lo),
+                        _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                        _mm256_cvtepu8_epi32(hi),
+                        _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                    ];
+                    if F == Q4_0 {
+                        let eight = _mm256_set1_epi32(8);
+                        [
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[0], eight)), d),
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[1], eight)), d),
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[2], eight)), d),
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[3], eight)), d),
+                        ]
+                    } else {
+                        let m = _mm256_set1_ps(h2f(p.add(2)));
+                        [
+                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), d), m),
+                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[1]), d), m),
+                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[2]), d), m),
+                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[3]), d), m),
+                        ]
+                    }
+                }
+                _ => load::<F>(p),
+            };
+            let out = dst.as_mut_ptr().add(b * 32);
+            _mm256_storeu_ps(out, v[0]);
+            _mm256_storeu_ps(out.add(8), v[1]);
+            _mm256_storeu_ps(out.add(16), v[2]);
+            _mm256_storeu_ps(out.add(24), v[3]);
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Portable kernels: ggml's reference quantisers and dequantisers, and the dot products used
+//! where AVX2 is not available (and as the oracle in the tests).
+
+use std::cell::RefCell;
+
+use half::{bf16, f16};
+
+use super::{PackedFormat, bf16_at, f16_at};
+
+/// The activation rows of one product, with what the 4-bit kernels precompute from them.
+pub(super) struct Acts<'a> {
+    /// Row-major `[m, cols]`.
+    pub x: &'a [f32],
+    /// Values per row.
+    pub cols: usize,
+    /// 4-bit formats: per row and 32-value block, the exact sum of the block (what the block's
+    /// offset, `m` or `−8·d`, multiplies).
+    pub sum: Vec<f32>,
+    /// 4-bit formats: the activations as i16, per 32-value block scaled to ±32767.
+    pub q16: Vec<i16>,
+    /// 4-bit formats: per row and block, the i16 scale (`amax / 32767`).
+    pub scale: Vec<f32>,
+}
+
+impl<'a> Acts<'a> {
+    /// Prepares `m` rows of `x` for `format`'s kernels.
+    ///
+    /// The 4-bit AVX2 kernels multiply the quants by activations rounded to 16 bits per 32-value
+    /// block (an error of at most 2⁻¹⁶ of the block's largest value, finer than f16), so that
+    /// one integer multiply-add (`vpmaddwd`) replaces four widenings, four conversions and four
+    /// FMAs per 8 values: those kernels are compute-bound, not memory-bound. The block offsets
+    /// and everything else stay in f32.
+    pub fn new(format: PackedFormat, x: &'a [f32], m: usize, cols: usize) -> Self {
+        let mut acts = Self {
+            x,
+            cols,
+            sum: Vec::new(),
+            q16: Vec::new(),
+            scale: Vec::new(),
+        };
+        if matches!(format, PackedFormat::Q4_0 | PackedFormat::Q4_1) {
+            let blocks = m * (cols / 32);
+            acts.sum.reserve(blocks);
+            acts.scale.reserve(blocks);
+            acts.q16.reserve(m * cols);
+            for row in x.chunks_exact(cols).take(m) {
+                for block in row.chunks_exact(32) {
+                    acts.sum.push(block.iter().sum());
+                    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let scale = amax / 32767.0;
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    acts.scale.push(scale);
+                    acts.q16.extend(
+                        block
+                            .iter()
+                            .map(|v| (v * inv).round().clamp(-32767.0, 32767.0) as i16),
+                    );
+                }
+            }
+        }
+        acts
+    }
+}
+
+/// A dot-product kernel: for each of the `out.len()` activation rows, the dot product with one
+/// packed weight row `w`.
+pub(super) type DotKernel = fn(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]);
+
+/// The fastest kernel this CPU runs for `format`.
+pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        return super::avx2::dot_kernel(format);
+    }
+    let _ = format;
+    dot_portable
+}
+
+/// Dequantises the row into a per-thread buffer, then takes plain dot products (eight partial
+/// sums, so the compiler can vectorise them).
+pub(super) fn dot_portable(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+    let (x, cols) = (acts.x, acts.cols);
+    thread_local!(static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) });
+    ROW.with_borrow_mut(|row| {
+        row.resize(cols, 0.0);
+        dequantize_row(format, w, row);
+        for (j, y) in out.iter_mut().enumerate() {
+            *y = dot_f32(row, &x[j * cols..(j + 1) * cols]);
+        }
+    });
+}
+
+/// `Σ a·b` with eight independent partial sums.
+pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// One row of `format` bytes to f32, as ggml's `dequantize_row_*` computes it (with AVX2 where
+/// the CPU has it: the same operations, bit-identical results).
+pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() && super::avx2::dequantize_row(format, src, dst) {
+        return;
+    }
+    dequantize_row_scalar(format, src, dst);
+}
+
+/// [`dequantize_row`] one value at a time: the reference.
+pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut [f32]) {
+    match format {
+        PackedFormat::F32 => {
+            for (b, y) in src.chunks_exact(4).zip(dst) {
+                *y = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        PackedFormat::F16 => {
+            for (i, y) in dst.iter_mut().enumerate() {
+                *y = f16_at(src, 2 * i);
+            }
+        }
+        PackedFormat::BF16 => {
+            for (i, y) in dst.iter_mut().enumerate() {
+                *y = bf16_at(src, 2 * i);
+            }
+        }
+        PackedFormat::Q8_0 => {
+            for (b, y) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                for (y, &q) in y.iter_mut().zip(&b[2..34]) {
+                    *y = (q as i8) as f32 * d;
+                }
+            }
+        }
+        PackedFormat::Q4_0 => {
+            for (b, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                let (lo, hi) = y.split_at_mut(16);
+                for j in 0..16 {
+                    lo[j] = ((b[2 + j] & 0x0F) as i32 - 8) as f32 * d;
+                    hi[j] = ((b[2 + j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+        }
+        PackedFormat::Q4_1 => {
+            for (b, y) in src.chunks_exact(20).zip(dst.chunks_exact_mut(32)) {
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                let (lo, hi) = y.split_at_mut(16);
+                for j in 0..16 {
+                    lo[j] = (b[4 + j] & 0x0F) as f32 * d + m;
+                    hi[j] = (b[4 + j] >> 4) as f32 * d + m;
+                }
+            }
+        }
+    }
+}
+
+/// One row of f32 to `format`, as ggml's `quantize_row_*_ref` computes it (round half away
+/// from zero for Q8_0; `+ 8.5` / `+ 0.5` and truncation for the 4-bit types).
+pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) {
+    let put_f16 = |dst: &mut [u8], v: f32| dst.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+    match format {
+        PackedFormat::F32 => {
+            for (v, b) in src.iter().zip(dst.chunks_exact_mut(4)) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        PackedFormat::F16 => {
+            for (v, b) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                put_f16(b, *v);
+            }
+        }
+        PackedFormat::BF16 => {
+            for (v, b) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                b.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        PackedFormat::Q8_0 => {
+            for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(34)) {
+                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                put_f16(&mut b[..2], d);
+                for (q, v) in b[2..].iter_mut().zip(x) {
+                    *q = (v * id).round() as i8 as u8;
+                }
+            }
+        }
+        PackedFormat::Q4_0 => {
+            for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(18)) {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in x {
+                    if amax < v.abs() {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                put_f16(&mut b[..2], d);
+                for j in 0..16 {
+                    let q0 = ((x[j] * id + 8.5) as i8).min(15) as u8;
+                    let q1 = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
+                    b[2 + j] = q0 | (q1 << 4);
+                }
+            }
+        }
+        PackedFormat::Q4_1 => {
+            for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(20)) {
+                let min = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                put_f16(&mut b[..2], d);
+                put_f16(&mut b[2..4], min);
+                for j in 0..16 {
+                    let q0 = (((x[j] - min) * id + 0.5) as i8).min(15) as u8;
+                    let q1 = (((x[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
+                    b[4 + j] = q0 | (q1 << 4);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! Weights held on the host in the precision they ship in (f32, f16, bf16, or ggml's Q8_0,
+//! Q4_0 and Q4_1 blocks), and the CPU kernels that multiply activations by them.
+//!
+//! Why kiln has its own kernels here: a decode step is a matrix-vector product per weight, so
+//! its speed is the rate at which the weights stream from memory. Burn 0.21's CPU backends
+//! reach about a third of this machine's read bandwidth on f32 matrix-vector products, and
+//! their quantised matmul dequantises the whole weight before multiplying, which moves *more*
+//! bytes than f32. No maintained crate multiplies f32 activations by ggml blocks in place
+//! (candle and llama.cpp keep theirs inside their engines). So:
+//!
+//! * up to [`MATVEC_MAX_ROWS`] activation rows (decode steps, small batches), each output row is
+//!   a dot product over the packed bytes, dequantised block by block in registers (AVX2 + FMA
+//!   where the CPU has them, chosen at run time, a portable loop elsewhere), in f32, with the
+//!   output rows split over the kernel threads of `pool` (the caller and spinning workers);
+//! * more rows (prefill) dequantise the weight tile by tile into f32 and hand each tile to the
+//!   `gemm` crate, which Burn's flex backend uses for its own matmuls.
+//!
+//! The block layouts are ggml's (`block_q8_0`, `block_q4_0`, `block_q4_1`), so a GGUF file's
+//! tensor bytes are used as they are, and dequantisation follows ggml's arithmetic.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod kernels;
+mod pool;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// How a [`PackedMatrix`] stores its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PackedFormat {
+    /// Plain `f32`.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// ggml `block_q8_0`: blocks of 32 `i8` with one f16 scale (`y = q·d`), 8.5 bits a weight.
+    Q8_0,
+    /// ggml `block_q4_0`: blocks of 32 4-bit values with one f16 scale (`y = (q − 8)·d`),
+    /// 4.5 bits a weight.
+    Q4_0,
+    /// ggml `block_q4_1`: blocks of 32 4-bit values with an f16 scale and min
+    /// (`y = q·d + m`), 5 bits a weight.
+    Q4_1,
+}
+
+impl PackedFormat {
+    /// Values per block (1 for the float formats).
+    pub const fn block_len(self) -> usize {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q8_0 => 34,
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+        }
+    }
+
+    /// The name ggml and the CLI use (`f32`, `q4_1`, ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+        }
+    }
+
+    /// Bytes one row of `cols` values takes.
+    pub const fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_len() * self.block_bytes()
+    }
+}
+
+impl std::fmt::Display for PackedFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Up to this many activation rows, [`PackedMatrix::matmul_t`] runs the matrix-vector kernels
+/// (each weight block is read once for all rows); from one more on it dequantises tiles for
+/// `gemm`. Measured with `examples/packed_matmul.rs` (bench/README.md).
+pub const MATVEC_MAX_ROWS: usize = 8;
+
+/// A `[rows, cols]` matrix (PyTorch's `[d_out, d_in]` for a Linear weight, `[vocab, d]` for
+/// an embedding) held on the host in a [`PackedFormat`].
+#[derive(Clone)]
+pub struct PackedMatrix {
+    rows: usize,
+    cols: usize,
+    format: PackedFormat,
+    /// `rows × row_bytes` bytes, in 8-byte words so that f32/f16 rows are aligned for `gemm`.
+    words: Vec<u64>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedMatrix({}x{} {})",
+            self.rows, self.cols, self.format
+        )
+    }
+}
+
+impl PackedMatrix {
+    /// Wraps the raw bytes of `rows` rows in `format` (a GGUF tensor's data, for instance).
+    /// Errors when `cols` is not a whole number of blocks or `bytes` has the wrong length.
+    pub fn from_bytes(
+        rows: usize,
+        cols: usize,
+        format: PackedFormat,
+        bytes: &[u8],
+    ) -> Result<Self> {
+        check_shape(rows, cols, format)?;
+        let expected = rows
+            .checked_mul(format.row_bytes(cols))
+            .ok_or_else(|| Error::arg("packed matrix", format!("{rows}x{cols} overflows")))?;
+        if bytes.len() != expected {
+            return Err(Error::arg(
+                "packed matrix",
+                format!(
+                    "{rows}x{cols} in {format} takes {expected} bytes, got {}",
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut words = vec![0u64; expected.div_ceil(8)];
+        bytemuck_bytes_mut(&mut words)[..expected].copy_from_slice(bytes);
+        Ok(Self {
+            rows,
+            cols,
+            format,
+            words,
+        })
+    }
+
+    /// Converts (and for the block formats, quantises as ggml's reference quantiser does)
+    /// row-major `values` of a `[rows, cols]` matrix.
+    pub fn from_f32(
+        rows: usize,
+        cols: usize,
+        values: &[f32],
+        format: PackedFormat,
+    ) -> Result<Self> {
+        check_shape(rows, cols, format)?;
+        if values.len() != rows * cols {
+            return Err(Error::arg(
+                "packed matrix",
+                format!(
+                    "{rows}x{cols} needs {} values, got {}",
+                    rows * cols,
+                    values.len()
+                ),
+            ));
+        }
+        let row_bytes = format.row_bytes(cols);
+        let mut bytes = vec![0u8; rows * row_bytes];
+        if row_bytes > 0 {
+            bytes
+                .par_chunks_mut(row_bytes)
+                .zip(values.par_chunks(cols.max(1)))
+                .for_each(|(dst, src)| kernels::quantize_row(format, src, dst));
+        }
+        Self::from_bytes(rows, cols, format, &bytes)
+    }
+
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The storage format.
+    pub fn format(&self) -> PackedFormat {
+        self.format
+    }
+
+    /// Bytes of the values (what a matrix-vector product streams).
+    pub fn byte_len(&self) -> usize {
+        self.rows * self.row_bytes()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.format.row_bytes(self.cols)
+    }
+
+    /// The raw bytes, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        &bytemuck_bytes(&self.words)[..self.byte_len()]
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.bytes()[r * rb..(r + 1) * rb]
+    }
+
+    /// Row `r` as f32, bit-identical to ggml's dequantisation.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        kernels::dequantize_row(self.format, self.row(r), &mut out[..self.cols]);
+    }
+
+    /// The whole matrix as row-major f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        if self.cols > 0 {
+            out.par_chunks_mut(self.cols)
+                .enumerate()
+                .for_each(|(r, dst)| self.dequantize_row(r, dst));
+        }
+        out
+    }
+
+    /// The rows `ids` as row-major f32 `[ids.len(), cols]` (an embedding lookup). Errors on an
+    /// id past the last row.
+    pub fn gather_rows(&self, ids: &[usize]) -> Result<Vec<f32>> {
+        if let Some(&bad) = ids.iter().find(|&&i| i >= self.rows) {
+            return Err(Error::arg(
+                "token id",
+                format!("{bad} is past the embedding's {} rows", self.rows),
+            ));
+        }
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (dst, &id) in out.chunks_exact_mut(self.cols.max(1)).zip(ids) {
+            self.dequantize_row(id, dst);
+        }
+        Ok(out)
+    }
+
+    /// `x · Wᵀ` for row-major `x` of `[m, cols]`: returns row-major `[m, rows]`.
+    ///
+    /// Panics if `x.len() != m * cols` (callers hold a tensor of that shape).
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(
+            x.len(),
+            m * self.cols,
+            "activation is not [{m}, {}]",
+            self.cols
+        );
+        if m == 0 || self.rows == 0 {
+            return vec![0f32; m * self.rows];
+        }
+        if m <= MATVEC_MAX_ROWS {
+            self.matvec(x, m)
+        } else {
+            self.tiled_gemm(x, m)
+        }
+    }
+
+    /// The matrix-vector kernels: output rows split into chunks over the kernel threads
+    /// ([`pool`]); each chunk computes every activation row against its weight rows, reading
+    /// each weight byte once.
+    fn matvec(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let rows = self.rows;
+        let row_bytes = self.row_bytes();
+        // ~32 KiB of weights per task: enough tasks to balance the threads, few enough that
+        // taking one is cheap next to its work.
+        let chunk_rows = (32768 / row_bytes.max(1)).clamp(4, rows.max(4));
+        let kernel = kernels::dot_kernel(self.format);
+        let acts = kernels::Acts::new(self.format, x, m, self.cols);
+        // [rows, m] while computing, so that each task writes one contiguous run.
+        let mut yt = vec![0f32; rows * m];
+        let out = SendPtr(yt.as_mut_ptr());
+        let bytes = self.bytes();
+        pool::for_each(rows.div_ceil(chunk_rows), &|c| {
+            let r0 = c * chunk_rows;
+            let r1 = (r0 + chunk_rows).min(rows);
+            // Safety: tasks write disjoint row ranges of `yt`, which outlives the call.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r0 * m), (r1 - r0) * m) };
+            for (i, out_row) in out.chunks_exact_mut(m).enumerate() {
+                let r = r0 + i;
+                let w = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                kernel(self.format, w, &acts, out_row);
+            }
+        });
+        if m == 1 {
+            return yt;
+        }
+        let mut y = vec![0f32; m * rows];
+        for (r, vals) in yt.chunks_exact(m).enumerate() {
+            for (j, v) in vals.iter().enumerate() {
+                y[j * rows + r] = *v;
+            }
+        }
+        y
+    }
+
+    /// Prefill: each task dequantises a tile of weight rows to f32 (f32 weights are used in
+    /// place) and multiplies it with `gemm`, writing its own columns of the output.
+    fn tiled_gemm(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut y = vec![0f32; m * rows];
+        // Tiles of ~256 KiB of f32: they stay in L2 while gemm packs them.
+        let tile = (65536 / cols.max(1)).clamp(16, 512).min(rows);
+        let out = SendPtr(y.as_mut_ptr());
+        pool::for_each(rows.div_ceil(tile), &|t| {
+            let r0 = t * tile;
+            let n = tile.min(rows - r0);
+            let mut scratch = Vec::new();
+            let w: &[f32] = if self.format == PackedFormat::F32 {
+                let bytes = &self.bytes()[r0 * cols * 4..(r0 + n) * cols * 4];
+                // Safety: rows of f32 start at multiples of 4 bytes in 8-byte-aligned storage.
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), n * cols) }
+            } else {
+                scratch.resize(n * cols, 0.0);
+                for (i, dst) in scratch.chunks_exact_mut(cols).enumerate() {
+                    self.dequantize_row(r0 + i, dst);
+                }
+                &scratch
+            };
+            // Safety: dst is y[:, r0..r0+n] (row stride `rows`), disjoint between tasks; lhs is
+            // x [m, cols] row-major; rhs(k, j) = w[j * cols + k], i.e. the tile transposed.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    cols,
+                    out.ptr().add(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    cols as isize,
+                    w.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        y
+    }
+}
+
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// A method, so closures capture the whole wrapper rather than its raw-pointer field.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+// Safety: tasks write disjoint columns of the output (see `tiled_gemm`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+fn check_shape(rows: usize, cols: usize, format: PackedFormat) -> Result<()> {
+    let _ = rows;
+    if !cols.is_multiple_of(format.block_len()) {
+        return Err(Error::arg(
+            "packed matrix",
+            format!(
+                "{cols} columns is not a whole number of {format} blocks of {}",
+                format.block_len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn bytemuck_bytes(words: &[u64]) -> &[u8] {
+    // Safety: u8 has no alignment or validity requirements.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 8) }
+}
+
+fn bytemuck_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // Safety: as above, and the borrow is unique.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) }
+}
+
+/// f16 value at byte `i` (little-endian).
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// bf16 value at byte `i` (little-endian).
+#[inline(always)]
+fn bf16_at(b: &[u8], i: usize) -> f32 {
+    bf16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+#[cfg(test)]
+mod tests;

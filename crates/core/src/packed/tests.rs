@@ -1,0 +1,206 @@
+use super::*;
+
+/// Deterministic values with a spread of magnitudes and signs (and rows not normalised).
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let t = (i as f32 + seed as f32 * 7.31) * 0.6180339;
+            (t.sin() * 1.7 + (3.0 * t).cos() * 0.4) * (1.0 + (i % 5) as f32 * 0.25)
+        })
+        .collect()
+}
+
+const ALL: [PackedFormat; 6] = [
+    PackedFormat::F32,
+    PackedFormat::F16,
+    PackedFormat::BF16,
+    PackedFormat::Q8_0,
+    PackedFormat::Q4_0,
+    PackedFormat::Q4_1,
+];
+
+/// The oracle: dequantise every row (ggml's arithmetic), multiply in f64. Also returns, per
+/// output, the most the 4-bit kernels' 16-bit activations may move it: `Σ |w_k|·amax_b/65534`
+/// (half a step of each block's i16 scale), zero for the other formats.
+fn reference(w: &PackedMatrix, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
+    let dense = w.to_f32();
+    let (rows, cols) = (w.rows(), w.cols());
+    let four_bit = matches!(w.format(), PackedFormat::Q4_0 | PackedFormat::Q4_1);
+    let mut y = vec![0f32; m * rows];
+    let mut bound = vec![0f32; m * rows];
+    for j in 0..m {
+        let xr = &x[j * cols..(j + 1) * cols];
+        for r in 0..rows {
+            let wr = &dense[r * cols..(r + 1) * cols];
+            y[j * rows + r] = (0..cols).map(|k| xr[k] as f64 * wr[k] as f64).sum::<f64>() as f32;
+            if four_bit {
+                bound[j * rows + r] = (0..cols)
+                    .map(|k| {
+                        let block = &xr[k / 32 * 32..k / 32 * 32 + 32];
+                        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        wr[k].abs() * amax / 65534.0
+                    })
+                    .sum();
+            }
+        }
+    }
+    (y, bound)
+}
+
+fn assert_close(got: &[f32], (want, bound): &(Vec<f32>, Vec<f32>), what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((g, w), b)) in got.iter().zip(want).zip(bound).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * (1.0 + w.abs()) + 1.01 * b,
+            "{what}: element {i}: {g} vs {w} (allowed {b} for 16-bit activations)"
+        );
+    }
+}
+
+#[test]
+fn matmul_matches_the_dequantised_product_for_every_format_and_row_count() {
+    // 3 x 160 columns: five blocks; 37 output rows: not a multiple of any chunk.
+    let (rows, cols) = (37, 160);
+    let w = values(rows * cols, 1);
+    for format in ALL {
+        let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+        for m in [1, 2, 3, 4, 5, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, 33] {
+            let x = values(m * cols, 2 + m as u32);
+            let got = packed.matmul_t(&x, m);
+            assert_close(&got, &reference(&packed, &x, m), &format!("{format} m={m}"));
+        }
+    }
+}
+
+#[test]
+fn float_formats_take_widths_that_are_not_whole_blocks() {
+    let (rows, cols) = (9, 45);
+    let w = values(rows * cols, 3);
+    for format in [PackedFormat::F32, PackedFormat::F16, PackedFormat::BF16] {
+        let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+        for m in [1, 3, 12] {
+            let x = values(m * cols, 4);
+            assert_close(
+                &packed.matmul_t(&x, m),
+                &reference(&packed, &x, m),
+                &format!("{format} m={m}"),
+            );
+        }
+    }
+    assert!(PackedMatrix::from_f32(1, 45, &w[..45], PackedFormat::Q8_0).is_err());
+}
+
+#[test]
+fn portable_and_simd_kernels_agree() {
+    let cols = 256;
+    let w = values(cols, 5);
+    let x = values(3 * cols, 6);
+    for format in ALL {
+        let packed = PackedMatrix::from_f32(1, cols, &w, format).unwrap();
+        let acts = kernels::Acts::new(format, &x, 3, cols);
+        let mut portable = [0f32; 3];
+        kernels::dot_portable(format, packed.bytes(), &acts, &mut portable);
+        let mut fast = [0f32; 3];
+        kernels::dot_kernel(format)(format, packed.bytes(), &acts, &mut fast);
+        // The portable kernel is the f32 reference: allow the fast one its activation rounding.
+        let (_, bound) = reference(&packed, &x, 3);
+        assert_close(&fast, &(portable.to_vec(), bound), &format!("{format}"));
+    }
+}
+
+#[test]
+fn f32_is_exact_and_quantisation_error_is_bounded_by_the_block_step() {
+    let (rows, cols) = (4, 64);
+    let w = values(rows * cols, 7);
+    assert_eq!(
+        PackedMatrix::from_f32(rows, cols, &w, PackedFormat::F32)
+            .unwrap()
+            .to_f32(),
+        w
+    );
+    for (format, levels) in [
+        (PackedFormat::Q8_0, 127.0f32),
+        (PackedFormat::Q4_0, 8.0),
+        (PackedFormat::Q4_1, 15.0),
+    ] {
+        let back = PackedMatrix::from_f32(rows, cols, &w, format)
+            .unwrap()
+            .to_f32();
+        for (block, (a, b)) in w.chunks(32).zip(back.chunks(32)).enumerate() {
+            let amax = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Q4_1's step is range/15, at most 2·amax/15; the others amax/levels. Half a step,
+            // plus the f16 rounding of the scale.
+            let step = if format == PackedFormat::Q4_1 {
+                2.0 * amax / levels
+            } else {
+                amax / levels
+            };
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 0.5 * step * 1.01 + 1e-3 * amax,
+                    "{format} block {block}: {x} -> {y} (step {step})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_computed_q4_1_and_q8_0_blocks() {
+    // Q4_1 block: d = 0.5, m = -1, q = 0..16 then 15..0 in nibbles: y = q·0.5 − 1.
+    let mut block = Vec::new();
+    block.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
+    block.extend_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+    for j in 0..16u8 {
+        block.push(j | ((15 - j) << 4));
+    }
+    let q41 = PackedMatrix::from_bytes(1, 32, PackedFormat::Q4_1, &block).unwrap();
+    let want: Vec<f32> = (0..32)
+        .map(|i| if i < 16 { i as f32 } else { (31 - i) as f32 } * 0.5 - 1.0)
+        .collect();
+    assert_eq!(q41.to_f32(), want);
+    let x: Vec<f32> = (0..32)
+        .map(|i| if i % 2 == 0 { 1.0 } else { -0.5 })
+        .collect();
+    let dot: f32 = want.iter().zip(&x).map(|(a, b)| a * b).sum();
+    let got = q41.matmul_t(&x, 1)[0];
+    assert!((got - dot).abs() < 1e-4, "{got} vs {dot}");
+
+    // Q8_0: d = 0.25, q = -16..16.
+    let mut block = f16::from_f32(0.25).to_le_bytes().to_vec();
+    block.extend((-16i8..16).map(|q| q as u8));
+    let q8 = PackedMatrix::from_bytes(1, 32, PackedFormat::Q8_0, &block).unwrap();
+    assert_eq!(
+        q8.to_f32(),
+        (-16..16).map(|q| q as f32 * 0.25).collect::<Vec<_>>()
+    );
+    assert!(PackedMatrix::from_bytes(1, 32, PackedFormat::Q8_0, &block[..33]).is_err());
+}
+
+#[test]
+fn gather_rows_is_an_embedding_lookup_and_rejects_ids_past_the_end() {
+    let (rows, cols) = (5, 32);
+    let w = values(rows * cols, 9);
+    let packed = PackedMatrix::from_f32(rows, cols, &w, PackedFormat::Q8_0).unwrap();
+    let dense = packed.to_f32();
+    let got = packed.gather_rows(&[4, 0, 4]).unwrap();
+    assert_eq!(&got[..32], &dense[128..160]);
+    assert_eq!(&got[32..64], &dense[..32]);
+    assert!(packed.gather_rows(&[5]).is_err());
+}
+
+#[test]
+fn simd_dequantisation_is_bit_identical_to_the_scalar_reference() {
+    let (rows, cols) = (3, 96);
+    let w = values(rows * cols, 11);
+    for format in ALL {
+        let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+        for r in 0..rows {
+            let (mut fast, mut slow) = (vec![0f32; cols], vec![0f32; cols]);
+            kernels::dequantize_row(format, packed.row(r), &mut fast);
+            kernels::dequantize_row_scalar(format, packed.row(r), &mut slow);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&slow), "{format} row {r}");
+        }
+    }
+}
