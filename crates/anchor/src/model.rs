@@ -3,10 +3,10 @@
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::nn::EmbeddingConfig;
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use kiln_core::Tokenizer;
+use kiln_core::nn::EmbeddingConfig;
 use kiln_llama::{Llama, LlamaConfig};
 
 use crate::{AnchorError, AnchorSet, Result};
@@ -32,11 +32,12 @@ pub fn grow_vocab<B: Backend>(model: Llama<B>, init_from: u32) -> Result<Llama<B
     let mut new = config.init::<B>(&device);
     let mut decoder = model.model;
     let mut embed = EmbeddingConfig::new(config.vocab_size, config.hidden_size).init(&device);
-    embed.weight = Param::from_tensor(grow(decoder.embed_tokens.weight.val()));
+    embed.weight = Param::from_tensor(grow(decoder.embed_tokens.dense_weight()));
     decoder.embed_tokens = embed;
     new.model = decoder;
     new.lm_head = model.lm_head.map(|mut head| {
-        head.weight = Param::from_tensor(grow(head.weight.val()));
+        head.weight = Param::from_tensor(grow(head.dense_weight()));
+        head.packed = None;
         head
     });
     Ok(new)

@@ -23,7 +23,7 @@
 //! let member = |dir: &str| -> kiln_ensemble::Result<Box<dyn Member<NdArray>>> {
 //!     let dir = std::path::Path::new(dir);
 //!     let model = Llama::<NdArray>::from_pretrained(dir, &device)?;
-//!     let embeddings = model.model.embed_tokens.weight.val();
+//!     let embeddings = model.model.embed_tokens.dense_weight();
 //!     let eos = model.config().eos_token_ids.clone();
 //!     let tokenizer = Tokenizer::from_dir(dir)?;
 //!     Ok(Box::new(DecoderMember::new(dir.display().to_string(), model, tokenizer, embeddings, eos)))

@@ -107,7 +107,7 @@ where
     M::Cache: Clone,
 {
     /// Wraps `model` with its tokenizer and input embedding matrix (for Llama:
-    /// `model.model.embed_tokens.weight.val()`); `eos` ends its sequences.
+    /// `model.model.embed_tokens.dense_weight()`); `eos` ends its sequences.
     pub fn new(
         name: impl Into<String>,
         model: M,
@@ -265,7 +265,7 @@ pub struct Seq2SeqMember<B: Backend, M: Seq2SeqLm<B>> {
 
 impl<B: Backend, M: Seq2SeqLm<B>> Seq2SeqMember<B, M> {
     /// Wraps `model` with its tokenizer and shared embedding matrix (M2M100/NLLB:
-    /// `model.model.shared.weight.val()`).
+    /// `model.model.shared.dense_weight()`).
     pub fn new(
         name: impl Into<String>,
         model: M,

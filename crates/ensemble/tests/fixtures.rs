@@ -32,7 +32,7 @@ fn llama(name: &str) -> Box<dyn Member<B>> {
 fn llama_on<C: burn::prelude::Backend>(name: &str) -> Box<dyn Member<C>> {
     let dir = fixture(name);
     let model = Llama::<C>::from_pretrained(&dir, &Default::default()).unwrap();
-    let embeddings = model.model.embed_tokens.weight.val();
+    let embeddings = model.model.embed_tokens.dense_weight();
     let eos = model.config().eos_token_ids.clone();
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
     Box::new(DecoderMember::new(name, model, tokenizer, embeddings, eos))
@@ -45,7 +45,7 @@ fn nllb() -> Box<dyn Member<B>> {
     let src = language_token_id(&tokenizer, "eng_Latn", "src").unwrap();
     let tgt = language_token_id(&tokenizer, "deu_Latn", "tgt").unwrap();
     let eos = model.eos_token_ids()[0];
-    let embeddings = model.model.shared.weight.val();
+    let embeddings = model.model.shared.dense_weight();
     Box::new(
         Seq2SeqMember::new("nllb-tiny", model, tokenizer, embeddings)
             .with_source_affixes(vec![src], vec![eos])

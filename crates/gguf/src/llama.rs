@@ -328,16 +328,22 @@ fn check_qk_shape(len: usize, rows: usize, cols: usize, n_head: usize) -> Result
 
 /// Undoes llama.cpp's row permutation of a Q or K projection (weight `[rows, cols]` row-major,
 /// or a bias with `cols = 1`), giving Hugging Face's layout, whose RoPE is `rotate_half`.
+/// Works on any element type, so quantised rows (`cols` = bytes per row) move as they are.
 ///
 /// `convert_hf_to_gguf.py` (`LlamaModel.permute`) stores
 /// `w.reshape(n_head, 2, head_dim / 2, cols).swapaxes(1, 2).reshape(rows, cols)`, so that the
 /// two halves of each head are interleaved (ggml's RoPE rotates adjacent pairs). For K pass
 /// `n_head = head_count_kv`. In index terms, GGUF row `h*head_dim + 2*j + i` is HF row
 /// `h*head_dim + i*head_dim/2 + j`.
-pub fn unpermute_qk(data: &mut [f32], rows: usize, cols: usize, n_head: usize) -> Result<()> {
+pub fn unpermute_qk<T: Copy + Default>(
+    data: &mut [T],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> Result<()> {
     let head_dim = check_qk_shape(data.len(), rows, cols, n_head)?;
     let half = head_dim / 2;
-    let mut tmp = vec![0f32; head_dim * cols];
+    let mut tmp = vec![T::default(); head_dim * cols];
     for head in data.chunks_exact_mut(head_dim * cols) {
         tmp.copy_from_slice(head);
         for j in 0..half {
@@ -353,10 +359,15 @@ pub fn unpermute_qk(data: &mut [f32], rows: usize, cols: usize, n_head: usize) -
 
 /// The permutation `convert_hf_to_gguf.py` applies (the inverse of [`unpermute_qk`]): from
 /// Hugging Face's row order to llama.cpp's.
-pub fn permute_qk(data: &mut [f32], rows: usize, cols: usize, n_head: usize) -> Result<()> {
+pub fn permute_qk<T: Copy + Default>(
+    data: &mut [T],
+    rows: usize,
+    cols: usize,
+    n_head: usize,
+) -> Result<()> {
     let head_dim = check_qk_shape(data.len(), rows, cols, n_head)?;
     let half = head_dim / 2;
-    let mut tmp = vec![0f32; head_dim * cols];
+    let mut tmp = vec![T::default(); head_dim * cols];
     for head in data.chunks_exact_mut(head_dim * cols) {
         tmp.copy_from_slice(head);
         for j in 0..half {

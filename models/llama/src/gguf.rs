@@ -1,5 +1,6 @@
 //! Llama-family models from GGUF files (llama.cpp's format): SmolLM2, TinyLlama, Llama 2/3,
-//! Mistral... Tensors are dequantised to f32 one at a time as they load.
+//! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1) or
+//! floats; elsewhere tensors are dequantised one at a time as they load.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,10 +8,11 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use kiln_core::loading::{TensorInfo, WeightSource};
+use kiln_core::loading::{LoadOptions, PackRequest, TensorInfo, WeightSource, note_once, pack_f32};
 use kiln_core::nn::RopeScaling;
+use kiln_core::packed::{PackedFormat, PackedMatrix};
 use kiln_core::{Error, Result, Tokenizer};
-use kiln_gguf::{GgufFile, LlamaMetadata, hf_tensor_name, unpermute_qk};
+use kiln_gguf::{GgmlType, GgufFile, LlamaMetadata, hf_tensor_name, unpermute_qk};
 
 use crate::{Llama, LlamaConfig, LlamaFlavor};
 
@@ -111,6 +113,46 @@ impl GgufWeights {
     }
 }
 
+impl GgufWeights {
+    fn gguf_name(&self, name: &str) -> Result<&str> {
+        self.names
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| Error::MissingTensor {
+                tensor: name.to_string(),
+                files: self.path.display().to_string(),
+            })
+    }
+
+    /// The head count whose llama.cpp row permutation `name` carries, if any.
+    fn permuted_heads(&self, name: &str) -> Option<usize> {
+        if !self.meta.qk_permuted() {
+            None
+        } else if name.ends_with("q_proj.weight") {
+            Some(self.meta.head_count)
+        } else if name.ends_with("k_proj.weight") {
+            Some(self.meta.head_count_kv)
+        } else {
+            None
+        }
+    }
+}
+
+fn gguf_err_msg(path: &Path, tensor: &str, e: impl std::fmt::Display) -> Error {
+    Error::TensorData {
+        tensor: tensor.to_string(),
+        file: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Whether a row dequantises to finite values (a NaN or infinite block scale would not).
+fn row_is_finite(packed: &PackedMatrix, r: usize) -> bool {
+    let mut row = vec![0f32; packed.cols()];
+    packed.dequantize_row(r, &mut row);
+    row.iter().all(|v| v.is_finite())
+}
+
 impl WeightSource for GgufWeights {
     fn tensors(&self) -> Vec<TensorInfo> {
         self.names
@@ -125,24 +167,12 @@ impl WeightSource for GgufWeights {
     }
 
     fn read_f32(&self, name: &str) -> Result<TensorData> {
-        let gguf = self.names.get(name).ok_or_else(|| Error::MissingTensor {
-            tensor: name.to_string(),
-            files: self.path.display().to_string(),
-        })?;
+        let gguf = self.gguf_name(name)?;
         let (shape, mut values) = self
             .file
             .tensor_f32(gguf)
             .map_err(|e| gguf_err(&self.path, e))?;
-        let heads = if name.ends_with("q_proj.weight") {
-            Some(self.meta.head_count)
-        } else if name.ends_with("k_proj.weight") {
-            Some(self.meta.head_count_kv)
-        } else {
-            None
-        };
-        if let (Some(heads), true, [rows, cols]) =
-            (heads, self.meta.qk_permuted(), shape.as_slice())
-        {
+        if let (Some(heads), [rows, cols]) = (self.permuted_heads(name), shape.as_slice()) {
             unpermute_qk(&mut values, *rows, *cols, heads).map_err(|e| gguf_err(&self.path, e))?;
         }
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
@@ -153,6 +183,78 @@ impl WeightSource for GgufWeights {
             });
         }
         Ok(TensorData::new(values, shape))
+    }
+
+    /// Q8_0, Q4_0, Q4_1, F16, BF16 and F32 tensors are handed over as their bytes (with the Q/K
+    /// rows unpermuted); other block types (the K-quants, Q5_*) are dequantised and, when the
+    /// stored format is asked for, requantised to Q8_0, with a note.
+    fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
+        let gguf = self.gguf_name(name)?;
+        let info = self
+            .file
+            .tensor_info(gguf)
+            .ok_or_else(|| Error::MissingTensor {
+                tensor: name.to_string(),
+                files: self.path.display().to_string(),
+            })?;
+        let stored = match info.ggml_type() {
+            GgmlType::F32 => Some(PackedFormat::F32),
+            GgmlType::F16 => Some(PackedFormat::F16),
+            GgmlType::BF16 => Some(PackedFormat::BF16),
+            GgmlType::Q8_0 => Some(PackedFormat::Q8_0),
+            GgmlType::Q4_0 => Some(PackedFormat::Q4_0),
+            GgmlType::Q4_1 => Some(PackedFormat::Q4_1),
+            _ => None,
+        };
+        let shape = info.shape();
+        let keep = match request {
+            PackRequest::Stored => stored,
+            PackRequest::To(format) => stored.filter(|s| *s == format),
+        };
+        if let (Some(format), [rows, cols]) = (keep, shape.as_slice()) {
+            let mut bytes = self
+                .file
+                .tensor_bytes(gguf)
+                .map_err(|e| gguf_err(&self.path, e))?
+                .to_vec();
+            if let Some(heads) = self.permuted_heads(name) {
+                let row_bytes = format.row_bytes(*cols);
+                unpermute_qk(&mut bytes, *rows, row_bytes, heads)
+                    .map_err(|e| gguf_err(&self.path, e))?;
+            }
+            let packed = PackedMatrix::from_bytes(*rows, *cols, format, &bytes)
+                .map_err(|e| gguf_err_msg(&self.path, name, e))?;
+            if let Some(row) = (0..*rows).find(|&r| !row_is_finite(&packed, r)) {
+                return Err(Error::TensorData {
+                    tensor: name.to_string(),
+                    file: self.path.clone(),
+                    message: format!("holds a non-finite value in row {row}"),
+                });
+            }
+            return Ok(packed);
+        }
+        let request = match (request, stored) {
+            (PackRequest::Stored, None) => {
+                note_once(&format!(
+                    "{}: {} tensors have no kiln kernel; requantised to q8_0 at load",
+                    self.path.display(),
+                    info.ggml_type()
+                ));
+                PackRequest::To(PackedFormat::Q8_0)
+            }
+            (request, _) => request,
+        };
+        let data = self.read_f32(name)?;
+        let [rows, cols] = shape.as_slice() else {
+            return Err(gguf_err_msg(&self.path, name, "is not a matrix"));
+        };
+        pack_f32(
+            name,
+            *rows,
+            *cols,
+            data.as_slice::<f32>().unwrap_or_default(),
+            request,
+        )
     }
 
     fn file_of(&self, _name: &str) -> &Path {
@@ -166,11 +268,23 @@ impl WeightSource for GgufWeights {
 
 impl<B: Backend> Llama<B> {
     /// Loads a Llama-family GGUF file; returns the model and its embedded tokenizer.
+    ///
+    /// On the CPU backends the Q8_0, Q4_0, Q4_1 and float tensors stay as the file stores them
+    /// (see [`LoadOptions`]); elsewhere they are dequantised to the backend's float type.
     pub fn from_gguf(path: &Path, device: &B::Device) -> Result<(Self, Tokenizer)> {
+        Self::from_gguf_with(path, device, &LoadOptions::default())
+    }
+
+    /// [`from_gguf`](Self::from_gguf) with a precision or quantisation.
+    pub fn from_gguf_with(
+        path: &Path,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<(Self, Tokenizer)> {
         let weights = GgufWeights::open(path)?;
         let config = weights.config()?;
         let tokenizer = weights.tokenizer()?;
-        let model = Self::from_weights(&config, Arc::new(weights), device)?;
+        let model = Self::from_weights_with(&config, Arc::new(weights), device, options)?;
         Ok((model, tokenizer))
     }
 }

@@ -2,13 +2,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
+use kiln_core::loading::{
+    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, load_packed,
+};
 use kiln_core::nn::{
-    CacheState, KvCache, RmsNorm, RmsNormConfig, RotaryAngles, RotaryEmbedding, TorchLinear,
-    TorchLinearConfig, scaled_dot_product_attention, tied_lm_head,
+    CacheState, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, RotaryAngles,
+    RotaryEmbedding, TorchLinear, TorchLinearConfig, scaled_dot_product_attention,
 };
 use kiln_core::{CausalLm, Result};
 
@@ -177,9 +178,18 @@ impl LlamaConfig {
 impl<B: Backend> Llama<B> {
     /// Loads the checkpoint in `dir` (config.json + safetensors, sharded or not).
     pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, device, &LoadOptions::default())
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) with a precision or quantisation.
+    pub fn from_pretrained_with(
+        dir: &Path,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let weights = SafetensorsWeights::open_dir(dir)?;
-        Self::from_weights(&config, Arc::new(weights), device)
+        Self::from_weights_with(&config, Arc::new(weights), device, options)
     }
 
     /// Builds the model from `config` and any weight source (safetensors, GGUF, ...).
@@ -188,17 +198,48 @@ impl<B: Backend> Llama<B> {
         weights: Arc<dyn WeightSource>,
         device: &B::Device,
     ) -> Result<Self> {
-        load_module(
-            config.init(device),
-            weights,
-            device,
-            &LoadOptions::default(),
-        )
+        Self::from_weights_with(config, weights, device, &LoadOptions::default())
+    }
+
+    /// [`from_weights`](Self::from_weights) with a precision or quantisation.
+    pub fn from_weights_with(
+        config: &LlamaConfig,
+        weights: Arc<dyn WeightSource>,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        load_packed(config.init(device), weights, device, options)
     }
 
     /// The model's config.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+}
+
+impl<B: Backend> PackSlots<B> for Llama<B> {
+    fn pack_slots(&mut self) -> Vec<(String, PackSlot<'_, B>)> {
+        let mut slots = vec![(
+            "model.embed_tokens".to_string(),
+            PackSlot::Embedding(&mut self.model.embed_tokens),
+        )];
+        for (i, layer) in self.model.layers.iter_mut().enumerate() {
+            let (attn, mlp) = (&mut layer.self_attn, &mut layer.mlp);
+            let p = |name: &str| format!("model.layers.{i}.{name}");
+            slots.extend([
+                (p("self_attn.q_proj"), PackSlot::Linear(&mut attn.q_proj)),
+                (p("self_attn.k_proj"), PackSlot::Linear(&mut attn.k_proj)),
+                (p("self_attn.v_proj"), PackSlot::Linear(&mut attn.v_proj)),
+                (p("self_attn.o_proj"), PackSlot::Linear(&mut attn.o_proj)),
+                (p("mlp.gate_proj"), PackSlot::Linear(&mut mlp.gate_proj)),
+                (p("mlp.up_proj"), PackSlot::Linear(&mut mlp.up_proj)),
+                (p("mlp.down_proj"), PackSlot::Linear(&mut mlp.down_proj)),
+            ]);
+        }
+        if let Some(head) = &mut self.lm_head {
+            slots.push(("lm_head".to_string(), PackSlot::Linear(head)));
+        }
+        slots
     }
 }
 
@@ -284,7 +325,7 @@ impl<B: Backend> Llama<B> {
         let x = self.model.norm.forward(x);
         Ok(match &self.lm_head {
             Some(head) => head.forward(x),
-            None => tied_lm_head(x, self.model.embed_tokens.weight.val()),
+            None => self.model.embed_tokens.lm_head(x),
         })
     }
 }
@@ -325,7 +366,7 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         let x = self.model.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => tied_lm_head(x, self.model.embed_tokens.weight.val()),
+            None => self.model.embed_tokens.lm_head(x),
         }
     }
 

@@ -2,14 +2,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig};
+use burn::nn::{LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
-use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
+use kiln_core::loading::{
+    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, load_packed,
+};
 use kiln_core::nn::{
-    AttentionMask, KvCache, TorchLinear, TorchLinearConfig, scaled_dot_product_attention,
-    tied_lm_head,
+    AttentionMask, Embedding, EmbeddingConfig, KvCache, TorchLinear, TorchLinearConfig,
+    scaled_dot_product_attention,
 };
 use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
 
@@ -251,12 +253,67 @@ impl M2M100Config {
     }
 }
 
+impl<B: Backend> PackSlots<B> for M2M100<B> {
+    fn pack_slots(&mut self) -> Vec<(String, PackSlot<'_, B>)> {
+        fn attention<'a, B: Backend>(
+            slots: &mut Vec<(String, PackSlot<'a, B>)>,
+            prefix: String,
+            a: &'a mut M2M100Attention<B>,
+        ) {
+            slots.extend([
+                (format!("{prefix}.q_proj"), PackSlot::Linear(&mut a.q_proj)),
+                (format!("{prefix}.k_proj"), PackSlot::Linear(&mut a.k_proj)),
+                (format!("{prefix}.v_proj"), PackSlot::Linear(&mut a.v_proj)),
+                (
+                    format!("{prefix}.out_proj"),
+                    PackSlot::Linear(&mut a.out_proj),
+                ),
+            ]);
+        }
+        let model = &mut self.model;
+        let mut slots = vec![(
+            "model.shared".to_string(),
+            PackSlot::Embedding(&mut model.shared),
+        )];
+        for (i, layer) in model.encoder.layers.iter_mut().enumerate() {
+            let p = format!("model.encoder.layers.{i}");
+            attention(&mut slots, format!("{p}.self_attn"), &mut layer.self_attn);
+            slots.push((format!("{p}.fc1"), PackSlot::Linear(&mut layer.fc1)));
+            slots.push((format!("{p}.fc2"), PackSlot::Linear(&mut layer.fc2)));
+        }
+        for (i, layer) in model.decoder.layers.iter_mut().enumerate() {
+            let p = format!("model.decoder.layers.{i}");
+            attention(&mut slots, format!("{p}.self_attn"), &mut layer.self_attn);
+            attention(
+                &mut slots,
+                format!("{p}.encoder_attn"),
+                &mut layer.encoder_attn,
+            );
+            slots.push((format!("{p}.fc1"), PackSlot::Linear(&mut layer.fc1)));
+            slots.push((format!("{p}.fc2"), PackSlot::Linear(&mut layer.fc2)));
+        }
+        if let Some(head) = &mut self.lm_head {
+            slots.push(("lm_head".to_string(), PackSlot::Linear(head)));
+        }
+        slots
+    }
+}
+
 impl<B: Backend> M2M100<B> {
     /// Loads the checkpoint in `dir` (config.json + safetensors).
     pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, device, &LoadOptions::default())
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) with a precision or quantisation.
+    pub fn from_pretrained_with(
+        dir: &Path,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let config = M2M100Config::from_file(&dir.join("config.json"))?;
         let weights = SafetensorsWeights::open_dir(dir)?;
-        Self::from_weights(&config, Arc::new(weights), device)
+        Self::from_weights_with(&config, Arc::new(weights), device, options)
     }
 
     /// Builds the model from `config` and any weight source. Copies of the tied embeddings
@@ -266,12 +323,17 @@ impl<B: Backend> M2M100<B> {
         weights: Arc<dyn WeightSource>,
         device: &B::Device,
     ) -> Result<Self> {
-        load_module(
-            config.init(device),
-            weights,
-            device,
-            &LoadOptions::default(),
-        )
+        Self::from_weights_with(config, weights, device, &LoadOptions::default())
+    }
+
+    /// [`from_weights`](Self::from_weights) with a precision or quantisation.
+    pub fn from_weights_with(
+        config: &M2M100Config,
+        weights: Arc<dyn WeightSource>,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        load_packed(config.init(device), weights, device, options)
     }
 
     /// The model's config.
@@ -388,7 +450,7 @@ impl<B: Backend> Seq2SeqLm<B> for M2M100<B> {
         let x = self.model.decoder.layer_norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => tied_lm_head(x, self.model.shared.weight.val()),
+            None => self.model.shared.lm_head(x),
         }
     }
 

@@ -2,14 +2,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig};
+use burn::nn::Embedding as BiasEmbedding;
+use burn::nn::EmbeddingConfig as BiasEmbeddingConfig;
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
-use kiln_core::loading::{LoadOptions, SafetensorsWeights, WeightSource, load_module};
+use kiln_core::loading::{
+    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, load_packed,
+};
 use kiln_core::nn::{
-    AttentionMask, KvCache, RmsNorm, RmsNormConfig, TorchLinear, TorchLinearConfig,
-    scaled_dot_product_attention, tied_lm_head,
+    AttentionMask, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, TorchLinear,
+    TorchLinearConfig, scaled_dot_product_attention,
 };
 use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
 
@@ -63,7 +66,7 @@ pub struct T5Attention<B: Backend> {
     /// Output projection.
     pub o: TorchLinear<B>,
     /// `[num_buckets, heads]`, only in the first self-attention of each stack.
-    pub relative_attention_bias: Option<Embedding<B>>,
+    pub relative_attention_bias: Option<BiasEmbedding<B>>,
     heads: usize,
     d_kv: usize,
     num_buckets: usize,
@@ -256,7 +259,7 @@ impl T5Config {
             v: linear(d, inner),
             o: linear(inner, d),
             relative_attention_bias: bias.then(|| {
-                EmbeddingConfig::new(self.relative_attention_num_buckets, self.num_heads)
+                BiasEmbeddingConfig::new(self.relative_attention_num_buckets, self.num_heads)
                     .init(device)
             }),
             heads: self.num_heads,
@@ -310,12 +313,69 @@ impl T5Config {
     }
 }
 
+impl<B: Backend> PackSlots<B> for T5<B> {
+    fn pack_slots(&mut self) -> Vec<(String, PackSlot<'_, B>)> {
+        let mut slots = vec![("shared".to_string(), PackSlot::Embedding(&mut self.shared))];
+        for (name, stack) in [
+            ("encoder", &mut self.encoder),
+            ("decoder", &mut self.decoder),
+        ] {
+            for (b, block) in stack.block.iter_mut().enumerate() {
+                for (l, layer) in block.layer.iter_mut().enumerate() {
+                    let p = |rest: &str| format!("{name}.block.{b}.layer.{l}.{rest}");
+                    for (kind, attn) in [
+                        ("SelfAttention", layer.SelfAttention.as_mut()),
+                        ("EncDecAttention", layer.EncDecAttention.as_mut()),
+                    ] {
+                        if let Some(a) = attn {
+                            slots.extend([
+                                (p(&format!("{kind}.q")), PackSlot::Linear(&mut a.q)),
+                                (p(&format!("{kind}.k")), PackSlot::Linear(&mut a.k)),
+                                (p(&format!("{kind}.v")), PackSlot::Linear(&mut a.v)),
+                                (p(&format!("{kind}.o")), PackSlot::Linear(&mut a.o)),
+                            ]);
+                        }
+                    }
+                    if let Some(ff) = layer.DenseReluDense.as_mut() {
+                        for (n, lin) in [
+                            ("wi", ff.wi.as_mut()),
+                            ("wi_0", ff.wi_0.as_mut()),
+                            ("wi_1", ff.wi_1.as_mut()),
+                            ("wo", Some(&mut ff.wo)),
+                        ] {
+                            if let Some(lin) = lin {
+                                slots.push((
+                                    p(&format!("DenseReluDense.{n}")),
+                                    PackSlot::Linear(lin),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            slots.push(("lm_head".to_string(), PackSlot::Linear(head)));
+        }
+        slots
+    }
+}
+
 impl<B: Backend> T5<B> {
     /// Loads the checkpoint in `dir` (config.json + safetensors).
     pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, device, &LoadOptions::default())
+    }
+
+    /// [`from_pretrained`](Self::from_pretrained) with a precision or quantisation.
+    pub fn from_pretrained_with(
+        dir: &Path,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let config = T5Config::from_file(&dir.join("config.json"))?;
         let weights = SafetensorsWeights::open_dir(dir)?;
-        Self::from_weights(&config, Arc::new(weights), device)
+        Self::from_weights_with(&config, Arc::new(weights), device, options)
     }
 
     /// Builds the model from `config` and any weight source. Checkpoints may or may not hold
@@ -326,12 +386,17 @@ impl<B: Backend> T5<B> {
         weights: Arc<dyn WeightSource>,
         device: &B::Device,
     ) -> Result<Self> {
-        load_module(
-            config.init(device),
-            weights,
-            device,
-            &LoadOptions::default(),
-        )
+        Self::from_weights_with(config, weights, device, &LoadOptions::default())
+    }
+
+    /// [`from_weights`](Self::from_weights) with a precision or quantisation.
+    pub fn from_weights_with(
+        config: &T5Config,
+        weights: Arc<dyn WeightSource>,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        load_packed(config.init(device), weights, device, options)
     }
 
     /// The model's config.
@@ -342,10 +407,9 @@ impl<B: Backend> T5<B> {
     fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => tied_lm_head(
-                x * (self.config.d_model as f64).powf(-0.5),
-                self.shared.weight.val(),
-            ),
+            None => self
+                .shared
+                .lm_head(x * (self.config.d_model as f64).powf(-0.5)),
         }
     }
 }

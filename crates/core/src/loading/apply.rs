@@ -13,13 +13,94 @@ use burn_store::{
 };
 
 use super::WeightSource;
+use super::precision::{HostKernels, PackSlots, Quantization, WeightDtype, pack_module};
 use crate::{Error, Result};
 
-/// How [`load_module`] treats the checkpoint.
+/// How a model is loaded: the precision its weights are held in, and which tensors may be
+/// missing.
+///
+/// ```
+/// use kiln_core::loading::{LoadOptions, Quantization, WeightDtype};
+/// let options = LoadOptions::default().with_quantization(Quantization::Q8_0);
+/// let half = LoadOptions::default().with_dtype(WeightDtype::BF16);
+/// # let _ = (options, half);
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Module paths that may stay uninitialised because the checkpoint need not have them.
     pub optional: Vec<String>,
+    /// Float precision of the weights.
+    pub dtype: WeightDtype,
+    /// Quantisation of Linear and embedding matrices.
+    pub quantization: Quantization,
+    /// Whether matrices are held on the host for kiln's CPU kernels.
+    pub host_kernels: HostKernels,
+}
+
+impl LoadOptions {
+    /// Sets [`dtype`](Self::dtype).
+    pub fn with_dtype(mut self, dtype: WeightDtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Sets [`quantization`](Self::quantization).
+    pub fn with_quantization(mut self, quantization: Quantization) -> Self {
+        self.quantization = quantization;
+        self
+    }
+
+    /// Sets [`host_kernels`](Self::host_kernels).
+    pub fn with_host_kernels(mut self, host_kernels: HostKernels) -> Self {
+        self.host_kernels = host_kernels;
+        self
+    }
+}
+
+/// Loads `module` from `source` as `options` ask: its packable matrices (see [`PackSlots`])
+/// packed on the host where [`LoadOptions::pack_request`] says so, every other parameter
+/// through [`load_module`]. What every kiln model's loader calls.
+pub fn load_packed<B: Backend, M: Module<B> + PackSlots<B>>(
+    mut module: M,
+    source: Arc<dyn WeightSource>,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<M> {
+    let packed = pack_module(&mut module, source.as_ref(), device, options)?;
+    if packed.is_empty() {
+        return load_module(module, source, device, options);
+    }
+    let mut options = options.clone();
+    options.optional.extend(packed.iter().cloned());
+    load_module(
+        module,
+        Arc::new(Skipping { source, packed }),
+        device,
+        &options,
+    )
+}
+
+/// A source without the tensors already packed.
+struct Skipping {
+    source: Arc<dyn WeightSource>,
+    packed: Vec<String>,
+}
+
+impl WeightSource for Skipping {
+    fn tensors(&self) -> Vec<super::TensorInfo> {
+        let mut tensors = self.source.tensors();
+        tensors.retain(|t| !self.packed.contains(&t.name));
+        tensors
+    }
+    fn read_f32(&self, name: &str) -> Result<TensorData> {
+        self.source.read_f32(name)
+    }
+    fn file_of(&self, name: &str) -> &std::path::Path {
+        self.source.file_of(name)
+    }
+    fn describe(&self) -> String {
+        self.source.describe()
+    }
 }
 
 /// Loads every parameter of `module` from `source`, by checkpoint key.

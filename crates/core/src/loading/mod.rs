@@ -11,12 +11,17 @@ mod apply;
 mod generation_config;
 mod hub;
 mod json;
+mod precision;
 mod safetensors;
 
-pub use apply::{LoadOptions, load_module};
+pub use apply::{LoadOptions, load_module, load_packed};
 pub use generation_config::{GenerationDefaults, TokenIds};
 pub use hub::{ModelFiles, resolve_model};
 pub use json::{from_value, read_json, read_json_value};
+pub use precision::{
+    HostKernels, PackRequest, PackSlot, PackSlots, Quantization, WeightDtype, note_once, pack_f32,
+    pack_module,
+};
 pub use safetensors::SafetensorsWeights;
 
 use std::path::Path;
@@ -24,6 +29,7 @@ use std::path::Path;
 use burn::tensor::TensorData;
 
 use crate::Result;
+use crate::packed::PackedMatrix;
 
 /// One tensor of a checkpoint, as stored.
 #[derive(Debug, Clone)]
@@ -40,6 +46,27 @@ pub trait WeightSource {
     fn tensors(&self) -> Vec<TensorInfo>;
     /// The f32 values of one tensor, in its stored (PyTorch) layout, checked to be finite.
     fn read_f32(&self, name: &str) -> Result<TensorData>;
+    /// A 2-D tensor packed on the host as `request` asks. The default reads f32 and converts;
+    /// sources that store blocks kiln computes with (GGUF) hand them over as they are.
+    fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
+        let data = self.read_f32(name)?;
+        let [rows, cols] = data.shape.as_slice() else {
+            return Err(crate::Error::TensorData {
+                tensor: name.to_string(),
+                file: self.file_of(name).to_path_buf(),
+                message: format!("is {}-D where a matrix was expected", data.shape.len()),
+            });
+        };
+        let (rows, cols) = (*rows, *cols);
+        let values = data
+            .as_slice::<f32>()
+            .map_err(|e| crate::Error::TensorData {
+                tensor: name.to_string(),
+                file: self.file_of(name).to_path_buf(),
+                message: format!("{e:?}"),
+            })?;
+        pack_f32(name, rows, cols, values, request)
+    }
     /// The file a tensor lives in (for error messages).
     fn file_of(&self, name: &str) -> &Path;
     /// A short description of all files, for "missing tensor" errors.

@@ -1,5 +1,9 @@
+use std::sync::Arc;
+
 use burn::module::{Initializer, Param};
 use burn::prelude::*;
+
+use crate::packed::PackedMatrix;
 
 /// A linear layer whose weight keeps PyTorch's `nn.Linear` layout, `[d_output, d_input]`, and
 /// computes `y = x · Wᵀ + b` (see [`linear_out_in`] for the order of the product).
@@ -9,12 +13,21 @@ use burn::prelude::*;
 /// for a decode step than `W · xᵀ` on the checkpoint's own layout (TinyLlama's 2048→5632
 /// matrix on flex: 1.59 vs 1.17 ms at m = 1, equal at m = 128; `examples/matmul_layout.rs`).
 /// The weight stays contiguous, so no backend copies it per call.
+///
+/// On the CPU backends the loaders hold the weight in [`packed`](Self::packed) instead (in the
+/// precision the file ships in, or quantised), multiplied by kiln's own kernels
+/// ([`crate::packed`]); `weight` is then an empty `[0, d_input]` tensor, so code that reads it
+/// by mistake fails on the shape instead of computing with stale values. Use
+/// [`dense_weight`](Self::dense_weight) to read the weight either way.
 #[derive(Module, Debug)]
 pub struct TorchLinear<B: Backend> {
     /// `[d_output, d_input]`, as in the checkpoint.
     pub weight: Param<Tensor<B, 2>>,
     /// `[d_output]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// The weight on the host, when the loader packed it (not part of the module's record).
+    #[module(skip)]
+    pub packed: Option<Arc<PackedMatrix>>,
 }
 
 /// Shape and initialisation of a [`TorchLinear`].
@@ -43,6 +56,7 @@ impl TorchLinearConfig {
             bias: self
                 .bias
                 .then(|| init.init_with([self.d_output], fans.0, fans.1, device)),
+            packed: None,
         }
     }
 }
@@ -50,10 +64,30 @@ impl TorchLinearConfig {
 impl<B: Backend> TorchLinear<B> {
     /// `[..., d_input]` → `[..., d_output]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let y = linear_out_in(x, self.weight.val());
+        let y = match &self.packed {
+            Some(packed) => super::host::packed_matmul(x, packed),
+            None => linear_out_in(x, self.weight.val()),
+        };
         match &self.bias {
             Some(bias) => y + bias.val().unsqueeze(),
             None => y,
+        }
+    }
+}
+
+impl<B: Backend> TorchLinear<B> {
+    /// Holds `packed` as the weight from now on (see the type's docs); `weight` becomes empty.
+    pub fn set_packed(&mut self, packed: Arc<PackedMatrix>) {
+        let device = self.weight.lazy_device();
+        self.weight = Param::from_tensor(Tensor::zeros([0, packed.cols()], &device));
+        self.packed = Some(packed);
+    }
+
+    /// The weight `[d_output, d_input]` as a tensor, dequantised when it is packed.
+    pub fn dense_weight(&self) -> Tensor<B, 2> {
+        match &self.packed {
+            Some(packed) => super::host::dense(packed, &self.weight.lazy_device()),
+            None => self.weight.val(),
         }
     }
 }
@@ -106,6 +140,7 @@ mod tests {
                 [10.0, 20.0],
                 &device,
             ))),
+            packed: None,
         };
         let x = Tensor::<NdArray, 3>::from_floats([[[1.0, 0.0, 1.0], [2.0, 1.0, 0.0]]], &device);
         let y = layer.forward(x).into_data();

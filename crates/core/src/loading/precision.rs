@@ -1,0 +1,242 @@
+//! Which precision a model's weights are held in, and loading them packed on the host.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use burn::prelude::Backend;
+
+use super::WeightSource;
+use crate::nn::{Embedding, TorchLinear};
+use crate::packed::{PackedFormat, PackedMatrix};
+use crate::{Error, Result};
+
+/// The float precision weights are held in (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// What the file holds where kiln can compute with it: on the CPU backends a GGUF's
+    /// quantised blocks and f16/bf16 tensors stay as they are, safetensors become f32; on the
+    /// GPU backends everything becomes the backend's float type.
+    #[default]
+    Auto,
+    /// 32-bit floats.
+    F32,
+    /// IEEE half precision (CPU backends: stored as f16, computed in f32).
+    F16,
+    /// bfloat16 (CPU backends: stored as bf16, computed in f32).
+    BF16,
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::Auto,
+            "f32" | "float32" => Self::F32,
+            "f16" | "float16" | "half" => Self::F16,
+            "bf16" | "bfloat16" => Self::BF16,
+            other => return Err(format!("unknown dtype `{other}` (auto, f32, f16, bf16)")),
+        })
+    }
+}
+
+/// Weight quantisation at load (`--quant`): Linear and embedding matrices are requantised to
+/// ggml's block format; norms and biases stay in floats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// Keep the precision [`WeightDtype`] chooses.
+    #[default]
+    None,
+    /// ggml Q8_0: 8.5 bits a weight.
+    Q8_0,
+    /// ggml Q4_0: 4.5 bits a weight.
+    Q4_0,
+    /// ggml Q4_1: 5 bits a weight.
+    Q4_1,
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "none" => Self::None,
+            "q8" | "q8_0" => Self::Q8_0,
+            "q4" | "q4_0" => Self::Q4_0,
+            "q4_1" => Self::Q4_1,
+            other => {
+                return Err(format!(
+                    "unknown quantisation `{other}` (none, q8_0, q4_0, q4_1)"
+                ));
+            }
+        })
+    }
+}
+
+impl Quantization {
+    fn format(self) -> Option<PackedFormat> {
+        match self {
+            Self::None => None,
+            Self::Q8_0 => Some(PackedFormat::Q8_0),
+            Self::Q4_0 => Some(PackedFormat::Q4_0),
+            Self::Q4_1 => Some(PackedFormat::Q4_1),
+        }
+    }
+}
+
+/// Whether the matrices of a model live on the host, multiplied by [`crate::packed`]'s kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostKernels {
+    /// On the CPU backends (flex, ndarray) outside autodiff.
+    #[default]
+    Auto,
+    /// Always (activations then travel to the host and back on every product).
+    Always,
+    /// Never: every weight is a Burn parameter (what training needs).
+    Never,
+}
+
+/// What the packing step asks of a [`WeightSource`] for one matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackRequest {
+    /// Keep the stored format where kiln has kernels for it; a GGUF block type without kernels
+    /// is requantised to Q8_0; safetensors become f32.
+    Stored,
+    /// Convert (or quantise) to this format.
+    To(PackedFormat),
+}
+
+/// A module's matrices that may be held packed, by checkpoint path (without `.weight`).
+pub enum PackSlot<'a, B: Backend> {
+    /// A Linear layer's weight.
+    Linear(&'a mut TorchLinear<B>),
+    /// An embedding (also a tied LM head).
+    Embedding(&'a mut Embedding<B>),
+}
+
+/// Modules that list their packable matrices, so [`load_packed`] can fill them.
+pub trait PackSlots<B: Backend> {
+    /// Every Linear and embedding, with its checkpoint path (`model.layers.0.mlp.up_proj`).
+    fn pack_slots(&mut self) -> Vec<(String, PackSlot<'_, B>)>;
+}
+
+impl super::LoadOptions {
+    /// The request for each packable matrix, or `None` when weights stay Burn parameters on
+    /// this backend. Errors for a precision the backend cannot hold.
+    pub fn pack_request<B: Backend>(&self, device: &B::Device) -> Result<Option<PackRequest>> {
+        let backend = B::name(device);
+        let cpu = !B::ad_enabled(device) && matches!(backend.as_str(), "flex" | "ndarray");
+        let host = match self.host_kernels {
+            HostKernels::Auto => cpu,
+            HostKernels::Always => true,
+            HostKernels::Never => false,
+        };
+        let float = match self.dtype {
+            WeightDtype::Auto => None,
+            WeightDtype::F32 => Some(PackedFormat::F32),
+            WeightDtype::F16 => Some(PackedFormat::F16),
+            WeightDtype::BF16 => Some(PackedFormat::BF16),
+        };
+        if !host {
+            let wants = self
+                .quantization
+                .format()
+                .or(float.filter(|f| *f != PackedFormat::F32));
+            if let Some(format) = wants {
+                return Err(Error::arg(
+                    "dtype",
+                    format!(
+                        "the {backend} backend holds weights in its own float type; kiln keeps \
+                         {format} weights only on the CPU backends (flex, ndarray) so far: \
+                         use --dtype auto or f32 here"
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        Ok(Some(match self.quantization.format().or(float) {
+            Some(format) => PackRequest::To(format),
+            None => PackRequest::Stored,
+        }))
+    }
+}
+
+/// Packs every slot of `module` that `source` holds, as `options` ask; returns the checkpoint
+/// names packed, which [`super::load_module`] then skips. Does nothing where
+/// [`LoadOptions::pack_request`](super::LoadOptions::pack_request) says weights stay Burn
+/// parameters.
+pub fn pack_module<B: Backend, M: PackSlots<B>>(
+    module: &mut M,
+    source: &dyn WeightSource,
+    device: &B::Device,
+    options: &super::LoadOptions,
+) -> Result<Vec<String>> {
+    let Some(request) = options.pack_request::<B>(device)? else {
+        return Ok(Vec::new());
+    };
+    let shapes: HashMap<String, Vec<usize>> = source
+        .tensors()
+        .into_iter()
+        .map(|t| (t.name, t.shape))
+        .collect();
+    let mut packed = Vec::new();
+    for (path, slot) in module.pack_slots() {
+        let name = format!("{path}.weight");
+        // Missing or misshapen tensors are left to load_module, which names them in its error.
+        let Some(shape) = shapes.get(&name) else {
+            continue;
+        };
+        let expected = match &slot {
+            PackSlot::Linear(l) => l.weight.lazy_shape().dims::<2>(),
+            PackSlot::Embedding(e) => e.weight.lazy_shape().dims::<2>(),
+        };
+        if shape.as_slice() != expected {
+            continue;
+        }
+        let matrix = Arc::new(source.read_packed(&name, request)?);
+        match slot {
+            PackSlot::Linear(l) => l.set_packed(matrix),
+            PackSlot::Embedding(e) => e.set_packed(matrix),
+        }
+        packed.push(name);
+    }
+    Ok(packed)
+}
+
+/// Converts f32 values of a `[rows, cols]` tensor as `request` asks (f32 when it keeps the
+/// stored format): the default [`WeightSource::read_packed`].
+pub fn pack_f32(
+    name: &str,
+    rows: usize,
+    cols: usize,
+    values: &[f32],
+    request: PackRequest,
+) -> Result<PackedMatrix> {
+    let mut format = match request {
+        PackRequest::Stored => PackedFormat::F32,
+        PackRequest::To(format) => format,
+    };
+    if !cols.is_multiple_of(format.block_len()) {
+        note_once(&format!(
+            "{name} has {cols} columns, not a whole number of {format} blocks: kept in f32"
+        ));
+        format = PackedFormat::F32;
+    }
+    PackedMatrix::from_f32(rows, cols, values, format).map_err(|e| {
+        Error::arg(
+            "quant",
+            format!("{name} [{rows}, {cols}] cannot be held as {format}: {e}"),
+        )
+    })
+}
+
+/// Prints a note about a precision fallback to stderr, once per process for each message.
+pub fn note_once(message: &str) {
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !seen.iter().any(|m| m == message) {
+        eprintln!("kiln: {message}");
+        seen.push(message.to_string());
+    }
+}

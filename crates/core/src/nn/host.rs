@@ -1,0 +1,45 @@
+//! Moving activations between a Burn tensor and the host kernels of [`crate::packed`].
+
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData};
+
+use crate::packed::PackedMatrix;
+
+/// `x [..., cols] · Wᵀ` for a packed `W [rows, cols]`, as a tensor `[..., rows]` on `x`'s
+/// device.
+///
+/// On the CPU backends the activation's values are read out (no copy on flex when `x` is not
+/// shared), multiplied on the host and wrapped again. Under autodiff the weight is dequantised
+/// into a constant tensor instead, so gradients still flow to `x` (the weight stays frozen).
+pub fn packed_matmul<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: &PackedMatrix,
+) -> Tensor<B, D> {
+    let device = x.device();
+    if B::ad_enabled(&device) {
+        return super::linear_out_in(x, dense(w, &device));
+    }
+    let mut dims = x.dims();
+    let m: usize = dims[..D - 1].iter().product();
+    dims[D - 1] = w.rows();
+    let data = x.into_data();
+    let dtype = data.dtype;
+    let y = match data.as_slice::<f32>() {
+        Ok(xs) => w.matmul_t(xs, m),
+        Err(_) => w.matmul_t(&data.convert::<f32>().into_vec::<f32>().expect("f32"), m),
+    };
+    let y = TensorData::new(y, dims);
+    Tensor::from_data(
+        if dtype == DType::F32 {
+            y
+        } else {
+            y.convert_dtype(dtype)
+        },
+        &device,
+    )
+}
+
+/// The packed matrix as a dense tensor on `device`.
+pub fn dense<B: Backend>(w: &PackedMatrix, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(w.to_f32(), [w.rows(), w.cols()]), device)
+}
