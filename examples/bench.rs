@@ -7,7 +7,13 @@
 //! cargo run --release --example random_checkpoint -- --preset tinyllama-1.1b --out /tmp/tinyllama-random
 //! cargo run --release --example bench -- --model /tmp/tinyllama-random --prompt-len 128 --gen 32 --repeats 3
 //! cargo run --release --no-default-features --features flex --example bench -- --model /tmp/tinyllama-random
+//! cargo run --release --example bench -- --model ~/.cache/kiln/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+//! cargo run --release --example bench -- --model /tmp/tinyllama-random --quant q8_0
 //! ```
+//!
+//! After the measured runs it probes this machine's read bandwidth (a parallel sum over 1 GiB,
+//! best of three) and prints each decode figure beside its limit: the bytes of weights a step
+//! streams divided by that bandwidth.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,6 +23,9 @@ use burn::prelude::*;
 use clap::Parser;
 use kiln::backend::{self, Backend as B};
 use kiln::core::CausalLm;
+use kiln::core::loading::{
+    HostKernels, LoadOptions, PackSlot, PackSlots, Quantization, WeightDtype,
+};
 use kiln::llama::Llama;
 
 /// Measures load time, prefill and decode throughput and peak memory of a Llama-family
@@ -44,6 +53,69 @@ struct Args {
     /// Seed of the random prompt.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Weight precision: auto (what the file holds, f32 for safetensors), f32, f16, bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: WeightDtype,
+    /// Requantise the matrices at load: none, q8_0, q4_0, q4_1.
+    #[arg(long, default_value = "none")]
+    quant: Quantization,
+    /// kiln's host kernels for the matrices: auto (on for CPU backends), always, never (Burn's
+    /// own matmul, every weight a Burn tensor).
+    #[arg(long, default_value = "auto")]
+    host_kernels: String,
+    /// Skip the bandwidth probe (it allocates 1 GiB after the measurements).
+    #[arg(long)]
+    no_probe: bool,
+}
+
+/// Best-of-three read bandwidth in GB/s: a parallel sum over 1 GiB of f32 on rayon's threads.
+fn probe_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let data: Vec<f32> = (0..1usize << 28)
+        .into_par_iter()
+        .map(|i| (i & 7) as f32)
+        .collect();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let sum: f32 = data
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for v in c.chunks_exact(16) {
+                    for k in 0..16 {
+                        acc[k] += v[k];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(sum);
+        best = best.max((data.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Bytes of weights one decode step reads: every matrix (packed or dense) and the norms; the
+/// embedding counts only when it is also the LM head (a lookup reads one row).
+fn weight_bytes(model: &mut Llama<B>) -> usize {
+    let tied = model.lm_head.is_none();
+    let dense = |numel: usize| numel * std::mem::size_of::<f32>();
+    let mut bytes = 0;
+    for (_, slot) in model.pack_slots() {
+        bytes += match slot {
+            PackSlot::Linear(l) => l.packed.as_ref().map_or_else(
+                || dense(l.weight.lazy_shape().num_elements()),
+                |p| p.byte_len(),
+            ),
+            PackSlot::Embedding(e) if tied => e.packed.as_ref().map_or_else(
+                || dense(e.weight.lazy_shape().num_elements()),
+                |p| p.byte_len(),
+            ),
+            PackSlot::Embedding(_) => 0,
+        };
+    }
+    bytes
 }
 
 /// splitmix64; bench/candle uses the same generator so both feed identical prompts.
@@ -123,12 +195,20 @@ fn main() -> Result<()> {
     let device = backend::device();
 
     let t = Instant::now();
-    let model = if args.model.extension().is_some_and(|e| e == "gguf") {
-        // GGUF: dequantised to f32 at load.
-        kiln::auto::load::<B>(args.model.to_str().context("UTF-8 path")?, &device)
-            .map(|loaded| loaded.model)
+    let host_kernels = match args.host_kernels.as_str() {
+        "auto" => HostKernels::Auto,
+        "always" => HostKernels::Always,
+        "never" => HostKernels::Never,
+        other => anyhow::bail!("--host-kernels {other}: expected auto, always or never"),
+    };
+    let options = LoadOptions::default()
+        .with_dtype(args.dtype)
+        .with_quantization(args.quant)
+        .with_host_kernels(host_kernels);
+    let mut model = if args.model.extension().is_some_and(|e| e == "gguf") {
+        Llama::<B>::from_gguf_with(&args.model, &device, &options).map(|(model, _)| model)
     } else {
-        Llama::<B>::from_pretrained(&args.model, &device)
+        Llama::<B>::from_pretrained_with(&args.model, &device, &options)
     }
     .with_context(|| format!("loading {}", args.model.display()))?;
     let _ = <B as burn::tensor::backend::Backend>::sync(&device);
@@ -161,20 +241,37 @@ fn main() -> Result<()> {
     }
     let peak = rss_gib("VmHWM:");
     let best = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
+    let bytes = weight_bytes(&mut model);
+    drop(model);
+    let bandwidth = if args.no_probe {
+        f64::NAN
+    } else {
+        probe_bandwidth()
+    };
+    let limit = bandwidth * 1e9 / bytes as f64;
+    let weights = format!("{:?}/{:?}", args.dtype, args.quant).to_lowercase();
 
     println!(
-        "kiln ({}, f32): load {load_s:.2} s | prefill {:.2} tok/s (best {:.2}) | decode {:.2} \
-         tok/s (best {:.2}) | peak RSS {peak:.2} GiB (after load {rss_after_load:.2})",
+        "kiln ({}, weights {weights}): load {load_s:.2} s | prefill {:.2} tok/s (best {:.2}) | \
+         decode {:.2} tok/s (best {:.2}; limit {limit:.1} = {:.1} MB/token at {bandwidth:.1} GB/s, \
+         {:.0}%) | peak RSS {peak:.2} GiB (after load {rss_after_load:.2})",
         backend::NAME,
         median(prefill.clone()),
         best(&prefill),
         median(decode.clone()),
         best(&decode),
+        bytes as f64 / 1e6,
+        100.0 * median(decode.clone()) / limit,
     );
     let json = serde_json::json!({
         "impl": "kiln",
         "backend": backend::NAME,
         "compute_dtype": "f32",
+        "weights": weights,
+        "weight_bytes_per_token": bytes,
+        "bandwidth_gb_s": bandwidth,
+        "decode_limit_tok_s": limit,
+        "decode_fraction_of_limit": median(decode.clone()) / limit,
         "model": args.model.display().to_string(),
         "prompt_len": args.prompt_len,
         "gen": args.new_tokens,

@@ -86,7 +86,7 @@ fn member(
         Tokenizer::from_dir(tokenizer).with_context(|| format!("{}", tokenizer.display()))?;
     // `init` gives randomly initialised weights (Burn's default initialisers).
     let model = config.init::<Backend>(&device());
-    let embeddings = model.model.embed_tokens.weight.val();
+    let embeddings = model.model.embed_tokens.dense_weight();
     // No EOS: every run generates exactly `tokens` tokens.
     Ok(Box::new(DecoderMember::new(
         name,

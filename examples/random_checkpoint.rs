@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --example random_checkpoint -- --preset tinyllama-1.1b --out /tmp/tinyllama-random
 //! cargo run --release --example random_checkpoint -- --preset llama2-7b --dtype bf16 --out /tmp/llama2-7b-random
+//! cargo run --release --example random_checkpoint -- --preset tinyllama-1.1b --gguf q4_0 --out /tmp/tinyllama-q4_0
 //! cargo run --release --example random_checkpoint -- --preset smollm2-135m \
 //!     --tokenizer /work/shared/tokenizers/smollm2-135m-instruct/tokenizer.json --out /tmp/smollm2-random
 //! ```
@@ -13,6 +14,12 @@
 //! initialises them), from a seeded generator: the same arguments give the same bytes. Tensors
 //! are generated one at a time while the file is written, so memory stays at about one tensor
 //! (a 7B f32 checkpoint is 27 GB on disk, not in RAM).
+//!
+//! With `--gguf q4_0|q8_0` it writes `model.gguf` instead, the same random weights quantised by
+//! ggml's reference quantiser (kiln's `PackedMatrix::from_f32`), llama.cpp's tensor names, and a
+//! synthetic SentencePiece vocabulary (`<unk>`, `<s>`, `</s>`, the 256 byte tokens, then
+//! `t<i>`), so that kiln, candle and llama.cpp can all load it. Q/K rows are not permuted:
+//! the weights are random, so no reader can tell.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -74,6 +81,20 @@ struct Args {
     /// Standard deviation of the weights (HF's `initializer_range`).
     #[arg(long, default_value_t = 0.02)]
     std: f32,
+    /// Write `model.gguf` with the matrices in this ggml block type instead of safetensors.
+    #[arg(long, value_enum)]
+    gguf: Option<GgufType>,
+}
+
+/// Block types of the `--gguf` output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GgufType {
+    /// ggml Q4_0 (4.5 bits a weight).
+    #[value(name = "q4_0")]
+    Q4_0,
+    /// ggml Q8_0 (8.5 bits a weight).
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 /// The hyper-parameters written to config.json.
@@ -394,11 +415,146 @@ fn max_token_id(path: &Path) -> Result<u64> {
     Ok(max)
 }
 
+/// The llama.cpp name of an HF tensor name.
+fn gguf_name(hf: &str) -> String {
+    let hf = hf.strip_suffix(".weight").unwrap_or(hf);
+    let name = match hf {
+        "model.embed_tokens" => "token_embd".to_string(),
+        "model.norm" => "output_norm".to_string(),
+        "lm_head" => "output".to_string(),
+        other => {
+            let rest = other.strip_prefix("model.layers.").expect("a layer tensor");
+            let (layer, part) = rest.split_once('.').expect("layer.part");
+            let part = match part {
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" => "ffn_norm",
+                other => panic!("unknown tensor {other}"),
+            };
+            format!("blk.{layer}.{part}")
+        }
+    };
+    name + ".weight"
+}
+
+fn write_gguf(shape: &Shape, args: &Args, kind: GgufType) -> Result<()> {
+    use kiln::core::packed::{PackedFormat, PackedMatrix};
+    use kiln_gguf::writer::{TensorSpec, write_gguf};
+    use kiln_gguf::{GgmlType, Value, ValueType};
+
+    let (format, ggml_type) = match kind {
+        GgufType::Q4_0 => (PackedFormat::Q4_0, GgmlType::Q4_0),
+        GgufType::Q8_0 => (PackedFormat::Q8_0, GgmlType::Q8_0),
+    };
+    let mut specs = Vec::new();
+    for (name, t) in tensors(shape, args) {
+        let values: Vec<f32> = generate(t.numel(), StoreDtype::F32, t.init)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let (ggml_type, data, dims) = match t.shape.as_slice() {
+            [rows, cols] => {
+                let packed = PackedMatrix::from_f32(*rows, *cols, &values, format)?;
+                (
+                    ggml_type,
+                    packed.bytes().to_vec(),
+                    vec![*cols as u64, *rows as u64],
+                )
+            }
+            _ => (
+                GgmlType::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                vec![t.numel() as u64],
+            ),
+        };
+        specs.push(TensorSpec {
+            name: gguf_name(&name),
+            dims,
+            ggml_type,
+            data,
+        });
+    }
+    let mut tokens = vec!["<unk>".to_string(), "<s>".to_string(), "</s>".to_string()];
+    tokens.extend((0..256).map(|b| format!("<0x{b:02X}>")));
+    tokens.extend((tokens.len()..shape.vocab).map(|i| format!("t{i}")));
+    let n = tokens.len();
+    let array = |elem_type, items| Value::Array { elem_type, items };
+    let types: Vec<Value> = (0..n)
+        .map(|i| {
+            Value::I32(match i {
+                0 => 2,
+                1 | 2 => 3,
+                3..=258 => 6,
+                _ => 1,
+            })
+        })
+        .collect();
+    let u32v = |v: usize| Value::U32(v as u32);
+    let kvs: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        (
+            "general.name",
+            Value::String(format!("kiln random {:?}", args.preset)),
+        ),
+        ("llama.block_count", u32v(shape.layers)),
+        ("llama.context_length", u32v(shape.max_pos)),
+        ("llama.embedding_length", u32v(shape.hidden)),
+        ("llama.feed_forward_length", u32v(shape.intermediate)),
+        ("llama.attention.head_count", u32v(shape.heads)),
+        ("llama.attention.head_count_kv", u32v(shape.kv_heads)),
+        (
+            "llama.rope.dimension_count",
+            u32v(shape.hidden / shape.heads),
+        ),
+        ("llama.rope.freq_base", Value::F32(shape.rope_theta as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(shape.rms_eps as f32),
+        ),
+        ("llama.vocab_size", u32v(shape.vocab)),
+        ("tokenizer.ggml.model", Value::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            array(
+                ValueType::String,
+                tokens.into_iter().map(Value::String).collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            array(ValueType::F32, vec![Value::F32(0.0); n]),
+        ),
+        ("tokenizer.ggml.token_type", array(ValueType::I32, types)),
+        ("tokenizer.ggml.bos_token_id", Value::U32(shape.bos)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(shape.eos)),
+    ];
+    let path = args.out.join("model.gguf");
+    let bytes = write_gguf(3, &kvs, &specs, 32);
+    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "wrote {} ({:.2} GB, {kind:?})",
+        path.display(),
+        bytes.len() as f64 / 1e9
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let shape = args.preset.shape();
     if shape.hidden % shape.heads != 0 || shape.heads % shape.kv_heads != 0 {
         bail!("inconsistent preset shape");
+    }
+    if let Some(kind) = args.gguf {
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
+        return write_gguf(&shape, &args, kind);
     }
     if let Some(tok) = &args.tokenizer {
         let max = max_token_id(tok)?;

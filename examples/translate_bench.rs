@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kiln::auto::{self, Seq2SeqModel};
 use kiln::backend::{self, Backend as B};
+use kiln::core::loading::{HostKernels, LoadOptions, Quantization, WeightDtype};
 use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
 
 /// Measures whole-translation throughput (encode + `--gen` decoder steps per sentence) for each
@@ -49,6 +50,15 @@ struct Args {
     /// Forced first generated token (NLLB `deu_Latn` = 256042).
     #[arg(long, default_value_t = 256042)]
     tgt_lang: u32,
+    /// Weight precision: auto (f32 for safetensors), f32, f16, bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: WeightDtype,
+    /// Requantise the matrices at load: none, q8_0, q4_0, q4_1.
+    #[arg(long, default_value = "none")]
+    quant: Quantization,
+    /// Burn's own matmul with every weight a Burn tensor, instead of kiln's host kernels.
+    #[arg(long)]
+    no_host_kernels: bool,
 }
 
 /// splitmix64, as `tools/translate_bench.py`, so both feed identical sentences.
@@ -117,6 +127,7 @@ fn bench<M: Seq2SeqLm<B>>(model: &M, args: &Args) -> Result<()> {
         );
         let json = serde_json::json!({
             "impl": "kiln", "backend": backend::NAME, "batch": batch, "beams": args.beams,
+            "weights": format!("{:?}/{:?}", args.dtype, args.quant).to_lowercase(),
             "src_len": args.src_len, "gen": args.new_tokens, "seconds": s, "seconds_runs": secs,
             "sentences_per_s": sentences, "tokens_per_s": tokens,
         });
@@ -129,7 +140,16 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let device = backend::device();
     let t = Instant::now();
-    let loaded = auto::load_seq2seq::<B>(args.model.to_str().context("UTF-8 path")?, &device)
+    let options = LoadOptions::default()
+        .with_dtype(args.dtype)
+        .with_quantization(args.quant)
+        .with_host_kernels(if args.no_host_kernels {
+            HostKernels::Never
+        } else {
+            HostKernels::Auto
+        });
+    let spec = args.model.to_str().context("UTF-8 path")?;
+    let loaded = auto::load_seq2seq_with::<B>(spec, &device, &options)
         .with_context(|| format!("loading {}", args.model.display()))?;
     eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
     match &loaded.model {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use kiln_core::loading::{
-    GenerationDefaults, ModelFiles, TokenIds, read_json_value, resolve_model,
+    GenerationDefaults, LoadOptions, ModelFiles, TokenIds, read_json_value, resolve_model,
 };
 use kiln_core::{Error, Result, Tokenizer};
 use kiln_llama::{Llama, LlamaConfig};
@@ -52,13 +52,22 @@ pub fn default_model() -> String {
 
 /// Loads the model at `spec`: a folder in HF layout, a hub id, or a `.gguf` file.
 pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
+    load_with(spec, device, &LoadOptions::default())
+}
+
+/// [`load`] with a weight precision or quantisation ([`LoadOptions`]).
+pub fn load_with<B: Backend>(
+    spec: &str,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<LoadedModel<B>> {
     let path = Path::new(spec);
     if path.is_file()
         && path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        return load_gguf(path, device);
+        return load_gguf(path, device, options);
     }
     let files = resolve_model(spec)?;
     let config_path = files.file("config.json");
@@ -78,7 +87,7 @@ pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>
         }
     }
     let config = LlamaConfig::from_json(value, &config_path)?;
-    let model = Llama::from_pretrained(&files.dir, device)?;
+    let model = Llama::from_pretrained_with(&files.dir, device, options)?;
     let tokenizer = load_tokenizer(&files.dir)?;
     let defaults = GenerationDefaults::from_dir(&files.dir)?;
     let description = describe(&config);
@@ -91,8 +100,12 @@ pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>
     })
 }
 
-fn load_gguf<B: Backend>(path: &Path, device: &B::Device) -> Result<LoadedModel<B>> {
-    let (model, tokenizer) = Llama::from_gguf(path, device)?;
+fn load_gguf<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<LoadedModel<B>> {
+    let (model, tokenizer) = Llama::from_gguf_with(path, device, options)?;
     let config = model.config();
     let ids = |id: Option<u32>| id.map(TokenIds::One).unwrap_or_default();
     let defaults = GenerationDefaults {
@@ -197,6 +210,15 @@ pub fn model_type(spec: &str) -> Result<String> {
 
 /// Loads the encoder-decoder at `spec`: a folder in HF layout or a hub id.
 pub fn load_seq2seq<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedSeq2Seq<B>> {
+    load_seq2seq_with(spec, device, &LoadOptions::default())
+}
+
+/// [`load_seq2seq`] with a weight precision or quantisation ([`LoadOptions`]).
+pub fn load_seq2seq_with<B: Backend>(
+    spec: &str,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<LoadedSeq2Seq<B>> {
     let files = resolve_model(spec)?;
     let config_path = files.file("config.json");
     let value = read_json_value(&config_path)?;
@@ -206,10 +228,12 @@ pub fn load_seq2seq<B: Backend>(spec: &str, device: &B::Device) -> Result<Loaded
         .unwrap_or("")
         .to_lowercase();
     let model = match model_type.as_str() {
-        "t5" => Seq2SeqModel::T5(kiln_t5::T5::from_pretrained(&files.dir, device)?),
-        "m2m_100" | "m2m100" | "nllb" => {
-            Seq2SeqModel::M2M100(kiln_m2m100::M2M100::from_pretrained(&files.dir, device)?)
-        }
+        "t5" => Seq2SeqModel::T5(kiln_t5::T5::from_pretrained_with(
+            &files.dir, device, options,
+        )?),
+        "m2m_100" | "m2m100" | "nllb" => Seq2SeqModel::M2M100(
+            kiln_m2m100::M2M100::from_pretrained_with(&files.dir, device, options)?,
+        ),
         other => {
             return Err(Error::UnsupportedModel(format!(
                 "{}: model_type `{other}` is not an encoder-decoder kiln knows ({SUPPORTED_SEQ2SEQ})",

@@ -119,3 +119,76 @@ fn chat_session_keeps_history_and_reuses_the_cache() {
         "{second:?}"
     );
 }
+
+/// The file's Q4_1 and Q8_0 blocks, kept packed and multiplied by kiln's host kernels, against
+/// the same weights dequantised to f32 Burn tensors (the path HF parity pins down): logits of
+/// the prompt and of eight cached decode steps, and the greedy tokens.
+#[test]
+fn packed_blocks_give_the_dequantised_logits() {
+    use burn::prelude::*;
+    use kiln::core::CausalLm;
+    use kiln::core::loading::{HostKernels, LoadOptions};
+    use kiln::core::packed::PackedFormat;
+    use kiln::llama::Llama;
+
+    let path = auto::default_gguf_path();
+    assert!(
+        path.is_file() || std::env::var_os("CI").is_none(),
+        "{} absent in CI",
+        path.display()
+    );
+    if !path.is_file() {
+        eprintln!(
+            "SKIP: {} absent; run tools/fetch_smollm2.sh",
+            path.display()
+        );
+        return;
+    }
+    let device = device();
+    let (packed, _) = Llama::<B>::from_gguf_with(&path, &device, &LoadOptions::default()).unwrap();
+    let dense_options = LoadOptions::default().with_host_kernels(HostKernels::Never);
+    let (dense, _) = Llama::<B>::from_gguf_with(&path, &device, &dense_options).unwrap();
+    let layer = &packed.model.layers[0];
+    let format = |p: &Option<std::sync::Arc<kiln::core::packed::PackedMatrix>>| {
+        p.as_ref().map(|p| p.format())
+    };
+    assert_eq!(
+        format(&layer.self_attn.q_proj.packed),
+        Some(PackedFormat::Q4_1)
+    );
+    assert_eq!(
+        format(&packed.model.embed_tokens.packed),
+        Some(PackedFormat::Q8_0)
+    );
+    assert!(dense.model.layers[0].self_attn.q_proj.packed.is_none());
+
+    let prompt = ids(&reference()["prompt_ids"]);
+    let tokens = |ids: &[u32]| {
+        let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device)
+    };
+    let (mut cp, mut cd) = (packed.new_cache(vec![0]), dense.new_cache(vec![0]));
+    let mut input = prompt.clone();
+    let mut worst = 0f32;
+    for step in 0..9 {
+        let lp = packed.forward(tokens(&input), &mut cp, true);
+        let ld = dense.forward(tokens(&input), &mut cd, true);
+        let (lp, ld) = (
+            lp.into_data().into_vec::<f32>().unwrap(),
+            ld.into_data().into_vec::<f32>().unwrap(),
+        );
+        let diff = max_abs_diff(&lp, &ld);
+        worst = worst.max(diff);
+        assert!(diff < 2e-3, "step {step}: max |Δlogit| {diff}");
+        let vocab = packed.vocab_size();
+        let last = |l: &[f32]| {
+            let row = &l[l.len() - vocab..];
+            (0..vocab)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap() as u32
+        };
+        assert_eq!(last(&lp), last(&ld), "step {step}: greedy token");
+        input = vec![last(&lp)];
+    }
+    eprintln!("packed vs dequantised: max |Δlogit| {worst:e}");
+}

@@ -1,6 +1,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
 
+use super::precision::PrecisionArgs;
 use super::sampling::SamplingArgs;
 use anyhow::{Context, bail};
 use clap::Args;
@@ -37,14 +38,16 @@ pub struct ChatArgs {
     max_new_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    precision: PrecisionArgs,
 }
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let device = device();
     let start = Instant::now();
     let spec = args.model.clone().unwrap_or_else(auto::default_model);
-    let loaded =
-        auto::load::<Backend>(&spec, &device).with_context(|| format!("loading {spec}"))?;
+    let loaded = auto::load_with::<Backend>(&spec, &device, &args.precision.to_options())
+        .with_context(|| format!("loading {spec}"))?;
     let tokenizer = loaded
         .tokenizer
         .as_ref()

@@ -150,7 +150,7 @@ fn load_member(spec: &str, args: &EnsembleArgs) -> anyhow::Result<Box<dyn Member
             let tgt = language_token_id(&tokenizer, &args.tgt_lang, "tgt_lang")?;
             let eos = model.eos_token_ids()[0];
             let context = model.config().max_position_embeddings;
-            let embeddings = model.model.shared.weight.val();
+            let embeddings = model.model.shared.dense_weight();
             return Ok(Box::new(
                 Seq2SeqMember::new(spec, model, tokenizer, embeddings)
                     .with_source_affixes(vec![src], vec![eos])
@@ -163,7 +163,7 @@ fn load_member(spec: &str, args: &EnsembleArgs) -> anyhow::Result<Box<dyn Member
     let tokenizer = loaded
         .tokenizer
         .with_context(|| format!("{spec} has no tokenizer.json; ensembling works on text"))?;
-    let embeddings = loaded.model.model.embed_tokens.weight.val();
+    let embeddings = loaded.model.model.embed_tokens.dense_weight();
     let eos = loaded.defaults.eos_token_id.to_vec();
     Ok(Box::new(DecoderMember::new(
         spec,

@@ -2,6 +2,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::precision::PrecisionArgs;
 use super::sampling::SamplingArgs;
 use anyhow::{Context, bail};
 use clap::Args;
@@ -50,6 +51,8 @@ pub struct GenerateArgs {
     max_new_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    precision: PrecisionArgs,
     /// Stop when the text contains this string (repeatable); the text is cut before it.
     #[arg(long = "stop")]
     stop: Vec<String>,
@@ -79,8 +82,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     {
         return run_text_to_text(&args, &model);
     }
-    let loaded =
-        auto::load::<Backend>(&model, &device).with_context(|| format!("loading {model}"))?;
+    let loaded = auto::load_with::<Backend>(&model, &device, &args.precision.to_options())
+        .with_context(|| format!("loading {model}"))?;
     eprintln!(
         "kiln: {} ({}) loaded in {:.1}s on {NAME}",
         loaded.files.dir.display(),

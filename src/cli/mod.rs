@@ -5,6 +5,7 @@ mod chat;
 mod distill;
 mod ensemble;
 mod generate;
+mod precision;
 mod sampling;
 mod translate;
 

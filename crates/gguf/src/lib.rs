@@ -45,6 +45,7 @@ mod llama;
 mod quant;
 pub mod tokenizer;
 mod types;
+pub mod writer;
 
 pub use error::{GgufError, Result};
 pub use file::{DEFAULT_ALIGNMENT, GgufFile, TensorInfo};

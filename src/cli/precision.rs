@@ -1,0 +1,28 @@
+//! The weight-precision flags of the commands that load a decoder-only model.
+
+use clap::Args;
+use kiln::core::loading::{LoadOptions, Quantization, WeightDtype};
+
+/// `--dtype` and `--quant`.
+#[derive(Args, Debug, Clone)]
+pub struct PrecisionArgs {
+    /// Weight precision: `auto` keeps what the file holds where this backend computes with it
+    /// (on the CPU a GGUF's Q8_0/Q4_0/Q4_1 blocks and f16/bf16 tensors stay as stored, other
+    /// block types become q8_0, safetensors f32; on a GPU the backend's float type), or `f32`,
+    /// `f16`, `bf16` (f16/bf16 halve the memory of f32 on the CPU backends).
+    #[arg(long, default_value = "auto")]
+    pub dtype: WeightDtype,
+    /// Quantise the Linear and embedding matrices at load: `none`, `q8_0` (8.5 bits a weight),
+    /// `q4_0` (4.5 bits) or `q4_1` (5 bits), ggml's block formats. CPU backends only.
+    #[arg(long, default_value = "none")]
+    pub quant: Quantization,
+}
+
+impl PrecisionArgs {
+    /// The load options these flags describe.
+    pub fn to_options(&self) -> LoadOptions {
+        LoadOptions::default()
+            .with_dtype(self.dtype)
+            .with_quantization(self.quant)
+    }
+}
