@@ -51,7 +51,7 @@ fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f3
     if matches!(F, Q4_0 | Q4_1) {
         let blocks = m * (cols / 32);
         assert!(acts.sum.len() >= blocks && acts.scale.len() >= blocks);
-        assert!(acts.q16.len() >= m * cols);
+        assert!(acts.q16.len() >= m * cols && acts.q16_lo.len() >= m * cols);
     }
     // Safety: `dot_kernel` is only handed out when `available()`; the asserts above bound every
     // read (w is one whole row; x, q16, sum and scale hold `m` rows).
@@ -84,6 +84,7 @@ unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out
             if matches!(F, Q4_0 | Q4_1) {
                 let q = Q16 {
                     q: &acts.q16[j * cols..],
+                    lo: &acts.q16_lo[j * cols..],
                     sum: &acts.sum[j * blocks..],
                     scale: &acts.scale[j * blocks..],
                 };
@@ -126,14 +127,15 @@ unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out
 /// The i16 activations of a group of rows (see [`Acts::new`]).
 struct Q16<'a> {
     q: &'a [i16],
+    lo: &'a [i16],
     sum: &'a [f32],
     scale: &'a [f32],
 }
 
 /// `M` rows of i16 activations against one row of 4-bit blocks: per block, `vpmaddwd` of the
-/// quants (0..15) with the activations gives eight i32 partial sums, scaled once by `d·s`
-/// (s the activations' scale); the offset (`m` for Q4_1, `−8·d` for Q4_0) multiplies the
-/// block's exact f32 sum. Alternate blocks go to two accumulators.
+/// quants (0..15) with both i16 parts of the activations gives exact i32 partial sums, scaled
+/// once by `d·s` (s the activations' scale); the offset (`m` for Q4_1, `−8·d` for Q4_0)
+/// multiplies the block's exact f32 sum.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -188,13 +190,24 @@ unsafe fn q4_block<const F: u8, const M: usize>(
         let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), mask));
         for j in 0..M {
             let xq = acts.q.as_ptr().add(j * cols + b * 32);
+            let xl = acts.lo.as_ptr().add(j * cols + b * 32);
+            // Integer sums, exact: |q·x| < 2²⁰ per lane.
             let s = _mm256_add_epi32(
                 _mm256_madd_epi16(lo, _mm256_loadu_si256(xq.cast())),
                 _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(16).cast())),
             );
+            let r = _mm256_add_epi32(
+                _mm256_madd_epi16(lo, _mm256_loadu_si256(xl.cast())),
+                _mm256_madd_epi16(hi, _mm256_loadu_si256(xl.add(16).cast())),
+            );
+            let t = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(r),
+                _mm256_set1_ps(1.0 / 65536.0),
+                _mm256_cvtepi32_ps(s),
+            );
             let k = j * blocks + b;
             let scale = _mm256_set1_ps(d * *acts.scale.get_unchecked(k));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[j]);
+            acc[j] = _mm256_fmadd_ps(t, scale, acc[j]);
             offset[j] += off * *acts.sum.get_unchecked(k);
         }
     }

@@ -63,6 +63,7 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     }
 }
 
+#[allow(unused_imports)] // not every test binary writes files
 pub use kiln_gguf::writer::{TensorSpec, write_gguf};
 
 /// `Value::Array` of strings.
