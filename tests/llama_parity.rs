@@ -5,6 +5,7 @@ mod common;
 
 use burn::prelude::*;
 use common::*;
+use kiln::core::loading::{LoadOptions, WeightDtype};
 use kiln::core::{CausalLm, GenerationConfig, generate};
 use kiln::llama::Llama;
 
@@ -19,8 +20,12 @@ fn host(t: Tensor<B, 3>) -> Vec<f32> {
 
 /// Prefill logits, each cached decode step's logits, and the greedy continuation.
 fn check_single(name: &str) {
+    check_single_with(name, &LoadOptions::default());
+}
+
+fn check_single_with(name: &str, options: &LoadOptions) {
     let reference = Reference::load(name);
-    let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+    let model = Llama::<B>::from_pretrained_with(&fixture(name), &device(), options).unwrap();
     let (_, prompt) = reference.ids("prompt_ids");
     let (_, greedy) = reference.ids("greedy_ids");
     let (_, prefill) = reference.f32("prefill_logits");
@@ -111,4 +116,33 @@ parity! {
     mistral_sliding_window => "mistral-sw",
     llama2_bf16 => "llama2-bf16",
     llama3_sharded_f16 => "llama3-sharded",
+}
+
+/// The half-precision fixtures held in their own precision (`--dtype bf16` / `f16`: packed
+/// bf16/f16 rows, multiplied in f32 by the host kernels). The weights are the same values, so
+/// HF's reference (computed in f32 from the rounded weights) holds to the same tolerance. GPU
+/// backends keep their float type and must refuse with an error naming the backend.
+mod held_in_half_precision {
+    use super::*;
+
+    fn check(name: &str, dtype: WeightDtype) {
+        let options = LoadOptions::default().with_dtype(dtype);
+        if matches!(kiln::backend::NAME, "flex" | "ndarray") {
+            check_single_with(name, &options);
+        } else {
+            let err = Llama::<B>::from_pretrained_with(&fixture(name), &device(), &options)
+                .expect_err("a GPU backend refuses a half-precision host dtype");
+            assert!(err.to_string().contains("CPU backends"), "{err}");
+        }
+    }
+
+    #[test]
+    fn bf16_fixture_in_bf16() {
+        check("llama2-bf16", WeightDtype::BF16);
+    }
+
+    #[test]
+    fn f16_sharded_fixture_in_f16() {
+        check("llama3-sharded", WeightDtype::F16);
+    }
 }

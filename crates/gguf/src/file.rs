@@ -210,6 +210,34 @@ impl GgufFile {
         Ok(&self.bytes[start..end])
     }
 
+    /// Tells the kernel that this process is done with a tensor's bytes, so the mapped pages
+    /// stop counting towards its resident memory (`madvise(MADV_DONTNEED)` on the whole pages
+    /// inside the tensor; a later read maps them in again from the page cache). A loader that
+    /// copies tensors out one by one calls it after each, so its peak memory is the copies, not
+    /// the copies plus the file. Does nothing for in-memory files or off Unix.
+    pub fn release_tensor(&self, name: &str) {
+        #[cfg(unix)]
+        if let (Bytes::Mmap(map), Ok(info)) = (&self.bytes, self.lookup(name)) {
+            const PAGE: usize = 4096;
+            let start = (self.data_start + info.offset) as usize;
+            let end = start + info.n_bytes as usize;
+            let (first, last) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+            if last > first {
+                // Safety: the mapping is read-only and the file is not written while mapped
+                // (the contract of `open`), so the dropped pages read back unchanged.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// A tensor dequantised to `f32`: its shape (row-major, outermost first, i.e. ggml's
     /// `ne` reversed; see [`TensorInfo::shape`]) and its values in that order.
     ///

@@ -172,6 +172,7 @@ impl WeightSource for GgufWeights {
             .file
             .tensor_f32(gguf)
             .map_err(|e| gguf_err(&self.path, e))?;
+        self.file.release_tensor(gguf);
         if let (Some(heads), [rows, cols]) = (self.permuted_heads(name), shape.as_slice()) {
             unpermute_qk(&mut values, *rows, *cols, heads).map_err(|e| gguf_err(&self.path, e))?;
         }
@@ -217,6 +218,7 @@ impl WeightSource for GgufWeights {
                 .tensor_bytes(gguf)
                 .map_err(|e| gguf_err(&self.path, e))?
                 .to_vec();
+            self.file.release_tensor(gguf);
             if let Some(heads) = self.permuted_heads(name) {
                 let row_bytes = format.row_bytes(*cols);
                 unpermute_qk(&mut bytes, *rows, row_bytes, heads)

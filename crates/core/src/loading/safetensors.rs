@@ -68,6 +68,35 @@ impl SafetensorsWeights {
         Ok(Self { files, index })
     }
 
+    /// Drops the mapped pages of a tensor that has been copied out from this process's resident
+    /// memory (`madvise(MADV_DONTNEED)` on the whole pages inside it), so that loading peaks at
+    /// the converted weights, not the converted weights plus the file.
+    fn release(&self, name: &str, bytes: &[u8]) {
+        #[cfg(unix)]
+        if let Some((file, _, _)) = self.index.get(name) {
+            const PAGE: usize = 4096;
+            let mmap = &self.files[*file].1;
+            let start = bytes.as_ptr() as usize - mmap.as_ptr() as usize;
+            let (first, last) = (
+                start.next_multiple_of(PAGE),
+                (start + bytes.len()) / PAGE * PAGE,
+            );
+            if last > first {
+                // Safety: a read-only mapping of a file not written while mapped (see `open_dir`):
+                // dropped pages read back unchanged from the page cache.
+                let _ = unsafe {
+                    mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        first,
+                        last - first,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (name, bytes);
+    }
+
     fn view_bytes(&self, name: &str) -> Result<(&[u8], Dtype, Vec<usize>)> {
         let (file, shape, dtype) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             tensor: name.to_string(),
@@ -109,6 +138,7 @@ impl WeightSource for SafetensorsWeights {
             message,
         };
         let values = to_finite_f32(bytes, dtype).map_err(error)?;
+        self.release(name, bytes);
         Ok(TensorData::new(values, shape))
     }
 
