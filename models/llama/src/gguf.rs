@@ -146,13 +146,6 @@ fn gguf_err_msg(path: &Path, tensor: &str, e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Whether a row dequantises to finite values (a NaN or infinite block scale would not).
-fn row_is_finite(packed: &PackedMatrix, r: usize) -> bool {
-    let mut row = vec![0f32; packed.cols()];
-    packed.dequantize_row(r, &mut row);
-    row.iter().all(|v| v.is_finite())
-}
-
 impl WeightSource for GgufWeights {
     fn tensors(&self) -> Vec<TensorInfo> {
         self.names
@@ -226,7 +219,7 @@ impl WeightSource for GgufWeights {
             }
             let packed = PackedMatrix::from_bytes(*rows, *cols, format, &bytes)
                 .map_err(|e| gguf_err_msg(&self.path, name, e))?;
-            if let Some(row) = (0..*rows).find(|&r| !row_is_finite(&packed, r)) {
+            if let Some(row) = packed.first_non_finite_row() {
                 return Err(Error::TensorData {
                     tensor: name.to_string(),
                     file: self.path.clone(),

@@ -213,6 +213,30 @@ impl PackedMatrix {
         &self.bytes()[r * rb..(r + 1) * rb]
     }
 
+    /// The first row holding a non-finite value, if any. For the block formats only the f16
+    /// scales (and Q4_1's mins) are read: the quants are integers, so a block is finite exactly
+    /// when they are.
+    pub fn first_non_finite_row(&self) -> Option<usize> {
+        let finite_f16 = |b: &[u8], i: usize| f16_at(b, i).is_finite();
+        let row_ok = |r: usize| -> bool {
+            let row = self.row(r);
+            match self.format {
+                PackedFormat::F32 => row
+                    .chunks_exact(4)
+                    .all(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]]).is_finite()),
+                PackedFormat::F16 => (0..self.cols).all(|i| finite_f16(row, 2 * i)),
+                PackedFormat::BF16 => (0..self.cols).all(|i| bf16_at(row, 2 * i).is_finite()),
+                PackedFormat::Q8_0 | PackedFormat::Q4_0 => row
+                    .chunks_exact(self.format.block_bytes())
+                    .all(|b| finite_f16(b, 0)),
+                PackedFormat::Q4_1 => row
+                    .chunks_exact(20)
+                    .all(|b| finite_f16(b, 0) && finite_f16(b, 2)),
+            }
+        };
+        (0..self.rows).into_par_iter().find_first(|&r| !row_ok(r))
+    }
+
     /// Row `r` as f32, bit-identical to ggml's dequantisation.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         kernels::dequantize_row(self.format, self.row(r), &mut out[..self.cols]);

@@ -206,3 +206,29 @@ fn simd_dequantisation_is_bit_identical_to_the_scalar_reference() {
         }
     }
 }
+
+#[test]
+fn non_finite_scales_and_values_are_found_by_row() {
+    let (rows, cols) = (4, 64);
+    let w = values(rows * cols, 13);
+    for format in ALL {
+        let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+        assert_eq!(packed.first_non_finite_row(), None, "{format}");
+        // Row 2: a NaN in the second block's scale (block formats) or its first value.
+        let mut bytes = packed.bytes().to_vec();
+        let at = 2 * format.row_bytes(cols)
+            + if format.block_len() == 32 {
+                format.block_bytes()
+            } else {
+                0
+            };
+        let nan: &[u8] = match format {
+            PackedFormat::F32 => &[0, 0, 0xC0, 0x7F],
+            PackedFormat::BF16 => &[0xC0, 0x7F],
+            _ => &[0x00, 0x7E],
+        };
+        bytes[at..at + nan.len()].copy_from_slice(nan);
+        let bad = PackedMatrix::from_bytes(rows, cols, format, &bytes).unwrap();
+        assert_eq!(bad.first_non_finite_row(), Some(2), "{format}");
+    }
+}
