@@ -135,7 +135,9 @@ struct Q16<'a> {
 /// `M` rows of i16 activations against one row of 4-bit blocks: per block, `vpmaddwd` of the
 /// quants (0..15) with both i16 parts of the activations gives exact i32 partial sums, scaled
 /// once by `d·s` (s the activations' scale); the offset (`m` for Q4_1, `−8·d` for Q4_0)
-/// multiplies the block's exact f32 sum.
+/// multiplies the block's exact f32 sum. Even and odd blocks go to separate accumulators so the
+/// loop-carried adds overlap; all of them are locals (an accumulator behind a reference or a
+/// run-time index stayed in memory, and the store-to-load chain was a third of the time).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -146,70 +148,57 @@ unsafe fn group_q4<const F: u8, const M: usize>(
     out: &mut [f32],
 ) {
     let blocks = cols / 32;
-    // Two of everything, for even and odd blocks: the scale FMA and the offset sum are
-    // loop-carried, and one chain per block would stall on their latency.
-    let mut acc = [[_mm256_setzero_ps(); M]; 2];
-    let mut offset = [[0f32; M]; 2];
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+    let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
     let wp = w.as_ptr();
+    let mask = _mm_set1_epi8(0x0F);
+    let inv = _mm256_set1_ps(1.0 / 65536.0);
+    macro_rules! block {
+        ($b:expr, $acc:ident, $off:ident) => {{
+            let b = $b;
+            let p = wp.add(b * block_bytes::<F>());
+            let d = h2f(p);
+            let (off, qs) = if F == Q4_0 {
+                (-8.0 * d, _mm_loadu_si128(p.add(2).cast()))
+            } else {
+                (h2f(p.add(2)), _mm_loadu_si128(p.add(4).cast()))
+            };
+            // Elements 0..16 are the low nibbles, 16..32 the high ones (ggml's order).
+            let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, mask));
+            let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), mask));
+            for j in 0..M {
+                let xq = acts.q.as_ptr().add(j * cols + b * 32);
+                let xl = acts.lo.as_ptr().add(j * cols + b * 32);
+                // Integer sums, exact: |q·x| < 2²⁰ per lane.
+                let s = _mm256_add_epi32(
+                    _mm256_madd_epi16(lo, _mm256_loadu_si256(xq.cast())),
+                    _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(16).cast())),
+                );
+                let r = _mm256_add_epi32(
+                    _mm256_madd_epi16(lo, _mm256_loadu_si256(xl.cast())),
+                    _mm256_madd_epi16(hi, _mm256_loadu_si256(xl.add(16).cast())),
+                );
+                let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(s));
+                let k = j * blocks + b;
+                let scale = _mm256_set1_ps(d * *acts.scale.get_unchecked(k));
+                $acc[j] = _mm256_fmadd_ps(t, scale, $acc[j]);
+                $off[j] += off * *acts.sum.get_unchecked(k);
+            }
+        }};
+    }
     let mut b = 0;
-    while b < blocks {
-        let pair = (blocks - b).min(2);
-        for (half, (acc, offset)) in acc.iter_mut().zip(offset.iter_mut()).take(pair).enumerate() {
-            unsafe { q4_block::<F, M>(wp, acts, cols, blocks, b + half, acc, offset) };
+    unsafe {
+        while b + 1 < blocks {
+            block!(b, acc0, off0);
+            block!(b + 1, acc1, off1);
+            b += 2;
         }
-        b += 2;
+        if b < blocks {
+            block!(b, acc0, off0);
+        }
     }
     for j in 0..M {
-        out[j] = hsum(_mm256_add_ps(acc[0][j], acc[1][j])) + (offset[0][j] + offset[1][j]);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn q4_block<const F: u8, const M: usize>(
-    wp: *const u8,
-    acts: &Q16,
-    cols: usize,
-    blocks: usize,
-    b: usize,
-    acc: &mut [__m256; M],
-    offset: &mut [f32; M],
-) {
-    unsafe {
-        let p = wp.add(b * block_bytes::<F>());
-        let d = h2f(p);
-        let (off, qs) = if F == Q4_0 {
-            (-8.0 * d, _mm_loadu_si128(p.add(2).cast()))
-        } else {
-            (h2f(p.add(2)), _mm_loadu_si128(p.add(4).cast()))
-        };
-        // Elements 0..16 are the low nibbles, 16..32 the high ones (ggml's order).
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, mask));
-        let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), mask));
-        for j in 0..M {
-            let xq = acts.q.as_ptr().add(j * cols + b * 32);
-            let xl = acts.lo.as_ptr().add(j * cols + b * 32);
-            // Integer sums, exact: |q·x| < 2²⁰ per lane.
-            let s = _mm256_add_epi32(
-                _mm256_madd_epi16(lo, _mm256_loadu_si256(xq.cast())),
-                _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(16).cast())),
-            );
-            let r = _mm256_add_epi32(
-                _mm256_madd_epi16(lo, _mm256_loadu_si256(xl.cast())),
-                _mm256_madd_epi16(hi, _mm256_loadu_si256(xl.add(16).cast())),
-            );
-            let t = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(r),
-                _mm256_set1_ps(1.0 / 65536.0),
-                _mm256_cvtepi32_ps(s),
-            );
-            let k = j * blocks + b;
-            let scale = _mm256_set1_ps(d * *acts.scale.get_unchecked(k));
-            acc[j] = _mm256_fmadd_ps(t, scale, acc[j]);
-            offset[j] += off * *acts.sum.get_unchecked(k);
-        }
+        out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
     }
 }
 
@@ -239,17 +228,18 @@ unsafe fn group<const F: u8, const M: usize>(w: &[u8], x: &[f32], cols: usize, o
 }
 
 /// `M` activation rows against one row of Q8_0 blocks: the quants, widened to f32, multiply
-/// the activations, and the sum is scaled once by `d`. Alternate blocks go to two
-/// accumulators, so the scale's FMA chain does not stall.
+/// the activations, and the sum is scaled once by `d`. Even and odd blocks go to separate local
+/// accumulators (see [`group_q4`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn group_q8<const M: usize>(w: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
     let blocks = cols / 32;
-    let mut acc = [[_mm256_setzero_ps(); 2]; M];
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
     let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    for b in 0..blocks {
-        unsafe {
+    macro_rules! block {
+        ($b:expr, $acc:ident) => {{
+            let b = $b;
             let p = wp.add(b * 34);
             let dv = _mm256_set1_ps(h2f(p));
             let q = [
@@ -258,19 +248,29 @@ unsafe fn group_q8<const M: usize>(w: &[u8], x: &[f32], cols: usize, out: &mut [
                 i8x8(p.add(18)),
                 i8x8(p.add(26)),
             ];
-            for (j, acc) in acc.iter_mut().enumerate() {
+            for j in 0..M {
                 let xb = xp.add(j * cols + b * 32);
                 let s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
                 let s = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb.add(8)), s);
                 let t = _mm256_mul_ps(q[2], _mm256_loadu_ps(xb.add(16)));
                 let t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb.add(24)), t);
-                let a = &mut acc[b & 1];
-                *a = _mm256_fmadd_ps(_mm256_add_ps(s, t), dv, *a);
+                $acc[j] = _mm256_fmadd_ps(_mm256_add_ps(s, t), dv, $acc[j]);
             }
+        }};
+    }
+    let mut b = 0;
+    unsafe {
+        while b + 1 < blocks {
+            block!(b, acc0);
+            block!(b + 1, acc1);
+            b += 2;
+        }
+        if b < blocks {
+            block!(b, acc0);
         }
     }
     for j in 0..M {
-        out[j] = hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+        out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j]));
     }
 }
 
