@@ -72,12 +72,11 @@ pub fn load_packed<B: Backend, M: Module<B> + PackSlots<B>>(
     }
     let mut options = options.clone();
     options.optional.extend(packed.iter().cloned());
-    load_module(
-        module,
-        Arc::new(Skipping { source, packed }),
-        device,
-        &options,
-    )
+    // `load_module` takes the `Arc<dyn WeightSource>` every source is handed around as; this
+    // one is used on this thread only.
+    #[allow(clippy::arc_with_non_send_sync)]
+    let source = Arc::new(Skipping { source, packed });
+    load_module(module, source, device, &options)
 }
 
 /// A source without the tensors already packed.
