@@ -82,16 +82,12 @@ impl<B: Backend> Embedding<B> {
 
     /// Holds `packed` as the matrix from now on; `weight` becomes empty.
     pub fn set_packed(&mut self, packed: Arc<PackedMatrix>) {
-        let device = self.weight.lazy_device();
-        self.weight = Param::from_tensor(Tensor::zeros([0, packed.cols()], &device));
+        self.weight = super::host::empty_weight(&self.weight, packed.cols());
         self.packed = Some(packed);
     }
 
     /// The matrix `[vocab, d]` as a tensor, dequantised when it is packed.
     pub fn dense_weight(&self) -> Tensor<B, 2> {
-        match &self.packed {
-            Some(packed) => super::host::dense(packed, &self.weight.lazy_device()),
-            None => self.weight.val(),
-        }
+        super::host::dense_or_param(self.packed.as_deref(), &self.weight)
     }
 }

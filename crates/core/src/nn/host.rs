@@ -43,3 +43,23 @@ pub fn packed_matmul<B: Backend, const D: usize>(
 pub fn dense<B: Backend>(w: &PackedMatrix, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(w.to_f32(), [w.rows(), w.cols()]), device)
 }
+
+/// The placeholder a module's weight parameter becomes once the matrix is packed: an empty
+/// `[0, cols]` tensor, so code that reads it by mistake fails on the shape.
+pub(crate) fn empty_weight<B: Backend>(
+    weight: &burn::module::Param<Tensor<B, 2>>,
+    cols: usize,
+) -> burn::module::Param<Tensor<B, 2>> {
+    burn::module::Param::from_tensor(Tensor::zeros([0, cols], &weight.lazy_device()))
+}
+
+/// The weight as a tensor: the packed matrix dequantised when there is one, else the parameter.
+pub(crate) fn dense_or_param<B: Backend>(
+    packed: Option<&PackedMatrix>,
+    weight: &burn::module::Param<Tensor<B, 2>>,
+) -> Tensor<B, 2> {
+    match packed {
+        Some(packed) => dense(packed, &weight.lazy_device()),
+        None => weight.val(),
+    }
+}

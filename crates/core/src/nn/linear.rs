@@ -78,17 +78,13 @@ impl<B: Backend> TorchLinear<B> {
 impl<B: Backend> TorchLinear<B> {
     /// Holds `packed` as the weight from now on (see the type's docs); `weight` becomes empty.
     pub fn set_packed(&mut self, packed: Arc<PackedMatrix>) {
-        let device = self.weight.lazy_device();
-        self.weight = Param::from_tensor(Tensor::zeros([0, packed.cols()], &device));
+        self.weight = super::host::empty_weight(&self.weight, packed.cols());
         self.packed = Some(packed);
     }
 
     /// The weight `[d_output, d_input]` as a tensor, dequantised when it is packed.
     pub fn dense_weight(&self) -> Tensor<B, 2> {
-        match &self.packed {
-            Some(packed) => super::host::dense(packed, &self.weight.lazy_device()),
-            None => self.weight.val(),
-        }
+        super::host::dense_or_param(self.packed.as_deref(), &self.weight)
     }
 }
 

@@ -115,11 +115,14 @@ unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out
     // Float formats allow any width: the last `cols % 32` values go one by one.
     let done = cols / 32 * 32;
     if done < cols {
-        let mut tail = vec![0f32; cols];
-        super::kernels::dequantize_row(format, w, &mut tail);
+        // Only the tail's bytes, on the stack: this runs for every row of the matrix.
+        let width = format.row_bytes(1);
+        let mut tail = [0f32; 31];
+        let tail = &mut tail[..cols - done];
+        super::kernels::dequantize_row(format, &w[done * width..], tail);
         for (j, y) in out.iter_mut().enumerate() {
-            let xr = &x[j * cols..(j + 1) * cols];
-            *y += (done..cols).map(|i| tail[i] * xr[i]).sum::<f32>();
+            let xr = &x[j * cols + done..(j + 1) * cols];
+            *y += tail.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
         }
     }
 }
