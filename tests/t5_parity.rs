@@ -1,4 +1,5 @@
-//! Parity of T5 (original: ReLU, tied; v1.1: gated-GELU, untied, 2 enc + 3 dec layers) against
+//! Parity of T5 (original: ReLU, tied; v1.1: gated-GELU, untied, 2 enc + 3 dec layers; the
+//! v1.1 and FLAN forms transformers >= 5.17 writes, with `scale_decoder_outputs`) against
 //! HF transformers' encoder states, teacher-forced logits, greedy, beam and batched outputs
 //! recorded by `tools/make_fixtures.py`.
 
@@ -173,6 +174,37 @@ macro_rules! parity {
 parity! {
     t5_relu_tied => "t5-relu-tied",
     t5v11_gated_untied => "t5v11-gated-untied",
+    t5v11_gated_tied_noscale => "t5v11-gated-tied-noscale",
+    flan_t5_current => "flan-t5-current",
+}
+
+/// The decoder-output scaling as HF's T5Config derives it, for every config form: today's
+/// `scale_decoder_outputs` wins; without it `tie_word_embeddings: false` means unscaled.
+#[test]
+fn config_forms_decide_scaling() {
+    let path = std::path::Path::new("config.json");
+    let base = serde_json::json!({"vocab_size": 8, "d_model": 4, "d_kv": 2, "d_ff": 8,
+                                  "num_layers": 1, "num_heads": 2});
+    for (tie, scale, expected) in [
+        (None, None, true),
+        (Some(true), None, true),
+        (Some(false), None, false),
+        (Some(true), Some(false), false),
+        (Some(false), Some(true), true),
+    ] {
+        let mut value = base.clone();
+        if let Some(t) = tie {
+            value["tie_word_embeddings"] = t.into();
+        }
+        if let Some(s) = scale {
+            value["scale_decoder_outputs"] = s.into();
+        }
+        let config = T5Config::from_json(value, path).unwrap();
+        assert_eq!(
+            config.scale_decoder_outputs, expected,
+            "tie_word_embeddings {tie:?}, scale_decoder_outputs {scale:?}"
+        );
+    }
 }
 
 #[test]
@@ -189,14 +221,20 @@ fn missing_tensor_is_an_error() {
         }
         other => panic!("expected MissingTensor, got {:?}", other.map(|_| ())),
     }
-    // Untied config against the tied checkpoint: lm_head.weight is missing.
-    let tied = fixture("t5-relu-tied");
-    let mut untied = T5Config::from_file(&tied.join("config.json")).unwrap();
-    untied.tie_word_embeddings = false;
-    let weights = Arc::new(SafetensorsWeights::open_dir(&tied).unwrap());
-    match T5::<B>::from_weights(&untied, weights, &device()) {
-        Err(Error::MissingTensor { tensor, .. }) => assert_eq!(tensor, "lm_head.weight"),
-        other => panic!("expected MissingTensor, got {:?}", other.map(|_| ())),
+}
+
+/// As HF, the checkpoint decides whether the LM head is `lm_head.weight` or `shared`; a config
+/// saying otherwise does not make a stored head missing or a missing head required.
+#[test]
+fn checkpoint_decides_the_lm_head() {
+    for (name, has_head) in [("t5-relu-tied", false), ("t5v11-gated-untied", true)] {
+        let dir = fixture(name);
+        let mut config = T5Config::from_file(&dir.join("config.json")).unwrap();
+        config.tie_word_embeddings = has_head;
+        let weights = Arc::new(SafetensorsWeights::open_dir(&dir).unwrap());
+        let model = T5::<B>::from_weights(&config, weights, &device()).unwrap();
+        assert_eq!(model.lm_head.is_some(), has_head, "{name}");
+        assert_eq!(model.config().tie_word_embeddings, !has_head, "{name}");
     }
 }
 

@@ -999,7 +999,14 @@ def t5_cache():
     return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
 
-def t5_fixture(name, seed, feed_forward_proj, tied, n_dec, description, std, overrides, eos_scale):
+def t5_fixture(name, seed, feed_forward_proj, tied, n_dec, description, std, overrides, eos_scale, scale=None,
+               config_form="hub"):
+    """`tied`: only shared.weight is stored (the LM head is the shared embedding). `scale`: scale the decoder output
+    by d_model**-0.5 (default: `tied`, as old configs imply). `config_form`: "hub" rewrites config.json as hub files
+    of the pre-5.17 era have it (no `scale_decoder_outputs`; tie_word_embeddings absent or false); "current" keeps
+    what this transformers writes (`scale_decoder_outputs`, `tie_word_embeddings: true`, `dtype`)."""
+    scale = tied if scale is None else scale
+    check(config_form == "current" or scale == tied, "old-form configs cannot say scale != tied")
     out = fresh_dir(name)
     tok = t5_tok()
     size = tok.get_vocab_size()
@@ -1009,9 +1016,9 @@ def t5_fixture(name, seed, feed_forward_proj, tied, n_dec, description, std, ove
         vocab_size=vocab, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=n_dec,
         feed_forward_proj=feed_forward_proj, relative_attention_num_buckets=32, relative_attention_max_distance=128,
         dropout_rate=0.0, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        tie_word_embeddings=tied,
+        tie_word_embeddings=scale,  # transformers >= 5.17 turns this kwarg into scale_decoder_outputs
     )
-    check(config.scale_decoder_outputs == tied, "scale_decoder_outputs")
+    check(config.scale_decoder_outputs == scale and config.tie_word_embeddings, "scale_decoder_outputs")
     config._attn_implementation = "eager"
     model = T5ForConditionalGeneration(config)
     # transformers 5 always ties encoder/decoder embed_tokens to `shared`; for the untied (v1.1) case give the
@@ -1033,14 +1040,18 @@ def t5_fixture(name, seed, feed_forward_proj, tied, n_dec, description, std, ove
     model.config.architectures = ["T5ForConditionalGeneration"]
     model.config.save_pretrained(out)
     cfg = read_json(os.path.join(out, "config.json"))
-    cfg.pop("scale_decoder_outputs", None)  # transformers-5-only key; hub configs don't have it
-    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
-    if tied:
-        cfg.pop("tie_word_embeddings", None)  # like t5-small: absent => tied + scaled lm head
+    if config_form == "current":
+        check(cfg.get("scale_decoder_outputs") == scale and cfg.get("tie_word_embeddings") is True,
+              f"transformers {TF_VERSION} no longer writes scale_decoder_outputs / tie_word_embeddings: {cfg}")
     else:
-        cfg["tie_word_embeddings"] = False  # like t5-v1_1 / flan-t5
-    cfg = {k: v for k, v in cfg.items() if v is not None or k in ("decoder_start_token_id",)}
-    write_json(os.path.join(out, "config.json"), cfg)
+        cfg.pop("scale_decoder_outputs", None)  # transformers-5.17+-only key; hub configs don't have it
+        cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+        if tied:
+            cfg.pop("tie_word_embeddings", None)  # like t5-small: absent => tied + scaled lm head
+        else:
+            cfg["tie_word_embeddings"] = False  # like t5-v1_1 / flan-t5
+        cfg = {k: v for k, v in cfg.items() if v is not None or k in ("decoder_start_token_id",)}
+        write_json(os.path.join(out, "config.json"), cfg)
     model.generation_config.save_pretrained(out)
     save_tokenizer(tok, out, "T5Tokenizer",
                    {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "extra_ids": T5_EXTRA_IDS,
@@ -1076,6 +1087,25 @@ def fx_t5v11_gated_untied():
                "d_model**-0.5 scaling), 2 encoder + 3 decoder layers. Stored: shared.weight + lm_head.weight.",
                std=0.3, eos_scale=3.0, overrides={"relative_attention_bias": 0.5, "shared": 1.0, ".q.": 0.1,
                                                   ".k.": 0.1})
+
+
+def fx_t5v11_gated_tied_noscale():
+    t5_fixture("t5v11-gated-tied-noscale", 2031, "gated-gelu", True, 2,
+               "T5 v1.1 shape saved by transformers >= 5.17: config.json as written (`tie_word_embeddings: true`, "
+               "`scale_decoder_outputs: false`), gated-gelu FFN, only shared.weight stored, so the LM head is the "
+               "shared embedding applied to the UNSCALED decoder output. A reader that infers the scaling from "
+               "tie_word_embeddings gets it wrong.",
+               std=0.3, eos_scale=3.0, scale=False, config_form="current",
+               overrides={"relative_attention_bias": 0.5, "shared": 0.5, ".q.": 0.1, ".k.": 0.1})
+
+
+def fx_flan_t5_current():
+    t5_fixture("flan-t5-current", 2032, "gated-gelu", False, 2,
+               "FLAN-T5 re-saved by transformers >= 5.17: config.json as written (`tie_word_embeddings: true`, "
+               "`scale_decoder_outputs: false`) but lm_head.weight stored, so the LM head is lm_head.weight "
+               "(the checkpoint decides, not tie_word_embeddings), unscaled.",
+               std=0.3, eos_scale=3.0, scale=False, config_form="current",
+               overrides={"relative_attention_bias": 0.5, "shared": 0.5, ".q.": 0.1, ".k.": 0.1})
 
 
 NLLB_INPUT = "The little robot walked into the old library."
@@ -1210,6 +1240,8 @@ FIXTURE_FUNCS = {
     "llama3-sharded": fx_llama3_sharded,
     "t5-relu-tied": fx_t5_relu_tied,
     "t5v11-gated-untied": fx_t5v11_gated_untied,
+    "t5v11-gated-tied-noscale": fx_t5v11_gated_tied_noscale,
+    "flan-t5-current": fx_flan_t5_current,
     "nllb-tiny": fx_nllb_tiny,
 }
 

@@ -56,8 +56,12 @@ pub struct T5Config {
     pub activation: T5Activation,
     /// Gated feed-forward (`wi_0`, `wi_1`) instead of `wi`.
     pub gated: bool,
-    /// LM head shares `shared` (and the decoder output is scaled by `d_model**-0.5`).
+    /// No separate `lm_head`: the LM head is `shared`. Loading a checkpoint sets it from the
+    /// checkpoint itself, as HF does: `lm_head.weight` is used when stored, `shared` otherwise.
     pub tie_word_embeddings: bool,
+    /// Scale the decoder output by `d_model**-0.5` before the LM head (original T5: yes;
+    /// T5 v1.1 / FLAN: no).
+    pub scale_decoder_outputs: bool,
     /// First decoder token.
     pub decoder_start_token_id: u32,
     /// EOS ids.
@@ -88,6 +92,8 @@ struct RawConfig {
     feed_forward_proj: String,
     #[serde(default)]
     tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    scale_decoder_outputs: Option<bool>,
     #[serde(default)]
     decoder_start_token_id: TokenIds,
     #[serde(default)]
@@ -192,6 +198,12 @@ impl T5Config {
             gated,
             // Absent means tied, as in t5-small.
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
+            // HF's T5Config (transformers >= 5.17) writes `scale_decoder_outputs` and always
+            // `tie_word_embeddings: true`; older files say only `tie_word_embeddings`, whose
+            // `false` (T5 v1.1, FLAN) meant "do not scale".
+            scale_decoder_outputs: raw
+                .scale_decoder_outputs
+                .unwrap_or(raw.tie_word_embeddings != Some(false)),
             decoder_start_token_id: raw
                 .decoder_start_token_id
                 .to_vec()

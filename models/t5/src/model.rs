@@ -380,7 +380,8 @@ impl<B: Backend> T5<B> {
 
     /// Builds the model from `config` and any weight source. Checkpoints may or may not hold
     /// `encoder.embed_tokens` / `decoder.embed_tokens` (copies of `shared`); only `shared` is
-    /// read.
+    /// read. The LM head is `lm_head.weight` when the source holds it, else `shared`, whatever
+    /// `config.tie_word_embeddings` says (HF's rule).
     pub fn from_weights(
         config: &T5Config,
         weights: Arc<dyn WeightSource>,
@@ -396,6 +397,9 @@ impl<B: Backend> T5<B> {
         device: &B::Device,
         options: &LoadOptions,
     ) -> Result<Self> {
+        // As HF: the checkpoint, not the config, says whether there is a separate LM head.
+        let mut config = config.clone();
+        config.tie_word_embeddings = !weights.tensors().iter().any(|t| t.name == "lm_head.weight");
         load_packed(config.init(device), weights, device, options)
     }
 
@@ -405,11 +409,14 @@ impl<B: Backend> T5<B> {
     }
 
     fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = if self.config.scale_decoder_outputs {
+            x * (self.config.d_model as f64).powf(-0.5)
+        } else {
+            x
+        };
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => self
-                .shared
-                .lm_head(x * (self.config.d_model as f64).powf(-0.5)),
+            None => self.shared.lm_head(x),
         }
     }
 }
