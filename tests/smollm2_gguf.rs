@@ -45,17 +45,25 @@ fn greedy_matches_transformers() {
     assert_eq!(out[0].tokens, expected);
 }
 
+/// The GGUF's chat template renders HF's prompt text and ids, and greedy decoding answers with
+/// HF's tokens (EOS included).
 #[test]
 fn chat_answers_paris() {
     let Some(loaded) = load() else { return };
+    let reference = reference();
     let tokenizer = loaded.tokenizer.as_ref().unwrap();
     let rendered = tokenizer
         .apply_chat_template(
-            &[Message::new("user", "What is the capital of France?")],
+            &[Message::new(
+                "user",
+                reference["chat_question"].as_str().unwrap(),
+            )],
             true,
         )
         .unwrap();
+    assert_eq!(rendered, reference["chat_prompt"].as_str().unwrap());
     let prompt = tokenizer.encode(&rendered, false).unwrap();
+    assert_eq!(prompt, ids(&reference["chat_prompt_ids"]));
     let eos = tokenizer
         .token_to_id(tokenizer.eos_token().unwrap())
         .unwrap();
@@ -72,6 +80,7 @@ fn chat_answers_paris() {
     .unwrap();
     let text = out[0].text.clone().unwrap();
     assert!(text.contains("Paris"), "{text}");
+    assert_eq!(out[0].tokens, ids(&reference["chat_answer_ids"]));
 }
 
 #[test]

@@ -1229,6 +1229,77 @@ def smollm2_reference(gguf_path):
 
 # --------------------------------------------------------------------------------------------
 
+CHAT_CONVERSATIONS = [
+    # name, messages, extra render kwargs
+    ("hello", [{"role": "user", "content": "hello there"}], {}),
+    ("system-multi-turn", [
+        {"role": "system", "content": "You are a helpful assistant"},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there"},
+        {"role": "user", "content": "Who are you"},
+        {"role": "assistant", "content": "   I am an assistant   "},
+        {"role": "user", "content": "Another question"},
+    ], {}),
+    ("unicode-whitespace", [
+        {"role": "user", "content": "  leading spaces,\n\nblank lines, tabs\t, emoji 😀, 日本語, Ünïcödé "},
+        {"role": "assistant", "content": "\nOK 👍\n"},
+        {"role": "user", "content": "<b>tags</b> & \"quotes\" {{ not_a_variable }}"},
+    ], {}),
+    ("tools-documents", [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+        {"role": "tool", "content": "22 degrees"},
+        {"role": "assistant", "content": " It is 22 degrees. "},
+        {"role": "user", "content": "STOP"},
+        {"role": "user", "content": "never rendered by templates that break on STOP"},
+    ], {"tools": [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather <now> & 'today'",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                       "required": ["city"]}}}],
+        "documents": [{"title": "Paris", "text": "Capital of France."}]}),
+]
+
+
+def fx_chat_templates():
+    """HF's rendering of real chat templates (tests/fixtures/chat-templates/templates.json) for a few conversations,
+    with and without the generation prompt; errors (raise_exception, unsupported roles) are recorded as errors."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    d = os.path.join(FIXTURES, "chat-templates")
+    templates = read_json(os.path.join(d, "templates.json"))["templates"]
+    cases = []
+    for t in templates:
+        for conv_name, messages, extra in CHAT_CONVERSATIONS:
+            for gen in (True, False):
+                case = {"template": t["name"], "conversation": conv_name, "messages": messages,
+                        "add_generation_prompt": gen, "tools": extra.get("tools"), "documents": extra.get("documents")}
+                # apply_chat_template drops keys whose value is None before rendering; so does kiln.
+                normalized = [{k: v for k, v in m.items() if v is not None} for m in copy.deepcopy(messages)]
+                try:
+                    out, _ = render_jinja_template(conversations=[normalized], chat_template=t["template"],
+                                                   add_generation_prompt=gen, bos_token=t["bos_token"],
+                                                   eos_token=t["eos_token"], **extra)
+                    case["expected"] = out[0]
+                except Exception as e:  # noqa: BLE001 - the template's own exception is the expected result
+                    case["error"] = f"{type(e).__name__}: {e}"
+                cases.append(case)
+    n_err = sum("error" in c for c in cases)
+    check(len(cases) - n_err > len(cases) // 2, "most renders must succeed")
+    # Not write_json: key order must stay as rendered (templates print dicts in insertion order).
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump({
+        "transformers_version": TF_VERSION,
+        "note": "expected = transformers.utils.chat_template_utils.render_jinja_template (what apply_chat_template "
+                "renders with tokenize=False); error = the exception HF raised. strftime_now output depends on the date, "
+                "so the feature template renders only its length.",
+        "cases": cases}, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    print(f"[make_fixtures] chat-templates: {len(templates)} templates, {len(cases)} cases, {n_err} errors")
+
+
 FIXTURE_FUNCS = {
     "llama2-mha": fx_llama2_mha,
     "llama3-gqa": fx_llama3_gqa,
@@ -1243,6 +1314,7 @@ FIXTURE_FUNCS = {
     "t5v11-gated-tied-noscale": fx_t5v11_gated_tied_noscale,
     "flan-t5-current": fx_flan_t5_current,
     "nllb-tiny": fx_nllb_tiny,
+    "chat-templates": fx_chat_templates,
 }
 
 

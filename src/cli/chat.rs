@@ -3,6 +3,7 @@ use std::time::Instant;
 
 use super::precision::PrecisionArgs;
 use super::sampling::SamplingArgs;
+use super::template::TemplateArgs;
 use anyhow::{Context, bail};
 use clap::Args;
 use kiln::auto;
@@ -40,6 +41,8 @@ pub struct ChatArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     precision: PrecisionArgs,
+    #[command(flatten)]
+    template: TemplateArgs,
 }
 
 pub fn run(args: ChatArgs) -> anyhow::Result<()> {
@@ -48,10 +51,11 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     let spec = args.model.clone().unwrap_or_else(auto::default_model);
     let loaded = auto::load_with::<Backend>(&spec, &device, &args.precision.to_options())
         .with_context(|| format!("loading {spec}"))?;
-    let tokenizer = loaded
+    let tokenizer = &loaded
         .tokenizer
-        .as_ref()
-        .context("kiln chat needs the model's tokenizer (tokenizer.json or GGUF vocabulary)")?;
+        .clone()
+        .context("kiln chat needs the model's tokenizer (tokenizer.json or GGUF vocabulary)")?
+        .with_template_limits(args.template.limits());
     let interactive = std::io::stdin().is_terminal();
     eprintln!(
         "kiln: {} ({}) loaded in {:.1}s on {NAME}{}",

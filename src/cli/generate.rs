@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use super::precision::PrecisionArgs;
 use super::sampling::SamplingArgs;
+use super::template::TemplateArgs;
 use anyhow::{Context, bail};
 use clap::Args;
 use kiln::auto;
@@ -53,6 +54,8 @@ pub struct GenerateArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     precision: PrecisionArgs,
+    #[command(flatten)]
+    template: TemplateArgs,
     /// Stop when the text contains this string (repeatable); the text is cut before it.
     #[arg(long = "stop")]
     stop: Vec<String>,
@@ -90,7 +93,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         loaded.description,
         start.elapsed().as_secs_f64()
     );
-    let tokenizer = loaded.tokenizer.as_ref();
+    let tokenizer = loaded
+        .tokenizer
+        .clone()
+        .map(|t| t.with_template_limits(args.template.limits()));
+    let tokenizer = tokenizer.as_ref();
 
     let texts: Vec<String> = match (&args.prompt_ids, &args.prompt_file) {
         (Some(_), _) => vec![],

@@ -7,6 +7,7 @@ mod ensemble;
 mod generate;
 mod precision;
 mod sampling;
+mod template;
 mod translate;
 
 use clap::{Parser, Subcommand};

@@ -13,6 +13,7 @@
 
 pub mod beam;
 pub mod chat;
+pub mod chat_template;
 mod error;
 pub mod generate;
 pub mod loading;
@@ -23,6 +24,7 @@ pub mod seq2seq;
 pub mod tokenizer;
 
 pub use chat::ChatSession;
+pub use chat_template::{ChatTemplate, ChatTemplateInputs, TemplateLimits};
 pub use error::{Error, Result};
 pub use generate::{CausalLm, FinishReason, Generation, GenerationConfig, generate};
 pub use sampling::{Sampler, SamplingConfig};

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::chat_template::{ChatTemplate, ChatTemplateInputs, RenderedChat, TemplateLimits};
 use crate::loading::read_json_value;
 use crate::{Error, Result};
 
@@ -31,24 +32,29 @@ impl Message {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    chat_template: Option<String>,
-    bos_token: Option<String>,
-    eos_token: Option<String>,
+    chat_template: Option<ChatTemplate>,
+    /// `bos_token`, `eos_token`, ... from tokenizer_config.json, passed to the chat template.
+    special_tokens: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("vocab_size", &self.vocab_size())
-            .field("bos_token", &self.bos_token)
-            .field("eos_token", &self.eos_token)
-            .field("chat_template", &self.chat_template.is_some())
+            .field("special_tokens", &self.special_tokens)
+            .field(
+                "chat_template",
+                &self.chat_template.as_ref().map(ChatTemplate::origin),
+            )
             .finish()
     }
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json`, and `tokenizer_config.json` beside it when present.
+    /// Loads `tokenizer.json`, and `tokenizer_config.json` beside it when present. The chat
+    /// template is, as in HF, `chat_template.jinja` when the folder has it, else
+    /// tokenizer_config.json's `chat_template` (a string, or a list whose `default` entry is
+    /// used).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
@@ -63,9 +69,20 @@ impl Tokenizer {
         let config = dir.join("tokenizer_config.json");
         if config.is_file() {
             let value = read_json_value(&config)?;
-            tokenizer.chat_template = chat_template_of(&value);
-            tokenizer.bos_token = token_string(value.get("bos_token"));
-            tokenizer.eos_token = token_string(value.get("eos_token"));
+            tokenizer.chat_template = chat_template_of(&value)
+                .map(|t| ChatTemplate::new(t, config.display().to_string()));
+            tokenizer.special_tokens = SPECIAL_TOKEN_KEYS
+                .iter()
+                .filter_map(|k| token_string(value.get(*k)).map(|t| (k.to_string(), t)))
+                .collect();
+        }
+        let file = dir.join("chat_template.jinja");
+        if file.is_file() {
+            let source = std::fs::read_to_string(&file).map_err(|e| Error::Io {
+                path: file.clone(),
+                source: e,
+            })?;
+            tokenizer.chat_template = Some(ChatTemplate::new(source, file.display().to_string()));
         }
         Ok(tokenizer)
     }
@@ -75,22 +92,57 @@ impl Tokenizer {
         Self {
             inner,
             chat_template: None,
-            bos_token: None,
-            eos_token: None,
+            special_tokens: Vec::new(),
         }
     }
 
-    /// Sets the chat template (Jinja).
-    pub fn with_chat_template(mut self, template: Option<String>) -> Self {
-        self.chat_template = template;
+    /// Sets the chat template (Jinja source given by the caller).
+    pub fn with_chat_template(self, template: Option<String>) -> Self {
+        self.with_template(template.map(|t| ChatTemplate::new(t, "the chat template set in code")))
+    }
+
+    /// Sets the chat template with its origin and limits.
+    pub fn with_template(mut self, template: Option<ChatTemplate>) -> Self {
+        let limits = self.template_limits();
+        self.chat_template = template.map(|t| {
+            if t.limits() == TemplateLimits::default() {
+                t.with_limits(limits)
+            } else {
+                t
+            }
+        });
         self
+    }
+
+    /// Sets the bounds on chat template rendering (instructions, prompt size).
+    pub fn with_template_limits(mut self, limits: TemplateLimits) -> Self {
+        self.chat_template = self.chat_template.map(|t| t.with_limits(limits));
+        self
+    }
+
+    fn template_limits(&self) -> TemplateLimits {
+        self.chat_template
+            .as_ref()
+            .map_or_else(TemplateLimits::default, ChatTemplate::limits)
     }
 
     /// Sets the BOS/EOS token strings the chat template may use.
     pub fn with_special_tokens(mut self, bos: Option<String>, eos: Option<String>) -> Self {
-        self.bos_token = bos;
-        self.eos_token = eos;
+        self.special_tokens
+            .retain(|(k, _)| k != "bos_token" && k != "eos_token");
+        for (key, value) in [("bos_token", bos), ("eos_token", eos)] {
+            if let Some(v) = value {
+                self.special_tokens.push((key.to_string(), v));
+            }
+        }
         self
+    }
+
+    fn special_token(&self, key: &str) -> Option<&str> {
+        self.special_tokens
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The wrapped HF tokenizer.
@@ -138,51 +190,65 @@ impl Tokenizer {
 
     /// The EOS token string from tokenizer_config.json.
     pub fn eos_token(&self) -> Option<&str> {
-        self.eos_token.as_deref()
+        self.special_token("eos_token")
     }
 
-    /// The chat template, if the model has one.
+    /// The BOS token string from tokenizer_config.json.
+    pub fn bos_token(&self) -> Option<&str> {
+        self.special_token("bos_token")
+    }
+
+    /// The chat template's Jinja source, if the model has one.
     pub fn chat_template(&self) -> Option<&str> {
-        self.chat_template.as_deref()
+        self.chat_template.as_ref().map(ChatTemplate::source)
     }
 
-    /// Renders `messages` with the model's chat template (as HF `apply_chat_template`).
+    /// The chat template with its origin and limits, if the model has one.
+    pub fn template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// Renders `messages` with the model's chat template, as HF `apply_chat_template(messages,
+    /// add_generation_prompt=..., tokenize=False)`.
     pub fn apply_chat_template(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let template = self.chat_template.as_deref().ok_or_else(|| {
-            Error::ChatTemplate("this model's tokenizer_config.json has no `chat_template`".into())
+        let inputs =
+            ChatTemplateInputs::new(messages).with_generation_prompt(add_generation_prompt);
+        Ok(self.render_chat(&inputs)?.text)
+    }
+
+    /// Renders any [`ChatTemplateInputs`] (tools, documents, extra variables) with the model's
+    /// chat template and its special tokens.
+    pub fn render_chat(&self, inputs: &ChatTemplateInputs) -> Result<RenderedChat> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            Error::ChatTemplate(
+                "this model has no chat template (tokenizer_config.json `chat_template`, \
+                 chat_template.jinja or GGUF `tokenizer.chat_template`)"
+                    .into(),
+            )
         })?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |message: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    message,
-                ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        let rendered = env
-            .get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => self.bos_token.clone().unwrap_or_default(),
-                    eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
-            })
-            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        Ok(rendered)
+        let special: Vec<(&str, &str)> = self
+            .special_tokens
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        template.render(inputs, &special)
     }
 }
+
+/// Special tokens HF passes to chat templates (`special_tokens_map`).
+const SPECIAL_TOKEN_KEYS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
 
 /// `chat_template` is a string, or a list of `{name, template}` where `default` is the one.
 fn chat_template_of(config: &serde_json::Value) -> Option<String> {

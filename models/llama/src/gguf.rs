@@ -11,7 +11,7 @@ use burn::tensor::TensorData;
 use kiln_core::loading::{LoadOptions, PackRequest, TensorInfo, WeightSource, note_once, pack_f32};
 use kiln_core::nn::RopeScaling;
 use kiln_core::packed::{PackedFormat, PackedMatrix};
-use kiln_core::{Error, Result, Tokenizer};
+use kiln_core::{ChatTemplate, Error, Result, Tokenizer};
 use kiln_gguf::{GgmlType, GgufFile, LlamaMetadata, hf_tensor_name, unpermute_qk};
 
 use crate::{Llama, LlamaConfig, LlamaFlavor};
@@ -108,7 +108,12 @@ impl GgufWeights {
         let token = |id: Option<u32>| id.and_then(|id| inner.id_to_token(id));
         let (bos, eos) = (token(self.meta.bos_token_id), token(self.meta.eos_token_id));
         Ok(Tokenizer::new(inner)
-            .with_chat_template(self.file.chat_template().map(str::to_string))
+            .with_template(self.file.chat_template().map(|t| {
+                ChatTemplate::new(
+                    t,
+                    format!("tokenizer.chat_template of {}", self.path.display()),
+                )
+            }))
             .with_special_tokens(bos, eos))
     }
 }
