@@ -89,14 +89,9 @@ fn translate_rejects_unknown_language() {
 #[test]
 fn chat_reads_turns_from_stdin_and_keeps_history() {
     use std::io::Write;
-    let gguf = kiln::auto::default_gguf_path();
-    if !gguf.is_file() {
-        eprintln!(
-            "SKIP: {} absent; run tools/fetch_smollm2.sh",
-            gguf.display()
-        );
+    let Some(gguf) = common::smollm2_gguf() else {
         return;
-    }
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["chat", "--model", gguf.to_str().unwrap(), "-n", "30"])
         .stdin(std::process::Stdio::piped())

@@ -1,6 +1,7 @@
 //! The real SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by `tools/fetch_smollm2.sh`) against HF
 //! transformers' greedy output from the same file (`tests/fixtures/smollm2-reference.json`).
-//! Skipped, with a message, when the file has not been fetched.
+//! Skipped, with a message, when the file has not been fetched; failed instead when
+//! `KILN_REQUIRE_DATA` is set, as `tools/test.sh` sets it.
 
 mod common;
 
@@ -23,14 +24,7 @@ fn ids(value: &serde_json::Value) -> Vec<u32> {
 }
 
 fn load() -> Option<auto::LoadedModel<B>> {
-    let path = auto::default_gguf_path();
-    if !path.is_file() {
-        eprintln!(
-            "SKIP: {} absent; run tools/fetch_smollm2.sh",
-            path.display()
-        );
-        return None;
-    }
+    let path = smollm2_gguf()?;
     Some(auto::load::<B>(path.to_str().unwrap(), &device()).unwrap())
 }
 
@@ -140,19 +134,7 @@ fn packed_blocks_give_the_dequantised_logits() {
     use kiln::core::packed::PackedFormat;
     use kiln::llama::Llama;
 
-    let path = auto::default_gguf_path();
-    assert!(
-        path.is_file() || std::env::var_os("CI").is_none(),
-        "{} absent in CI",
-        path.display()
-    );
-    if !path.is_file() {
-        eprintln!(
-            "SKIP: {} absent; run tools/fetch_smollm2.sh",
-            path.display()
-        );
-        return;
-    }
+    let Some(path) = smollm2_gguf() else { return };
     let device = device();
     let (packed, _) = Llama::<B>::from_gguf_with(&path, &device, &LoadOptions::default()).unwrap();
     let dense_options = LoadOptions::default().with_host_kernels(HostKernels::Never);

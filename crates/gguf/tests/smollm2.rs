@@ -1,9 +1,9 @@
 //! The real SmolLM2-135M-Instruct Q4_1 GGUF (98 MB, not committed): fetched by
 //! `tools/fetch_smollm2.sh`, or named by `$KILN_SMOLLM2_GGUF`. Every test here skips, saying
-//! why, when the file is absent.
+//! why, when the file is absent, and fails instead when `KILN_REQUIRE_DATA` is set (CI).
 //!
 //! Reference values come from the `gguf` Python package (`tools/gguf_reference.py --smollm2`)
-//! and from the Hugging Face `tokenizer.json`/`config.json` in `shared/tokenizers/`.
+//! and from the Hugging Face `tokenizer.json`/`config.json` in `tests/data/tokenizers/`.
 
 mod common;
 
@@ -21,10 +21,10 @@ fn open() -> Option<GgufFile> {
     let expected = fixture()["file_size"].as_u64().unwrap();
     let size = std::fs::metadata(&path).unwrap().len();
     if size != expected {
-        eprintln!(
-            "SKIP: {} is {size} bytes, the fixture was made from {expected}",
+        common::skip(&format!(
+            "{} is {size} bytes, the fixture was made from {expected}",
             path.display()
-        );
+        ));
         return None;
     }
     Some(f)

@@ -5,35 +5,27 @@ use std::path::PathBuf;
 
 use kiln_gguf::Value;
 
-/// The project's `shared/` folder (real tokenizer files), if it can be found:
-/// `$KILN_SHARED_DIR`, or `shared/` beside or inside the checkout.
-pub fn shared_dir() -> Option<PathBuf> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut candidates = Vec::new();
-    if let Some(d) = std::env::var_os("KILN_SHARED_DIR") {
-        candidates.push(PathBuf::from(d));
-    }
-    candidates.push(manifest.join("../../shared"));
-    candidates.push(manifest.join("../../../shared"));
-    candidates.push(PathBuf::from("/work/shared"));
-    candidates
-        .into_iter()
-        .find(|p| p.join("tokenizers").is_dir())
+/// Real tokenizer files committed under `tests/data/tokenizers/` (source and licence in
+/// `tests/data/README.md`).
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data")
 }
 
-/// A file under `shared/tokenizers/`, or `None` (with a note on stderr) when absent.
+/// A file under `tests/data/tokenizers/`. Always `Some`: the files are part of the checkout,
+/// and a missing one fails the test.
 pub fn shared_tokenizer_file(rel: &str) -> Option<PathBuf> {
-    let Some(dir) = shared_dir() else {
-        eprintln!("SKIP: shared/ not found (set KILN_SHARED_DIR); cannot use {rel}");
-        return None;
-    };
-    let p = dir.join("tokenizers").join(rel);
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("SKIP: {} is missing", p.display());
-        None
+    let p = data_dir().join("tokenizers").join(rel);
+    assert!(p.is_file(), "{} is missing from the checkout", p.display());
+    Some(p)
+}
+
+/// Skips a test whose input is not here, saying why, or fails it when `KILN_REQUIRE_DATA` is
+/// set (as `tools/test.sh` does), so CI never passes a test that did not run.
+pub fn skip(reason: &str) {
+    if std::env::var_os("KILN_REQUIRE_DATA").is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("KILN_REQUIRE_DATA is set and {reason}");
     }
+    eprintln!("SKIP: {reason}");
 }
 
 /// The SmolLM2-135M-Instruct Q4_1 GGUF (98 MB), if present: `$KILN_SMOLLM2_GGUF`, or where
@@ -46,7 +38,7 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
                 .map(PathBuf::from)
                 .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")));
             let Some(cache) = cache else {
-                eprintln!("SKIP: neither KILN_SMOLLM2_GGUF, KILN_CACHE nor HOME is set");
+                skip("neither KILN_SMOLLM2_GGUF, KILN_CACHE nor HOME is set");
                 return None;
             };
             cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -55,10 +47,10 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!(
-            "SKIP: {} not found; run tools/fetch_smollm2.sh (or set KILN_SMOLLM2_GGUF) to run this test",
+        skip(&format!(
+            "{} not found; run tools/fetch_smollm2.sh (or set KILN_SMOLLM2_GGUF) to run this test",
             path.display()
-        );
+        ));
         None
     }
 }
