@@ -120,3 +120,102 @@ fn chat_reads_turns_from_stdin_and_keeps_history() {
         "{stdout}"
     );
 }
+
+/// generation_config.json's sampling fields are the defaults and flags override them, as in
+/// HF's `generate`: a model whose file says `do_sample` samples with its temperature and top-k
+/// unless `--temperature 0` asks for greedy.
+#[test]
+fn generation_config_defaults_merge_with_flags() {
+    let source = fixture("llama2-mha");
+    let dir = std::env::temp_dir().join(format!("kiln-genconfig-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let path = dir.join("generation_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["do_sample"] = true.into();
+    config["temperature"] = 1.5.into();
+    config["top_k"] = 20.into();
+    config["max_new_tokens"] = 9.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+
+    let run = |model: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "1,324,75,397",
+            "--ignore-eos",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        tokens(&kiln_json(&args)[0])
+    };
+    let from_file = run(&dir, &[]);
+    assert_eq!(from_file.len(), 9, "max_new_tokens from the file");
+    let explicit = run(
+        &source,
+        &["--temperature", "1.5", "--top-k", "20", "-n", "9"],
+    );
+    assert_eq!(from_file, explicit);
+    let greedy = run(&source, &["-n", "9"]);
+    assert_ne!(
+        from_file, greedy,
+        "sampling at temperature 1.5 chose the greedy path"
+    );
+    assert_eq!(run(&dir, &["--temperature", "0"]), greedy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A hub id resolves from the HF cache layout (`$HF_HOME/hub/models--org--name/snapshots/<rev>`,
+/// `refs/main`) without the network when `HF_HUB_OFFLINE=1`, sharded checkpoints included,
+/// and generates what the same folder does; an id missing from the cache is a clear error.
+#[test]
+fn hub_ids_resolve_offline_from_the_cache() {
+    let home = std::env::temp_dir().join(format!("kiln-hf-home-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let revision = "0123456789abcdef0123456789abcdef01234567";
+    for name in ["llama2-mha", "llama3-sharded"] {
+        let repo = home.join(format!("hub/models--kiln-test--{name}"));
+        let snapshot = repo.join("snapshots").join(revision);
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), revision).unwrap();
+        for entry in std::fs::read_dir(fixture(name)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+        }
+    }
+    let run = |model: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["generate", "--model", model, "--prompt", PROMPT, "-n", "6"])
+            .args(["--ignore-eos", "--json"])
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    for name in ["llama2-mha", "llama3-sharded"] {
+        let from_cache = run(&format!("kiln-test/{name}"));
+        assert!(
+            from_cache.status.success(),
+            "{}",
+            String::from_utf8_lossy(&from_cache.stderr)
+        );
+        let from_folder = run(fixture(name).to_str().unwrap());
+        assert_eq!(from_cache.stdout, from_folder.stdout, "{name}");
+    }
+    let missing = run("kiln-test/absent");
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("kiln-test/absent") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&home);
+}

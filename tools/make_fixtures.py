@@ -1300,6 +1300,61 @@ def fx_chat_templates():
     print(f"[make_fixtures] chat-templates: {len(templates)} templates, {len(cases)} cases, {n_err} errors")
 
 
+TOKENIZER_TEXTS = [
+    "Hello world",
+    "",
+    " ",
+    " leading space and  double  spaces ",
+    "line one\n\nline two\n",
+    "emoji 😀👍🏽 and CJK 日本語の文章, 中文, 한국어",
+    "Ünïcödé àccents, ß, Ω≈ç√ and ﬁ ligature",
+    "Special tokens inline: <s> </s> <unk> <|im_start|> <|endoftext|> <pad>",
+    "tabs\tand code: fn main() { println!(\"hi\"); }",
+    "numbers 1234567890 3.14159 1,000,000 and 2024-12-03",
+    "Don't stop , they said . Really ?",
+    "Mixed Русский текст и العربية و हिन्दी",
+]
+
+TOKENIZER_DIRS = {  # name -> folder, relative to the repo root
+    **{n: f"tests/fixtures/{n}" for n in ["llama2-mha", "llama3-gqa", "yi", "mistral-sw", "llama-tied", "t5-relu-tied",
+                                          "nllb-tiny"]},
+    "smollm2-135m-instruct": "tests/data/tokenizers/smollm2-135m-instruct",
+    "mistral-7b-v0.1": "tests/data/tokenizers/mistral-7b-v0.1",
+    "t5": "tests/data/tokenizers/t5",
+}
+
+
+def fx_tokenizer_parity():
+    """HF's ids and decoded text for TOKENIZER_TEXTS on every fixture tokenizer and the real ones in tests/data:
+    encode with and without special tokens (BOS/EOS as the model's tokenizer adds them), decode with and without
+    skipping special tokens (transformers' decode, including clean_up_tokenization_spaces where the config sets it)."""
+    from transformers import PreTrainedTokenizerFast
+
+    out = {"transformers_version": TF_VERSION, "texts": TOKENIZER_TEXTS, "tokenizers": {}}
+    for name, rel in TOKENIZER_DIRS.items():
+        d = os.path.join(ROOT, rel)
+        if os.path.exists(os.path.join(d, "tokenizer_config.json")):
+            tok = AutoTokenizer.from_pretrained(d)
+        else:  # a bare tokenizer.json, as the real Mistral and T5 files here
+            tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(d, "tokenizer.json"))
+        rows = []
+        for text in TOKENIZER_TEXTS:
+            with_special = tok(text, add_special_tokens=True)["input_ids"]
+            plain = tok(text, add_special_tokens=False)["input_ids"]
+            rows.append({"with_special": with_special, "plain": plain,
+                         "decode": tok.decode(with_special, skip_special_tokens=False),
+                         "decode_skip_special": tok.decode(with_special, skip_special_tokens=True)})
+        out["tokenizers"][name] = {"dir": rel, "class": type(tok).__name__,
+                                   "clean_up_tokenization_spaces": bool(getattr(tok, "clean_up_tokenization_spaces", False)),
+                                   "rows": rows}
+    d = os.path.join(FIXTURES, "tokenizer-parity")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(out, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    print(f"[make_fixtures] tokenizer-parity: {len(TOKENIZER_DIRS)} tokenizers x {len(TOKENIZER_TEXTS)} texts")
+
+
 FIXTURE_FUNCS = {
     "llama2-mha": fx_llama2_mha,
     "llama3-gqa": fx_llama3_gqa,
@@ -1315,6 +1370,7 @@ FIXTURE_FUNCS = {
     "flan-t5-current": fx_flan_t5_current,
     "nllb-tiny": fx_nllb_tiny,
     "chat-templates": fx_chat_templates,
+    "tokenizer-parity": fx_tokenizer_parity,
 }
 
 

@@ -81,7 +81,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     if eos.is_empty() {
         bail!("the model names no EOS token, so a reply would never end; use `kiln generate`");
     }
-    let sampling = args.sampling.to_config();
+    let sampling = args.sampling.to_config(&loaded.defaults);
     let config = GenerationConfig::default()
         .with_max_new_tokens(args.max_new_tokens)
         .with_sampling(sampling)

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use kiln::auto;
 use kiln::backend::{Backend, NAME, device};
+use kiln::core::loading::GenerationDefaults;
 use kiln::core::{GenerationConfig, Message, generate};
 
 pub const LONG_ABOUT: &str = "\
@@ -47,9 +48,9 @@ pub struct GenerateArgs {
     /// System message for --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// Most tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 128)]
-    max_new_tokens: usize,
+    /// Most tokens to generate. Default: the model's generation_config.json, else 128.
+    #[arg(long, short = 'n')]
+    max_new_tokens: Option<usize>,
     #[command(flatten)]
     sampling: SamplingArgs,
     #[command(flatten)]
@@ -72,6 +73,9 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = ["ep", "ac"])]
     anchor: Option<String>,
 }
+
+/// Length cap when neither `-n` nor the model's generation_config.json gives one.
+const DEFAULT_MAX_NEW_TOKENS: usize = 128;
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(mode) = args.anchor.clone() {
@@ -146,7 +150,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     {
         eos.push(id);
     }
-    let sampling = args.sampling.to_config();
+    let sampling = args.sampling.to_config(&loaded.defaults);
     let pad = loaded
         .defaults
         .pad_token_id
@@ -156,7 +160,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .or(eos.first().copied())
         .unwrap_or(0);
     let config = GenerationConfig::default()
-        .with_max_new_tokens(args.max_new_tokens)
+        .with_max_new_tokens(
+            args.max_new_tokens
+                .or(loaded.defaults.max_new_tokens)
+                .unwrap_or(DEFAULT_MAX_NEW_TOKENS),
+        )
         .with_sampling(sampling)
         .with_eos_token_ids(eos)
         .with_stop_strings(args.stop.clone())
@@ -261,7 +269,7 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
             ids
         }
     };
-    let sampling = args.sampling.to_config();
+    let sampling = args.sampling.to_config(&GenerationDefaults::default());
     let eos = if args.ignore_eos { vec![] } else { eos_ids };
     let start = Instant::now();
     let mut stream = kiln::core::TokenStream::new();
@@ -272,7 +280,7 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
         &anchors,
         PositionMode::Compacted,
         sampling,
-        args.max_new_tokens,
+        args.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS),
         &eos,
         |token| {
             if let Ok(Some(piece)) = stream.push(&tokenizer, token) {
@@ -334,9 +342,13 @@ fn run_text_to_text(args: &GenerateArgs, spec: &str) -> anyhow::Result<()> {
                 .collect::<Result<_, _>>()?
         }
     };
-    let sampling = args.sampling.to_config();
+    let sampling = args.sampling.to_config(&loaded.defaults);
     let mut config = Seq2SeqConfig::default()
-        .with_max_new_tokens(args.max_new_tokens)
+        .with_max_new_tokens(
+            args.max_new_tokens
+                .or(loaded.defaults.max_new_tokens)
+                .unwrap_or(DEFAULT_MAX_NEW_TOKENS),
+        )
         .with_sampling(sampling);
     if args.ignore_eos {
         config = config.with_eos_token_ids(vec![]);

@@ -119,14 +119,14 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
     };
     let defaults = &loaded.defaults;
     let num_beams = args.num_beams.or(defaults.num_beams).unwrap_or(1);
-    if num_beams > 1 && args.sampling.repetition_penalty != 1.0 {
+    if num_beams > 1 && args.sampling.repetition_penalty.is_some_and(|p| p != 1.0) {
         bail!(
             "--repetition-penalty applies to greedy decoding and sampling, not to beam search \
              (--num-beams {num_beams}); use --num-beams 1 or --no-repeat-ngram-size"
         );
     }
     let mut config = Seq2SeqConfig::default()
-        .with_sampling(args.sampling.to_config())
+        .with_sampling(args.sampling.to_config(defaults))
         .with_num_beams(num_beams)
         .with_length_penalty(
             args.length_penalty

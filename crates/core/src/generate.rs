@@ -120,6 +120,8 @@ pub struct Generation {
     pub text: Option<String>,
     /// Why it stopped.
     pub finish: FinishReason,
+    /// Bytes of `text` already passed to the caller's stream.
+    streamed: usize,
 }
 
 impl Generation {
@@ -129,12 +131,26 @@ impl Generation {
             tokens: Vec::new(),
             text: with_text.then(String::new),
             finish: FinishReason::Length,
+            streamed: 0,
+        }
+    }
+
+    /// A finished sequence (for code that builds one itself).
+    pub fn new(tokens: Vec<u32>, text: Option<String>, finish: FinishReason) -> Self {
+        let streamed = text.as_ref().map_or(0, String::len);
+        Self {
+            tokens,
+            text,
+            finish,
+            streamed,
         }
     }
 
     /// Takes the sampled `token`, the step every decode loop shares: records it, ends on an
     /// EOS, else streams its text through `on_text` and ends on a stop string (the text is cut
-    /// before it). Returns whether the sequence has ended.
+    /// before it). Text that could be the start of a stop string is held back until the next
+    /// token decides, so streamed text never holds part of a stop string. Returns whether the
+    /// sequence has ended.
     pub(crate) fn accept(
         &mut self,
         token: u32,
@@ -156,13 +172,18 @@ impl Generation {
             text.push_str(&piece);
             if let Some(cut) = find_stop(text, &config.stop_strings, before) {
                 text.truncate(cut);
-                if cut > before {
-                    on_text(&text[before..]);
+                if cut > self.streamed {
+                    on_text(&text[self.streamed..]);
                 }
+                self.streamed = cut;
                 self.finish = FinishReason::Stop;
                 return Ok(true);
             }
-            on_text(&piece);
+            let safe = text.len() - partial_stop_len(text, &config.stop_strings);
+            if safe > self.streamed {
+                on_text(&text[self.streamed..safe]);
+                self.streamed = safe;
+            }
         }
         Ok(false)
     }
@@ -175,11 +196,16 @@ impl Generation {
         stream: &mut TokenStream,
         mut on_text: impl FnMut(&str),
     ) -> Result<()> {
-        if self.finish != FinishReason::Stop
-            && let Some(rest) = stream.finish(tokenizer)?
-        {
-            on_text(&rest);
-            self.text.get_or_insert_default().push_str(&rest);
+        if self.finish == FinishReason::Stop {
+            return Ok(());
+        }
+        let text = self.text.get_or_insert_default();
+        if let Some(rest) = stream.finish(tokenizer)? {
+            text.push_str(&rest);
+        }
+        if text.len() > self.streamed {
+            on_text(&text[self.streamed..]);
+            self.streamed = text.len();
         }
         Ok(())
     }
@@ -283,6 +309,23 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
     Ok(outputs)
 }
 
+/// Length of the longest end of `text` that is a proper prefix of a stop string (so may still
+/// become one), on a character boundary.
+pub(crate) fn partial_stop_len(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .filter_map(|stop| {
+            (1..stop.len()).rev().find(|&n| {
+                n <= text.len()
+                    && text.is_char_boundary(text.len() - n)
+                    && stop.is_char_boundary(n)
+                    && text.ends_with(&stop[..n])
+            })
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Byte offset of the first stop string that ends after `from - longest stop` (only text that
 /// changed can complete a new match).
 pub(crate) fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usize> {
@@ -297,4 +340,90 @@ pub(crate) fn find_stop(text: &str, stops: &[String], from: usize) -> Option<usi
             text[start..].find(stop.as_str()).map(|i| start + i)
         })
         .min()
+}
+
+#[cfg(test)]
+mod stop_string_tests {
+    use super::*;
+
+    /// SmolLM2's byte-level BPE (committed under tests/data): emoji and accented letters are
+    /// split over several tokens.
+    fn tokenizer() -> Tokenizer {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/data/tokenizers/smollm2-135m-instruct");
+        Tokenizer::from_dir(&dir).unwrap()
+    }
+
+    /// Feeds `text`'s tokens one by one, as a decode loop does; returns the generation and
+    /// what was streamed.
+    fn run(tokenizer: &Tokenizer, text: &str, stops: &[&str]) -> (Generation, String) {
+        let config = GenerationConfig::default()
+            .with_stop_strings(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = Generation::start(true);
+        let mut stream = TokenStream::new();
+        let mut streamed = String::new();
+        for id in tokenizer.encode(text, false).unwrap() {
+            let done = out
+                .accept(id, &config, Some(tokenizer), &mut stream, |p| {
+                    streamed.push_str(p)
+                })
+                .unwrap();
+            if done {
+                break;
+            }
+        }
+        out.flush(tokenizer, &mut stream, |p| streamed.push_str(p))
+            .unwrap();
+        (out, streamed)
+    }
+
+    const TEXT: &str = "The café said 😀 hello, then STOP and more text after.";
+
+    #[test]
+    fn stops_are_cut_and_never_streamed() {
+        let tokenizer = tokenizer();
+        let ids = tokenizer.encode(TEXT, false).unwrap();
+        // The emoji takes more than one token, so a stop string starting inside it is matched
+        // only once its last byte arrives.
+        let emoji_tokens = ids
+            .iter()
+            .filter(|&&id| tokenizer.decode(&[id], false).unwrap().contains('\u{FFFD}'))
+            .count();
+        assert!(emoji_tokens >= 2, "{emoji_tokens}");
+        for (stops, expected) in [
+            // Across token boundaries, mid-word.
+            (vec!["id 😀 he"], "The café sa"),
+            // Starting with a multi-byte character split over tokens.
+            (vec!["😀 hello"], "The café said "),
+            (vec!["é s"], "The caf"),
+            // The first of several to appear wins; one that never completes changes nothing.
+            (vec!["STOP", "then"], "The café said 😀 hello, "),
+            (vec!["hello, thenX"], TEXT),
+            (vec!["after.!"], TEXT),
+        ] {
+            let (out, streamed) = run(&tokenizer, TEXT, &stops);
+            assert_eq!(out.text.as_deref(), Some(expected), "{stops:?}");
+            // Nothing of a stop string was streamed, even where its start arrived tokens
+            // before its end; the stream is exactly the final text.
+            assert_eq!(streamed, expected, "{stops:?}");
+            let finish = if expected == TEXT {
+                FinishReason::Length
+            } else {
+                FinishReason::Stop
+            };
+            assert_eq!(out.finish, finish, "{stops:?}");
+        }
+    }
+
+    #[test]
+    fn partial_matches_hold_back_only_what_may_still_match() {
+        let stops = ["STOP".to_string(), "😀x".to_string()];
+        assert_eq!(partial_stop_len("abc ST", &stops), 2);
+        assert_eq!(partial_stop_len("abc STO", &stops), 3);
+        assert_eq!(partial_stop_len("abc S T", &stops), 0);
+        assert_eq!(partial_stop_len("a😀", &stops), "😀".len());
+        assert_eq!(partial_stop_len("", &stops), 0);
+        assert_eq!(find_stop("a STOP b", &stops, 0), Some(2));
+        assert_eq!(find_stop("a STOP b", &stops, 8), None);
+    }
 }

@@ -22,6 +22,7 @@ pub mod packed;
 pub mod sampling;
 pub mod seq2seq;
 pub mod tokenizer;
+mod tokenizer_class;
 
 pub use chat::ChatSession;
 pub use chat_template::{ChatTemplate, ChatTemplateInputs, TemplateLimits};

@@ -2,6 +2,7 @@
 //! `tokenizer_config.json`, streaming decoding, and chat templates.
 
 use std::path::Path;
+use std::str::FromStr;
 
 use serde::Serialize;
 
@@ -63,12 +64,26 @@ impl Tokenizer {
                 hint: " (kiln needs the HF `tokenizers` JSON file)".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let mut tokenizer = Self::new(inner);
         let config = dir.join("tokenizer_config.json");
-        if config.is_file() {
-            let value = read_json_value(&config)?;
+        let config_value = if config.is_file() {
+            Some(read_json_value(&config)?)
+        } else {
+            None
+        };
+        let inner = match config_value
+            .as_ref()
+            .filter(|c| crate::tokenizer_class::rebuilds(c))
+        {
+            Some(c) => {
+                let mut json = read_json_value(&path)?;
+                crate::tokenizer_class::apply(&mut json, c);
+                tokenizers::Tokenizer::from_str(&json.to_string())
+            }
+            None => tokenizers::Tokenizer::from_file(&path),
+        }
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let mut tokenizer = Self::new(inner);
+        if let Some(value) = config_value {
             tokenizer.chat_template = chat_template_of(&value)
                 .map(|t| ChatTemplate::new(t, config.display().to_string()));
             tokenizer.special_tokens = SPECIAL_TOKEN_KEYS

@@ -21,11 +21,12 @@ impl ModelFiles {
     }
 }
 
-const OPTIONAL_FILES: [&str; 4] = [
+const OPTIONAL_FILES: [&str; 5] = [
     "generation_config.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.json",
+    "chat_template.jinja",
 ];
 
 /// Resolves `spec`, a local folder or a Hugging Face hub id (`org/name`, optionally

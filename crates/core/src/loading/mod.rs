@@ -15,7 +15,7 @@ mod precision;
 mod safetensors;
 
 pub use apply::{LoadOptions, load_module, load_packed};
-pub use generation_config::{GenerationDefaults, TokenIds};
+pub use generation_config::{GenerationDefaults, SamplingOverrides, TokenIds};
 pub use hub::{ModelFiles, resolve_model};
 pub use json::{from_value, read_json, read_json_value};
 pub use precision::{
