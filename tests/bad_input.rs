@@ -316,3 +316,19 @@ fn cli_json_output() {
     assert_eq!(json["tokens"].as_array().unwrap().len(), 6);
     assert!(json["text"].is_string());
 }
+
+/// Found by `tests/fuzz.rs`: a tokenizer.json whose post-processor template names a special
+/// token it does not define made the `tokenizers` crate panic at the first encode. Loading it is
+/// now an error naming the file.
+#[test]
+fn tokenizer_with_undefined_template_token_is_an_error() {
+    let (_tmp, dir) = copy_fixture("llama3-gqa");
+    std::fs::copy(
+        fixture("fuzz-regressions/tokenizer-template-undefined-special.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let err = kiln::core::Tokenizer::from_dir(&dir).unwrap_err();
+    assert!(matches!(err, Error::Tokenizer(_)), "{err}");
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+}

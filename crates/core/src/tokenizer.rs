@@ -82,6 +82,16 @@ impl Tokenizer {
             None => tokenizers::Tokenizer::from_file(&path),
         }
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        // The `tokenizers` crate trusts its file: e.g. a post-processor template naming a
+        // special token the file does not define panics at the first encode. Probe once here
+        // so such a file is an error naming it, not a crash later.
+        guard(&format!("{}: unusable", path.display()), || {
+            inner
+                .encode("a <s> 1", true)
+                .map(|e| inner.decode(e.get_ids(), false))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })?;
         let mut tokenizer = Self::new(inner);
         if let Some(value) = config_value {
             tokenizer.chat_template = chat_template_of(&value)
@@ -172,11 +182,12 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special` adds BOS etc. as the tokenizer's post-processor says.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        guard("encoding failed", || {
+            self.inner
+                .encode(text, add_special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// Text of `ids`.
@@ -188,9 +199,11 @@ impl Tokenizer {
                 format!("{bad} is outside the vocabulary of {vocab} tokens"),
             ));
         }
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
+        guard("decoding failed", || {
+            self.inner
+                .decode(ids, skip_special)
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// Id of a token string.
@@ -251,6 +264,23 @@ impl Tokenizer {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         template.render(inputs, &special)
+    }
+}
+
+/// Runs a call into the `tokenizers` crate, turning its error or panic into
+/// [`Error::Tokenizer`] prefixed by `what`.
+fn guard<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, String>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::Tokenizer(format!("{what}: {e}"))),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic in the tokenizers crate");
+            Err(Error::Tokenizer(format!("{what}: {msg}")))
+        }
     }
 }
 

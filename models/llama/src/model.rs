@@ -5,7 +5,8 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use kiln_core::loading::{
-    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, load_packed,
+    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
+    load_packed,
 };
 use kiln_core::nn::{
     CacheState, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, RotaryAngles,
@@ -208,6 +209,18 @@ impl<B: Backend> Llama<B> {
         device: &B::Device,
         options: &LoadOptions,
     ) -> Result<Self> {
+        check_config_sizes(
+            weights.as_ref(),
+            &[
+                ("vocab_size", config.vocab_size),
+                ("hidden_size", config.hidden_size),
+                ("intermediate_size", config.intermediate_size),
+                ("num_attention_heads", config.num_attention_heads),
+                ("num_key_value_heads", config.num_key_value_heads),
+                ("head_dim", config.head_dim),
+            ],
+            &[("num_hidden_layers", config.num_hidden_layers)],
+        )?;
         load_packed(config.init(device), weights, device, options)
     }
 

@@ -7,7 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{
-    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, load_packed,
+    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
+    load_packed,
 };
 use kiln_core::nn::{
     AttentionMask, Embedding, EmbeddingConfig, KvCache, TorchLinear, TorchLinearConfig,
@@ -333,6 +334,21 @@ impl<B: Backend> M2M100<B> {
         device: &B::Device,
         options: &LoadOptions,
     ) -> Result<Self> {
+        check_config_sizes(
+            weights.as_ref(),
+            &[
+                ("vocab_size", config.vocab_size),
+                ("d_model", config.d_model),
+                ("encoder_attention_heads", config.encoder_attention_heads),
+                ("decoder_attention_heads", config.decoder_attention_heads),
+                ("encoder_ffn_dim", config.encoder_ffn_dim),
+                ("decoder_ffn_dim", config.decoder_ffn_dim),
+            ],
+            &[
+                ("encoder_layers", config.encoder_layers),
+                ("decoder_layers", config.decoder_layers),
+            ],
+        )?;
         load_packed(config.init(device), weights, device, options)
     }
 

@@ -8,7 +8,8 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{
-    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, load_packed,
+    LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
+    load_packed,
 };
 use kiln_core::nn::{
     AttentionMask, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, TorchLinear,
@@ -398,6 +399,24 @@ impl<B: Backend> T5<B> {
         options: &LoadOptions,
     ) -> Result<Self> {
         // As HF: the checkpoint, not the config, says whether there is a separate LM head.
+        check_config_sizes(
+            weights.as_ref(),
+            &[
+                ("vocab_size", config.vocab_size),
+                ("d_model", config.d_model),
+                ("d_kv", config.d_kv),
+                ("d_ff", config.d_ff),
+                ("num_heads", config.num_heads),
+                (
+                    "relative_attention_num_buckets",
+                    config.relative_attention_num_buckets,
+                ),
+            ],
+            &[
+                ("num_layers", config.num_layers),
+                ("num_decoder_layers", config.num_decoder_layers),
+            ],
+        )?;
         let mut config = config.clone();
         config.tie_word_embeddings = !weights.tensors().iter().any(|t| t.name == "lm_head.weight");
         load_packed(config.init(device), weights, device, options)

@@ -13,6 +13,7 @@ mod hub;
 mod json;
 mod precision;
 mod safetensors;
+mod sizes;
 
 pub use apply::{LoadOptions, load_module, load_packed};
 pub use generation_config::{GenerationDefaults, SamplingOverrides, TokenIds};
@@ -23,6 +24,7 @@ pub use precision::{
     pack_module,
 };
 pub use safetensors::SafetensorsWeights;
+pub use sizes::check_config_sizes;
 
 use std::path::Path;
 
