@@ -320,15 +320,22 @@ fn cli_json_output() {
 /// Found by `tests/fuzz.rs`: a tokenizer.json whose post-processor template names a special
 /// token it does not define made the `tokenizers` crate panic at the first encode. Loading it is
 /// now an error naming the file.
+/// Also found by fuzzing: a tokenizer.json whose BPE merges made the `tokenizers` crate panic
+/// while parsing it.
 #[test]
-fn tokenizer_with_undefined_template_token_is_an_error() {
-    let (_tmp, dir) = copy_fixture("llama3-gqa");
-    std::fs::copy(
-        fixture("fuzz-regressions/tokenizer-template-undefined-special.json"),
-        dir.join("tokenizer.json"),
-    )
-    .unwrap();
-    let err = kiln::core::Tokenizer::from_dir(&dir).unwrap_err();
-    assert!(matches!(err, Error::Tokenizer(_)), "{err}");
-    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+fn tokenizers_that_crash_the_tokenizers_crate_are_errors() {
+    for file in [
+        "tokenizer-template-undefined-special.json",
+        "tokenizer-bpe-merge-panic.json",
+    ] {
+        let (_tmp, dir) = copy_fixture("llama3-gqa");
+        std::fs::copy(
+            fixture(&format!("fuzz-regressions/{file}")),
+            dir.join("tokenizer.json"),
+        )
+        .unwrap();
+        let err = kiln::core::Tokenizer::from_dir(&dir).unwrap_err();
+        assert!(matches!(err, Error::Tokenizer(_)), "{file}: {err}");
+        assert!(err.to_string().contains("tokenizer.json"), "{file}: {err}");
+    }
 }

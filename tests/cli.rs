@@ -219,3 +219,26 @@ fn hub_ids_resolve_offline_from_the_cache() {
     );
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// `kiln translate --prompt-ids`: the encoder ids as given, no tokenizer; HF's greedy output.
+#[test]
+fn translate_takes_token_ids() {
+    let name = "t5v11-gated-untied";
+    let reference = Reference::load(name);
+    let (_, input) = reference.ids("input_ids");
+    let (_, greedy) = reference.ids("greedy_ids");
+    let ids: Vec<String> = input.iter().map(u32::to_string).collect();
+    let out = kiln_json(&[
+        "translate",
+        "--model",
+        fixture(name).to_str().unwrap(),
+        "--prompt-ids",
+        &ids.join(","),
+        "-n",
+        "12",
+        "--json",
+    ]);
+    assert_eq!(out.len(), 1);
+    assert_eq!(tokens(&out[0]), greedy[1..]);
+    assert_eq!(out[0]["input"].as_str().unwrap(), ids.join(","));
+}

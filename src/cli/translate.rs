@@ -51,6 +51,11 @@ pub struct TranslateArgs {
     /// With no input at all and stdin not a terminal, stdin is read this way.
     #[arg(long)]
     file: Option<PathBuf>,
+    /// Encoder input as comma-separated token ids, used as given (no tokenizer, no language
+    /// token or task prefix added: write them in), e.g. `256047,9038,2` for NLLB. NLLB still
+    /// needs --tgt for the forced target-language token.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["inputs", "text", "file"])]
+    prompt_ids: Option<Vec<u32>>,
     /// Source language: NLLB code (eng_Latn) or, for T5, a name (English).
     #[arg(long)]
     src: Option<String>,
@@ -108,6 +113,7 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
 
     let given: Vec<String> = args.inputs.iter().chain(&args.text).cloned().collect();
     let texts = match &args.file {
+        _ if args.prompt_ids.is_some() => vec![],
         Some(path) => read_lines(path)?,
         None if given.is_empty() && !std::io::stdin().is_terminal() => {
             read_lines(&PathBuf::from("-"))?
@@ -146,14 +152,25 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
         );
 
     // Token ids per input, and the model-specific pieces of the config.
-    let inputs: Vec<Vec<u32>> = match &loaded.model {
-        Seq2SeqModel::M2M100(model) => {
+    let inputs: Vec<Vec<u32>> = match (&loaded.model, &args.prompt_ids) {
+        (Seq2SeqModel::M2M100(_), Some(ids)) => {
+            let Some(tgt) = &args.tgt else {
+                bail!("NLLB needs --tgt (the target language) with --prompt-ids");
+            };
+            config =
+                config.with_forced_bos_token_id(Some(language_token_id(tokenizer, tgt, "--tgt")?));
+            vec![ids.clone()]
+        }
+        (Seq2SeqModel::T5(_), Some(ids)) => vec![ids.clone()],
+        (Seq2SeqModel::M2M100(model), None) => {
             let (Some(src), Some(tgt)) = (&args.src, &args.tgt) else {
                 bail!(
                     "NLLB needs --src and --tgt (e.g. --src eng_Latn --tgt fra_Latn; --list-languages)"
                 );
             };
-            let eos = kiln::core::seq2seq::Seq2SeqLm::<Backend>::eos_token_ids(model)[0];
+            let eos = *kiln::core::seq2seq::Seq2SeqLm::<Backend>::eos_token_ids(model)
+                .first()
+                .context("the model's config names no EOS token")?;
             config =
                 config.with_forced_bos_token_id(Some(language_token_id(tokenizer, tgt, "--tgt")?));
             texts
@@ -161,7 +178,7 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
                 .map(|t| encode_source(tokenizer, t, src, eos))
                 .collect::<Result<_, _>>()?
         }
-        Seq2SeqModel::T5(_) => {
+        (Seq2SeqModel::T5(_), None) => {
             let prefix = match (&args.src, &args.tgt) {
                 (Some(src), Some(tgt)) => format!("translate {src} to {tgt}: "),
                 (None, None) => String::new(),
@@ -174,6 +191,11 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
         }
     };
 
+    // What the JSON output names as each input.
+    let texts = match &args.prompt_ids {
+        Some(ids) => vec![ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")],
+        None => texts,
+    };
     let start = Instant::now();
     let mut generated = 0;
     for (chunk_texts, chunk) in texts

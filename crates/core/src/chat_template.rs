@@ -286,7 +286,8 @@ fn without_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they overlap).
+        let Some(end) = tag[2..].find("%}").map(|i| i + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -624,5 +625,7 @@ mod tests {
         );
         assert_eq!(without_generation_tags("{% if x %}"), "{% if x %}");
         assert_eq!(without_generation_tags("broken {%"), "broken {%");
+        // Found by fuzzing: the `%}` of `{%}` overlaps its `{%`.
+        assert_eq!(without_generation_tags("{%}{{ x }}"), "{%}{{ x }}");
     }
 }

@@ -16,6 +16,7 @@ pub mod chat;
 pub mod chat_template;
 mod error;
 pub mod generate;
+pub mod grad_clip;
 pub mod loading;
 pub mod nn;
 pub mod packed;

@@ -70,18 +70,26 @@ impl Tokenizer {
         } else {
             None
         };
-        let inner = match config_value
+        let rebuild = config_value
             .as_ref()
-            .filter(|c| crate::tokenizer_class::rebuilds(c))
-        {
+            .filter(|c| crate::tokenizer_class::rebuilds(c));
+        let json = match rebuild {
             Some(c) => {
                 let mut json = read_json_value(&path)?;
                 crate::tokenizer_class::apply(&mut json, c);
-                tokenizers::Tokenizer::from_str(&json.to_string())
+                Some(json.to_string())
             }
-            None => tokenizers::Tokenizer::from_file(&path),
-        }
-        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+            None => None,
+        };
+        // The `tokenizers` crate panics on some malformed files (e.g. BPE merges that do not
+        // split into two pieces); a panic while parsing is an error naming the file.
+        let inner = guard(&path.display().to_string(), || {
+            match &json {
+                Some(text) => tokenizers::Tokenizer::from_str(text),
+                None => tokenizers::Tokenizer::from_file(&path),
+            }
+            .map_err(|e| e.to_string())
+        })?;
         // The `tokenizers` crate trusts its file: e.g. a post-processor template naming a
         // special token the file does not define panics at the first encode. Probe once here
         // so such a file is an error naming it, not a crash later.
@@ -278,8 +286,10 @@ fn guard<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, String>) -> R
                 .downcast_ref::<String>()
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("a panic in the tokenizers crate");
-            Err(Error::Tokenizer(format!("{what}: {msg}")))
+                .unwrap_or("no message");
+            Err(Error::Tokenizer(format!(
+                "{what}: the tokenizers crate failed on it ({msg})"
+            )))
         }
     }
 }

@@ -18,8 +18,10 @@ use crate::train::{MetricsLog, Trainer};
 pub struct FitOptions {
     /// Run folder: `checkpoint/` and `metrics.jsonl` go here.
     pub out_dir: PathBuf,
-    /// Evaluate on the validation examples every this many steps (0 = only at the end).
+    /// Evaluate every this many steps (0 = only at the end).
     pub eval_every: usize,
+    /// Name of the evaluated split in logs (`test`, as the reference scores, or `valid`).
+    pub eval_split: String,
     /// Validation examples used per evaluation (0 = all).
     pub eval_samples: usize,
     /// Save a checkpoint every this many steps (0 = only at the end).
@@ -40,8 +42,8 @@ pub fn checkpoint_dir(out_dir: &std::path::Path) -> PathBuf {
 }
 
 /// Trains until `trainer.config.steps`, evaluating `valid` (accuracy of `predict:` greedy
-/// decoding) and saving as configured; ends with a checkpoint and a final evaluation. Returns
-/// the last validation accuracy, if any evaluation ran.
+/// decoding; the reference scores its test set here) and saving as configured; ends with a
+/// checkpoint and a final evaluation. Returns the last accuracy, if any evaluation ran.
 pub fn fit<B: AutodiffBackend>(
     trainer: &mut Trainer<B>,
     tokenizer: &Tokenizer,
@@ -88,14 +90,15 @@ pub fn fit<B: AutodiffBackend>(
             |_| {},
         )?;
         log.log(&serde_json::json!({
-            "step": trainer.step, "split": "valid", "accuracy": r.accuracy,
+            "step": trainer.step, "split": opts.eval_split, "accuracy": r.accuracy,
             "correct": r.correct, "total": r.total,
             "example_prediction": r.predictions.first(),
             "elapsed_s": started.elapsed().as_secs_f64(),
         }))?;
         bar.println(format!(
-            "step {}: valid accuracy {:.4} ({}/{}), e.g. {:?}",
+            "step {}: {} accuracy {:.4} ({}/{}), e.g. {:?}",
             trainer.step,
+            opts.eval_split,
             r.accuracy,
             r.correct,
             r.total,
