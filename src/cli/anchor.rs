@@ -84,11 +84,20 @@ struct TrainArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f64,
-    /// Warm-up steps (default: a tenth of --steps).
+    /// Peak learning rate. Default: 2e-5 with --init (the AnLLM reference's, constant after
+    /// warm-up), else 3e-3 (cosine decay, for a small model from scratch).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warm-up steps. Default: 20 with --init (the reference's), else a tenth of --steps.
     #[arg(long)]
     warmup: Option<usize>,
+    /// AdamW weight decay. Default: 0 with --init (the reference's), else 0.01.
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Clip gradients to this global L2 norm (0 = off). Default: 1.0 with --init (the
+    /// reference's), else off.
+    #[arg(long)]
+    grad_clip: Option<f32>,
     #[arg(long, default_value_t = 128)]
     max_len: usize,
     #[arg(long, default_value_t = 100)]
@@ -214,12 +223,24 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         model.num_params(),
         args.mode
     );
-    let cfg = TrainConfig::default()
+    // A pretrained model gets the reference's recipe; one from scratch the small-model one.
+    let (base, lr, warmup) = if args.init.is_some() {
+        (TrainConfig::pretrained(), 2e-5, 20)
+    } else {
+        (TrainConfig::default(), 3e-3, args.steps / 10)
+    };
+    let grad_clip = args
+        .grad_clip
+        .map_or(base.grad_clip, |c| (c > 0.0).then_some(c));
+    let weight_decay = args.weight_decay.unwrap_or(base.weight_decay);
+    let cfg = base
         .with_steps(args.steps)
-        .with_warmup_steps(args.warmup.unwrap_or(args.steps / 10))
+        .with_warmup_steps(args.warmup.unwrap_or(warmup))
         .with_batch_size(args.batch_size)
         .with_grad_accum(args.grad_accum)
-        .with_lr(args.lr)
+        .with_lr(args.lr.unwrap_or(lr))
+        .with_weight_decay(weight_decay)
+        .with_grad_clip(grad_clip)
         .with_seed(args.seed)
         .with_save_every(args.save_every)
         .with_log_every((args.steps / 20).max(1));

@@ -42,5 +42,6 @@ pub use model::{
     tiny_config,
 };
 pub use train::{
-    Corpus, MaskKind, TrainConfig, TrainReport, batch_loss, inference_model, train, train_steps,
+    Corpus, LrSchedule, MaskKind, TrainConfig, TrainReport, batch_loss, inference_model, train,
+    train_steps,
 };

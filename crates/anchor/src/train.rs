@@ -57,11 +57,26 @@ impl Corpus {
     }
 }
 
-/// Optimisation settings (builder style).
+/// Learning rate after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum LrSchedule {
+    /// Cosine decay to `min_lr_ratio` of the peak at the last step.
+    #[default]
+    Cosine,
+    /// The peak until the end (the AnLLM reference's `constant_with_warmup`).
+    Constant,
+}
+
+/// Optimisation settings (builder style). [`Default`] suits a small model trained from
+/// scratch; [`TrainConfig::pretrained`] is the AnLLM reference's recipe for continuing a
+/// pretrained model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     /// Peak learning rate.
     pub lr: f64,
+    /// Schedule after the warm-up.
+    #[serde(default)]
+    pub schedule: LrSchedule,
     /// Final learning rate as a fraction of the peak (cosine decay after warm-up).
     pub min_lr_ratio: f64,
     /// Linear warm-up steps.
@@ -74,6 +89,9 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// AdamW weight decay.
     pub weight_decay: f32,
+    /// Clip the gradients to this global L2 norm over all parameters (`None` = off).
+    #[serde(default)]
+    pub grad_clip: Option<f32>,
     /// Seed of the data order.
     pub seed: u64,
     /// Report the loss every this many steps.
@@ -86,12 +104,14 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             lr: 1e-3,
+            schedule: LrSchedule::Cosine,
             min_lr_ratio: 0.1,
             warmup_steps: 20,
             steps: 200,
             batch_size: 8,
             grad_accum: 1,
             weight_decay: 0.01,
+            grad_clip: None,
             seed: 0,
             log_every: 10,
             save_every: 100,
@@ -110,7 +130,23 @@ macro_rules! setter {
 }
 
 impl TrainConfig {
+    /// The reference's settings for continuing a pretrained model (pangjh3/AnLLM's training
+    /// script): lr 2e-5, constant after 20 warm-up steps, weight decay 0, gradients clipped to
+    /// global norm 1.0. A from-scratch lr such as 1e-3 would wreck a pretrained model.
+    pub fn pretrained() -> Self {
+        Self {
+            lr: 2e-5,
+            schedule: LrSchedule::Constant,
+            warmup_steps: 20,
+            weight_decay: 0.0,
+            grad_clip: Some(1.0),
+            ..Self::default()
+        }
+    }
+
     setter!(with_lr, lr, f64);
+    setter!(with_schedule, schedule, LrSchedule);
+    setter!(with_grad_clip, grad_clip, Option<f32>);
     setter!(with_min_lr_ratio, min_lr_ratio, f64);
     setter!(with_warmup_steps, warmup_steps, usize);
     setter!(with_steps, steps, usize);
@@ -121,10 +157,13 @@ impl TrainConfig {
     setter!(with_log_every, log_every, usize);
     setter!(with_save_every, save_every, usize);
 
-    /// Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine decay.
+    /// Learning rate of optimizer step `step` (0-based): linear warm-up, then the schedule.
     pub fn lr_at(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        if self.schedule == LrSchedule::Constant {
+            return self.lr;
         }
         let span = (self.steps - self.warmup_steps).max(1) as f64;
         let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
@@ -308,7 +347,11 @@ pub fn train_steps<B: AutodiffBackend>(
             accum.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
         let lr = config.lr_at(step);
-        model = optim.step(lr, model, accum.grads());
+        let grads = match config.grad_clip {
+            Some(max) => kiln_core::grad_clip::clip_grad_norm(&model, accum.grads(), max as f64).0,
+            None => accum.grads(),
+        };
+        model = optim.step(lr, model, grads);
         let loss = loss_sum / config.grad_accum as f32;
         report.losses.push((step, loss));
         report.step += 1;
@@ -349,4 +392,23 @@ fn save_state<B: AutodiffBackend>(
 /// The trained model without autodiff.
 pub fn inference_model<B: AutodiffBackend>(model: &Llama<B>) -> Llama<B::InnerBackend> {
     model.valid()
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    /// The reference's `constant_with_warmup`: linear to 2e-5 over 20 steps, then flat.
+    #[test]
+    fn pretrained_recipe_is_constant_after_warmup() {
+        let c = TrainConfig::pretrained().with_steps(1000);
+        assert_eq!((c.weight_decay, c.grad_clip), (0.0, Some(1.0)));
+        assert!((c.lr_at(0) - 2e-5 / 20.0).abs() < 1e-15);
+        assert!((c.lr_at(19) - 2e-5).abs() < 1e-15);
+        assert_eq!(c.lr_at(20), 2e-5);
+        assert_eq!(c.lr_at(999), 2e-5);
+        // The from-scratch default still decays.
+        let d = TrainConfig::default().with_steps(1000);
+        assert!(d.lr_at(999) < d.lr * 0.2);
+    }
 }
