@@ -348,3 +348,42 @@ fn batched_beams_and_sampling() {
         "temperature 1.5 sampling differs from greedy somewhere"
     );
 }
+
+/// `dropout_rate` acts in training only: under autodiff two teacher-forced passes differ, and
+/// the same model without autodiff (`valid()`, what evaluation and generation use) gives HF's
+/// dropout-free logits.
+#[test]
+fn dropout_is_active_only_in_training() {
+    use burn::backend::Autodiff;
+    use burn::module::AutodiffModule;
+    type AB = Autodiff<B>;
+    let name = "t5v11-gated-untied";
+    let dir = fixture(name);
+    let mut config = T5Config::from_file(&dir.join("config.json")).unwrap();
+    assert_eq!(
+        config.dropout_rate, 0.0,
+        "the fixture is saved without dropout"
+    );
+    config.dropout_rate = 0.3;
+    let weights = Arc::new(SafetensorsWeights::open_dir(&dir).unwrap());
+    let model = T5::<AB>::from_weights(&config, weights, &device()).unwrap();
+    let reference = Reference::load(name);
+    let (_, input) = reference.ids("input_ids");
+    let (_, dec) = reference.ids("decoder_input_ids");
+    let run = |m: &T5<AB>| {
+        let enc = m.encode(tokens::<AB>(&input, 1, &device()), None);
+        let mut cache = m.new_decoder_cache(&enc);
+        host(m.decode_step(tokens::<AB>(&dec, 1, &device()), &mut cache))
+    };
+    let (a, b) = (run(&model), run(&model));
+    assert!(
+        max_abs_diff(&a, &b) > 1e-3,
+        "dropout did nothing in training"
+    );
+    let inference = model.valid();
+    let enc = inference.encode(tokens::<B>(&input, 1, &device()), None);
+    let mut cache = inference.new_decoder_cache(&enc);
+    let logits = host(inference.decode_step(tokens::<B>(&dec, 1, &device()), &mut cache));
+    let (_, expected) = reference.f32("decoder_logits");
+    assert!(max_abs_diff(&logits, &expected) < TOL);
+}

@@ -62,6 +62,8 @@ pub struct T5Config {
     /// Scale the decoder output by `d_model**-0.5` before the LM head (original T5: yes;
     /// T5 v1.1 / FLAN: no).
     pub scale_decoder_outputs: bool,
+    /// Dropout probability in training (`dropout_rate`; HF's default 0.1).
+    pub dropout_rate: f64,
     /// First decoder token.
     pub decoder_start_token_id: u32,
     /// EOS ids.
@@ -94,6 +96,8 @@ struct RawConfig {
     tie_word_embeddings: Option<bool>,
     #[serde(default)]
     scale_decoder_outputs: Option<bool>,
+    #[serde(default)]
+    dropout_rate: Option<f64>,
     #[serde(default)]
     decoder_start_token_id: TokenIds,
     #[serde(default)]
@@ -176,6 +180,13 @@ impl T5Config {
                 ),
             )
         })?;
+        let dropout_rate = raw.dropout_rate.unwrap_or(0.1);
+        if !(0.0..1.0).contains(&dropout_rate) {
+            return Err(Error::config(
+                path,
+                format!("field `dropout_rate` must be in [0, 1), not {dropout_rate}"),
+            ));
+        }
         let pad = raw.pad_token_id.to_vec().first().copied().unwrap_or(0);
         Ok(Self {
             vocab_size: raw.vocab_size,
@@ -204,6 +215,7 @@ impl T5Config {
             scale_decoder_outputs: raw
                 .scale_decoder_outputs
                 .unwrap_or(raw.tie_word_embeddings != Some(false)),
+            dropout_rate,
             decoder_start_token_id: raw
                 .decoder_start_token_id
                 .to_vec()

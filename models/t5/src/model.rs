@@ -2,8 +2,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::Module;
-use burn::nn::Embedding as BiasEmbedding;
 use burn::nn::EmbeddingConfig as BiasEmbeddingConfig;
+use burn::nn::{Dropout, DropoutConfig, Embedding as BiasEmbedding};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
@@ -13,7 +13,7 @@ use kiln_core::loading::{
 };
 use kiln_core::nn::{
     AttentionMask, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, TorchLinear,
-    TorchLinearConfig, scaled_dot_product_attention,
+    TorchLinearConfig, attention_with_dropout,
 };
 use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
 
@@ -96,10 +96,11 @@ impl<B: Backend> T5Attention<B> {
         v: Tensor<B, 4>,
         mask: Option<&AttentionMask<B>>,
         bias: Option<Tensor<B, 4>>,
+        dropout: &Dropout,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let q = self.split(self.q.forward(x));
-        let out = scaled_dot_product_attention(q, k, v, mask, bias, 1.0);
+        let out = attention_with_dropout(q, k, v, mask, bias, 1.0, Some(dropout));
         self.o.forward(
             out.swap_dims(1, 2)
                 .reshape([batch, seq, self.heads * self.d_kv]),
@@ -172,13 +173,13 @@ impl<B: Backend> T5DenseReluDense<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    fn forward(&self, x: Tensor<B, 3>, dropout: &Dropout) -> Tensor<B, 3> {
         let h = match (&self.wi, &self.wi_0, &self.wi_1) {
             (Some(wi), _, _) => self.act(wi.forward(x)),
             (None, Some(wi_0), Some(wi_1)) => self.act(wi_0.forward(x.clone())) * wi_1.forward(x),
             _ => unreachable!("T5DenseReluDense built with neither wi nor wi_0/wi_1"),
         };
-        self.wo.forward(h)
+        self.wo.forward(dropout.forward(h))
     }
 }
 
@@ -239,6 +240,10 @@ pub struct T5<B: Backend> {
     pub decoder: T5Stack<B>,
     /// Untied LM head; `None` when tied to `shared`.
     pub lm_head: Option<TorchLinear<B>>,
+    /// `dropout_rate`, applied where HF's T5 applies it (embeddings, attention probabilities,
+    /// the feed-forward's hidden layer, each sub-layer's output, the stacks' outputs). Burn's
+    /// dropout acts only under autodiff, so training uses it and inference never does.
+    pub dropout: Dropout,
     #[module(skip)]
     config: T5Config,
 }
@@ -309,6 +314,7 @@ impl T5Config {
                 final_layer_norm: norm(),
             },
             lm_head: (!self.tie_word_embeddings).then(|| linear(d, self.vocab_size)),
+            dropout: DropoutConfig::new(self.dropout_rate).init(),
             config: self.clone(),
         }
     }
@@ -455,19 +461,25 @@ impl<B: Backend> Seq2SeqLm<B> for T5<B> {
             .encoder
             .first_attention()
             .compute_bias(0, len, len, true, &device);
-        let mut x = self.shared.forward(input_ids);
+        let d = &self.dropout;
+        let mut x = d.forward(self.shared.forward(input_ids));
         for block in &self.encoder.block {
             let sa = &block.layer[0];
             let attn = sa.SelfAttention.as_ref().expect("self-attention");
             let h = sa.layer_norm.forward(x.clone());
             let (k, v) = attn.key_values(h.clone());
-            x = x + attn.attend(h, k, v, mask.as_ref(), bias.clone());
+            x = x + d.forward(attn.attend(h, k, v, mask.as_ref(), bias.clone(), d));
             let ff = &block.layer[1];
             let h = ff.layer_norm.forward(x.clone());
-            x = x + ff.DenseReluDense.as_ref().expect("feed-forward").forward(h);
+            x = x + d.forward(
+                ff.DenseReluDense
+                    .as_ref()
+                    .expect("feed-forward")
+                    .forward(h, d),
+            );
         }
         EncoderOutput {
-            hidden: self.encoder.final_layer_norm.forward(x),
+            hidden: d.forward(self.encoder.final_layer_norm.forward(x)),
             mask,
         }
     }
@@ -508,7 +520,8 @@ impl<B: Backend> Seq2SeqLm<B> for T5<B> {
                 .collect();
             Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [1, 1, new, total]), &device)
         });
-        let mut x = self.shared.forward(tokens);
+        let d = &self.dropout;
+        let mut x = d.forward(self.shared.forward(tokens));
         for ((block, kv), (ck, cv)) in self
             .decoder
             .block
@@ -521,19 +534,25 @@ impl<B: Backend> Seq2SeqLm<B> for T5<B> {
             let h = sa.layer_norm.forward(x.clone());
             let (k, v) = attn.key_values(h.clone());
             let (k, v) = kv.update(k, v, usize::MAX);
-            x = x + attn.attend(h, k, v, causal.as_ref(), bias.clone());
+            x = x + d.forward(attn.attend(h, k, v, causal.as_ref(), bias.clone(), d));
 
             let ca = &block.layer[1];
             let attn = ca.EncDecAttention.as_ref().expect("cross-attention");
             let h = ca.layer_norm.forward(x.clone());
-            x = x + attn.attend(h, ck.clone(), cv.clone(), cache.encoder_mask.as_ref(), None);
+            let mask = cache.encoder_mask.as_ref();
+            x = x + d.forward(attn.attend(h, ck.clone(), cv.clone(), mask, None, d));
 
             let ff = &block.layer[2];
             let h = ff.layer_norm.forward(x.clone());
-            x = x + ff.DenseReluDense.as_ref().expect("feed-forward").forward(h);
+            x = x + d.forward(
+                ff.DenseReluDense
+                    .as_ref()
+                    .expect("feed-forward")
+                    .forward(h, d),
+            );
         }
         cache.seen = total;
-        self.logits(self.decoder.final_layer_norm.forward(x))
+        self.logits(d.forward(self.decoder.final_layer_norm.forward(x)))
     }
 
     fn reorder_cache(&self, cache: &mut DecoderCache<B>, indices: Tensor<B, 1, Int>) {

@@ -23,6 +23,20 @@ pub fn scaled_dot_product_attention<B: Backend>(
     bias: Option<Tensor<B, 4>>,
     scale: f64,
 ) -> Tensor<B, 4> {
+    attention_with_dropout(q, k, v, mask, bias, scale, None)
+}
+
+/// [`scaled_dot_product_attention`] with dropout on the attention probabilities, as HF's T5
+/// and BART-family attention apply in training (Burn's `Dropout` acts only under autodiff).
+pub fn attention_with_dropout<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&AttentionMask<B>>,
+    bias: Option<Tensor<B, 4>>,
+    scale: f64,
+    dropout: Option<&burn::nn::Dropout>,
+) -> Tensor<B, 4> {
     let [batch, heads, q_len, head_dim] = q.dims();
     let [_, kv_heads, k_len, _] = k.dims();
     let v_dim = v.dims()[3];
@@ -43,6 +57,9 @@ pub fn scaled_dot_product_attention<B: Backend>(
         let mask = mask.expand([batch, kv_heads, group * q_len, k_len]);
         scores = scores.mask_fill(mask, f32::NEG_INFINITY);
     }
-    let probs = softmax(scores, 3);
+    let mut probs = softmax(scores, 3);
+    if let Some(dropout) = dropout {
+        probs = dropout.forward(probs);
+    }
     probs.matmul(v).reshape([batch, heads, q_len, v_dim])
 }

@@ -9,7 +9,7 @@ mod norm;
 mod rope;
 mod tied;
 
-pub use attention::{AttentionMask, scaled_dot_product_attention};
+pub use attention::{AttentionMask, attention_with_dropout, scaled_dot_product_attention};
 pub use embedding::{Embedding, EmbeddingConfig};
 pub use host::{dense, packed_matmul};
 pub use kv_cache::{CacheState, CacheStep, KvCache};
