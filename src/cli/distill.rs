@@ -78,7 +78,8 @@ enum TaskArg {
 
 #[derive(Args, Debug)]
 struct TrainArgs {
-    /// `svamp`, `cqa`, or a JSONL training file.
+    /// `svamp`, `cqa`, `esnli`, `anli1` (the reference's JSON files under --data-root), or a
+    /// JSONL training file.
     #[arg(long, default_value = "svamp")]
     data: String,
     /// JSONL test file (with a JSONL --data).
@@ -142,10 +143,11 @@ struct TrainArgs {
     /// Keep this fraction of the training set (seeded).
     #[arg(long, default_value_t = 1.0)]
     subsample: f64,
-    /// Fraction of the training set held out (as the reference, 10%; it trains on the rest and
-    /// never uses the held-out part unless --eval-split valid).
-    #[arg(long, default_value_t = 0.1)]
-    valid_fraction: f64,
+    /// Fraction of the training set held out (default: 10% as the reference does for SVAMP,
+    /// CQA and JSONL data, which never uses that part: it scores the test set every 250 steps;
+    /// 0 for e-SNLI and ANLI, which have their own validation split).
+    #[arg(long)]
+    valid_fraction: Option<f64>,
     /// What the periodic evaluation scores: `test` (the reference scores the test set every
     /// --eval-every steps) or `valid` (the held-out part of the training data).
     #[arg(long, value_parser = ["test", "valid"], default_value = "test")]
@@ -242,6 +244,8 @@ fn data_source(
     Ok(match data {
         "svamp" => DataSource::Svamp(root.to_path_buf()),
         "cqa" => DataSource::Cqa(root.to_path_buf()),
+        "esnli" => DataSource::Esnli(root.to_path_buf()),
+        "anli1" => DataSource::Anli1(root.to_path_buf()),
         path => {
             let p = PathBuf::from(path);
             if !p.is_file() {
@@ -303,7 +307,11 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             .seed(a.seed);
         config.validate()?;
         let source = data_source(&a.data, &a.data_root, a.test_data.clone(), a.task)?;
-        (source, config, a.valid_fraction, a.subsample)
+        let own_valid = matches!(source, DataSource::Esnli(_) | DataSource::Anli1(_));
+        let vf = a
+            .valid_fraction
+            .unwrap_or(if own_valid { 0.0 } else { 0.1 });
+        (source, config, vf, a.subsample)
     };
 
     let full = source.load("train").context("loading the training data")?;
@@ -421,6 +429,12 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             source
                 .load("test")
                 .context("loading the test data")?
+                .examples
+        }
+        _ if matches!(source, DataSource::Esnli(_) | DataSource::Anli1(_)) => {
+            source
+                .load("valid")
+                .context("loading the validation data")?
                 .examples
         }
         _ => valid_split.examples.clone(),

@@ -306,6 +306,105 @@ pub fn load_cqa(root: &Path, split: &str) -> Result<Split, DistillError> {
     Ok(Split::new(examples, Task::Text))
 }
 
+/// Rationale and label of one e-SNLI chain-of-thought output, as the reference's
+/// `ESNLIDatasetLoader._parse_llm_output`: the rationale is the text before `Answer:`, the label
+/// the text after `Answer: ` up to a following `Premise`, right-trimmed.
+pub fn parse_esnli_output(output: &str) -> (Option<String>, Option<String>) {
+    let rationale = output.split("Answer:").next().unwrap_or("").trim_end();
+    let label = output
+        .split("Answer: ")
+        .nth(1)
+        .map(|rest| rest.split("Premise").next().unwrap_or("").trim_end());
+    (
+        Some(rationale.to_string()).filter(|r| !r.is_empty()),
+        label.filter(|l| !l.is_empty()).map(str::to_string),
+    )
+}
+
+/// Rationale and label of one ANLI chain-of-thought output, as the reference's
+/// `ANLIDatasetLoader._parse_llm_output`: the text before a hallucinated next `Premise:`,
+/// split once on `So the answer is`; the label drops its leading spaces and its last
+/// character (the final `.`). Anything else is unparsed (the reference writes `''`).
+pub fn parse_anli_output(output: &str) -> (Option<String>, Option<String>) {
+    let head = output.split("Premise:").next().unwrap_or("").trim_end();
+    let parts: Vec<&str> = head.split("So the answer is").collect();
+    if parts.len() != 2 {
+        return (None, None);
+    }
+    let rationale = parts[0].trim_end();
+    let label = parts[1].trim_start();
+    let label = label.char_indices().last().map_or("", |(i, _)| &label[..i]);
+    (
+        Some(rationale.to_string()).filter(|r| !r.is_empty()),
+        Some(label.to_string()).filter(|l| !l.is_empty()),
+    )
+}
+
+/// NLI label index to text, as the reference: 0 entailment, 1 neutral, 2 contradiction.
+fn nli_label(index: i64, path: &Path, line: usize) -> Result<String, DistillError> {
+    Ok(match index {
+        0 => "entailment",
+        1 => "neutral",
+        2 => "contradiction",
+        other => {
+            return Err(DistillError::Parse {
+                path: path.to_path_buf(),
+                line,
+                message: format!("label {other} is not 0, 1 or 2"),
+            });
+        }
+    }
+    .to_string())
+}
+
+/// Loads an NLI split in the reference's JSON-lines format (`premise`, `hypothesis`, `label`
+/// index; other fields ignored) with its LLM outputs: the input is premise and hypothesis
+/// joined by T5's EOS token, `premise</s>hypothesis`, as the reference's
+/// `tokenizer.eos_token.join(...)`.
+fn load_nli(
+    root: &Path,
+    name: &str,
+    split: &str,
+    parse: fn(&str) -> (Option<String>, Option<String>),
+) -> Result<Split, DistillError> {
+    #[derive(Deserialize)]
+    struct Line {
+        premise: String,
+        hypothesis: String,
+        label: i64,
+    }
+    let dir = root.join(name);
+    let path = dir.join(format!("{name}_{split}.json"));
+    let lines: Vec<Line> = json_lines(&path)?;
+    let examples = lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            Ok(Example {
+                input: format!("{}</s>{}", l.premise, l.hypothesis),
+                label: nli_label(l.label, &path, i + 1)?,
+                llm_label: None,
+                rationale: None,
+            })
+        })
+        .collect::<Result<Vec<_>, DistillError>>()?;
+    let outputs = llm_outputs(&dir.join("llm"), split)?;
+    let examples = attach_llm(examples, outputs, parse, &dir)?;
+    Ok(Split::new(examples, Task::Text))
+}
+
+/// Loads e-SNLI's `split` (`train`, `valid` or `test`) from `root/esnli/` in the reference's
+/// format (`esnli_{split}.json`, `llm/{split}_CoT_{i}.json`).
+pub fn load_esnli(root: &Path, split: &str) -> Result<Split, DistillError> {
+    load_nli(root, "esnli", split, parse_esnli_output)
+}
+
+/// Loads ANLI round 1's `split` (`train`, `valid` or `test`) from `root/anli1/` in the
+/// reference's format (`anli1_{split}.json`, `llm/{split}_CoT_{i}.json`).
+pub fn load_anli1(root: &Path, split: &str) -> Result<Split, DistillError> {
+    load_nli(root, "anli1", split, parse_anli_output)
+}
+
 /// Loads a JSONL file of `{"input", "label", "rationale"?, "llm_label"?}` objects (your own
 /// data and teacher). Empty rationales count as missing. `task` says how to compare answers.
 pub fn load_jsonl(path: &Path, task: Task) -> Result<Split, DistillError> {
@@ -339,6 +438,10 @@ pub enum DataSource {
     Svamp(PathBuf),
     /// The paper's CQA files under this `step-by-step` folder.
     Cqa(PathBuf),
+    /// e-SNLI in the reference's format under this folder (`esnli/`).
+    Esnli(PathBuf),
+    /// ANLI round 1 in the reference's format under this folder (`anli1/`).
+    Anli1(PathBuf),
     /// A JSONL training file, an optional JSONL test file, and the answer comparison.
     Jsonl {
         /// Training file.
@@ -356,6 +459,8 @@ impl DataSource {
         match self {
             DataSource::Svamp(root) => load_svamp(root, split),
             DataSource::Cqa(root) => load_cqa(root, split),
+            DataSource::Esnli(root) => load_esnli(root, split),
+            DataSource::Anli1(root) => load_anli1(root, split),
             DataSource::Jsonl { train, test, task } => match split {
                 "train" => load_jsonl(train, *task),
                 _ => match test {
@@ -372,7 +477,7 @@ impl DataSource {
     pub fn task(&self) -> Task {
         match self {
             DataSource::Svamp(_) => Task::Equation,
-            DataSource::Cqa(_) => Task::Text,
+            DataSource::Cqa(_) | DataSource::Esnli(_) | DataSource::Anli1(_) => Task::Text,
             DataSource::Jsonl { task, .. } => *task,
         }
     }
