@@ -387,3 +387,88 @@ fn dropout_is_active_only_in_training() {
     let (_, expected) = reference.f32("decoder_logits");
     assert!(max_abs_diff(&logits, &expected) < TOL);
 }
+
+/// `save_pretrained` writes back exactly the tensors HF wrote (same keys, shapes and f32
+/// values; no `embed_tokens` copies), a config that reads back to the same model, and the
+/// written folder generates HF's greedy tokens.
+#[test]
+fn save_pretrained_round_trips() {
+    use safetensors::SafeTensors;
+    for name in [
+        "t5v11-gated-untied",
+        "t5-relu-tied",
+        "t5v11-gated-tied-noscale",
+    ] {
+        let model = load(name);
+        let tmp = tempfile::tempdir().unwrap();
+        model.save_pretrained(tmp.path()).unwrap();
+        let original = std::fs::read(fixture(name).join("model.safetensors")).unwrap();
+        let written = std::fs::read(tmp.path().join("model.safetensors")).unwrap();
+        let (a, b) = (
+            SafeTensors::deserialize(&original).unwrap(),
+            SafeTensors::deserialize(&written).unwrap(),
+        );
+        let mut keys_a: Vec<_> = a.names();
+        let mut keys_b: Vec<_> = b.names();
+        keys_a.sort();
+        keys_b.sort();
+        assert_eq!(keys_a, keys_b, "{name}");
+        for key in keys_a {
+            let (ta, tb) = (a.tensor(key).unwrap(), b.tensor(key).unwrap());
+            assert_eq!(ta.shape(), tb.shape(), "{name} {key}");
+            assert_eq!(ta.data(), tb.data(), "{name} {key}");
+        }
+        let config = T5Config::from_file(&tmp.path().join("config.json")).unwrap();
+        let mut expected = model.config().clone();
+        expected.tie_word_embeddings = model.lm_head.is_none();
+        assert_eq!(config, expected, "{name}");
+        for file in ["tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture(name).join(file), tmp.path().join(file)).unwrap();
+        }
+        let reloaded = T5::<B>::from_pretrained(tmp.path(), &device()).unwrap();
+        let reference = Reference::load(name);
+        let (_, input) = reference.ids("input_ids");
+        let (_, greedy) = reference.ids("greedy_ids");
+        let config = Seq2SeqConfig::default().with_max_new_tokens(greedy.len() - 1);
+        let out = generate_seq2seq(&reloaded, &[input], &config).unwrap();
+        let eos = reloaded.config().eos_token_ids.clone();
+        assert_eq!(out[0].tokens, trim(&greedy, &eos)[1..], "{name}");
+    }
+}
+
+/// A student trained by `kiln distill train` and written by `kiln distill export` loads in
+/// transformers, which generates these tokens (`tools/make_fixtures.py --only
+/// t5-distill-export`); kiln reads the folder back and generates the same.
+#[test]
+fn distill_export_loads_in_transformers() {
+    let dir = fixture("t5-distill-export");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let model = T5::<B>::from_pretrained(&dir, &device()).unwrap();
+    let eos = model.config().eos_token_ids.clone();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for row in reference["rows"].as_array().unwrap() {
+        let input = ids(&row["input_ids"]);
+        let greedy = ids(&row["greedy_ids"]);
+        let config = Seq2SeqConfig::default().with_max_new_tokens(12);
+        let out = generate_seq2seq(&model, std::slice::from_ref(&input), &config).unwrap();
+        assert_eq!(out[0].tokens, trim(&greedy, &eos)[1..], "{}", row["text"]);
+        let enc = model.encode(tokens::<B>(&input, 1, &device()), None);
+        let mut cache = model.new_decoder_cache(&enc);
+        let logits = host(model.decode_step(tokens::<B>(&greedy[..1], 1, &device()), &mut cache));
+        let expected: Vec<f32> = row["first_step_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert!(max_abs_diff(&logits, &expected) < TOL, "{}", row["text"]);
+    }
+}

@@ -1355,6 +1355,43 @@ def fx_tokenizer_parity():
     print(f"[make_fixtures] tokenizer-parity: {len(TOKENIZER_DIRS)} tokenizers x {len(TOKENIZER_TEXTS)} texts")
 
 
+def fx_t5_distill_export():
+    """A student trained by `kiln distill train` (20 steps from the t5v11-gated-untied fixture on
+    SVAMP) and written by `kiln distill export`; transformers must load the folder and kiln must
+    generate HF's tokens from it. Needs a release build of kiln (cargo build --release)."""
+    import subprocess
+
+    kiln = os.path.join(ROOT, "target", "release", "kiln")
+    check(os.path.exists(kiln), "build kiln first: cargo build --release")
+    work = tempfile.mkdtemp()
+    subprocess.run([kiln, "distill", "train", "--model", os.path.join(FIXTURES, "t5v11-gated-untied"),
+                    "--data", "svamp", "--data-root", os.path.join(ROOT, "tests/data/datasets/step-by-step"),
+                    "--steps", "20", "--batch-size", "4", "--lr", "1e-3", "--max-input-len", "48",
+                    "--max-target-len", "24", "--eval-every", "0", "--eval-split", "valid", "--eval-samples", "4",
+                    "--save-every", "0", "--out", work], check=True, stdout=subprocess.DEVNULL)
+    out = fresh_dir("t5-distill-export")
+    subprocess.run([kiln, "distill", "export", "--checkpoint", os.path.join(work, "checkpoint"), "--out", out],
+                   check=True, stdout=subprocess.DEVNULL)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSeq2SeqLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    texts = ["predict: " + T5_INPUT, "explain: " + T5_BATCH[0]]
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text)["input_ids"]
+            x = torch.tensor([ids])
+            g = model.generate(x, do_sample=False, num_beams=1, max_new_tokens=ENC_MAX_NEW,
+                               past_key_values=t5_cache())[0].tolist()
+            logits = model(input_ids=x, decoder_input_ids=torch.tensor([g[:-1]])).logits[0]
+            rows.append({"text": text, "input_ids": ids, "greedy_ids": g,
+                         "first_step_logits": logits[0].tolist()})
+    write_json(os.path.join(out, "reference.json"), {
+        "transformers_version": TF_VERSION,
+        "description": "kiln distill export of a 20-step student; transformers loads it and generates greedy_ids",
+        "rows": rows, "stats": {"greedy_lens": [len(r["greedy_ids"]) for r in rows]}})
+    shutil.rmtree(work)
+
+
 FIXTURE_FUNCS = {
     "llama2-mha": fx_llama2_mha,
     "llama3-gqa": fx_llama3_gqa,
@@ -1371,6 +1408,7 @@ FIXTURE_FUNCS = {
     "nllb-tiny": fx_nllb_tiny,
     "chat-templates": fx_chat_templates,
     "tokenizer-parity": fx_tokenizer_parity,
+    "t5-distill-export": fx_t5_distill_export,
 }
 
 

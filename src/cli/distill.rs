@@ -56,6 +56,19 @@ enum DistillCommand {
     Train(Box<TrainArgs>),
     /// Test accuracy of a checkpoint (greedy `predict:` decoding).
     Eval(EvalArgs),
+    /// Write a checkpoint's student as an HF T5 folder (model.safetensors, config.json,
+    /// generation_config.json, tokenizer) that transformers and `kiln generate` load.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// A checkpoint folder written by `kiln distill train` (<out>/checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The HF folder to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -224,6 +237,11 @@ type TrainB = Autodiff<Backend>;
 pub fn run(args: DistillArgs) -> anyhow::Result<()> {
     match args.command {
         DistillCommand::Train(a) => train(*a),
+        DistillCommand::Export(a) => {
+            kiln::distill::export::export::<Backend>(&a.checkpoint, &a.out, &device())?;
+            println!("{}", a.out.display());
+            Ok(())
+        }
         DistillCommand::Eval(a) => eval(a),
     }
 }

@@ -13,11 +13,13 @@
 //! - [`train`]: the training loop on Burn autodiff (AdamW, warmup + linear decay, gradient
 //!   accumulation, exact checkpoint/resume, periodic evaluation, metrics log).
 //! - [`eval`]: greedy `predict:` decoding and accuracy.
+//! - [`export`]: the trained student as an HF folder (transformers loads it).
 
 pub mod arith;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod export;
 pub mod fit;
 pub mod train;
 

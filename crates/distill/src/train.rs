@@ -864,38 +864,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), DistillError
 
 /// An HF `config.json` for `config`, so checkpoints read back with [`T5Config::from_file`].
 pub fn config_json(c: &T5Config) -> serde_json::Value {
-    let act = match c.activation {
-        T5Activation::Relu => "relu",
-        T5Activation::GeluNew => "gelu_new",
-        T5Activation::Gelu => "gelu",
-        T5Activation::Silu => "silu",
-    };
-    let ff = if c.gated {
-        format!("gated-{act}")
-    } else {
-        act.to_string()
-    };
-    serde_json::json!({
-        "model_type": "t5",
-        "architectures": ["T5ForConditionalGeneration"],
-        "vocab_size": c.vocab_size,
-        "d_model": c.d_model,
-        "d_kv": c.d_kv,
-        "d_ff": c.d_ff,
-        "num_layers": c.num_layers,
-        "num_decoder_layers": c.num_decoder_layers,
-        "num_heads": c.num_heads,
-        "relative_attention_num_buckets": c.relative_attention_num_buckets,
-        "relative_attention_max_distance": c.relative_attention_max_distance,
-        "layer_norm_epsilon": c.layer_norm_epsilon,
-        "feed_forward_proj": ff,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "scale_decoder_outputs": c.scale_decoder_outputs,
-        "dropout_rate": c.dropout_rate,
-        "decoder_start_token_id": c.decoder_start_token_id,
-        "eos_token_id": c.eos_token_ids,
-        "pad_token_id": c.pad_token_id,
-    })
+    c.to_hf_json()
 }
 
 /// A freshly initialised T5 shape: `tiny` (tests), `small` (~ the CPU experiment) or `base`-like

@@ -230,3 +230,44 @@ impl T5Config {
         })
     }
 }
+
+impl T5Config {
+    /// The HF `config.json` of this config, in the form transformers >= 5.17 writes
+    /// (`scale_decoder_outputs` next to `tie_word_embeddings`), which older readers also accept.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let act = match self.activation {
+            T5Activation::Relu => "relu",
+            T5Activation::GeluNew => "gelu_new",
+            T5Activation::Gelu => "gelu",
+            T5Activation::Silu => "silu",
+        };
+        // HF spells gated gelu_new `gated-gelu`.
+        let ff = match (self.gated, self.activation) {
+            (true, T5Activation::GeluNew) => "gated-gelu".to_string(),
+            (true, _) => format!("gated-{act}"),
+            (false, _) => act.to_string(),
+        };
+        serde_json::json!({
+            "model_type": "t5",
+            "architectures": ["T5ForConditionalGeneration"],
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "d_kv": self.d_kv,
+            "d_ff": self.d_ff,
+            "num_layers": self.num_layers,
+            "num_decoder_layers": self.num_decoder_layers,
+            "num_heads": self.num_heads,
+            "relative_attention_num_buckets": self.relative_attention_num_buckets,
+            "relative_attention_max_distance": self.relative_attention_max_distance,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "feed_forward_proj": ff,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "scale_decoder_outputs": self.scale_decoder_outputs,
+            "dropout_rate": self.dropout_rate,
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "eos_token_id": self.eos_token_ids,
+            "pad_token_id": self.pad_token_id,
+            "is_encoder_decoder": true,
+        })
+    }
+}

@@ -13,6 +13,7 @@ mod hub;
 mod json;
 mod precision;
 mod safetensors;
+mod save;
 mod sizes;
 
 pub use apply::{LoadOptions, load_module, load_packed};
@@ -21,9 +22,10 @@ pub use hub::{ModelFiles, resolve_model};
 pub use json::{from_value, read_json, read_json_value};
 pub use precision::{
     HostKernels, PackRequest, PackSlot, PackSlots, Quantization, WeightDtype, note_once, pack_f32,
-    pack_module,
+    pack_module, unpack_module,
 };
 pub use safetensors::SafetensorsWeights;
+pub use save::save_safetensors;
 pub use sizes::check_config_sizes;
 
 use std::path::Path;

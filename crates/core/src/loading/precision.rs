@@ -114,6 +114,17 @@ pub enum PackSlot<'a, B: Backend> {
     Embedding(&'a mut Embedding<B>),
 }
 
+/// Turns every packed matrix of `module` back into a dense parameter (see
+/// [`TorchLinear::unpack`](crate::nn::TorchLinear::unpack)), e.g. before saving it.
+pub fn unpack_module<B: Backend, M: PackSlots<B>>(module: &mut M) {
+    for (_, slot) in module.pack_slots() {
+        match slot {
+            PackSlot::Linear(l) => l.unpack(),
+            PackSlot::Embedding(e) => e.unpack(),
+        }
+    }
+}
+
 /// Modules that list their packable matrices, so [`load_packed`] can fill them.
 pub trait PackSlots<B: Backend> {
     /// Every Linear and embedding, with its checkpoint path (`model.layers.0.mlp.up_proj`).

@@ -86,6 +86,15 @@ impl<B: Backend> TorchLinear<B> {
     pub fn dense_weight(&self) -> Tensor<B, 2> {
         super::host::dense_or_param(self.packed.as_deref(), &self.weight)
     }
+
+    /// Holds the weight as a dense parameter again (dequantised when it was packed), e.g.
+    /// before saving the module.
+    pub fn unpack(&mut self) {
+        if self.packed.is_some() {
+            self.weight = burn::module::Param::from_tensor(self.dense_weight());
+            self.packed = None;
+        }
+    }
 }
 
 /// Rows from which [`linear_out_in`] multiplies `x · Wᵀ` instead of `(W · xᵀ)ᵀ`.

@@ -1,0 +1,57 @@
+//! Writing a module's parameters as an HF `model.safetensors`, the inverse of loading: kiln's
+//! module fields are named like checkpoint keys, so a parameter's path is its key.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn_store::ModuleSnapshot;
+
+use crate::{Error, Result};
+
+/// Writes every float parameter of `module` to `path` as f32 safetensors, keyed by its module
+/// path (`encoder.block.0.layer.0.SelfAttention.q.weight`), with `{"format": "pt"}` metadata
+/// as transformers writes. Fails on weights held packed (quantised or half precision on the
+/// host): load with f32 weights to export.
+pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Result<()> {
+    let snapshots = module.collect(None, None, true);
+    let mut tensors = Vec::with_capacity(snapshots.len());
+    for snapshot in &snapshots {
+        let key = snapshot.full_path();
+        let data = snapshot
+            .to_data()
+            .map_err(|e| Error::arg("module", format!("{key}: {e:?}")))?;
+        let shape: Vec<usize> = data.shape.to_vec();
+        if shape.iter().product::<usize>() == 0 {
+            return Err(Error::arg(
+                "module",
+                format!(
+                    "{key} has no values here (its weight is held packed); load the model with \
+                     f32 weights to save it"
+                ),
+            ));
+        }
+        let values: Vec<f32> = data
+            .convert::<f32>()
+            .into_vec()
+            .map_err(|e| Error::arg("module", format!("{key}: {e:?}")))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((key, shape, bytes));
+    }
+    let views = tensors
+        .iter()
+        .map(|(key, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (key.clone(), v))
+                .map_err(|e| Error::arg("module", format!("{key}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
