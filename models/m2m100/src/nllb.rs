@@ -88,7 +88,12 @@ pub fn translate<B: Backend>(
     options: &Seq2SeqConfig,
 ) -> Result<Vec<String>> {
     let tgt = language_token_id(tokenizer, tgt_lang, "tgt_lang")?;
-    let eos = model.eos_token_ids()[0];
+    let eos = *model.eos_token_ids().first().ok_or_else(|| {
+        kiln_core::Error::arg(
+            "model",
+            "its config names no EOS token to end the source with",
+        )
+    })?;
     let inputs = texts
         .iter()
         .map(|t| encode_source(tokenizer, t, src_lang, eos))
