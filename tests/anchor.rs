@@ -265,3 +265,53 @@ fn train_until(
     )
     .unwrap()
 }
+
+/// EP anchors are the exact `.` token by default, as the reference's `--anchor_symbols "."`;
+/// the word-start spellings (`Ġ.`) only when asked for.
+#[test]
+fn ep_anchors_are_the_exact_tokens() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/tokenizers/smollm2-135m-instruct");
+    let tokenizer = kiln::core::Tokenizer::from_dir(&dir).unwrap();
+    let dot = tokenizer.token_to_id(".").unwrap();
+    let exact = kiln::anchor::ep_anchor_ids(&tokenizer, &["."]).unwrap();
+    assert_eq!(exact.ids.iter().copied().collect::<Vec<_>>(), vec![dot]);
+    let with = kiln::anchor::ep_anchor_ids_with_variants(&tokenizer, &["."]).unwrap();
+    assert!(with.ids.contains(&tokenizer.token_to_id("Ġ.").unwrap()));
+    assert!(with.ids.len() > exact.ids.len());
+}
+
+/// `<AC>` starts as the copy of a row (the reference code) or the mean of all rows (the paper),
+/// checked against the rows read on the host.
+#[test]
+fn ac_row_initialisation() {
+    use kiln::anchor::{AcInit, grow_vocab};
+    let model = Llama::<B>::from_pretrained(&fixture("llama2-mha"), &device()).unwrap();
+    let rows: Vec<f32> = model
+        .model
+        .embed_tokens
+        .dense_weight()
+        .into_data()
+        .into_vec()
+        .unwrap();
+    let (vocab, hidden) = (model.config().vocab_size, model.config().hidden_size);
+    let mean: Vec<f32> = (0..hidden)
+        .map(|j| (0..vocab).map(|i| rows[i * hidden + j] as f64).sum::<f64>() as f32 / vocab as f32)
+        .collect();
+    for (init, expected) in [
+        (AcInit::Copy(5), rows[5 * hidden..6 * hidden].to_vec()),
+        (AcInit::Mean, mean),
+    ] {
+        let grown = grow_vocab(model.clone(), init).unwrap();
+        assert_eq!(grown.config().vocab_size, vocab + 1);
+        let new: Vec<f32> = grown
+            .model
+            .embed_tokens
+            .dense_weight()
+            .narrow(0, vocab, 1)
+            .into_data()
+            .into_vec()
+            .unwrap();
+        assert!(max_abs_diff(&new, &expected) < 1e-5, "{init:?}");
+    }
+}

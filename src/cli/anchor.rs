@@ -9,9 +9,9 @@ use burn::module::{AutodiffModule, Module};
 use clap::{Args, Subcommand};
 use kiln::anchor::score::{Choice, nll_masked, nll_streamed, score_choices};
 use kiln::anchor::{
-    AnchorCheckpoint, AnchorMode, AnchorSession, AnchorSet, Corpus, FullSession, PositionMode,
-    TrainConfig, add_ac_token, ep_anchor_ids, grow_vocab, kv_bytes, load_checkpoint, read_texts,
-    save_checkpoint, tiny_config, tokenize, train,
+    AcInit, AnchorCheckpoint, AnchorMode, AnchorSession, AnchorSet, Corpus, FullSession,
+    PositionMode, TrainConfig, add_ac_token, ep_anchor_ids, grow_vocab, kv_bytes, load_checkpoint,
+    read_texts, save_checkpoint, tiny_config, tokenize, train,
 };
 use kiln::backend::{Backend, NAME, device};
 use kiln::core::Tokenizer;
@@ -65,6 +65,14 @@ struct TrainArgs {
     /// ep, ac, or causal (the baseline).
     #[arg(long, default_value = "ac")]
     mode: String,
+    /// EP mode: the tokens that are anchors, as exact vocabulary entries (the reference's
+    /// `--anchor_symbols "."`), comma-separated, e.g. `.,!,?`.
+    #[arg(long, value_delimiter = ',', default_value = ".")]
+    anchor_symbols: Vec<String>,
+    /// AC mode: how the new `<AC>` embedding row starts: `dot` copies the row of `.` (the
+    /// reference code), `mean` is the mean of all rows (the paper's text).
+    #[arg(long, value_parser = ["dot", "mean"], default_value = "dot")]
+    ac_init: String,
     /// Continue this zoo model (HF folder or hub id) instead of training a small one from scratch.
     #[arg(long)]
     init: Option<String>,
@@ -184,18 +192,24 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let (model, tokenizer, anchors) = match args.mode.as_str() {
         "causal" => (model, tokenizer, None),
         "ep" => {
-            let set = ep_anchor_ids(&tokenizer, &[".", "!", "?"])?;
+            let marks: Vec<&str> = args.anchor_symbols.iter().map(String::as_str).collect();
+            let set = ep_anchor_ids(&tokenizer, &marks)?;
             (model, tokenizer, Some(set))
         }
         "ac" => {
             let (tokenizer, ac) = add_ac_token(&tokenizer)?;
             let model = if model.config().vocab_size <= ac as usize {
-                let dot = tokenizer
-                    .encode(".", false)?
-                    .last()
-                    .copied()
-                    .context("the tokenizer cannot encode `.`")?;
-                grow_vocab(model, dot)?
+                let init = match args.ac_init.as_str() {
+                    "mean" => AcInit::Mean,
+                    _ => AcInit::Copy(
+                        tokenizer
+                            .encode(".", false)?
+                            .last()
+                            .copied()
+                            .context("the tokenizer cannot encode `.`")?,
+                    ),
+                };
+                grow_vocab(model, init)?
             } else {
                 model
             };

@@ -66,8 +66,8 @@ pub struct GenerateArgs {
     /// Print one JSON object per prompt: {"prompt_tokens": [...], "tokens": [...], "text": "..."}.
     #[arg(long)]
     json: bool,
-    /// Anchor-based inference (AnLLM, see `kiln anchor --help`): `ep` (`.`, `!`, `?` tokens are
-    /// the anchors) or `ac` (`<AC>` after every prompt sentence; the model must know the token,
+    /// Anchor-based inference (AnLLM, see `kiln anchor --help`): `ep` (the `.` token is the
+    /// anchor, as in the reference) or `ac` (`<AC>` after every prompt sentence; the model must know the token,
     /// e.g. one trained by `kiln anchor train --mode ac`). One prompt; the KV cache keeps only
     /// anchors and the current sentence. The model may also be a `kiln anchor train` folder.
     #[arg(long, value_parser = ["ep", "ac"])]
@@ -248,7 +248,7 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
     };
     let tokenizer = tokenizer.context("--anchor needs the model's tokenizer.json")?;
     let anchors = match mode {
-        "ep" => ep_anchor_ids(&tokenizer, &[".", "!", "?"])?,
+        "ep" => ep_anchor_ids(&tokenizer, &["."])?,
         _ => {
             let id = tokenizer.token_to_id(kiln::anchor::AC_TOKEN).context(
                 "the tokenizer has no <AC> token: train one with `kiln anchor train --mode ac`, or use --anchor ep",

@@ -73,12 +73,26 @@ pub fn add_ac_token(tokenizer: &Tokenizer) -> Result<(Tokenizer, u32)> {
     Ok((Tokenizer::new(inner), id))
 }
 
-/// Ids of every vocabulary entry that spells one of `marks` (e.g. `.`), with or without a
-/// word-boundary marker (`▁`, `Ġ`): the EP-mode anchors.
+/// Ids of the vocabulary entries that are exactly one of `marks`: the EP-mode anchors. The
+/// AnLLM reference trains and evaluates with `--anchor_symbols "."`, the `.` token alone.
 pub fn ep_anchor_ids(tokenizer: &Tokenizer, marks: &[&str]) -> Result<AnchorSet> {
+    ep_anchor_set(tokenizer, marks, false)
+}
+
+/// [`ep_anchor_ids`] also counting each mark's word-start spellings (`▁.`, `Ġ.`), which the
+/// reference does not.
+pub fn ep_anchor_ids_with_variants(tokenizer: &Tokenizer, marks: &[&str]) -> Result<AnchorSet> {
+    ep_anchor_set(tokenizer, marks, true)
+}
+
+fn ep_anchor_set(tokenizer: &Tokenizer, marks: &[&str], variants: bool) -> Result<AnchorSet> {
     let vocab = tokenizer.inner().get_vocab(true);
     let ids = vocab.into_iter().filter_map(|(token, id)| {
-        let bare = token.trim_start_matches(['▁', 'Ġ', ' ']);
+        let bare = if variants {
+            token.trim_start_matches(['▁', 'Ġ', ' '])
+        } else {
+            token.as_str()
+        };
         marks.contains(&bare).then_some(id)
     });
     let set: BTreeSet<u32> = ids.collect();

@@ -29,7 +29,8 @@ pub mod score;
 mod train;
 
 pub use anchors::{
-    AC_TOKEN, AnchorMode, AnchorSet, add_ac_token, encode_ac, ep_anchor_ids, split_sentences,
+    AC_TOKEN, AnchorMode, AnchorSet, add_ac_token, encode_ac, ep_anchor_ids,
+    ep_anchor_ids_with_variants, split_sentences,
 };
 pub use data::{read_texts, tokenize};
 pub use error::{AnchorError, Result};
@@ -38,8 +39,8 @@ pub use infer::{
 };
 pub use mask::{SegTensors, Segments, ansan_mask, causal_mask};
 pub use model::{
-    AnchorCheckpoint, grow_vocab, init_model, is_checkpoint, load_checkpoint, save_checkpoint,
-    tiny_config,
+    AcInit, AnchorCheckpoint, grow_vocab, init_model, is_checkpoint, load_checkpoint,
+    save_checkpoint, tiny_config,
 };
 pub use train::{
     Corpus, LrSchedule, MaskKind, TrainConfig, TrainReport, batch_loss, inference_model, train,

@@ -11,22 +11,37 @@ use kiln_llama::{Llama, LlamaConfig};
 
 use crate::{AnchorError, AnchorSet, Result};
 
+/// How the new `<AC>` row is initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcInit {
+    /// A copy of this token's row, as the AnLLM reference code does with the `.` token (the
+    /// default).
+    Copy(u32),
+    /// The mean of all rows, as the paper's text describes.
+    Mean,
+}
+
 /// Adds one vocabulary row (the `<AC>` token, id = the old vocabulary size) to the embeddings
-/// and the untied LM head, both initialised from row `init_from` (e.g. the id of `.`), as the
-/// paper does. Returns the grown model; the config's `vocab_size` grows by one.
-pub fn grow_vocab<B: Backend>(model: Llama<B>, init_from: u32) -> Result<Llama<B>> {
+/// and the untied LM head, both initialised as `init` says. Returns the grown model; the
+/// config's `vocab_size` grows by one.
+pub fn grow_vocab<B: Backend>(model: Llama<B>, init: AcInit) -> Result<Llama<B>> {
     let mut config = model.config().clone();
     let vocab = config.vocab_size;
-    if init_from as usize >= vocab {
+    if let AcInit::Copy(row) = init
+        && row as usize >= vocab
+    {
         return Err(AnchorError::invalid(format!(
-            "init row {init_from} is outside the vocabulary of {vocab}"
+            "init row {row} is outside the vocabulary of {vocab}"
         )));
     }
     config.vocab_size += 1;
     let device = model.model.norm.weight.val().device();
-    // Embedding and LM head both store [vocab, hidden]: append a copy of row `init_from`.
+    // Embedding and LM head both store [vocab, hidden]: append the new row.
     let grow = |w: Tensor<B, 2>| {
-        let row = w.clone().narrow(0, init_from as usize, 1);
+        let row = match init {
+            AcInit::Copy(id) => w.clone().narrow(0, id as usize, 1),
+            AcInit::Mean => w.clone().mean_dim(0),
+        };
         Tensor::cat(vec![w, row], 0)
     };
     let mut new = config.init::<B>(&device);
