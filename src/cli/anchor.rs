@@ -46,7 +46,7 @@ pub struct AnchorArgs {
 #[derive(Subcommand, Debug)]
 enum AnchorCommand {
     /// Train (from scratch or continue a zoo model) with the AnSAN or causal mask.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Perplexity and multiple-choice accuracy, KV-cache size and time: full vs anchor cache.
     Eval(EvalArgs),
 }
@@ -144,7 +144,7 @@ struct EvalArgs {
 
 pub fn run(args: AnchorArgs) -> anyhow::Result<()> {
     match args.command {
-        AnchorCommand::Train(a) => run_train(a),
+        AnchorCommand::Train(a) => run_train(*a),
         AnchorCommand::Eval(a) => run_eval(a),
     }
 }
