@@ -156,6 +156,9 @@ pub struct EnsembleGenerationConfig {
     pub sampling: SamplingConfig,
     /// End when the text contains one of these (the text is cut before it).
     pub stop_strings: Vec<String>,
+    /// DeePEn: when the main model's own argmax is its EOS, take the main model's scores for
+    /// that step (the reference's rule; default on).
+    pub main_eos_fallback: bool,
 }
 
 impl Default for EnsembleGenerationConfig {
@@ -164,6 +167,7 @@ impl Default for EnsembleGenerationConfig {
             max_new_tokens: 64,
             sampling: SamplingConfig::greedy(),
             stop_strings: Vec::new(),
+            main_eos_fallback: true,
         }
     }
 }
@@ -182,6 +186,11 @@ impl EnsembleGenerationConfig {
     /// Sets the stop strings.
     pub fn with_stop_strings(mut self, stops: Vec<String>) -> Self {
         self.stop_strings = stops;
+        self
+    }
+    /// Sets [`main_eos_fallback`](Self::main_eos_fallback).
+    pub fn with_main_eos_fallback(mut self, on: bool) -> Self {
+        self.main_eos_fallback = on;
         self
     }
 }
@@ -435,11 +444,20 @@ impl<B: Backend> Ensemble<B> {
             }
             let choice = match self.config.method {
                 Method::Deepen => {
-                    let logits: Vec<Tensor<B, 1>> =
-                        tracks.iter().map(|t| t.logits.clone()).collect();
-                    let combined = self.deepen_logits(&logits)?;
-                    let mut host = host_vec(combined, "logits")?;
-                    Choice::Main(sampler.sample(&mut host, &chosen))
+                    // As the reference: when the main model's own argmax is its EOS, that step
+                    // takes the main model's scores, not the searched ones, so the ensemble
+                    // stops where the main model would.
+                    let mut main = host_vec(tracks[0].logits.clone(), "logits")?;
+                    if config.main_eos_fallback && eos.contains(&kiln_core::sampling::argmax(&main))
+                    {
+                        Choice::Main(sampler.sample(&mut main, &chosen))
+                    } else {
+                        let logits: Vec<Tensor<B, 1>> =
+                            tracks.iter().map(|t| t.logits.clone()).collect();
+                        let combined = self.deepen_logits(&logits)?;
+                        let mut host = host_vec(combined, "logits")?;
+                        Choice::Main(sampler.sample(&mut host, &chosen))
+                    }
                 }
                 Method::Gac => self.choose_gac(&tracks, &mut sampler, &chosen)?,
                 Method::Unite => self.choose_unite(&tracks, &mut sampler, &chosen)?,

@@ -276,3 +276,100 @@ fn members_with_no_shared_tokens_are_refused() {
         .to_string();
     assert!(e.contains("first and second share no token"), "{e}");
 }
+
+/// A member whose EOS becomes its argmax, by a hair, once it has generated `at` tokens.
+struct EosAt {
+    inner: Box<dyn Member<B>>,
+    at: usize,
+}
+
+impl EosAt {
+    fn edit(&self, logits: burn::tensor::Tensor<B, 1>) -> burn::tensor::Tensor<B, 1> {
+        if self.inner.generated().len() != self.at {
+            return logits;
+        }
+        let mut host: Vec<f32> = logits.to_data().convert::<f32>().into_vec().unwrap();
+        let max = host.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        host[self.inner.eos_token_ids()[0] as usize] = max + 1e-3;
+        burn::tensor::Tensor::from_floats(host.as_slice(), &logits.device())
+    }
+}
+
+impl Member<B> for EosAt {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn tokenizer(&self) -> &Tokenizer {
+        self.inner.tokenizer()
+    }
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn embeddings(&self) -> burn::tensor::Tensor<B, 2> {
+        self.inner.embeddings()
+    }
+    fn device(&self) -> burn::tensor::Device<B> {
+        self.inner.device()
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.inner.eos_token_ids()
+    }
+    fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+    fn start(&mut self, prompt: &str) -> kiln_ensemble::Result<burn::tensor::Tensor<B, 1>> {
+        let l = self.inner.start(prompt)?;
+        Ok(self.edit(l))
+    }
+    fn start_ids(&mut self, prompt: &[u32]) -> kiln_ensemble::Result<burn::tensor::Tensor<B, 1>> {
+        let l = self.inner.start_ids(prompt)?;
+        Ok(self.edit(l))
+    }
+    fn prompt_len(&self) -> usize {
+        self.inner.prompt_len()
+    }
+    fn feed(&mut self, tokens: &[u32]) -> kiln_ensemble::Result<burn::tensor::Tensor<B, 1>> {
+        let l = self.inner.feed(tokens)?;
+        Ok(self.edit(l))
+    }
+    fn generated(&self) -> &[u32] {
+        self.inner.generated()
+    }
+    fn rewind(&mut self, len: usize) -> kiln_ensemble::Result<burn::tensor::Tensor<B, 1>> {
+        let l = self.inner.rewind(len)?;
+        Ok(self.edit(l))
+    }
+    fn commit(&mut self, len: usize) {
+        self.inner.commit(len)
+    }
+}
+
+/// DeePEn's stopping rule, as the reference: a step where the main model's own argmax is its
+/// EOS takes the main model's scores, so the ensemble stops there even when the other member
+/// outweighs it; without the rule the searched scores decide and generation goes on.
+#[test]
+fn main_model_eos_ends_the_ensemble() {
+    let at = 3;
+    let run = |fallback: bool| {
+        let members: Vec<Box<dyn Member<B>>> = vec![
+            Box::new(EosAt {
+                inner: llama("llama2-mha"),
+                at,
+            }),
+            llama("llama3-gqa"),
+        ];
+        let config = EnsembleConfig::default().with_weights(Some(vec![0.05, 0.95]));
+        let mut ensemble = Ensemble::new(members, config).unwrap();
+        ensemble
+            .generate(&[PROMPT], &greedy(8).with_main_eos_fallback(fallback))
+            .unwrap()
+    };
+    let with = run(true);
+    assert_eq!(with.finish, kiln_core::FinishReason::Eos, "{with:?}");
+    assert_eq!(with.tokens.len(), at + 1, "{with:?}");
+    let without = run(false);
+    assert!(
+        without.tokens.len() > at + 1,
+        "the test needs the search to pick another token: {without:?}"
+    );
+}
