@@ -332,7 +332,8 @@ fn read_choices(
         shots.push_str(&format!(
             "{} {} So the answer is {}. ",
             question(q),
-            r.trim_end_matches(|c: char| c != '.'),
+            // The LLM's rationale without its own "So the answer is (x) ..." ending.
+            r.split("So the answer is").next().unwrap_or(r).trim_end(),
             q["answer"].as_str().unwrap()
         ));
     }

@@ -131,7 +131,8 @@ struct EvalArgs {
     /// CommonsenseQA-style JSONL (question, choices, answer) for multiple choice.
     #[arg(long)]
     choices: Option<PathBuf>,
-    /// Few-shot examples taken from the start of --choices' sibling train file, if any.
+    /// Few-shot demonstrations: the first N questions of --choices (with their answers; they
+    /// are not scored).
     #[arg(long, default_value_t = 3)]
     shots: usize,
     /// Documents / questions to use.
