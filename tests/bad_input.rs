@@ -317,7 +317,7 @@ fn cli_json_output() {
     assert!(json["text"].is_string());
 }
 
-/// Found by `tests/fuzz.rs`: a tokenizer.json whose post-processor template names a special
+/// Found by `tests/untrusted/fuzz.rs`: a tokenizer.json whose post-processor template names a special
 /// token it does not define made the `tokenizers` crate panic at the first encode. Loading it is
 /// now an error naming the file.
 /// Also found by fuzzing: a tokenizer.json whose BPE merges made the `tokenizers` crate panic

@@ -1,6 +1,6 @@
 //! Fuzzing on stable Rust for every loader of untrusted model files: a seeded mutation loop
 //! (no nightly, no libFuzzer), structure-aware for JSON and byte-level for binary files.
-//! Used by `tests/fuzz.rs` (a short deterministic run in CI) and `examples/fuzz.rs` (a
+//! Used by `tests/untrusted/fuzz.rs` (a short deterministic run in CI) and `examples/fuzz.rs` (a
 //! time-bounded run per target, reported in `tests/fuzzing/README.md`).
 //!
 //! Each target writes a mutated input where the loader expects it, runs the loader and then
@@ -53,8 +53,11 @@ unsafe impl GlobalAlloc for CountingAlloc {
 }
 
 /// Runs `f` and returns its result with the most bytes it had allocated at once beyond what
-/// was live before (0 when [`CountingAlloc`] is not the global allocator).
+/// was live before (0 when [`CountingAlloc`] is not the global allocator). The counters are
+/// process-wide, so measurements take turns (tests run on several threads).
 pub fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let base = LIVE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
     let out = f();

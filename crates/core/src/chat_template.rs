@@ -19,7 +19,7 @@ use crate::{Error, Result};
 
 /// Bounds on one render of a chat template.
 ///
-/// The defaults are far above what real templates use (measured by `tests/chat_templates.rs` on
+/// The defaults are far above what real templates use (measured by `tests/text/chat_templates.rs` on
 /// 38 real templates: at most 381 instructions for a six-message chat, growing linearly with
 /// the chat), and low enough that a hostile template stops within a second (0.7 s for the
 /// default fuel, measured with `kiln generate --chat` on a nested-loop template).

@@ -3,23 +3,18 @@
 //! error, never panic, within 5 s and 256 MiB. `cargo run --release --example fuzz` runs the
 //! same targets for minutes each.
 
-mod fuzzing;
-
 use std::time::Duration;
-
-#[global_allocator]
-static ALLOC: fuzzing::CountingAlloc = fuzzing::CountingAlloc;
 
 #[test]
 fn every_loader_survives_mutated_inputs() {
     let scratch = std::env::temp_dir().join(format!("kiln-fuzz-{}", std::process::id()));
     let mut failures = Vec::new();
-    for (name, target) in fuzzing::TARGETS {
-        let report = fuzzing::run(
+    for (name, target) in crate::fuzzing::TARGETS {
+        let report = crate::fuzzing::run(
             name,
             *target,
             0x5EED_0000 + name.len() as u64,
-            fuzzing::Limits {
+            crate::fuzzing::Limits {
                 iterations: 200,
                 budget: Duration::from_secs(120),
                 per_input: Duration::from_secs(5),

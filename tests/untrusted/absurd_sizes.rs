@@ -2,17 +2,11 @@
 //! than the file, a config whose dimensions would take terabytes) is a clear error, and the
 //! loader allocates little before saying so (measured with a counting global allocator).
 
-mod common;
-mod fuzzing;
-
 use std::path::Path;
 
-use common::{B, device, fixture};
-use fuzzing::peak_during;
+use crate::common::{B, device, fixture};
+use crate::fuzzing::peak_during;
 use kiln_gguf::GgufFile;
-
-#[global_allocator]
-static ALLOC: fuzzing::CountingAlloc = fuzzing::CountingAlloc;
 
 /// At most this much may be allocated while rejecting a file.
 const SMALL: usize = 16 << 20;

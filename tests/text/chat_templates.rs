@@ -3,11 +3,9 @@
 //! template, recorded by `tools/make_fixtures.py --only chat-templates`; and a hostile template
 //! stops with a clear error instead of hanging.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::fixture;
+use crate::common::fixture;
 use kiln::core::{ChatTemplate, ChatTemplateInputs, Error, TemplateLimits};
 use serde::Deserialize;
 

@@ -5,8 +5,6 @@
 //! SmolLM2, Mistral-7B (SentencePiece with byte fallback) and T5 (Unigram) tokenizers in
 //! `tests/data`. Streaming decoding must give the text of decoding the whole sequence.
 
-mod common;
-
 use std::path::PathBuf;
 
 use kiln::core::{TokenStream, Tokenizer};
@@ -33,7 +31,7 @@ struct Row {
 }
 
 fn reference() -> Reference {
-    let path = common::fixture("tokenizer-parity/reference.json");
+    let path = crate::common::fixture("tokenizer-parity/reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
