@@ -92,8 +92,12 @@ pub struct EnsembleArgs {
     #[arg(long)]
     cache_dir: Option<String>,
     /// The prompt (decoder-only models).
-    #[arg(long, short = 'p', required_unless_present = "eval")]
+    #[arg(long, short = 'p', required_unless_present_any = ["eval", "prompt_ids"])]
     prompt: Option<String>,
+    /// The prompt as the main model's token ids, comma-separated (as `kiln generate
+    /// --prompt-ids`); the other members get its text, decoded by the main tokenizer.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "eval"])]
+    prompt_ids: Option<Vec<u32>>,
     /// Source text for encoder-decoder models (default: the prompt).
     #[arg(long)]
     source: Option<String>,
@@ -273,7 +277,10 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
         .map(|&s| if s { source.as_str() } else { prompt.as_str() })
         .collect();
     let start = Instant::now();
-    let out = ensemble.generate(&prompts, &generation)?;
+    let out = match &args.prompt_ids {
+        Some(ids) => ensemble.generate_from_ids(ids, &generation)?,
+        None => ensemble.generate(&prompts, &generation)?,
+    };
     let elapsed = start.elapsed().as_secs_f64();
     if args.json {
         println!(

@@ -235,6 +235,17 @@ struct Track<B: Backend> {
     logits: Tensor<B, 1>,
 }
 
+impl<B: Backend> Track<B> {
+    fn new(logits: Tensor<B, 1>) -> Self {
+        Self {
+            stable: 0,
+            stable_bytes: 0,
+            covered: 0,
+            logits,
+        }
+    }
+}
+
 /// Longest uncommitted tail (tokens) before the ensemble commits all but its last few even
 /// without a word boundary (long numbers, scripts without spaces).
 const MAX_TAIL: usize = 16;
@@ -419,17 +430,45 @@ impl<B: Backend> Ensemble<B> {
             }
         };
         config.sampling.validate()?;
-        let mut sampler = Sampler::new(config.sampling.clone())?;
         let mut tracks = Vec::with_capacity(n);
         for (member, prompt) in self.members.iter_mut().zip(&prompts) {
-            let logits = member.start(prompt)?;
-            tracks.push(Track {
-                stable: 0,
-                stable_bytes: 0,
-                covered: 0,
-                logits,
-            });
+            tracks.push(Track::new(member.start(prompt)?));
         }
+        self.decode(tracks, config)
+    }
+
+    /// [`generate`](Self::generate) from the main model's prompt token ids (as `kiln generate
+    /// --prompt-ids`): the main model starts from the ids as given; the other members from
+    /// their text (decoded by the main tokenizer, special tokens skipped).
+    pub fn generate_from_ids(
+        &mut self,
+        main_ids: &[u32],
+        config: &EnsembleGenerationConfig,
+    ) -> Result<EnsembleOutput> {
+        config.sampling.validate()?;
+        let text = self.members[0]
+            .tokenizer()
+            .decode(main_ids, true)
+            .map_err(EnsembleError::from)?;
+        let mut tracks = Vec::with_capacity(self.members.len());
+        for (m, member) in self.members.iter_mut().enumerate() {
+            let logits = if m == 0 {
+                member.start_ids(main_ids)?
+            } else {
+                member.start(&text)?
+            };
+            tracks.push(Track::new(logits));
+        }
+        self.decode(tracks, config)
+    }
+
+    /// The generation loop shared by the text and the id entry points.
+    fn decode(
+        &mut self,
+        mut tracks: Vec<Track<B>>,
+        config: &EnsembleGenerationConfig,
+    ) -> Result<EnsembleOutput> {
+        let mut sampler = Sampler::new(config.sampling.clone())?;
         let eos = self.members[0].eos_token_ids();
         let mut text_bytes: Vec<u8> = Vec::new();
         let mut chosen: Vec<u32> = Vec::new();

@@ -373,3 +373,22 @@ fn main_model_eos_ends_the_ensemble() {
         "the test needs the search to pick another token: {without:?}"
     );
 }
+
+/// Token ids in: the main model starts from the ids, the other members from their text, and
+/// the result is that of the same prompt given as text.
+#[test]
+fn prompt_ids_equal_the_text_prompt() {
+    let make = || {
+        let members: Vec<Box<dyn Member<B>>> = vec![llama("llama2-mha"), llama("llama3-gqa")];
+        Ensemble::new(members, EnsembleConfig::default()).unwrap()
+    };
+    let by_text = make().generate(&[PROMPT], &greedy(6)).unwrap();
+    let mut ensemble = make();
+    let ids = ensemble.members()[0]
+        .tokenizer()
+        .encode(PROMPT, true)
+        .unwrap();
+    let by_ids = ensemble.generate_from_ids(&ids, &greedy(6)).unwrap();
+    assert_eq!(by_ids.tokens, by_text.tokens);
+    assert_eq!(by_ids.text, by_text.text);
+}
