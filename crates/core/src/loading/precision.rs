@@ -125,7 +125,7 @@ pub fn unpack_module<B: Backend, M: PackSlots<B>>(module: &mut M) {
     }
 }
 
-/// Modules that list their packable matrices, so [`load_packed`] can fill them.
+/// Modules that list their packable matrices, so [`load_packed`](super::load_packed) can fill them.
 pub trait PackSlots<B: Backend> {
     /// Every Linear and embedding, with its checkpoint path (`model.layers.0.mlp.up_proj`).
     fn pack_slots(&mut self) -> Vec<(String, PackSlot<'_, B>)>;

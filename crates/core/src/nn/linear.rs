@@ -109,7 +109,7 @@ pub const ROWS_FOR_X_TIMES_WT: usize = 96;
 
 /// `x [..., d_in]` times the transpose of `weight [d_out, d_in]`. The weight stays the
 /// contiguous checkpoint matrix either way; only the order of the product changes with the
-/// number of rows (see [`ROWS_FOR_X_TIMES_WT`]). Backends take the transposed operand as a
+/// number of rows (`ROWS_FOR_X_TIMES_WT`, 96). Backends take the transposed operand as a
 /// strided view (flex hands the strides to gemm), so neither form copies the weight.
 pub fn linear_out_in<B: Backend, const D: usize>(
     x: Tensor<B, D>,
