@@ -24,7 +24,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .unwrap_or_else(kiln::auto::default_model);
     let loaded = kiln::auto::load::<Backend>(&model, &device())?;
-    let tokenizer = loaded.tokenizer.as_ref().ok_or("the model has no tokenizer")?;
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or("the model has no tokenizer")?;
     let anchors = ep_anchor_ids(tokenizer, &["."])?;
     let prompt = tokenizer.encode(PROMPT, true)?;
     let eos = loaded.defaults.eos_token_id.to_vec();

@@ -1,0 +1,52 @@
+//! DeePEn: two decoder models with different vocabularies generate together, their
+//! distributions averaged in the relative space of their shared tokens.
+//!
+//! ```sh
+//! cargo run --release --example ensemble -- ./Llama-2-7b-chat ./Mistral-7B-Instruct "Question: ...\nAnswer:"
+//! cargo run --release --example ensemble -- tests/fixtures/llama2-mha tests/fixtures/llama3-gqa   # offline, random weights
+//! ```
+//!
+//! Arguments: the main model, the assistant (folders, GGUF files or hub ids) and the prompt.
+//! The main model's tokens are the output; weights 0.5/0.5, the reference's search settings.
+
+use kiln::backend::{Backend, device};
+use kiln::ensemble::{DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member};
+
+fn member(spec: &str) -> Result<Box<dyn Member<Backend>>, Box<dyn std::error::Error>> {
+    let loaded = kiln::auto::load::<Backend>(spec, &device())?;
+    let tokenizer = loaded.tokenizer.ok_or("the model has no tokenizer")?;
+    let embeddings = loaded.model.model.embed_tokens.dense_weight();
+    let eos = loaded.defaults.eos_token_id.to_vec();
+    Ok(Box::new(DecoderMember::new(
+        spec,
+        loaded.model,
+        tokenizer,
+        embeddings,
+        eos,
+    )))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let main_model = args
+        .next()
+        .unwrap_or_else(|| "tests/fixtures/llama2-mha".into());
+    let assist = args
+        .next()
+        .unwrap_or_else(|| "tests/fixtures/llama3-gqa".into());
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "The capital of France is".into());
+
+    let members = vec![member(&main_model)?, member(&assist)?];
+    let mut ensemble = Ensemble::new(members, EnsembleConfig::default())?;
+    if let Some(anchors) = ensemble.anchors() {
+        println!("{} shared anchor tokens", anchors.len());
+    }
+    let out = ensemble.generate(
+        &[&prompt],
+        &EnsembleGenerationConfig::default().with_max_new_tokens(24),
+    )?;
+    println!("{prompt}{}\n[{:?}]", out.text, out.finish);
+    Ok(())
+}
