@@ -53,7 +53,10 @@ pub fn evaluate<B: Backend>(
     opts: &EvalOptions,
     mut progress: impl FnMut(usize),
 ) -> Result<EvalResult, DistillError> {
-    let eos = model.eos_token_ids()[0];
+    let eos = *model
+        .eos_token_ids()
+        .first()
+        .ok_or_else(|| DistillError::Arg("the model's config names no EOS token".into()))?;
     let generation = Seq2SeqConfig::default().with_max_new_tokens(opts.max_new_tokens);
     let mut predictions = Vec::with_capacity(examples.len());
     let mut correct = 0;
@@ -69,7 +72,15 @@ pub fn evaluate<B: Backend>(
             .collect::<Result<Vec<_>, DistillError>>()?;
         let outs = generate_seq2seq(model, &inputs, &generation)?;
         for (e, o) in chunk.iter().zip(outs) {
-            let text = tokenizer.decode(&o.tokens, true)?;
+            // T5 pads its vocabulary past the tokenizer's (32128 rows, 32100 pieces); a
+            // padding row carries no text.
+            let ids: Vec<u32> = o
+                .tokens
+                .iter()
+                .copied()
+                .filter(|&t| (t as usize) < tokenizer.vocab_size())
+                .collect();
+            let text = tokenizer.decode(&ids, true)?;
             if is_correct(task, &text, &e.label) {
                 correct += 1;
             }
