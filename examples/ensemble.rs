@@ -10,21 +10,7 @@
 //! The main model's tokens are the output; weights 0.5/0.5, the reference's search settings.
 
 use kiln::backend::{Backend, device};
-use kiln::ensemble::{DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member};
-
-fn member(spec: &str) -> Result<Box<dyn Member<Backend>>, Box<dyn std::error::Error>> {
-    let loaded = kiln::auto::load::<Backend>(spec, &device())?;
-    let tokenizer = loaded.tokenizer.ok_or("the model has no tokenizer")?;
-    let embeddings = loaded.model.model.embed_tokens.dense_weight();
-    let eos = loaded.defaults.eos_token_id.to_vec();
-    Ok(Box::new(DecoderMember::new(
-        spec,
-        loaded.model,
-        tokenizer,
-        embeddings,
-        eos,
-    )))
-}
+use kiln::ensemble::{Ensemble, EnsembleConfig, EnsembleGenerationConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -38,7 +24,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "The capital of France is".into());
 
-    let members = vec![member(&main_model)?, member(&assist)?];
+    let members = vec![
+        kiln::auto::decoder_member::<Backend>(&main_model, &device())?,
+        kiln::auto::decoder_member::<Backend>(&assist, &device())?,
+    ];
     let mut ensemble = Ensemble::new(members, EnsembleConfig::default())?;
     if let Some(anchors) = ensemble.anchors() {
         println!("{} shared anchor tokens", anchors.len());

@@ -50,6 +50,31 @@ pub fn default_model() -> String {
     }
 }
 
+/// A decoder-only model (folder, GGUF file or hub id) as an ensemble member: its tokenizer,
+/// input embeddings and EOS ids from [`load`]. Ensembling works on text, so a model without a
+/// tokenizer is an error.
+pub fn decoder_member<B: Backend>(
+    spec: &str,
+    device: &B::Device,
+) -> Result<Box<dyn kiln_ensemble::Member<B>>> {
+    let loaded = load::<B>(spec, device)?;
+    let tokenizer = loaded.tokenizer.ok_or_else(|| {
+        Error::arg(
+            "model",
+            format!("{spec} has no tokenizer.json; ensembling works on text"),
+        )
+    })?;
+    let embeddings = loaded.model.model.embed_tokens.dense_weight();
+    let eos = loaded.defaults.eos_token_id.to_vec();
+    Ok(Box::new(kiln_ensemble::DecoderMember::new(
+        spec,
+        loaded.model,
+        tokenizer,
+        embeddings,
+        eos,
+    )))
+}
+
 /// Loads the model at `spec`: a folder in HF layout, a hub id, or a `.gguf` file.
 pub fn load<B: Backend>(spec: &str, device: &B::Device) -> Result<LoadedModel<B>> {
     load_with(spec, device, &LoadOptions::default())

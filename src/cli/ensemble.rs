@@ -13,8 +13,8 @@ use kiln::core::seq2seq::Seq2SeqLm;
 use kiln::core::{SamplingConfig, Tokenizer};
 use kiln::ensemble::eval::{Metric, is_correct, read_jsonl};
 use kiln::ensemble::{
-    AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
-    Method, RelativeConfig, SearchConfig, SearchGradient, SearchOptimizer, Seq2SeqMember,
+    AnchorConfig, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member, Method,
+    RelativeConfig, SearchConfig, SearchGradient, SearchOptimizer, Seq2SeqMember,
     weights_from_scores,
 };
 use kiln::m2m100::{M2M100, language_token_id};
@@ -152,7 +152,10 @@ fn load_member(spec: &str, args: &EnsembleArgs) -> anyhow::Result<Box<dyn Member
             let tokenizer = Tokenizer::from_dir(&files.dir)?;
             let src = language_token_id(&tokenizer, &args.src_lang, "src_lang")?;
             let tgt = language_token_id(&tokenizer, &args.tgt_lang, "tgt_lang")?;
-            let eos = model.eos_token_ids()[0];
+            let eos = *model
+                .eos_token_ids()
+                .first()
+                .with_context(|| format!("{spec}: its config names no EOS token"))?;
             let context = model.config().max_position_embeddings;
             let embeddings = model.model.shared.dense_weight();
             return Ok(Box::new(
@@ -163,19 +166,7 @@ fn load_member(spec: &str, args: &EnsembleArgs) -> anyhow::Result<Box<dyn Member
             ));
         }
     }
-    let loaded = auto::load::<Backend>(spec, &device).with_context(|| format!("loading {spec}"))?;
-    let tokenizer = loaded
-        .tokenizer
-        .with_context(|| format!("{spec} has no tokenizer.json; ensembling works on text"))?;
-    let embeddings = loaded.model.model.embed_tokens.dense_weight();
-    let eos = loaded.defaults.eos_token_id.to_vec();
-    Ok(Box::new(DecoderMember::new(
-        spec,
-        loaded.model,
-        tokenizer,
-        embeddings,
-        eos,
-    )))
+    auto::decoder_member::<Backend>(spec, &device).with_context(|| format!("loading {spec}"))
 }
 
 fn cache_dir(arg: &Option<String>) -> Option<PathBuf> {

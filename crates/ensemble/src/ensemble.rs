@@ -486,9 +486,18 @@ impl<B: Backend> Ensemble<B> {
                     // As the reference: when the main model's own argmax is its EOS, that step
                     // takes the main model's scores, not the searched ones, so the ensemble
                     // stops where the main model would.
-                    let mut main = host_vec(tracks[0].logits.clone(), "logits")?;
-                    if config.main_eos_fallback && eos.contains(&kiln_core::sampling::argmax(&main))
-                    {
+                    // The argmax is taken on the device (one scalar per step); the logits
+                    // reach the host only on the step that ends.
+                    let main_argmax = || -> u32 {
+                        tracks[0]
+                            .logits
+                            .clone()
+                            .argmax(0)
+                            .into_scalar()
+                            .elem::<i64>() as u32
+                    };
+                    if config.main_eos_fallback && eos.contains(&main_argmax()) {
+                        let mut main = host_vec(tracks[0].logits.clone(), "logits")?;
                         Choice::Main(sampler.sample(&mut main, &chosen))
                     } else {
                         let logits: Vec<Tensor<B, 1>> =
