@@ -33,6 +33,26 @@ pub trait CausalLm<B: Backend> {
         false
     }
 
+    /// Appends `other`'s rows to `cache`'s batch, so sequences prefilled apart decode as one
+    /// batch (continuous batching); each row goes on as it would alone. Gives `other` back
+    /// when this model or these caches cannot (the default). A model that implements this
+    /// implements [`Self::retain_cache_rows`] too.
+    fn append_cache(
+        &self,
+        cache: &mut Self::Cache,
+        other: Self::Cache,
+    ) -> std::result::Result<(), Self::Cache> {
+        let _ = cache;
+        Err(other)
+    }
+
+    /// Keeps only rows `rows` (ascending, distinct) of `cache`'s batch, so finished sequences
+    /// leave it; returns false (cache unchanged) when this model cannot (the default).
+    fn retain_cache_rows(&self, cache: &mut Self::Cache, rows: &[usize]) -> bool {
+        let _ = (cache, rows);
+        false
+    }
+
     /// Longest sequence (prompt + generated) the model supports.
     fn max_context(&self) -> usize;
 

@@ -11,6 +11,7 @@
 //! Everything is generic over a Burn [`Backend`](burn::prelude::Backend); kiln's library crates
 //! never pick one.
 
+pub mod batching;
 pub mod beam;
 pub mod chat;
 pub mod chat_template;

@@ -199,6 +199,24 @@ pub fn apply_repetition_penalty(logits: &mut [f32], context: &[u32], penalty: f3
     }
 }
 
+/// OpenAI's `frequency_penalty` and `presence_penalty`: the logit of a token generated `c > 0`
+/// times so far loses `c * frequency + presence` (`counts` holds `(token, c)`).
+pub fn apply_frequency_presence_penalties(
+    logits: &mut [f32],
+    counts: &[(u32, u32)],
+    frequency: f32,
+    presence: f32,
+) {
+    if frequency == 0.0 && presence == 0.0 {
+        return;
+    }
+    for &(token, count) in counts {
+        if let Some(l) = logits.get_mut(token as usize) {
+            *l -= count as f32 * frequency + presence;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +231,14 @@ mod tests {
         let mut logits = vec![2.0, -2.0, 1.0];
         apply_repetition_penalty(&mut logits, &[0, 1, 1], 2.0);
         assert_eq!(logits, vec![1.0, -4.0, 1.0]);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_as_openai_documents() {
+        // mu[j] - c[j] * alpha_frequency - (c[j] > 0) * alpha_presence
+        let mut logits = vec![1.0, 2.0, 3.0, 4.0];
+        apply_frequency_presence_penalties(&mut logits, &[(1, 3), (3, 1)], 0.5, 0.25);
+        assert_eq!(logits, vec![1.0, 2.0 - 1.5 - 0.25, 3.0, 4.0 - 0.5 - 0.25]);
     }
 
     #[test]

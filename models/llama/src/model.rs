@@ -393,6 +393,42 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         true
     }
 
+    fn append_cache(
+        &self,
+        cache: &mut LlamaCache<B>,
+        other: LlamaCache<B>,
+    ) -> std::result::Result<(), LlamaCache<B>> {
+        if cache
+            .layers
+            .iter()
+            .chain(&other.layers)
+            .any(KvCache::is_empty)
+        {
+            return Err(other);
+        }
+        let mut state = cache.state.clone();
+        let Some((left, left_other)) = state.append(other.state.clone()) else {
+            return Err(other);
+        };
+        cache.state = state;
+        for (layer, theirs) in cache.layers.iter_mut().zip(other.layers) {
+            layer.append_rows(theirs, left, left_other);
+        }
+        Ok(())
+    }
+
+    fn retain_cache_rows(&self, cache: &mut LlamaCache<B>, rows: &[usize]) -> bool {
+        let drop = cache.state.retain_rows(rows);
+        let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let ids =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows.len()]), &self.device());
+        for layer in &mut cache.layers {
+            layer.select_rows(ids.clone());
+            layer.drop_front(drop);
+        }
+        true
+    }
+
     fn max_context(&self) -> usize {
         self.config.max_position_embeddings
     }

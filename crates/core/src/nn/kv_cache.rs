@@ -69,6 +69,40 @@ impl<B: Backend> KvCache<B> {
         self.v = self.v.take().map(|v| v.select(2, indices));
     }
 
+    /// Stacks `other`'s rows under this cache's, after `left_self` and `left_other` zero slots
+    /// at the front of each (what [`CacheState::append`] returns; the zeros sit in padding the
+    /// mask hides). Lets sequences that were prefilled apart decode as one batch. Returns false
+    /// when either cache is still empty (nothing is kept then).
+    pub fn append_rows(&mut self, other: KvCache<B>, left_self: usize, left_other: usize) -> bool {
+        let (Some(k), Some(v), Some(ok), Some(ov)) =
+            (self.k.take(), self.v.take(), other.k, other.v)
+        else {
+            return false;
+        };
+        let pad = |t: Tensor<B, 4>, n: usize| {
+            if n == 0 {
+                return t;
+            }
+            let [b, h, _, d] = t.dims();
+            let zeros = Tensor::zeros([b, h, n, d], &t.device());
+            Tensor::cat(vec![zeros, t], 2)
+        };
+        self.k = Some(Tensor::cat(vec![pad(k, left_self), pad(ok, left_other)], 0));
+        self.v = Some(Tensor::cat(vec![pad(v, left_self), pad(ov, left_other)], 0));
+        true
+    }
+
+    /// Forgets the `n` oldest cached slots of every row (padding that
+    /// [`CacheState::retain_rows`] found no row needs any more).
+    pub fn drop_front(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let len = self.len();
+        self.k = self.k.take().map(|k| k.narrow(2, n, len - n));
+        self.v = self.v.take().map(|v| v.narrow(2, n, len - n));
+    }
+
     /// Rebuilds the batch from rows `indices` (row `i` becomes old row `indices[i]`; rows may
     /// repeat): expands a batch to its beams and reorders beams in beam search.
     pub fn select_rows(&mut self, indices: Tensor<B, 1, Int>) {
@@ -131,6 +165,46 @@ impl CacheState {
     /// Rows in the batch.
     pub fn batch(&self) -> usize {
         self.pad.len()
+    }
+
+    /// Appends `other`'s rows after this batch's, for continuous batching: the batch that has
+    /// seen fewer slots gets left padding so both end at the same slot (a row's positions, and
+    /// so its keys' rotations, do not change). Returns the zero slots each side's kept keys
+    /// need at the front, for [`KvCache::append_rows`] on every layer, or `None` (nothing
+    /// changed) when the two use different sliding windows.
+    pub fn append(&mut self, other: CacheState) -> Option<(usize, usize)> {
+        if self.window != other.window {
+            return None;
+        }
+        let seen = self.seen.max(other.seen);
+        let (shift_self, shift_other) = (seen - self.seen, seen - other.seen);
+        // Each side keeps slots [kept_from, seen); shifted, they end together. The merged cache
+        // starts at the earlier start; the zero slots before the later one lie in that side's
+        // padding: a side that dropped keys has kept_from = seen - window, the latest start
+        // any row can have.
+        let (from_self, from_other) = (self.kept_from + shift_self, other.kept_from + shift_other);
+        let kept_from = from_self.min(from_other);
+        self.pad.iter_mut().for_each(|p| *p += shift_self);
+        self.pad.extend(other.pad.iter().map(|p| p + shift_other));
+        self.seen = seen;
+        self.kept_from = kept_from;
+        Some((from_self - kept_from, from_other - kept_from))
+    }
+
+    /// Keeps rows `rows` (ascending) of the batch, then renumbers the slots so the padding
+    /// every remaining row shares is forgotten. Returns how many of the oldest kept slots each
+    /// layer must drop ([`KvCache::drop_front`], after [`KvCache::select_rows`]).
+    pub fn retain_rows(&mut self, rows: &[usize]) -> usize {
+        self.pad = rows.iter().map(|&r| self.pad[r]).collect();
+        let shared = self.pad.iter().copied().min().unwrap_or(0);
+        if shared <= self.kept_from {
+            return 0;
+        }
+        let drop = shared - self.kept_from;
+        self.pad.iter_mut().for_each(|p| *p -= shared);
+        self.seen -= shared;
+        self.kept_from = 0;
+        drop
     }
 
     /// Plans a forward over `new` slots per row, then records them as seen.

@@ -1,0 +1,375 @@
+//! Continuous batching: sequences join a running decode batch when they arrive and leave it when
+//! they finish, so one weight pass per step serves every sequence in flight (what a server
+//! needs; [`generate`](crate::generate()) batches only prompts known up front).
+//!
+//! A new request is prefilled alone, then its cache is appended to the running batch's
+//! ([`CausalLm::append_cache`]: left padding aligns the rows, a row's positions never change).
+//! Rows that end are dropped from the cache ([`CausalLm::retain_cache_rows`]). Each row keeps
+//! its own sampler, stop rules and text stream, so its tokens are the ones
+//! [`generate`](crate::generate()) gives for its prompt alone.
+
+use burn::prelude::*;
+
+use crate::generate::{CausalLm, Generation, GenerationConfig};
+use crate::sampling::{Sampler, apply_frequency_presence_penalties};
+use crate::tokenizer::{TokenStream, Tokenizer};
+use crate::{Error, Result};
+
+/// What a [`Batcher`] reports about one request.
+#[derive(Debug)]
+pub enum BatchEvent {
+    /// More text (stop strings held back until they cannot match any more).
+    Text(String),
+    /// The request ended; nothing follows. `prompt_tokens` is the prompt's length.
+    Done {
+        /// Tokens, text and why it ended.
+        generation: Generation,
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+    },
+    /// The request could not run; nothing follows.
+    Failed(Error),
+}
+
+/// Where a request's events go, e.g. a channel to the client's connection.
+pub trait BatchSink: Send {
+    /// Delivers `event`; returns false when nobody listens any more (the request is dropped).
+    fn send(&mut self, event: BatchEvent) -> bool;
+    /// True once nobody listens (checked every step, so a client that left frees its row even
+    /// while its text is held back).
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// One sequence to generate.
+pub struct BatchRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Stopping rules and sampling; `pad_token_id` is not used (rows are padded in the cache).
+    pub config: GenerationConfig,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once per time it was
+    /// generated in this sequence (the prompt does not count, as in vLLM). `0` is off.
+    pub frequency_penalty: f32,
+    /// OpenAI's presence penalty: subtracted once from the logit of every token generated so
+    /// far. `0` is off.
+    pub presence_penalty: f32,
+    /// Receives the events.
+    pub sink: Box<dyn BatchSink>,
+}
+
+struct Row {
+    prompt_tokens: usize,
+    context: Vec<u32>,
+    counts: Vec<(u32, u32)>,
+    sampler: Sampler,
+    out: Generation,
+    stream: TokenStream,
+    config: GenerationConfig,
+    frequency_penalty: f32,
+    presence_penalty: f32,
+    left: usize,
+    sink: Box<dyn BatchSink>,
+}
+
+struct Group<C> {
+    cache: C,
+    rows: Vec<Row>,
+}
+
+/// A running decode batch that requests join and leave (see the module docs).
+pub struct Batcher<'m, B: Backend, M: CausalLm<B>> {
+    model: &'m M,
+    tokenizer: Option<&'m Tokenizer>,
+    // One group normally; a model that cannot append caches runs each sequence as its own.
+    groups: Vec<Group<M::Cache>>,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
+    /// An empty batch over `model`; `tokenizer` gives text and stop strings.
+    pub fn new(model: &'m M, tokenizer: Option<&'m Tokenizer>) -> Self {
+        Self {
+            model,
+            tokenizer,
+            groups: Vec::new(),
+            _backend: std::marker::PhantomData,
+        }
+    }
+
+    /// Sequences in flight.
+    pub fn len(&self) -> usize {
+        self.groups.iter().map(|g| g.rows.len()).sum()
+    }
+
+    /// True when nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Prefills `request`'s prompt, samples its first token and adds it to the running batch.
+    /// A request that cannot run gets [`BatchEvent::Failed`]; one that ends at its first token
+    /// gets [`BatchEvent::Done`] at once.
+    pub fn add(&mut self, request: BatchRequest) {
+        let BatchRequest {
+            prompt,
+            config,
+            frequency_penalty,
+            presence_penalty,
+            mut sink,
+        } = request;
+        if sink.is_closed() {
+            return;
+        }
+        let checked = self.check(&prompt, &config).and_then(|()| {
+            for (name, v) in [
+                ("frequency_penalty", frequency_penalty),
+                ("presence_penalty", presence_penalty),
+            ] {
+                if !v.is_finite() {
+                    return Err(Error::arg(name, format!("{v} is not a finite number")));
+                }
+            }
+            Sampler::new(config.sampling.clone())
+        });
+        let sampler = match checked {
+            Ok(sampler) => sampler,
+            Err(e) => {
+                sink.send(BatchEvent::Failed(e));
+                return;
+            }
+        };
+        let left = config
+            .max_new_tokens
+            .min(self.model.max_context() - prompt.len());
+        let row = Row {
+            prompt_tokens: prompt.len(),
+            context: prompt,
+            counts: Vec::new(),
+            sampler,
+            out: Generation::start(self.tokenizer.is_some()),
+            stream: TokenStream::new(),
+            config,
+            frequency_penalty,
+            presence_penalty,
+            left,
+            sink,
+        };
+        if row.left == 0 {
+            self.finish(row);
+            return;
+        }
+        let device = self.model.device();
+        let ids: Vec<i64> = row.context.iter().map(|&t| t as i64).collect();
+        let tokens = Tensor::from_data(TensorData::new(ids, [1, row.prompt_tokens]), &device);
+        let mut cache = self.model.new_cache(vec![0]);
+        let logits = self.model.forward(tokens, &mut cache, false);
+        let mut rows = vec![row];
+        let kept = match self.sample_rows(&mut rows, logits) {
+            Ok(kept) => kept,
+            Err(e) => {
+                rows[0].sink.send(BatchEvent::Failed(e));
+                return;
+            }
+        };
+        if kept.is_empty() {
+            return;
+        }
+        let row = rows.pop().expect("one row");
+        let cache = match self.groups.first_mut() {
+            Some(group) => match self.model.append_cache(&mut group.cache, cache) {
+                Ok(()) => {
+                    group.rows.push(row);
+                    return;
+                }
+                Err(cache) => cache,
+            },
+            None => cache,
+        };
+        self.groups.push(Group {
+            cache,
+            rows: vec![row],
+        });
+    }
+
+    /// One decode step for every sequence in flight: each gets one token (and its events);
+    /// those that end leave the batch.
+    pub fn step(&mut self) {
+        let model = self.model;
+        let device = model.device();
+        let mut groups = std::mem::take(&mut self.groups);
+        for mut group in groups.drain(..) {
+            let ids: Vec<i64> = group
+                .rows
+                .iter()
+                .map(|r| *r.context.last().expect("prompt is not empty") as i64)
+                .collect();
+            let n = ids.len();
+            let tokens = Tensor::from_data(TensorData::new(ids, [n, 1]), &device);
+            let logits = model.forward(tokens, &mut group.cache, false);
+            let kept = match self.sample_rows(&mut group.rows, logits) {
+                Ok(kept) => kept,
+                Err(e) => {
+                    let message = e.to_string();
+                    for row in &mut group.rows {
+                        row.sink
+                            .send(BatchEvent::Failed(Error::arg("batch", message.clone())));
+                    }
+                    continue;
+                }
+            };
+            if kept.is_empty() {
+                continue;
+            }
+            if kept.len() < n {
+                if !model.retain_cache_rows(&mut group.cache, &kept) {
+                    for row in &mut group.rows {
+                        row.sink.send(BatchEvent::Failed(Error::arg(
+                            "model",
+                            "it batches sequences but cannot drop finished ones",
+                        )));
+                    }
+                    continue;
+                }
+                let mut rows = std::mem::take(&mut group.rows)
+                    .into_iter()
+                    .map(Some)
+                    .collect::<Vec<_>>();
+                group.rows = kept
+                    .iter()
+                    .map(|&i| rows[i].take().expect("kept once"))
+                    .collect();
+            }
+            self.groups.push(group);
+        }
+    }
+
+    fn check(&self, prompt: &[u32], config: &GenerationConfig) -> Result<()> {
+        let vocab = self.model.vocab_size();
+        let context = self.model.max_context();
+        if prompt.is_empty() {
+            return Err(Error::arg("prompt", "has no tokens"));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::arg(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        if prompt.len() >= context {
+            return Err(Error::ContextOverflow {
+                prompt: prompt.len(),
+                context,
+                detail: " (no room left to generate)".into(),
+            });
+        }
+        if !config.stop_strings.is_empty() && self.tokenizer.is_none() {
+            return Err(Error::arg("stop_strings", "need a tokenizer to match text"));
+        }
+        Ok(())
+    }
+
+    /// Samples one token per row from `logits` `[rows, 1, vocab]`, sends the events, and returns
+    /// the indices of the rows that go on. Rows that ended were sent `Done` (or were dropped
+    /// because nobody listens).
+    fn sample_rows(&self, rows: &mut [Row], logits: Tensor<B, 3>) -> Result<Vec<usize>> {
+        let vocab = self.model.vocab_size();
+        let logits: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .map_err(|e| Error::arg("logits", format!("{e:?}")))?;
+        let mut kept = Vec::with_capacity(rows.len());
+        let mut ended = Vec::new();
+        for (i, row) in rows.iter_mut().enumerate() {
+            let row_logits = &mut logits[i * vocab..(i + 1) * vocab].to_vec();
+            apply_frequency_presence_penalties(
+                row_logits,
+                &row.counts,
+                row.frequency_penalty,
+                row.presence_penalty,
+            );
+            let token = row.sampler.sample(row_logits, &row.context);
+            row.context.push(token);
+            match row.counts.iter_mut().find(|(t, _)| *t == token) {
+                Some((_, c)) => *c += 1,
+                None => row.counts.push((token, 1)),
+            }
+            row.left -= 1;
+            let Row {
+                out,
+                config,
+                stream,
+                sink,
+                ..
+            } = row;
+            let mut listening = !sink.is_closed();
+            let done = out.accept(token, config, self.tokenizer, stream, |piece| {
+                if listening {
+                    listening = sink.send(BatchEvent::Text(piece.to_string()));
+                }
+            })?;
+            if !listening {
+                continue;
+            }
+            if done || row.left == 0 {
+                ended.push(i);
+            } else {
+                kept.push(i);
+            }
+        }
+        for i in ended {
+            let row = std::mem::replace(&mut rows[i], placeholder_row());
+            self.finish(row);
+        }
+        Ok(kept)
+    }
+
+    /// Streams what was held back and sends `Done`.
+    fn finish(&self, mut row: Row) {
+        if let Some(tokenizer) = self.tokenizer {
+            let Row {
+                out, stream, sink, ..
+            } = &mut row;
+            let mut listening = true;
+            let flushed = out.flush(tokenizer, stream, |rest| {
+                listening = sink.send(BatchEvent::Text(rest.to_string()));
+            });
+            if let Err(e) = flushed {
+                row.sink.send(BatchEvent::Failed(e));
+                return;
+            }
+            if !listening {
+                return;
+            }
+        }
+        row.sink.send(BatchEvent::Done {
+            generation: row.out,
+            prompt_tokens: row.prompt_tokens,
+        });
+    }
+}
+
+/// Stands in for a row that has been handed to [`Batcher::finish`] (and is dropped with its
+/// group's bookkeeping).
+fn placeholder_row() -> Row {
+    struct Nobody;
+    impl BatchSink for Nobody {
+        fn send(&mut self, _: BatchEvent) -> bool {
+            false
+        }
+    }
+    Row {
+        prompt_tokens: 0,
+        context: Vec::new(),
+        counts: Vec::new(),
+        sampler: Sampler::new(crate::SamplingConfig::greedy()).expect("greedy is valid"),
+        out: Generation::start(false),
+        stream: TokenStream::new(),
+        config: GenerationConfig::default(),
+        frequency_penalty: 0.0,
+        presence_penalty: 0.0,
+        left: 0,
+        sink: Box::new(Nobody),
+    }
+}
