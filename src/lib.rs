@@ -14,6 +14,7 @@ pub use kiln_distill as distill;
 pub use kiln_ensemble as ensemble;
 pub use kiln_llama as llama;
 pub use kiln_m2m100 as m2m100;
+pub use kiln_serve as serve;
 pub use kiln_t5 as t5;
 
 pub mod auto;

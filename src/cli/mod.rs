@@ -7,6 +7,7 @@ mod ensemble;
 mod generate;
 mod precision;
 mod sampling;
+mod serve;
 mod template;
 mod translate;
 
@@ -45,6 +46,10 @@ enum Command {
     /// Distilling step-by-step: train and evaluate a T5 on labels and rationales.
     #[command(long_about = distill::LONG_ABOUT)]
     Distill(distill::DistillArgs),
+    /// Serve a model over HTTP with the OpenAI API (chat, completions, streaming), batching
+    /// requests continuously.
+    #[command(long_about = serve::LONG_ABOUT)]
+    Serve(serve::ServeArgs),
 }
 
 /// Runs the parsed command.
@@ -56,5 +61,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ensemble(args) => ensemble::run(args),
         Command::Anchor(args) => anchor::run(args),
         Command::Distill(args) => distill::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

@@ -198,18 +198,22 @@ impl Tokenizer {
         })
     }
 
-    /// Text of `ids`.
+    /// Text of `ids`. Ids the tokenizer has no token for (a model's vocabulary padded past the
+    /// tokenizer's, as T5's 32128 rows for 32100 tokens) give no text, as in HF's fast
+    /// tokenizers: a model may generate them.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         let vocab = self.vocab_size();
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::arg(
-                "token id",
-                format!("{bad} is outside the vocabulary of {vocab} tokens"),
-            ));
-        }
+        let known: std::borrow::Cow<[u32]> = if ids.iter().any(|&id| id as usize >= vocab) {
+            ids.iter()
+                .copied()
+                .filter(|&id| (id as usize) < vocab)
+                .collect()
+        } else {
+            ids.into()
+        };
         guard("decoding failed", || {
             self.inner
-                .decode(ids, skip_special)
+                .decode(&known, skip_special)
                 .map_err(|e| e.to_string())
         })
     }
@@ -388,5 +392,33 @@ impl TokenStream {
             .get(prefix.len()..)
             .filter(|s| !s.is_empty())
             .map(str::to_string))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// HF's fast tokenizer drops ids it has no token for; recorded with `tokenizers` 0.22:
+    /// `decode([490, 433, 281, 220, 84, 485, 502, 490, ...])` on this fixture (vocabulary 496,
+    /// model rows 512) gives 'Once uponOnce upon'.
+    #[test]
+    fn ids_past_the_tokenizer_give_no_text_as_in_hf() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/llama-tied");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let ids = [490, 433, 281, 220, 84, 485];
+        assert_eq!(tokenizer.encode("Once upon", true).unwrap(), ids);
+        let mut padded = ids.to_vec();
+        padded.push(502);
+        padded.extend(ids);
+        assert_eq!(
+            tokenizer.decode(&padded, false).unwrap(),
+            "<|begin_of_text|>Once upon<|begin_of_text|>Once upon"
+        );
+        assert_eq!(
+            tokenizer.decode(&padded, true).unwrap(),
+            "Once uponOnce upon"
+        );
     }
 }
