@@ -36,6 +36,9 @@ pub struct Tokenizer {
     chat_template: Option<ChatTemplate>,
     /// `bos_token`, `eos_token`, ... from tokenizer_config.json, passed to the chat template.
     special_tokens: Vec<(String, String)>,
+    /// `inner.get_vocab_size(true)`, which builds the whole vocabulary map on every call: read
+    /// once, since decoding checks ids against it for every streamed token.
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -123,6 +126,7 @@ impl Tokenizer {
     /// Wraps an HF tokenizer with no chat template.
     pub fn new(inner: tokenizers::Tokenizer) -> Self {
         Self {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             chat_template: None,
             special_tokens: Vec::new(),
@@ -185,7 +189,7 @@ impl Tokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// Token ids of `text`; `add_special` adds BOS etc. as the tokenizer's post-processor says.
