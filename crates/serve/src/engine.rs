@@ -134,7 +134,36 @@ fn run<B: Backend, M: CausalLm<B>>(
     max_concurrent: usize,
     stats: &Stats,
 ) {
-    let mut batcher = Batcher::new(&model, Some(&tokenizer));
+    // A panic inside the model (a bug, not a request's fault) ends the requests in flight,
+    // whose handlers then answer 500, and the engine goes on with a fresh batch: the server
+    // never dies of a request.
+    loop {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_batches(&model, &tokenizer, &jobs, max_concurrent, stats)
+        }));
+        match served {
+            Ok(()) => return,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                eprintln!("kiln serve: a decode step failed ({message}); its requests were ended");
+            }
+        }
+    }
+}
+
+/// Runs requests until every handle is dropped and the last sequence has ended.
+fn run_batches<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    tokenizer: &Tokenizer,
+    jobs: &mpsc::Receiver<(Job, UnboundedSender<BatchEvent>)>,
+    max_concurrent: usize,
+    stats: &Stats,
+) {
+    let mut batcher = Batcher::new(model, Some(tokenizer));
     let mut waiting = VecDeque::new();
     let mut open = true;
     loop {
