@@ -273,3 +273,135 @@ pub fn load_seq2seq_with<B: Backend>(
         files,
     })
 }
+
+impl<B: Backend> LoadedSeq2Seq<B> {
+    /// The decoding HF's `generate` uses for this model (generation_config.json: beams, length
+    /// penalty, no-repeat n-grams, length limit, sampling), with the caller's `sampling`
+    /// overrides.
+    pub fn seq2seq_config(
+        &self,
+        sampling: &kiln_core::loading::SamplingOverrides,
+    ) -> kiln_core::seq2seq::Seq2SeqConfig {
+        let d = &self.defaults;
+        kiln_core::seq2seq::Seq2SeqConfig::default()
+            .with_sampling(d.sampling(sampling))
+            .with_num_beams(d.num_beams.unwrap_or(1))
+            .with_length_penalty(d.length_penalty.unwrap_or(1.0))
+            .with_no_repeat_ngram_size(d.no_repeat_ngram_size.unwrap_or(0))
+            .with_max_new_tokens(d.max_new_tokens.or(d.max_length).unwrap_or(200))
+    }
+
+    /// The token NLLB's decoder must start with for target language `tgt` (a FLORES-200 code);
+    /// `None` for T5, whose task prefix names the languages instead.
+    pub fn forced_target(&self, tgt: Option<&str>) -> Result<Option<u32>> {
+        match &self.model {
+            Seq2SeqModel::T5(_) => Ok(None),
+            Seq2SeqModel::M2M100(_) => {
+                let tgt = tgt.ok_or_else(|| {
+                    Error::arg("target language", "NLLB needs one (e.g. fra_Latn)")
+                })?;
+                kiln_m2m100::language_token_id(self.text_tokenizer()?, tgt, "target language")
+                    .map(Some)
+            }
+        }
+    }
+
+    /// Encoder ids for `text`. NLLB: the source language token (a FLORES-200 code, needed),
+    /// the text, EOS. T5: `translate <src> to <tgt>: <text>` with language names, or the text
+    /// as written when neither is given.
+    pub fn encode_input(
+        &self,
+        text: &str,
+        src: Option<&str>,
+        tgt: Option<&str>,
+    ) -> Result<Vec<u32>> {
+        let tokenizer = self.text_tokenizer()?;
+        match &self.model {
+            Seq2SeqModel::M2M100(model) => {
+                let src = src.ok_or_else(|| {
+                    Error::arg("source language", "NLLB needs one (e.g. eng_Latn)")
+                })?;
+                let eos = *kiln_core::seq2seq::Seq2SeqLm::<B>::eos_token_ids(model)
+                    .first()
+                    .ok_or_else(|| Error::arg("model", "its config names no EOS token"))?;
+                kiln_m2m100::encode_source(tokenizer, text, src, eos)
+            }
+            Seq2SeqModel::T5(_) => {
+                let prefix = match (src, tgt) {
+                    (Some(src), Some(tgt)) => format!("translate {src} to {tgt}: "),
+                    (None, None) => String::new(),
+                    _ => {
+                        return Err(Error::arg(
+                            "language",
+                            "for T5 give both source and target (language names), or neither",
+                        ));
+                    }
+                };
+                tokenizer.encode(&format!("{prefix}{text}"), true)
+            }
+        }
+    }
+
+    /// Runs the model on a batch of encoder inputs.
+    pub fn generate(
+        &self,
+        inputs: &[Vec<u32>],
+        config: &kiln_core::seq2seq::Seq2SeqConfig,
+    ) -> Result<Vec<kiln_core::seq2seq::Seq2SeqOutput>> {
+        match &self.model {
+            Seq2SeqModel::M2M100(model) => {
+                kiln_core::seq2seq::generate_seq2seq(model, inputs, config)
+            }
+            Seq2SeqModel::T5(model) => kiln_core::seq2seq::generate_seq2seq(model, inputs, config),
+        }
+    }
+
+    fn text_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::arg("model", "this model folder has no tokenizer.json"))
+    }
+}
+
+/// A translation model behind `kiln serve`'s `/v1/translations`: one request at a time, as
+/// `kiln translate` runs it.
+impl<B: Backend> kiln_serve::Translator for LoadedSeq2Seq<B>
+where
+    LoadedSeq2Seq<B>: Send + 'static,
+{
+    fn translate(
+        &mut self,
+        request: &kiln_serve::TranslationRequest,
+    ) -> Result<kiln_serve::Translation> {
+        let overrides = kiln_core::loading::SamplingOverrides {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            ..Default::default()
+        };
+        let mut config = self.seq2seq_config(&overrides);
+        config.sampling = config.sampling.with_seed(request.seed.unwrap_or(42));
+        if let Some(n) = request.num_beams {
+            config = config.with_num_beams(n);
+        }
+        if let Some(n) = request.max_tokens {
+            config = config.with_max_new_tokens(n);
+        }
+        let (src, tgt) = (
+            request.source_lang.as_deref(),
+            request.target_lang.as_deref(),
+        );
+        config = config.with_forced_bos_token_id(self.forced_target(tgt)?);
+        let input = self.encode_input(&request.text, src, tgt)?;
+        let out = self
+            .generate(std::slice::from_ref(&input), &config)?
+            .pop()
+            .ok_or_else(|| Error::arg("text", "no output"))?;
+        let text = self.text_tokenizer()?.decode(&out.tokens, true)?;
+        Ok(kiln_serve::Translation {
+            text,
+            prompt_tokens: input.len(),
+            completion_tokens: out.tokens.len(),
+            finish: out.finish,
+        })
+    }
+}

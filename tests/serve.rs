@@ -212,7 +212,8 @@ fn have_openai() -> bool {
 /// `kiln serve` driven by the official `openai` client (tests/serve/openai_client.py): greedy
 /// outputs equal `kiln generate`'s, streaming, stop strings, 16 concurrent clients equal to
 /// their one-at-a-time outputs, 400s for bad requests, the API key, 503 past the bound and a
-/// place freed by a client that disconnects; then SIGTERM stops both servers cleanly.
+/// place freed by a client that disconnects; /v1/translations on the NLLB fixture equal to
+/// `kiln translate`; then SIGTERM stops every server cleanly.
 #[test]
 fn openai_client_against_kiln_serve() {
     if !have_openai() {
@@ -229,6 +230,8 @@ fn openai_client_against_kiln_serve() {
         &["--api-key", "sekrit", "--max-concurrent", "16"],
     );
     let small = Server::start(dir.path(), &["--max-concurrent", "1", "--queue", "0"]);
+    let nllb = fixture("nllb-tiny");
+    let translate = Server::start(&nllb, &[]);
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve/openai_client.py");
     let mut client = std::process::Command::new("python3")
@@ -242,6 +245,8 @@ fn openai_client_against_kiln_serve() {
             "--model",
         ])
         .arg(dir.path())
+        .args(["--translate-url", &translate.url, "--nllb"])
+        .arg(&nllb)
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);

@@ -34,9 +34,16 @@ fn load(name: &str) -> T5<B> {
 /// formula is exact: kiln run in float64 matched HF run in float64 (with T5LayerNorm's float32
 /// variance patched to float64) to 5e-13 on encoder states and logits. So this one fixture gets
 /// a documented looser float32 bound on every backend; a wrong formula misses it by orders of
-/// magnitude.
+/// magnitude. `t5v11-gated-tied-noscale` applies the tied head to the unscaled decoder output,
+/// so its logits are 4x the others' (std 3.99 against ~1) and so are float32 rounding
+/// differences: on an AVX-512 machine (gemm's wider kernels) cached step 10 lands 1.04e-4 away;
+/// its bound is TOL scaled by that std.
 fn logits_tol(name: &str) -> f32 {
-    if name == "t5-relu-tied" { 3e-4 } else { TOL }
+    match name {
+        "t5-relu-tied" => 3e-4,
+        "t5v11-gated-tied-noscale" => 4.0 * TOL,
+        _ => TOL,
+    }
 }
 
 /// HF's generate row (start token included, padding after EOS) cut after its first EOS.

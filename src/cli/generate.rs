@@ -360,7 +360,7 @@ fn run_text_to_text(args: &GenerateArgs, spec: &str) -> anyhow::Result<()> {
     for (prompt, out) in prompts.iter().zip(&outputs) {
         generated += out.tokens.len();
         let mut text = match tokenizer {
-            Some(t) => Some(t.decode(&in_vocabulary(&out.tokens, t), true)?),
+            Some(t) => Some(t.decode(&out.tokens, true)?),
             None => None,
         };
         // Stop strings cut the text after the fact (the sequence is generated whole).
@@ -386,15 +386,4 @@ fn run_text_to_text(args: &GenerateArgs, spec: &str) -> anyhow::Result<()> {
         generated as f64 / elapsed.max(1e-9)
     );
     Ok(())
-}
-
-/// `tokens` without ids past the tokenizer's vocabulary: T5's embedding is padded beyond it
-/// (32128 rows for 32100 pieces), and HF decodes those ids as nothing.
-pub fn in_vocabulary(tokens: &[u32], tokenizer: &kiln::core::Tokenizer) -> Vec<u32> {
-    let size = tokenizer.vocab_size();
-    tokens
-        .iter()
-        .copied()
-        .filter(|&t| (t as usize) < size)
-        .collect()
 }

@@ -2,14 +2,14 @@ use std::time::{Duration, Instant};
 
 use super::precision::PrecisionArgs;
 use super::template::TemplateArgs;
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
 use kiln::auto;
 use kiln::backend::{Backend, NAME, device};
-use kiln_serve::{ServeConfig, serve};
+use kiln_serve::{ServeConfig, serve, serve_translator};
 
 pub const LONG_ABOUT: &str = "\
-Serve a decoder-only model over HTTP with the OpenAI API, so any OpenAI client, editor plugin or
+Serve a model over HTTP with the OpenAI API, so any OpenAI client, editor plugin or
 agent framework can use it. Requests that arrive while others decode join the running batch at
 the next step (continuous batching); with temperature 0 each gets the tokens `kiln generate`
 gives for its prompt alone.
@@ -20,6 +20,10 @@ Endpoints:
   POST /v1/completions        a text prompt (BOS added as `kiln generate` does)
   GET  /v1/models             the one model served
   GET  /health                status, running and admitted requests (needs no API key)
+  POST /v1/translations       NLLB-200 and T5 models instead of the two above:
+                              {\"text\", \"source_lang\", \"target_lang\", \"max_tokens\", \"num_beams\",
+                              \"temperature\", \"top_p\", \"seed\"} -> {\"text\", \"finish_reason\", \"usage\"};
+                              one request at a time, as `kiln translate` runs it
 
 Request fields: max_tokens / max_completion_tokens (default: the rest of the context),
 temperature, top_p, top_k, repetition_penalty, frequency_penalty, presence_penalty, seed, stop
@@ -41,7 +45,8 @@ Examples:
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Model folder, `.gguf` file, or Hugging Face hub id (default: SmolLM2-135M-Instruct).
+    /// Model folder, `.gguf` file, or Hugging Face hub id (default: SmolLM2-135M-Instruct); an
+    /// NLLB or T5 model serves /v1/translations.
     #[arg(long, env = "KILN_MODEL")]
     model: Option<String>,
     /// Address to listen on (default loopback only; 0.0.0.0 exposes the server to the network).
@@ -75,7 +80,32 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let device = device();
     let start = Instant::now();
     let spec = args.model.clone().unwrap_or_else(auto::default_model);
-    let loaded = auto::load_with::<Backend>(&spec, &device, &args.precision.to_options())
+    let config = ServeConfig::default()
+        .with_host(args.host)
+        .with_port(args.port)
+        .with_max_concurrent(args.max_concurrent)
+        .with_queue(args.queue)
+        .with_api_key(args.api_key)
+        .with_model_id(args.model_id.unwrap_or_else(|| spec.clone()))
+        .with_shutdown_grace(Duration::from_secs(args.shutdown_grace));
+    let on_ready = |addr| eprintln!("kiln serve: listening on http://{addr}");
+    let options = args.precision.to_options();
+    let model_type = auto::model_type(&spec).with_context(|| format!("reading {spec}"))?;
+    if matches!(model_type.as_str(), "t5" | "m2m_100" | "m2m100" | "nllb") {
+        let loaded = auto::load_seq2seq_with::<Backend>(&spec, &device, &options)
+            .with_context(|| format!("loading {spec}"))?;
+        if loaded.tokenizer.is_none() {
+            bail!("kiln serve needs the model's tokenizer.json");
+        }
+        eprintln!(
+            "kiln serve: {} ({model_type}, POST /v1/translations) loaded in {:.1}s on {NAME}",
+            loaded.files.dir.display(),
+            start.elapsed().as_secs_f64(),
+        );
+        serve_translator(loaded, config, on_ready)?;
+        return Ok(());
+    }
+    let loaded = auto::load_with::<Backend>(&spec, &device, &options)
         .with_context(|| format!("loading {spec}"))?;
     let tokenizer = loaded
         .tokenizer
@@ -87,16 +117,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         loaded.description,
         start.elapsed().as_secs_f64(),
     );
-    let config = ServeConfig::default()
-        .with_host(args.host)
-        .with_port(args.port)
-        .with_max_concurrent(args.max_concurrent)
-        .with_queue(args.queue)
-        .with_api_key(args.api_key)
-        .with_model_id(args.model_id.unwrap_or(spec))
-        .with_shutdown_grace(Duration::from_secs(args.shutdown_grace));
-    serve(loaded.model, tokenizer, loaded.defaults, config, |addr| {
-        eprintln!("kiln serve: listening on http://{addr}");
-    })?;
+    serve(loaded.model, tokenizer, loaded.defaults, config, on_ready)?;
     Ok(())
 }

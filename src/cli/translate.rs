@@ -10,8 +10,8 @@ use clap::Args;
 use kiln::auto::{self, Seq2SeqModel};
 use kiln::backend::{Backend, NAME, device};
 use kiln::core::Tokenizer;
-use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqOutput, generate_seq2seq};
-use kiln::m2m100::{encode_source, language_codes, language_token_id};
+use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqOutput};
+use kiln::m2m100::language_codes;
 
 pub const LONG_ABOUT: &str = "\
 Translate with NLLB-200 (M2M100), or run a T5 / FLAN-T5 model on text-to-text prompts.
@@ -151,44 +151,20 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
                 .unwrap_or(200),
         );
 
-    // Token ids per input, and the model-specific pieces of the config.
-    let inputs: Vec<Vec<u32>> = match (&loaded.model, &args.prompt_ids) {
-        (Seq2SeqModel::M2M100(_), Some(ids)) => {
-            let Some(tgt) = &args.tgt else {
-                bail!("NLLB needs --tgt (the target language) with --prompt-ids");
-            };
-            config =
-                config.with_forced_bos_token_id(Some(language_token_id(tokenizer, tgt, "--tgt")?));
-            vec![ids.clone()]
-        }
-        (Seq2SeqModel::T5(_), Some(ids)) => vec![ids.clone()],
-        (Seq2SeqModel::M2M100(model), None) => {
-            let (Some(src), Some(tgt)) = (&args.src, &args.tgt) else {
-                bail!(
-                    "NLLB needs --src and --tgt (e.g. --src eng_Latn --tgt fra_Latn; --list-languages)"
-                );
-            };
-            let eos = *kiln::core::seq2seq::Seq2SeqLm::<Backend>::eos_token_ids(model)
-                .first()
-                .context("the model's config names no EOS token")?;
-            config =
-                config.with_forced_bos_token_id(Some(language_token_id(tokenizer, tgt, "--tgt")?));
-            texts
-                .iter()
-                .map(|t| encode_source(tokenizer, t, src, eos))
-                .collect::<Result<_, _>>()?
-        }
-        (Seq2SeqModel::T5(_), None) => {
-            let prefix = match (&args.src, &args.tgt) {
-                (Some(src), Some(tgt)) => format!("translate {src} to {tgt}: "),
-                (None, None) => String::new(),
-                _ => bail!("for T5 give both --src and --tgt (language names), or neither"),
-            };
-            texts
-                .iter()
-                .map(|t| tokenizer.encode(&format!("{prefix}{t}"), true))
-                .collect::<Result<_, _>>()?
-        }
+    // Token ids per input, and the forced target-language token (NLLB).
+    let forced = match (&loaded.model, &args.tgt) {
+        (Seq2SeqModel::M2M100(_), None) => bail!(
+            "NLLB needs --src and --tgt (e.g. --src eng_Latn --tgt fra_Latn; --list-languages)"
+        ),
+        _ => loaded.forced_target(args.tgt.as_deref())?,
+    };
+    config = config.with_forced_bos_token_id(forced);
+    let inputs: Vec<Vec<u32>> = match &args.prompt_ids {
+        Some(ids) => vec![ids.clone()],
+        None => texts
+            .iter()
+            .map(|t| loaded.encode_input(t, args.src.as_deref(), args.tgt.as_deref()))
+            .collect::<Result<_, _>>()?,
     };
 
     // What the JSON output names as each input.
@@ -202,10 +178,7 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
         .chunks(args.batch_size)
         .zip(inputs.chunks(args.batch_size))
     {
-        let outputs = match &loaded.model {
-            Seq2SeqModel::M2M100(model) => generate_seq2seq(model, chunk, &config)?,
-            Seq2SeqModel::T5(model) => generate_seq2seq(model, chunk, &config)?,
-        };
+        let outputs = loaded.generate(chunk, &config)?;
         for (text, out) in chunk_texts.iter().zip(&outputs) {
             generated += out.tokens.len();
             print_output(text, out, tokenizer, args.json)?;
@@ -226,10 +199,7 @@ fn print_output(
     tokenizer: &Tokenizer,
     json: bool,
 ) -> anyhow::Result<()> {
-    let text = tokenizer.decode(
-        &super::generate::in_vocabulary(&out.tokens, tokenizer),
-        true,
-    )?;
+    let text = tokenizer.decode(&out.tokens, true)?;
     if json {
         let json = serde_json::json!({
             "input": input,

@@ -1,10 +1,13 @@
 """Drives `kiln serve` with the official `openai` package (run by tests/serve.rs).
 
 Usage: openai_client.py --base-url URL --small-url URL --api-key KEY --kiln BIN --model DIR
+                        --translate-url URL --nllb DIR
 
 `--base-url`: a server with --api-key KEY (16 concurrent, queue 64).
 `--small-url`: a server without a key, --max-concurrent 1 --queue 0 (overload checks).
 `--kiln`/`--model`: `kiln generate` on the same model, the reference for greedy outputs.
+`--translate-url`: a server on the NLLB fixture `--nllb` (/v1/translations), checked against
+`kiln translate`.
 Every call has a timeout; any failure raises, so the exit status is the verdict.
 """
 
@@ -24,6 +27,8 @@ p.add_argument("--small-url", required=True)
 p.add_argument("--api-key", required=True)
 p.add_argument("--kiln", required=True)
 p.add_argument("--model", required=True)
+p.add_argument("--translate-url", required=True)
+p.add_argument("--nllb", required=True)
 args = p.parse_args()
 
 client = openai.OpenAI(base_url=args.base_url + "/v1", api_key=args.api_key, timeout=60, max_retries=0)
@@ -198,4 +203,28 @@ while True:
     assert time.time() < deadline, f"the slot of a closed stream was not freed: {status} {reply}"
     time.sleep(0.05)
 print("503 beyond the bound, slot freed on disconnect: ok")
+
+# 7. /v1/translations on an NLLB model equals `kiln translate`, greedy and with beams; a bad
+#    language code is a 400 naming it; each server refuses the other kind's endpoints.
+for beams in (1, 2):
+    cmd = [args.kiln, "translate", "--model", args.nllb, "--src", "eng_Latn", "--tgt", "fra_Latn",
+           "--json", "-n", "8", "--num-beams", str(beams), "The kiln is hot."]
+    ref = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout)
+    status, _, reply = request(args.translate_url, "POST", "/v1/translations", {
+        "text": "The kiln is hot.", "source_lang": "eng_Latn", "target_lang": "fra_Latn",
+        "max_tokens": 8, "num_beams": beams})
+    assert status == 200, (status, reply)
+    assert reply["object"] == "translation" and reply["text"] == ref["text"], (reply, ref)
+    assert reply["usage"]["completion_tokens"] == len(ref["tokens"]), (reply, ref)
+    assert reply["finish_reason"] == ("length" if ref["finish_reason"] == "length" else "stop"), reply
+status, _, reply = request(args.translate_url, "POST", "/v1/translations",
+                           {"text": "x", "source_lang": "eng_Latn", "target_lang": "xx_Latn"})
+assert status == 400 and "xx_Latn" in reply["error"]["message"], (status, reply)
+status, _, reply = request(args.translate_url, "POST", "/v1/translations", {"text": "x", "source_lang": "eng_Latn"})
+assert status == 400, (status, reply)
+status, _, reply = request(args.translate_url, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})
+assert status == 400 and "/v1/translations" in reply["error"]["message"], (status, reply)
+status, _, reply = request(args.base_url, "POST", "/v1/translations", {"text": "x"}, AUTH)
+assert status == 400, (status, reply)
+print("translations equal kiln translate: ok")
 print("ALL OK")

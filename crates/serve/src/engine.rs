@@ -40,9 +40,13 @@ pub struct Job {
 #[derive(Clone)]
 pub struct EngineHandle {
     jobs: mpsc::Sender<(Job, UnboundedSender<BatchEvent>)>,
+    stats: Arc<Stats>,
+}
+
+/// The bound on requests admitted (running or waiting).
+pub struct Admission {
     admitted: Arc<AtomicUsize>,
     limit: usize,
-    stats: Arc<Stats>,
 }
 
 /// What `/health` reports of the engine.
@@ -66,8 +70,16 @@ impl Drop for Slot {
     }
 }
 
-impl EngineHandle {
-    /// Takes a slot unless `max_concurrent + queue` requests are already admitted.
+impl Admission {
+    /// At most `limit` requests at a time.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            admitted: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// Takes a slot unless `limit` requests are already admitted.
     pub fn admit(&self) -> Option<Slot> {
         self.admitted
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -83,7 +95,9 @@ impl EngineHandle {
     pub fn admitted(&self) -> usize {
         self.admitted.load(Ordering::Acquire)
     }
+}
 
+impl EngineHandle {
     /// The engine's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -99,13 +113,11 @@ impl EngineHandle {
 }
 
 /// Starts the engine thread over `model`; it runs until every handle is dropped and the last
-/// sequence has ended. At most `max_concurrent` sequences decode together; up to `queue` more
-/// wait.
+/// sequence has ended. At most `max_concurrent` sequences decode together; the rest wait.
 pub fn start<B, M>(
     model: M,
     tokenizer: Tokenizer,
     max_concurrent: usize,
-    queue: usize,
 ) -> (EngineHandle, std::thread::JoinHandle<()>)
 where
     B: Backend,
@@ -118,12 +130,7 @@ where
         .name("kiln-engine".into())
         .spawn(move || run(model, tokenizer, rx, max_concurrent.max(1), &engine_stats))
         .expect("spawning the engine thread");
-    let handle = EngineHandle {
-        jobs,
-        admitted: Arc::new(AtomicUsize::new(0)),
-        limit: max_concurrent.max(1) + queue,
-        stats,
-    };
+    let handle = EngineHandle { jobs, stats };
     (handle, thread)
 }
 

@@ -6,8 +6,9 @@
 //!
 //! Endpoints: `POST /v1/chat/completions` (through the model's chat template),
 //! `POST /v1/completions`, both with `stream: true` as server-sent events; `GET /v1/models`;
-//! `GET /health`. The `kiln serve` command loads a model and calls [`serve`]; an application
-//! that holds its own model calls it the same way.
+//! `GET /health`; for encoder-decoders (NLLB-200, T5) `POST /v1/translations` instead
+//! ([`serve_translator`]). The `kiln serve` command loads a model and calls these; an
+//! application that holds its own model calls them the same way.
 //!
 //! ```no_run
 //! # fn demo<B: burn::prelude::Backend>(model: kiln_llama::Llama<B>, tokenizer: kiln_core::Tokenizer) {
@@ -25,6 +26,7 @@
 mod api;
 mod engine;
 mod routes;
+mod translate;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,6 +36,7 @@ use kiln_core::loading::GenerationDefaults;
 use kiln_core::{CausalLm, Tokenizer};
 
 pub use api::ApiError;
+pub use translate::{Translation, TranslationRequest, Translator};
 
 /// Where and how [`serve`] listens.
 #[derive(Debug, Clone)]
@@ -145,18 +148,40 @@ where
             "max_concurrent must be at least 1".into(),
         ));
     }
+    let context = model.max_context();
+    let (engine, thread) = engine::start(model, tokenizer.clone(), config.max_concurrent);
+    let decoder = routes::Decoder::new(engine, tokenizer, defaults, context);
+    run(
+        routes::Served::Decoder(Box::new(decoder)),
+        thread,
+        config,
+        on_ready,
+    )
+}
+
+/// Serves an encoder-decoder model's `POST /v1/translations` (NLLB-200, T5; requests run one
+/// at a time) until SIGINT or SIGTERM, with the same `/v1/models`, `/health`, API key, bound
+/// and shutdown as [`serve`].
+pub fn serve_translator<T: Translator>(
+    translator: T,
+    config: ServeConfig,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    let (handle, thread) = translate::start(translator);
+    run(routes::Served::Translator(handle), thread, config, on_ready)
+}
+
+fn run(
+    served: routes::Served,
+    thread: std::thread::JoinHandle<()>,
+    config: ServeConfig,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let context = model.max_context();
-    let (engine, engine_thread) = engine::start(
-        model,
-        tokenizer.clone(),
-        config.max_concurrent,
-        config.queue,
-    );
-    let state = routes::AppState::new(engine, tokenizer, defaults, context, &config);
+    let state = routes::AppState::new(served, &config);
     let result = runtime.block_on(async move {
         let addr = format!("{}:{}", config.host, config.port);
         let listener = tokio::net::TcpListener::bind(&addr)
@@ -184,10 +209,10 @@ where
             }
         }
     });
-    // Dropping the runtime drops every handler, so the engine's channel closes; its running
-    // sequences find their clients gone at the next step.
+    // Dropping the runtime drops every handler, so the model thread's channel closes; its
+    // running sequences find their clients gone at the next step.
     drop(runtime);
-    let _ = engine_thread.join();
+    let _ = thread.join();
     result
 }
 

@@ -23,32 +23,36 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::ServeConfig;
 use crate::api::{ApiError, ChatRequest, CompletionRequest, Sampling, Usage, parse};
-use crate::engine::{EngineHandle, Job, Slot};
+use crate::engine::{Admission, EngineHandle, Job, Slot};
+use crate::translate::{Failure, TranslationRequest, TranslatorHandle};
 
-/// What every handler reads.
-pub struct AppState {
+/// What the server holds: a decoder behind the continuous batcher, or a translation model.
+pub enum Served {
+    /// Chat and completions.
+    Decoder(Box<Decoder>),
+    /// `/v1/translations`.
+    Translator(TranslatorHandle),
+}
+
+/// A decoder model's engine and what its requests need.
+pub struct Decoder {
     engine: EngineHandle,
     tokenizer: Tokenizer,
     defaults: GenerationDefaults,
     context: usize,
-    model_id: String,
-    api_key: Option<String>,
     /// The model's EOS ids (completions).
     eos: Vec<u32>,
     /// Those plus the chat template's end-of-turn token (chat).
     chat_eos: Vec<u32>,
-    created: u64,
-    next_id: AtomicU64,
 }
 
-impl AppState {
+impl Decoder {
     pub fn new(
         engine: EngineHandle,
         tokenizer: Tokenizer,
         defaults: GenerationDefaults,
         context: usize,
-        config: &ServeConfig,
-    ) -> Arc<Self> {
+    ) -> Self {
         let eos = defaults.eos_token_id.to_vec();
         let mut chat_eos = eos.clone();
         // As `kiln chat`: the template's end-of-turn token ends a reply.
@@ -59,18 +63,47 @@ impl AppState {
         {
             chat_eos.push(id);
         }
-        Arc::new(Self {
+        Self {
             engine,
             tokenizer,
             defaults,
             context,
-            model_id: config.model_id.clone(),
-            api_key: config.api_key.clone(),
             eos,
             chat_eos,
+        }
+    }
+}
+
+/// What every handler reads.
+pub struct AppState {
+    served: Served,
+    admission: Admission,
+    model_id: String,
+    api_key: Option<String>,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(served: Served, config: &ServeConfig) -> Arc<Self> {
+        Arc::new(Self {
+            served,
+            admission: Admission::new(config.max_concurrent.max(1) + config.queue),
+            model_id: config.model_id.clone(),
+            api_key: config.api_key.clone(),
             created: now(),
             next_id: AtomicU64::new(1),
         })
+    }
+
+    fn decoder(&self) -> Result<&Decoder, ApiError> {
+        match &self.served {
+            Served::Decoder(d) => Ok(d),
+            Served::Translator(_) => Err(ApiError::invalid(
+                "model",
+                "this server holds an encoder-decoder model; use POST /v1/translations",
+            )),
+        }
     }
 }
 
@@ -85,6 +118,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/translations", post(translations))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/health", get(health))
@@ -123,12 +157,21 @@ async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: N
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
-    let stats = state.engine.stats();
+    let (running, peak) = match &state.served {
+        Served::Decoder(d) => {
+            let stats = d.engine.stats();
+            (
+                stats.running.load(Ordering::Relaxed),
+                stats.peak_running.load(Ordering::Relaxed),
+            )
+        }
+        Served::Translator(_) => (0, 0),
+    };
     axum::Json(json!({
         "status": "ok",
-        "running": stats.running.load(Ordering::Relaxed),
-        "admitted": state.engine.admitted(),
-        "peak_running": stats.peak_running.load(Ordering::Relaxed),
+        "running": running,
+        "admitted": state.admission.admitted(),
+        "peak_running": peak,
     }))
 }
 
@@ -144,7 +187,6 @@ async fn models(State(state): State<Arc<AppState>>) -> axum::Json<Value> {
             "object": "model",
             "created": state.created,
             "owned_by": "kiln",
-            "max_model_len": state.context,
         }],
     }))
 }
@@ -181,24 +223,25 @@ async fn chat_completions(
         .enumerate()
         .map(|(i, m)| m.to_template_json(i))
         .collect::<Result<Vec<_>, _>>()?;
-    if state.tokenizer.template().is_none() {
+    let decoder = state.decoder()?;
+    if decoder.tokenizer.template().is_none() {
         return Err(ApiError::invalid(
             "messages",
             "this model has no chat template; use /v1/completions",
         ));
     }
     let inputs = ChatTemplateInputs::from_json(messages).with_generation_prompt(true);
-    let text = state
+    let text = decoder
         .tokenizer
         .render_chat(&inputs)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?
         .text;
     // The template writes BOS itself when the model wants one.
-    let prompt = state
+    let prompt = decoder
         .tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let eos = state.chat_eos.clone();
+    let eos = decoder.chat_eos.clone();
     run(state, prompt, sampling, eos, Kind::Chat).await
 }
 
@@ -223,11 +266,12 @@ async fn completions(
             "more than one prompt per request",
         ));
     }
-    let prompt = state
+    let decoder = state.decoder()?;
+    let prompt = decoder
         .tokenizer
         .encode(&prompts.remove(0), true)
         .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-    let eos = state.eos.clone();
+    let eos = decoder.eos.clone();
     run(state, prompt, sampling, eos, Kind::Completion).await
 }
 
@@ -242,6 +286,7 @@ struct Plan {
 
 fn plan(
     state: &AppState,
+    decoder: &Decoder,
     prompt_len: usize,
     s: Sampling,
     eos: Vec<u32>,
@@ -297,7 +342,7 @@ fn plan(
             "at most 16 stop strings, each 1 to 1024 bytes",
         ));
     }
-    let context = state.context;
+    let context = decoder.context;
     if prompt_len >= context {
         let param = match kind {
             Kind::Chat => "messages",
@@ -341,7 +386,7 @@ fn plan(
             .map_or(0, |d| d.as_nanos() as u64);
         nanos ^ state.next_id.load(Ordering::Relaxed).rotate_left(32)
     });
-    let sampling = state.defaults.sampling(&overrides).with_seed(seed);
+    let sampling = decoder.defaults.sampling(&overrides).with_seed(seed);
     let config = GenerationConfig::default()
         .with_max_new_tokens(max_tokens)
         .with_sampling(sampling)
@@ -357,6 +402,63 @@ fn plan(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
     })
+}
+
+fn admit(state: &AppState) -> Result<Slot, ApiError> {
+    state.admission.admit().ok_or_else(|| {
+        overloaded("the server is at its limit of running and queued requests; retry later")
+    })
+}
+
+async fn translations(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Served::Translator(translator) = &state.served else {
+        return Err(ApiError::invalid(
+            "model",
+            "this server holds a decoder-only model; use /v1/chat/completions or /v1/completions",
+        ));
+    };
+    let (request, _): (TranslationRequest, Sampling) = parse(&body)?;
+    if request.text.is_empty() {
+        return Err(ApiError::invalid("text", "is empty"));
+    }
+    if let Some(t) = request.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("{t} is not in [0, 2]"),
+        ));
+    }
+    if request.num_beams == Some(0) || request.max_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            "num_beams",
+            "num_beams and max_tokens must be at least 1",
+        ));
+    }
+    let _slot = admit(&state)?;
+    let reply = translator
+        .submit(request)
+        .ok_or_else(|| overloaded("the server is shutting down"))?;
+    let translation = match reply.await {
+        Ok(Ok(t)) => t,
+        Ok(Err(Failure::Request(message))) => return Err(ApiError::invalid("request", message)),
+        Ok(Err(Failure::Internal(message))) => return Err(internal(message)),
+        Err(_) => return Err(internal("the model stopped before the request ended")),
+    };
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+    Ok(axum::Json(json!({
+        "id": format!("tr-{n:016x}"),
+        "object": "translation",
+        "created": now(),
+        "model": state.model_id,
+        "text": translation.text,
+        "finish_reason": finish_reason(translation.finish),
+        "usage": Usage::new(translation.prompt_tokens, translation.completion_tokens),
+    }))
+    .into_response())
 }
 
 fn overloaded(message: &str) -> ApiError {
@@ -480,11 +582,10 @@ async fn run(
     eos: Vec<u32>,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let plan = plan(&state, prompt.len(), sampling, eos, kind)?;
-    let slot = state.engine.admit().ok_or_else(|| {
-        overloaded("the server is at its limit of running and queued requests; retry later")
-    })?;
-    let mut events = state
+    let decoder = state.decoder()?;
+    let plan = plan(&state, decoder, prompt.len(), sampling, eos, kind)?;
+    let slot = admit(&state)?;
+    let mut events = decoder
         .engine
         .submit(Job {
             prompt,
