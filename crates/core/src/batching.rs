@@ -10,7 +10,7 @@
 
 use burn::prelude::*;
 
-use crate::generate::{CausalLm, Generation, GenerationConfig};
+use crate::generate::{CausalLm, Generation, GenerationConfig, check_prompt};
 use crate::sampling::{Sampler, apply_frequency_presence_penalties};
 use crate::tokenizer::{TokenStream, Tokenizer};
 use crate::{Error, Result};
@@ -121,7 +121,14 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
         if sink.is_closed() {
             return;
         }
-        let checked = self.check(&prompt, &config).and_then(|()| {
+        let checked = check_prompt(
+            &prompt,
+            &config,
+            self.tokenizer,
+            self.model.vocab_size(),
+            self.model.max_context(),
+        )
+        .and_then(|()| {
             for (name, v) in [
                 ("frequency_penalty", frequency_penalty),
                 ("presence_penalty", presence_penalty),
@@ -242,31 +249,6 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
             }
             self.groups.push(group);
         }
-    }
-
-    fn check(&self, prompt: &[u32], config: &GenerationConfig) -> Result<()> {
-        let vocab = self.model.vocab_size();
-        let context = self.model.max_context();
-        if prompt.is_empty() {
-            return Err(Error::arg("prompt", "has no tokens"));
-        }
-        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::arg(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary of {vocab}"),
-            ));
-        }
-        if prompt.len() >= context {
-            return Err(Error::ContextOverflow {
-                prompt: prompt.len(),
-                context,
-                detail: " (no room left to generate)".into(),
-            });
-        }
-        if !config.stop_strings.is_empty() && self.tokenizer.is_none() {
-            return Err(Error::arg("stop_strings", "need a tokenizer to match text"));
-        }
-        Ok(())
     }
 
     /// Samples one token per row from `logits` `[rows, 1, vocab]`, sends the events, and returns

@@ -121,3 +121,12 @@ impl Error {
         }
     }
 }
+
+/// The message of a caught panic (`catch_unwind`'s payload), for errors that contain one.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
+}

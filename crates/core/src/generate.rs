@@ -248,25 +248,15 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
     let vocab = model.vocab_size();
     let context = model.max_context();
     for (row, prompt) in prompts.iter().enumerate() {
-        if prompt.is_empty() {
-            return Err(Error::arg("prompt", format!("prompt {row} has no tokens")));
-        }
-        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::arg(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary of {vocab}"),
-            ));
-        }
-        if prompt.len() >= context {
-            return Err(Error::ContextOverflow {
-                prompt: prompt.len(),
-                context,
-                detail: " (no room left to generate)".into(),
-            });
-        }
-    }
-    if !config.stop_strings.is_empty() && tokenizer.is_none() {
-        return Err(Error::arg("stop_strings", "need a tokenizer to match text"));
+        check_prompt(prompt, config, tokenizer, vocab, context).map_err(|e| match e {
+            Error::InvalidArgument { name, message } if prompts.len() > 1 => {
+                Error::InvalidArgument {
+                    name,
+                    message: format!("prompt {row}: {message}"),
+                }
+            }
+            e => e,
+        })?;
     }
     let batch = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -327,6 +317,37 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
         }
     }
     Ok(outputs)
+}
+
+/// What every decode loop checks before it starts: the prompt has tokens, all in the model's
+/// vocabulary, and leaves room in its context; stop strings come with a tokenizer.
+pub(crate) fn check_prompt(
+    prompt: &[u32],
+    config: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    vocab: usize,
+    context: usize,
+) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(Error::arg("prompt", "has no tokens"));
+    }
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::arg(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    if prompt.len() >= context {
+        return Err(Error::ContextOverflow {
+            prompt: prompt.len(),
+            context,
+            detail: " (no room left to generate)".into(),
+        });
+    }
+    if !config.stop_strings.is_empty() && tokenizer.is_none() {
+        return Err(Error::arg("stop_strings", "need a tokenizer to match text"));
+    }
+    Ok(())
 }
 
 /// Length of the longest end of `text` that is a proper prefix of a stop string (so may still

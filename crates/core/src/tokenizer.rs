@@ -289,16 +289,10 @@ fn guard<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, String>) -> R
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::Tokenizer(format!("{what}: {e}"))),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("no message");
-            Err(Error::Tokenizer(format!(
-                "{what}: the tokenizers crate failed on it ({msg})"
-            )))
-        }
+        Err(panic) => Err(Error::Tokenizer(format!(
+            "{what}: the tokenizers crate failed on it ({})",
+            crate::panic_message(panic.as_ref())
+        ))),
     }
 }
 

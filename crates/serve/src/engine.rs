@@ -150,14 +150,10 @@ fn run<B: Backend, M: CausalLm<B>>(
         }));
         match served {
             Ok(()) => return,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("no message");
-                eprintln!("kiln serve: a decode step failed ({message}); its requests were ended");
-            }
+            Err(panic) => eprintln!(
+                "kiln serve: a decode step failed ({}); its requests were ended",
+                kiln_core::panic_message(panic.as_ref())
+            ),
         }
     }
 }
