@@ -171,8 +171,9 @@ impl Server {
     /// Sends SIGTERM and returns whether it exited cleanly within `secs`.
     fn terminate(mut self, secs: u64) -> bool {
         let pid = self.child.id().to_string();
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
+        // The shell's builtin, so no procps is needed.
+        let _ = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
             .status();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         while std::time::Instant::now() < deadline {
