@@ -274,3 +274,28 @@ fn openai_client_against_kiln_serve() {
         "kiln serve did not exit cleanly on SIGTERM"
     );
 }
+
+/// `finish_all` (a server's shutdown) ends every sequence at once with a `Done` holding the
+/// tokens so far: a prefix of HF's greedy continuation.
+#[test]
+fn batcher_finish_all_ends_every_row() {
+    let name = "llama3-gqa";
+    let reference = Reference::load(name);
+    let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+    let (_, prompt) = reference.ids("prompt_ids");
+    let (_, greedy) = reference.ids("greedy_ids");
+    let mut batcher = Batcher::new(&model, None);
+    let sinks: Vec<Collect> = (0..2).map(|_| Collect::default()).collect();
+    for sink in &sinks {
+        batcher.add(request(&prompt, greedy.len(), sink));
+    }
+    for _ in 0..4 {
+        batcher.step();
+    }
+    batcher.finish_all();
+    assert!(batcher.is_empty());
+    for sink in &sinks {
+        // One token from the prefill, one per step.
+        assert_eq!(sink.tokens().unwrap(), greedy[..5]);
+    }
+}

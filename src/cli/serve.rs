@@ -33,7 +33,8 @@ JSON mode) are a 400 naming the field, as are malformed bodies and prompts or ma
 context. Past --max-concurrent running and --queue waiting requests, the server answers 503.
 
 It listens on loopback unless --host says otherwise. SIGINT/SIGTERM stop accepting, let open
-responses finish for --shutdown-grace seconds, then exit.
+responses finish for --shutdown-grace seconds, then end the rest (each stream gets a last chunk
+with finish_reason \"length\" and `data: [DONE]`) and exit.
 
 Examples:
   kiln serve --port 8080

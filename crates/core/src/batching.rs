@@ -107,6 +107,16 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
         self.groups.is_empty()
     }
 
+    /// Ends every sequence in flight now, as if it had reached its length limit: each gets its
+    /// held-back text and [`BatchEvent::Done`] (a server shutting down ends its streams this way).
+    pub fn finish_all(&mut self) {
+        for group in std::mem::take(&mut self.groups) {
+            for row in group.rows {
+                self.finish(row);
+            }
+        }
+    }
+
     /// Prefills `request`'s prompt, samples its first token and adds it to the running batch.
     /// A request that cannot run gets [`BatchEvent::Failed`]; one that ends at its first token
     /// gets [`BatchEvent::Done`] at once.

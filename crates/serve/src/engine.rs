@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use burn::prelude::Backend;
@@ -41,6 +41,7 @@ pub struct Job {
 pub struct EngineHandle {
     jobs: mpsc::Sender<(Job, UnboundedSender<BatchEvent>)>,
     stats: Arc<Stats>,
+    cancel: Arc<AtomicBool>,
 }
 
 /// The bound on requests admitted (running or waiting).
@@ -98,6 +99,12 @@ impl Admission {
 }
 
 impl EngineHandle {
+    /// Ends every running sequence at its next step (each stream gets its last chunk) and
+    /// refuses what is queued or comes later: the end of a shutdown's grace period.
+    pub fn cancel_all(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+
     /// The engine's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -125,28 +132,38 @@ where
 {
     let (jobs, rx) = mpsc::channel::<(Job, UnboundedSender<BatchEvent>)>();
     let stats = Arc::new(Stats::default());
-    let engine_stats = stats.clone();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (engine_stats, engine_cancel) = (stats.clone(), cancel.clone());
     let thread = std::thread::Builder::new()
         .name("kiln-engine".into())
-        .spawn(move || run(model, tokenizer, rx, max_concurrent.max(1), &engine_stats))
+        .spawn(move || {
+            let limits = (max_concurrent.max(1), &*engine_stats, &*engine_cancel);
+            run(model, tokenizer, rx, limits)
+        })
         .expect("spawning the engine thread");
-    let handle = EngineHandle { jobs, stats };
+    let handle = EngineHandle {
+        jobs,
+        stats,
+        cancel,
+    };
     (handle, thread)
 }
+
+/// The engine's bound, counters and cancel flag.
+type Limits<'a> = (usize, &'a Stats, &'a AtomicBool);
 
 fn run<B: Backend, M: CausalLm<B>>(
     model: M,
     tokenizer: Tokenizer,
     jobs: mpsc::Receiver<(Job, UnboundedSender<BatchEvent>)>,
-    max_concurrent: usize,
-    stats: &Stats,
+    limits: Limits<'_>,
 ) {
     // A panic inside the model (a bug, not a request's fault) ends the requests in flight,
     // whose handlers then answer 500, and the engine goes on with a fresh batch: the server
     // never dies of a request.
     loop {
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_batches(&model, &tokenizer, &jobs, max_concurrent, stats)
+            run_batches(&model, &tokenizer, &jobs, limits)
         }));
         match served {
             Ok(()) => return,
@@ -163,8 +180,7 @@ fn run_batches<B: Backend, M: CausalLm<B>>(
     model: &M,
     tokenizer: &Tokenizer,
     jobs: &mpsc::Receiver<(Job, UnboundedSender<BatchEvent>)>,
-    max_concurrent: usize,
-    stats: &Stats,
+    (max_concurrent, stats, cancel): Limits<'_>,
 ) {
     let mut batcher = Batcher::new(model, Some(tokenizer));
     let mut waiting = VecDeque::new();
@@ -188,6 +204,16 @@ fn run_batches<B: Backend, M: CausalLm<B>>(
                     break;
                 }
             }
+        }
+        if cancel.load(Ordering::Acquire) {
+            batcher.finish_all();
+            for (_, tx) in waiting.drain(..) {
+                let _ = tx.send(BatchEvent::Failed(kiln_core::Error::arg(
+                    "server",
+                    "it is shutting down",
+                )));
+            }
+            continue;
         }
         // New sequences join between steps; each prefill delays the running ones once.
         while batcher.len() < max_concurrent {

@@ -28,6 +28,7 @@ mod engine;
 mod routes;
 mod translate;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -181,6 +182,7 @@ fn run(
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let cancel = served.canceller();
     let state = routes::AppState::new(served, &config);
     let result = runtime.block_on(async move {
         let addr = format!("{}:{}", config.host, config.port);
@@ -197,16 +199,23 @@ fn run(
             shutdown_signal().await;
             let _ = stop_tx.send(());
         });
+        let mut server = std::pin::pin!(server.into_future());
         let grace = config.shutdown_grace;
+        // After a signal, open responses get `grace` to finish; then the running sequences
+        // are ended (each stream gets its last chunk and `[DONE]`) and the server has a moment
+        // to send that before it stops regardless.
         tokio::select! {
-            r = server => r.map_err(ServeError::from),
+            r = &mut server => return r.map_err(ServeError::from),
             _ = async move {
                 let _ = stop_rx.await;
                 tokio::time::sleep(grace).await;
-            } => {
-                eprintln!("kiln serve: responses still open after {grace:?}; stopping");
-                Ok(())
-            }
+            } => {}
+        }
+        eprintln!("kiln serve: responses still open after {grace:?}; ending them");
+        cancel();
+        tokio::select! {
+            r = &mut server => r.map_err(ServeError::from),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => Ok(()),
         }
     });
     // Dropping the runtime drops every handler, so the model thread's channel closes; its

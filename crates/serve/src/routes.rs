@@ -34,6 +34,20 @@ pub enum Served {
     Translator(TranslatorHandle),
 }
 
+impl Served {
+    /// What ends the requests in flight when a shutdown's grace period is over: the decoder's
+    /// running streams get their last chunk; a translation runs to its end.
+    pub fn canceller(&self) -> Box<dyn Fn() + Send> {
+        match self {
+            Served::Decoder(d) => {
+                let engine = d.engine.clone();
+                Box::new(move || engine.cancel_all())
+            }
+            Served::Translator(_) => Box::new(|| {}),
+        }
+    }
+}
+
 /// A decoder model's engine and what its requests need.
 pub struct Decoder {
     engine: EngineHandle,
