@@ -10,10 +10,10 @@
 
 use burn::prelude::*;
 
+use crate::Error;
 use crate::generate::{CausalLm, Generation, GenerationConfig, check_prompt};
 use crate::sampling::{Sampler, apply_frequency_presence_penalties};
 use crate::tokenizer::{TokenStream, Tokenizer};
-use crate::{Error, Result};
 
 /// What a [`Batcher`] reports about one request.
 #[derive(Debug)]
@@ -181,18 +181,9 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
         let tokens = Tensor::from_data(TensorData::new(ids, [1, row.prompt_tokens]), &device);
         let mut cache = self.model.new_cache(vec![0]);
         let logits = self.model.forward(tokens, &mut cache, false);
-        let mut rows = vec![row];
-        let kept = match self.sample_rows(&mut rows, logits) {
-            Ok(kept) => kept,
-            Err(e) => {
-                rows[0].sink.send(BatchEvent::Failed(e));
-                return;
-            }
-        };
-        if kept.is_empty() {
+        let Some(row) = self.sample_rows(vec![row], logits).0.pop() else {
             return;
-        }
-        let row = rows.pop().expect("one row");
+        };
         let cache = match self.groups.first_mut() {
             Some(group) => match self.model.append_cache(&mut group.cache, cache) {
                 Ok(()) => {
@@ -224,56 +215,42 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
             let n = ids.len();
             let tokens = Tensor::from_data(TensorData::new(ids, [n, 1]), &device);
             let logits = model.forward(tokens, &mut group.cache, false);
-            let kept = match self.sample_rows(&mut group.rows, logits) {
-                Ok(kept) => kept,
-                Err(e) => {
-                    let message = e.to_string();
-                    for row in &mut group.rows {
-                        row.sink
-                            .send(BatchEvent::Failed(Error::arg("batch", message.clone())));
-                    }
-                    continue;
-                }
-            };
-            if kept.is_empty() {
+            let (rows, kept) = self.sample_rows(std::mem::take(&mut group.rows), logits);
+            if rows.is_empty() {
                 continue;
             }
-            if kept.len() < n {
-                if !model.retain_cache_rows(&mut group.cache, &kept) {
-                    for row in &mut group.rows {
-                        row.sink.send(BatchEvent::Failed(Error::arg(
-                            "model",
-                            "it batches sequences but cannot drop finished ones",
-                        )));
-                    }
-                    continue;
+            if rows.len() < n && !model.retain_cache_rows(&mut group.cache, &kept) {
+                for mut row in rows {
+                    row.sink.send(BatchEvent::Failed(Error::arg(
+                        "model",
+                        "it batches sequences but cannot drop finished ones",
+                    )));
                 }
-                let mut rows = std::mem::take(&mut group.rows)
-                    .into_iter()
-                    .map(Some)
-                    .collect::<Vec<_>>();
-                group.rows = kept
-                    .iter()
-                    .map(|&i| rows[i].take().expect("kept once"))
-                    .collect();
+                continue;
             }
+            group.rows = rows;
             self.groups.push(group);
         }
     }
 
-    /// Samples one token per row from `logits` `[rows, 1, vocab]`, sends the events, and returns
-    /// the indices of the rows that go on. Rows that ended were sent `Done` (or were dropped
-    /// because nobody listens).
-    fn sample_rows(&self, rows: &mut [Row], logits: Tensor<B, 3>) -> Result<Vec<usize>> {
+    /// Samples one token per row from `logits` `[rows, 1, vocab]` and sends the events.
+    /// Returns the rows that go on with their indices in `rows`; the others were sent `Done`
+    /// (or `Failed`, or were dropped because nobody listens).
+    fn sample_rows(&self, rows: Vec<Row>, logits: Tensor<B, 3>) -> (Vec<Row>, Vec<usize>) {
         let vocab = self.model.vocab_size();
-        let logits: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .map_err(|e| Error::arg("logits", format!("{e:?}")))?;
+        let logits: Vec<f32> = match logits.into_data().convert::<f32>().into_vec() {
+            Ok(l) => l,
+            Err(e) => {
+                for mut row in rows {
+                    row.sink
+                        .send(BatchEvent::Failed(Error::arg("logits", format!("{e:?}"))));
+                }
+                return (Vec::new(), Vec::new());
+            }
+        };
         let mut kept = Vec::with_capacity(rows.len());
-        let mut ended = Vec::new();
-        for (i, row) in rows.iter_mut().enumerate() {
+        let mut indices = Vec::with_capacity(rows.len());
+        for (i, mut row) in rows.into_iter().enumerate() {
             let row_logits = &mut logits[i * vocab..(i + 1) * vocab].to_vec();
             apply_frequency_presence_penalties(
                 row_logits,
@@ -294,27 +271,27 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
                 stream,
                 sink,
                 ..
-            } = row;
+            } = &mut row;
             let mut listening = !sink.is_closed();
-            let done = out.accept(token, config, self.tokenizer, stream, |piece| {
+            let accepted = out.accept(token, config, self.tokenizer, stream, |piece| {
                 if listening {
                     listening = sink.send(BatchEvent::Text(piece.to_string()));
                 }
-            })?;
-            if !listening {
-                continue;
-            }
-            if done || row.left == 0 {
-                ended.push(i);
-            } else {
-                kept.push(i);
+            });
+            match accepted {
+                _ if !listening => {}
+                Err(e) => {
+                    row.sink.send(BatchEvent::Failed(e));
+                }
+                Ok(true) => self.finish(row),
+                Ok(false) if row.left == 0 => self.finish(row),
+                Ok(false) => {
+                    kept.push(row);
+                    indices.push(i);
+                }
             }
         }
-        for i in ended {
-            let row = std::mem::replace(&mut rows[i], placeholder_row());
-            self.finish(row);
-        }
-        Ok(kept)
+        (kept, indices)
     }
 
     /// Streams what was held back and sends `Done`.
@@ -339,29 +316,5 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
             generation: row.out,
             prompt_tokens: row.prompt_tokens,
         });
-    }
-}
-
-/// Stands in for a row that has been handed to [`Batcher::finish`] (and is dropped with its
-/// group's bookkeeping).
-fn placeholder_row() -> Row {
-    struct Nobody;
-    impl BatchSink for Nobody {
-        fn send(&mut self, _: BatchEvent) -> bool {
-            false
-        }
-    }
-    Row {
-        prompt_tokens: 0,
-        context: Vec::new(),
-        counts: Vec::new(),
-        sampler: Sampler::new(crate::SamplingConfig::greedy()).expect("greedy is valid"),
-        out: Generation::start(false),
-        stream: TokenStream::new(),
-        config: GenerationConfig::default(),
-        frequency_penalty: 0.0,
-        presence_penalty: 0.0,
-        left: 0,
-        sink: Box::new(Nobody),
     }
 }

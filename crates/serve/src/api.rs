@@ -73,12 +73,22 @@ impl IntoResponse for ApiError {
 /// Parses a JSON body: the endpoint's own fields as `T` and the shared [`Sampling`] fields,
 /// each naming the field at fault on a type error.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<(T, Sampling), ApiError> {
+    let value = json_object(body)?;
+    Ok((from_value(&value)?, from_value(&value)?))
+}
+
+/// Parses a JSON object body into `T` alone (an endpoint without the sampling fields).
+pub fn parse_one<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    from_value(&json_object(body)?)
+}
+
+fn json_object(body: &[u8]) -> Result<Value, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::invalid("body", "the body is not a JSON object"));
     }
-    Ok((from_value(&value)?, from_value(&value)?))
+    Ok(value)
 }
 
 fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {

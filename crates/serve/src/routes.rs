@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::ServeConfig;
-use crate::api::{ApiError, ChatRequest, CompletionRequest, Sampling, Usage, parse};
+use crate::api::{ApiError, ChatRequest, CompletionRequest, Sampling, Usage, parse, parse_one};
 use crate::engine::{Admission, EngineHandle, Job, Slot};
 use crate::translate::{Failure, TranslationRequest, TranslatorHandle};
 
@@ -434,7 +434,7 @@ async fn translations(
             "this server holds a decoder-only model; use /v1/chat/completions or /v1/completions",
         ));
     };
-    let (request, _): (TranslationRequest, Sampling) = parse(&body)?;
+    let request: TranslationRequest = parse_one(&body)?;
     if request.text.is_empty() {
         return Err(ApiError::invalid("text", "is empty"));
     }
