@@ -45,8 +45,9 @@ pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
 
 #[cfg(target_arch = "x86_64")]
 fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
-    let (cols, m) = (acts.cols, out.len());
-    assert_eq!(w.len(), format.row_bytes(cols));
+    let (cols, m) = (acts.cols, acts.m);
+    assert!(m > 0 && out.len().is_multiple_of(m));
+    assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
     assert!(acts.x.len() >= m * cols);
     if matches!(F, Q4_0 | Q4_1) {
         let blocks = m * (cols / 32);
@@ -54,8 +55,156 @@ fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f3
         assert!(acts.q16.len() >= m * cols && acts.q16_lo.len() >= m * cols);
     }
     // Safety: `dot_kernel` is only handed out when `available()`; the asserts above bound every
-    // read (w is one whole row; x, q16, sum and scale hold `m` rows).
-    unsafe { dot_rows::<F>(format, w, acts, out) }
+    // read (w is `out.len() / m` whole rows; x, q16, sum and scale hold `m` rows).
+    unsafe { weight_rows::<F>(format, w, acts, out) }
+}
+
+/// Every weight row of `w` against every activation row. With three or more activation rows,
+/// the float formats take weight rows in pairs ([`pair`]): each activation load then feeds two
+/// FMAs. Measured with `examples/packed_matmul.rs` on 32768×1024 (bench/README.md):
+/// f32 at 8 rows went from 12.3–13.0 to 9.2–9.8 ms; at 2 rows pairs were slower (5.6 → 6.4
+/// ms, the product is still memory-bound there), so one and two rows keep [`dot_rows`]. Q8_0
+/// in pairs, dequantising eight values at a time, was slower than [`group_q8`] (which scales
+/// once per block): 8.4–12.6 against 7.5–9.1 ms at 8 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weight_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+    let (cols, m) = (acts.cols, acts.m);
+    let rb = format.row_bytes(cols);
+    let n = out.len() / m;
+    let mut r = 0;
+    if matches!(F, F32 | F16 | BF16) && m >= 3 {
+        while r + 2 <= n {
+            let (o0, o1) = out[r * m..(r + 2) * m].split_at_mut(m);
+            let (w0, w1) = (&w[r * rb..], &w[(r + 1) * rb..]);
+            let mut j = 0;
+            while j < m {
+                let k = (m - j).min(4);
+                let x = &acts.x[j * cols..];
+                let (a, b) = (&mut o0[j..j + k], &mut o1[j..j + k]);
+                unsafe {
+                    match k {
+                        4 => pair::<F, 4, 1>(w0, w1, rb, x, cols, a, b),
+                        3 => pair::<F, 3, 1>(w0, w1, rb, x, cols, a, b),
+                        2 => pair::<F, 2, 2>(w0, w1, rb, x, cols, a, b),
+                        _ => pair::<F, 1, 2>(w0, w1, rb, x, cols, a, b),
+                    }
+                }
+                j += k;
+            }
+            r += 2;
+        }
+    }
+    while r < n {
+        unsafe {
+            dot_rows::<F>(
+                format,
+                &w[r * rb..(r + 1) * rb],
+                acts,
+                &mut out[r * m..(r + 1) * m],
+            )
+        };
+        r += 1;
+    }
+}
+
+/// Two weight rows of a float format against `M` activation rows (row stride `cols`), eight
+/// values at a time: each activation vector is loaded once for both weight rows. `S`
+/// sets of accumulators (2 for one or two activation rows) keep at least four FMA chains in
+/// flight. The last `cols % 8` values (float formats only) go one by one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pair<const F: u8, const M: usize, const S: usize>(
+    w0: &[u8],
+    w1: &[u8],
+    rb: usize,
+    x: &[f32],
+    cols: usize,
+    out0: &mut [f32],
+    out1: &mut [f32],
+) {
+    let width = if F == F32 { 4 } else { 2 };
+    assert!(w0.len() >= cols * width && w1.len() >= cols * width);
+    assert!(x.len() >= (M - 1) * cols + cols && out0.len() == M && out1.len() == M);
+    let mut acc0 = [[_mm256_setzero_ps(); M]; S];
+    let mut acc1 = [[_mm256_setzero_ps(); M]; S];
+    let (p0, p1, xp) = (w0.as_ptr(), w1.as_ptr(), x.as_ptr());
+    let chunks = cols / 8;
+    let mut c = 0;
+    unsafe {
+        while c + S <= chunks {
+            // The next pair of rows, one pair ahead: on DRAM-resident weights the hardware
+            // prefetcher alone left the FMAs waiting (see `weight_rows`).
+            let ahead = 2 * rb + c * 8 * width;
+            _mm_prefetch::<_MM_HINT_T0>(p0.wrapping_add(ahead).cast());
+            _mm_prefetch::<_MM_HINT_T0>(p1.wrapping_add(ahead).cast());
+            for s in 0..S {
+                let k = (c + s) * 8;
+                let (a, b) = (load8::<F>(p0, k), load8::<F>(p1, k));
+                for j in 0..M {
+                    let xv = _mm256_loadu_ps(xp.add(j * cols + k));
+                    acc0[s][j] = _mm256_fmadd_ps(a, xv, acc0[s][j]);
+                    acc1[s][j] = _mm256_fmadd_ps(b, xv, acc1[s][j]);
+                }
+            }
+            c += S;
+        }
+        while c < chunks {
+            let k = c * 8;
+            let (a, b) = (load8::<F>(p0, k), load8::<F>(p1, k));
+            for j in 0..M {
+                let xv = _mm256_loadu_ps(xp.add(j * cols + k));
+                acc0[0][j] = _mm256_fmadd_ps(a, xv, acc0[0][j]);
+                acc1[0][j] = _mm256_fmadd_ps(b, xv, acc1[0][j]);
+            }
+            c += 1;
+        }
+    }
+    let done = chunks * 8;
+    let mut t0 = [0f32; 8];
+    let mut t1 = [0f32; 8];
+    let format = match F {
+        F32 => PackedFormat::F32,
+        F16 => PackedFormat::F16,
+        _ => PackedFormat::BF16,
+    };
+    if done < cols {
+        super::kernels::dequantize_row_scalar(
+            format,
+            &w0[done * width..cols * width],
+            &mut t0[..cols - done],
+        );
+        super::kernels::dequantize_row_scalar(
+            format,
+            &w1[done * width..cols * width],
+            &mut t1[..cols - done],
+        );
+    }
+    for j in 0..M {
+        let (mut s0, mut s1) = (acc0[0][j], acc1[0][j]);
+        for s in 1..S {
+            s0 = _mm256_add_ps(s0, acc0[s][j]);
+            s1 = _mm256_add_ps(s1, acc1[s][j]);
+        }
+        let xr = &x[j * cols + done..j * cols + cols];
+        out0[j] = hsum(s0) + t0.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
+        out1[j] = hsum(s1) + t1.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>();
+    }
+}
+
+/// Eight values of a float format starting at value `k` of the row at `p`, as f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8<const F: u8>(p: *const u8, k: usize) -> __m256 {
+    unsafe {
+        match F {
+            F32 => _mm256_loadu_ps(p.cast::<f32>().add(k)),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * k).cast())),
+            _ => bf16x8(p.add(2 * k)),
+        }
+    }
 }
 
 /// Bytes of one 32-value block.
@@ -74,6 +223,7 @@ const fn block_bytes<const F: u8>() -> usize {
 unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
     let (x, cols) = (acts.x, acts.cols);
     let m = out.len();
+    debug_assert_eq!(m, acts.m);
     let blocks = cols / 32;
     let mut j = 0;
     while j < m {

@@ -11,6 +11,8 @@ use super::{PackedFormat, bf16_at, f16_at};
 pub(super) struct Acts<'a> {
     /// Row-major `[m, cols]`.
     pub x: &'a [f32],
+    /// Rows.
+    pub m: usize,
     /// Values per row.
     pub cols: usize,
     /// 4-bit formats: per row and 32-value block, the exact sum of the block (what the block's
@@ -37,6 +39,7 @@ impl<'a> Acts<'a> {
     pub fn new(format: PackedFormat, x: &'a [f32], m: usize, cols: usize) -> Self {
         let mut acts = Self {
             x,
+            m,
             cols,
             sum: Vec::new(),
             q16: Vec::new(),
@@ -70,8 +73,9 @@ impl<'a> Acts<'a> {
     }
 }
 
-/// A dot-product kernel: for each of the `out.len()` activation rows, the dot product with one
-/// packed weight row `w`.
+/// A dot-product kernel: `w` holds `n` whole packed weight rows and `out` is `[n, acts.m]`:
+/// `out[r·m + j]` is the dot product of weight row `r` with activation row `j`. Taking a run
+/// of rows lets a kernel share each activation load between weight rows.
 pub(super) type DotKernel = fn(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]);
 
 /// The fastest kernel this CPU runs for `format`.
@@ -87,13 +91,19 @@ pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
 /// Dequantises the row into a per-thread buffer, then takes plain dot products (eight partial
 /// sums, so the compiler can vectorise them).
 pub(super) fn dot_portable(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
-    let (x, cols) = (acts.x, acts.cols);
+    let (x, cols, m) = (acts.x, acts.cols, acts.m);
+    let row_bytes = format.row_bytes(cols);
     thread_local!(static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) });
     ROW.with_borrow_mut(|row| {
         row.resize(cols, 0.0);
-        dequantize_row(format, w, row);
-        for (j, y) in out.iter_mut().enumerate() {
-            *y = dot_f32(row, &x[j * cols..(j + 1) * cols]);
+        for (wr, out) in w
+            .chunks_exact(row_bytes.max(1))
+            .zip(out.chunks_exact_mut(m))
+        {
+            dequantize_row(format, wr, row);
+            for (j, y) in out.iter_mut().enumerate() {
+                *y = dot_f32(row, &x[j * cols..(j + 1) * cols]);
+            }
         }
     });
 }

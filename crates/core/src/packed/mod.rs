@@ -310,11 +310,12 @@ impl PackedMatrix {
             // Safety: tasks write disjoint row ranges of `yt`, which outlives the call.
             let out =
                 unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r0 * m), (r1 - r0) * m) };
-            for (i, out_row) in out.chunks_exact_mut(m).enumerate() {
-                let r = r0 + i;
-                let w = &bytes[r * row_bytes..(r + 1) * row_bytes];
-                kernel(self.format, w, &acts, out_row);
-            }
+            kernel(
+                self.format,
+                &bytes[r0 * row_bytes..r1 * row_bytes],
+                &acts,
+                out,
+            );
         });
         if m == 1 {
             return yt;

@@ -92,19 +92,28 @@ fn float_formats_take_widths_that_are_not_whole_blocks() {
 
 #[test]
 fn portable_and_simd_kernels_agree() {
-    let cols = 256;
-    let w = values(cols, 5);
-    let x = values(3 * cols, 6);
+    // Six weight rows against 1..=6 activation rows: every tile shape of the kernels (one weight
+    // row or a pair; 1 to 4 activation rows at a time), the last pair ending the buffer. Odd
+    // row counts and widths that are not whole blocks are in the tests above.
+    let (rows, cols) = (6, 256);
+    let w = values(rows * cols, 5);
     for format in ALL {
-        let packed = PackedMatrix::from_f32(1, cols, &w, format).unwrap();
-        let acts = kernels::Acts::new(format, &x, 3, cols);
-        let mut portable = [0f32; 3];
-        kernels::dot_portable(format, packed.bytes(), &acts, &mut portable);
-        let mut fast = [0f32; 3];
-        kernels::dot_kernel(format)(format, packed.bytes(), &acts, &mut fast);
-        // The portable kernel is the f32 reference: allow the fast one its activation rounding.
-        let (_, bound) = reference(&packed, &x, 3);
-        assert_close(&fast, &(portable.to_vec(), bound), &format!("{format}"));
+        let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+        for m in 1..=6 {
+            let x = values(m * cols, 6 + m as u32);
+            let acts = kernels::Acts::new(format, &x, m, cols);
+            let mut portable = vec![0f32; rows * m];
+            kernels::dot_portable(format, packed.bytes(), &acts, &mut portable);
+            let mut fast = vec![0f32; rows * m];
+            kernels::dot_kernel(format)(format, packed.bytes(), &acts, &mut fast);
+            // The portable kernel is the f32 reference: allow the fast one its activation
+            // rounding. Both are [rows, m]; the oracle's bound is [m, rows].
+            let (_, bound) = reference(&packed, &x, m);
+            let bound: Vec<f32> = (0..rows * m)
+                .map(|i| bound[(i % m) * rows + i / m])
+                .collect();
+            assert_close(&fast, &(portable, bound), &format!("{format} m={m}"));
+        }
     }
 }
 
