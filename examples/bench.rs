@@ -28,6 +28,9 @@ use kiln::core::loading::{
 };
 use kiln::llama::Llama;
 
+#[path = "common/roofline.rs"]
+mod roofline;
+
 /// Measures load time, prefill and decode throughput and peak memory of a Llama-family
 /// checkpoint on the backend this example was built with (cargo features `ndarray`, `flex`,
 /// `wgpu`, `cuda`, ...), and prints a table row and a JSON line.
@@ -68,54 +71,16 @@ struct Args {
     no_probe: bool,
 }
 
-/// Best-of-three read bandwidth in GB/s: a parallel sum over 1 GiB of f32 on rayon's threads.
-fn probe_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    let data: Vec<f32> = (0..1usize << 28)
-        .into_par_iter()
-        .map(|i| (i & 7) as f32)
-        .collect();
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let sum: f32 = data
-            .par_chunks(1 << 16)
-            .map(|c| {
-                let mut acc = [0f32; 16];
-                for v in c.chunks_exact(16) {
-                    for k in 0..16 {
-                        acc[k] += v[k];
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(sum);
-        best = best.max((data.len() * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}
-
-/// Bytes of weights one decode step reads: every matrix (packed or dense) and the norms; the
-/// embedding counts only when it is also the LM head (a lookup reads one row).
+/// Bytes of weights one decode step reads: every matrix (packed or dense); the embedding counts
+/// only when it is also the LM head (a lookup reads one row).
 fn weight_bytes(model: &mut Llama<B>) -> usize {
     let tied = model.lm_head.is_none();
-    let dense = |numel: usize| numel * std::mem::size_of::<f32>();
-    let mut bytes = 0;
-    for (_, slot) in model.pack_slots() {
-        bytes += match slot {
-            PackSlot::Linear(l) => l.packed.as_ref().map_or_else(
-                || dense(l.weight.lazy_shape().num_elements()),
-                |p| p.byte_len(),
-            ),
-            PackSlot::Embedding(e) if tied => e.packed.as_ref().map_or_else(
-                || dense(e.weight.lazy_shape().num_elements()),
-                |p| p.byte_len(),
-            ),
-            PackSlot::Embedding(_) => 0,
-        };
-    }
-    bytes
+    model
+        .pack_slots()
+        .iter()
+        .filter(|(_, slot)| tied || !matches!(slot, PackSlot::Embedding(_)))
+        .map(|(_, slot)| roofline::slot_bytes(slot))
+        .sum()
 }
 
 /// splitmix64; bench/candle uses the same generator so both feed identical prompts.
@@ -246,7 +211,7 @@ fn main() -> Result<()> {
     let bandwidth = if args.no_probe {
         f64::NAN
     } else {
-        probe_bandwidth()
+        roofline::probe_bandwidth()
     };
     let limit = bandwidth * 1e9 / bytes as f64;
     let weights = format!("{:?}/{:?}", args.dtype, args.quant).to_lowercase();

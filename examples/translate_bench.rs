@@ -2,7 +2,9 @@
 //! build's backend: sentences/s and generated tokens/s for whole `generate` calls (encoder, cached
 //! decoder, greedy or beams) at several batch sizes. `tools/translate_bench.py` writes a
 //! random-weight NLLB-600M-shaped folder and measures HF transformers the same way, on the same
-//! source ids; `bench/README.md` has the results.
+//! source ids; `bench/README.md` has the results. Each row also gives the call's memory limit:
+//! the weight bytes it must stream over the read bandwidth probed at start (binding at batch 1;
+//! larger batches are bound by arithmetic as well).
 //!
 //! ```text
 //! python tools/translate_bench.py --write /tmp/nllb600m-random
@@ -17,8 +19,13 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kiln::auto::{self, Seq2SeqModel};
 use kiln::backend::{self, Backend as B};
-use kiln::core::loading::{HostKernels, LoadOptions, Quantization, WeightDtype};
+use kiln::core::loading::{
+    HostKernels, LoadOptions, PackSlot, PackSlots, Quantization, WeightDtype,
+};
 use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
+
+#[path = "common/roofline.rs"]
+mod roofline;
 
 /// Measures whole-translation throughput (encode + `--gen` decoder steps per sentence) for each
 /// batch size, and prints a table row and a JSON line per batch size.
@@ -59,6 +66,42 @@ struct Args {
     /// Burn's own matmul with every weight a Burn tensor, instead of kiln's host kernels.
     #[arg(long)]
     no_host_kernels: bool,
+    /// Skip the bandwidth probe (it allocates 1 GiB before the measurements).
+    #[arg(long)]
+    no_probe: bool,
+}
+
+/// Bytes of weights a call streams at least: the encoder's and the cross-attention key/value
+/// projections' once, and per decoder step every other decoder matrix and the LM head (the
+/// shared embedding when it is tied). Embedding lookups read single rows and are not counted.
+struct CallBytes {
+    once: usize,
+    per_step: usize,
+}
+
+fn call_bytes<M: PackSlots<B>>(model: &mut M) -> CallBytes {
+    let slots = model.pack_slots();
+    let tied = !slots.iter().any(|(name, _)| name == "lm_head");
+    let mut bytes = CallBytes {
+        once: 0,
+        per_step: 0,
+    };
+    for (name, slot) in &slots {
+        let cross_kv = [".encoder_attn.k_proj", ".encoder_attn.v_proj"]
+            .iter()
+            .chain(&[".EncDecAttention.k", ".EncDecAttention.v"])
+            .any(|s| name.ends_with(s));
+        let n = roofline::slot_bytes(slot);
+        match slot {
+            PackSlot::Embedding(_) if tied => bytes.per_step += n,
+            PackSlot::Embedding(_) => {}
+            _ if cross_kv || name.starts_with("encoder.") || name.contains(".encoder.") => {
+                bytes.once += n
+            }
+            _ => bytes.per_step += n,
+        }
+    }
+    bytes
 }
 
 /// splitmix64, as `tools/translate_bench.py`, so both feed identical sentences.
@@ -90,7 +133,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn bench<M: Seq2SeqLm<B>>(model: &M, args: &Args) -> Result<()> {
+fn bench<M: Seq2SeqLm<B> + PackSlots<B>>(model: &mut M, args: &Args, bandwidth: f64) -> Result<()> {
+    let bytes = call_bytes(model);
+    let model = &*model;
+    // At batch 1 a call cannot take less than its weight bytes over the read bandwidth.
+    let limit_s = (bytes.once + args.new_tokens * bytes.per_step) as f64 / (bandwidth * 1e9);
     let config = Seq2SeqConfig::default()
         .with_max_new_tokens(args.new_tokens)
         .with_num_beams(args.beams)
@@ -121,15 +168,20 @@ fn bench<M: Seq2SeqLm<B>>(model: &M, args: &Args) -> Result<()> {
         let tokens = (batch * args.new_tokens) as f64 / s;
         println!(
             "kiln ({}): batch {batch}, beams {}: {s:.2} s per call | {sentences:.2} sentences/s | \
-             {tokens:.1} tokens/s",
+             {tokens:.1} tokens/s | memory limit {limit_s:.2} s ({:.0}%: {:.0} MB per step at \
+             {bandwidth:.1} GB/s)",
             backend::NAME,
-            args.beams
+            args.beams,
+            100.0 * limit_s / s,
+            bytes.per_step as f64 / 1e6,
         );
         let json = serde_json::json!({
             "impl": "kiln", "backend": backend::NAME, "batch": batch, "beams": args.beams,
             "weights": format!("{:?}/{:?}", args.dtype, args.quant).to_lowercase(),
             "src_len": args.src_len, "gen": args.new_tokens, "seconds": s, "seconds_runs": secs,
             "sentences_per_s": sentences, "tokens_per_s": tokens,
+            "bandwidth_gb_s": bandwidth, "bytes_once": bytes.once, "bytes_per_step": bytes.per_step,
+            "memory_limit_s": limit_s, "fraction_of_memory_limit": limit_s / s,
         });
         println!("{json}");
     }
@@ -138,6 +190,12 @@ fn bench<M: Seq2SeqLm<B>>(model: &M, args: &Args) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Probed first, so its 1 GiB is gone again before the model loads.
+    let bandwidth = if args.no_probe {
+        f64::NAN
+    } else {
+        roofline::probe_bandwidth()
+    };
     let device = backend::device();
     let t = Instant::now();
     let options = LoadOptions::default()
@@ -149,11 +207,11 @@ fn main() -> Result<()> {
             HostKernels::Auto
         });
     let spec = args.model.to_str().context("UTF-8 path")?;
-    let loaded = auto::load_seq2seq_with::<B>(spec, &device, &options)
+    let mut loaded = auto::load_seq2seq_with::<B>(spec, &device, &options)
         .with_context(|| format!("loading {}", args.model.display()))?;
     eprintln!("loaded in {:.1} s", t.elapsed().as_secs_f64());
-    match &loaded.model {
-        Seq2SeqModel::M2M100(model) => bench(model, &args),
-        Seq2SeqModel::T5(model) => bench(model, &args),
+    match &mut loaded.model {
+        Seq2SeqModel::M2M100(model) => bench(model, &args, bandwidth),
+        Seq2SeqModel::T5(model) => bench(model, &args, bandwidth),
     }
 }
