@@ -48,6 +48,15 @@ impl<'a> Acts<'a> {
         };
         if matches!(format, PackedFormat::Q4_0 | PackedFormat::Q4_1) {
             let blocks = m * (cols / 32);
+            #[cfg(target_arch = "x86_64")]
+            if super::avx2::available() {
+                acts.sum = vec![0.0; blocks];
+                acts.scale = vec![0.0; blocks];
+                acts.q16 = vec![0; m * cols];
+                acts.q16_lo = vec![0; m * cols];
+                super::avx2::split_i16(&x[..m * cols], &mut acts);
+                return acts;
+            }
             acts.sum.reserve(blocks);
             acts.scale.reserve(blocks);
             acts.q16.reserve(m * cols);

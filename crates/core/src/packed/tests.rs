@@ -241,3 +241,33 @@ fn non_finite_scales_and_values_are_found_by_row() {
         assert_eq!(bad.first_non_finite_row(), Some(2), "{format}");
     }
 }
+
+#[test]
+fn four_bit_activation_parts_hold_each_value_to_half_a_low_step() {
+    // Two rows of three blocks: mixed signs and magnitudes, an all-zero block, a block with one
+    // large value, and exact halves of the i16 step (rounding ties).
+    let cols = 96;
+    let mut x = values(2 * cols, 11);
+    x[32..64].fill(0.0);
+    x[64] = 1000.0;
+    for (i, v) in x[96 + 32..96 + 64].iter_mut().enumerate() {
+        *v = (i as f32 - 16.0) + 0.5;
+    }
+    let acts = kernels::Acts::new(PackedFormat::Q4_1, &x, 2, cols);
+    for (b, block) in x.chunks_exact(32).enumerate() {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = acts.scale[b];
+        assert_eq!(scale, amax / 32767.0, "block {b} scale");
+        let sum: f64 = block.iter().map(|&v| v as f64).sum();
+        assert!((acts.sum[b] as f64 - sum).abs() <= 1e-5 * (1.0 + sum.abs()), "block {b} sum");
+        for (i, &v) in block.iter().enumerate() {
+            let k = b * 32 + i;
+            let back = scale as f64 * (acts.q16[k] as f64 + acts.q16_lo[k] as f64 / 65536.0);
+            let step = scale as f64 / 131072.0;
+            assert!(
+                (back - v as f64).abs() <= step * 1.01 + 1e-6 * (v as f64).abs(),
+                "value {k}: {v} held as {back}"
+            );
+        }
+    }
+}
