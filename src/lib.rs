@@ -6,9 +6,12 @@
 //!
 //! This crate is the application layer: the `kiln` CLI, examples and integration tests. It
 //! re-exports the library crates and, unlike them, picks a backend through cargo features
-//! (`ndarray` by default; `flex`, `wgpu`, `vulkan`, `metal`, `cuda`).
+//! (`flex` by default; `ndarray`, `wgpu`, `vulkan`, `metal`, `cuda`). A Burn program that embeds
+//! kiln depends on the library crates instead (`kiln-auto` loads any model in one call) and
+//! keeps its own backend.
 
 pub use kiln_anchor as anchor;
+pub use kiln_auto as auto;
 pub use kiln_core as core;
 pub use kiln_distill as distill;
 pub use kiln_ensemble as ensemble;
@@ -17,5 +20,4 @@ pub use kiln_m2m100 as m2m100;
 pub use kiln_serve as serve;
 pub use kiln_t5 as t5;
 
-pub mod auto;
 pub mod backend;

@@ -189,6 +189,37 @@ fn unknown_architecture() {
     );
 }
 
+/// `kiln_auto::load_any` picks the family by `model_type` (and says what it knows otherwise).
+#[test]
+fn load_any_picks_the_family_and_names_an_unknown_one() {
+    use kiln::auto::{AnyModel, Seq2SeqModel, load_any};
+    use kiln::core::loading::LoadOptions;
+    let device = Default::default();
+    let opts = LoadOptions::default();
+    let path = |name: &str| fixture(name).to_str().unwrap().to_string();
+    assert!(matches!(
+        load_any::<B>(&path("llama3-gqa"), &device, &opts),
+        Ok(AnyModel::Decoder(_))
+    ));
+    assert!(matches!(
+        load_any::<B>(&path("nllb-tiny"), &device, &opts),
+        Ok(AnyModel::Seq2Seq(l)) if matches!(l.model, Seq2SeqModel::M2M100(_))
+    ));
+    assert!(matches!(
+        load_any::<B>(&path("t5-relu-tied"), &device, &opts),
+        Ok(AnyModel::Seq2Seq(l)) if matches!(l.model, Seq2SeqModel::T5(_))
+    ));
+    let (_tmp, dir) = copy_fixture("llama2-mha");
+    edit_config(&dir, |c| c["model_type"] = "gpt_neox".into());
+    match load_any::<B>(dir.to_str().unwrap(), &device, &opts) {
+        Err(Error::UnsupportedModel(m)) => {
+            assert!(m.contains("gpt_neox") && m.contains("config.json"), "{m}")
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("gpt_neox loaded"),
+    }
+}
+
 #[test]
 fn config_field_of_wrong_type_is_named() {
     let (_tmp, dir) = copy_fixture("llama2-mha");

@@ -12,6 +12,8 @@ use serde::Deserialize;
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
+use burn::prelude::Backend;
+use kiln_auto::LoadedSeq2Seq;
 use kiln_core::FinishReason;
 
 /// One translation request (the JSON body of `/v1/translations`).
@@ -112,4 +114,44 @@ pub fn start<T: Translator>(mut translator: T) -> (TranslatorHandle, std::thread
         })
         .expect("spawning the translation thread");
     (TranslatorHandle { jobs }, thread)
+}
+
+/// A translation model behind `kiln serve`'s `/v1/translations`: one request at a time, as
+/// `kiln translate` runs it.
+impl<B: Backend> Translator for LoadedSeq2Seq<B>
+where
+    LoadedSeq2Seq<B>: Send + 'static,
+{
+    fn translate(&mut self, request: &TranslationRequest) -> kiln_core::Result<Translation> {
+        let overrides = kiln_core::loading::SamplingOverrides {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            ..Default::default()
+        };
+        let mut config = self.seq2seq_config(&overrides);
+        config.sampling = config.sampling.with_seed(request.seed.unwrap_or(42));
+        if let Some(n) = request.num_beams {
+            config = config.with_num_beams(n);
+        }
+        if let Some(n) = request.max_tokens {
+            config = config.with_max_new_tokens(n);
+        }
+        let (src, tgt) = (
+            request.source_lang.as_deref(),
+            request.target_lang.as_deref(),
+        );
+        config = config.with_forced_bos_token_id(self.forced_target(tgt)?);
+        let input = self.encode_input(&request.text, src, tgt)?;
+        let out = self
+            .generate(std::slice::from_ref(&input), &config)?
+            .pop()
+            .ok_or_else(|| kiln_core::Error::arg("text", "no output"))?;
+        let text = self.text_tokenizer()?.decode(&out.tokens, true)?;
+        Ok(Translation {
+            text,
+            prompt_tokens: input.len(),
+            completion_tokens: out.tokens.len(),
+            finish: out.finish,
+        })
+    }
 }

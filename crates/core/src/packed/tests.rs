@@ -259,7 +259,10 @@ fn four_bit_activation_parts_hold_each_value_to_half_a_low_step() {
         let scale = acts.scale[b];
         assert_eq!(scale, amax / 32767.0, "block {b} scale");
         let sum: f64 = block.iter().map(|&v| v as f64).sum();
-        assert!((acts.sum[b] as f64 - sum).abs() <= 1e-5 * (1.0 + sum.abs()), "block {b} sum");
+        assert!(
+            (acts.sum[b] as f64 - sum).abs() <= 1e-5 * (1.0 + sum.abs()),
+            "block {b} sum"
+        );
         for (i, &v) in block.iter().enumerate() {
             let k = b * 32 + i;
             let back = scale as f64 * (acts.q16[k] as f64 + acts.q16_lo[k] as f64 / 65536.0);

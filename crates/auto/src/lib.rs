@@ -1,4 +1,31 @@
-//! Loading whatever a folder or hub id holds, by its `config.json`.
+//! # kiln-auto
+//!
+//! Load whatever a checkpoint holds in one call, on any Burn backend: a folder in Hugging Face
+//! layout, a hub id (through `hf-hub`'s cache), or a llama.cpp `.gguf` file. The model family
+//! comes from `config.json`'s `model_type` (or the GGUF architecture); the tokenizer and
+//! `generation_config.json` come with it, so generation stops where HF's `generate` would.
+//!
+//! ```no_run
+//! # fn main() -> kiln_core::Result<()> {
+//! use kiln_core::generate;
+//! use kiln_core::loading::SamplingOverrides;
+//!
+//! type B = burn::backend::Flex;
+//! let device = Default::default();
+//! let loaded = kiln_auto::load::<B>("HuggingFaceTB/SmolLM2-135M-Instruct", &device)?;
+//! let tokenizer = loaded.tokenizer.as_ref().expect("the folder has a tokenizer.json");
+//! let prompt = tokenizer.encode("The capital of France is", true)?;
+//! // EOS, pad and sampling from generation_config.json, at most 32 new tokens.
+//! let config = loaded
+//!     .generation_config(&SamplingOverrides::default())
+//!     .with_max_new_tokens(32);
+//! generate(&loaded.model, &[prompt], &config, Some(tokenizer), |_, piece| print!("{piece}"))?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Library crates of kiln never pick a backend: this one is generic over `B: Backend` like the
+//! models it loads. [`LoadOptions`] sets the weight precision and quantisation.
 
 use std::path::{Path, PathBuf};
 
@@ -187,6 +214,33 @@ fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
     }
 }
 
+/// Any model kiln loads, with its tokenizer and generation defaults (see [`load_any`]).
+// One value per process holds a whole model; boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum AnyModel<B: Backend> {
+    /// A decoder-only model: Llama, Mistral, Yi (folder, hub id or GGUF).
+    Decoder(LoadedModel<B>),
+    /// An encoder-decoder: T5 or M2M100/NLLB-200.
+    Seq2Seq(LoadedSeq2Seq<B>),
+}
+
+/// Loads whatever `spec` holds (a folder in HF layout, a hub id, or a `.gguf` file), choosing
+/// the family by `config.json`'s `model_type`; an unknown type is
+/// [`Error::UnsupportedModel`] naming the file and the types kiln knows.
+pub fn load_any<B: Backend>(
+    spec: &str,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<AnyModel<B>> {
+    match model_type(spec)?.as_str() {
+        "t5" | "m2m_100" | "m2m100" | "nllb" => {
+            load_seq2seq_with(spec, device, options).map(AnyModel::Seq2Seq)
+        }
+        // GGUF and the decoder families; `load_with` names the file of any other type.
+        _ => load_with(spec, device, options).map(AnyModel::Decoder),
+    }
+}
+
 /// An encoder-decoder kiln knows: T5 (original, v1.1, FLAN) or M2M100/NLLB.
 // One value per process holds a whole model; boxing it would buy nothing.
 #[allow(clippy::large_enum_variant)]
@@ -274,6 +328,17 @@ pub fn load_seq2seq_with<B: Backend>(
     })
 }
 
+impl<B: Backend> LoadedModel<B> {
+    /// The generation settings HF's `generate` would use for this model (generation_config.json:
+    /// EOS and pad ids, sampling, length limits), with the caller's `sampling` overrides.
+    pub fn generation_config(
+        &self,
+        sampling: &kiln_core::loading::SamplingOverrides,
+    ) -> kiln_core::GenerationConfig {
+        self.defaults.generation_config(sampling)
+    }
+}
+
 impl<B: Backend> LoadedSeq2Seq<B> {
     /// The decoding HF's `generate` uses for this model (generation_config.json: beams, length
     /// penalty, no-repeat n-grams, length limit, sampling), with the caller's `sampling`
@@ -356,52 +421,10 @@ impl<B: Backend> LoadedSeq2Seq<B> {
         }
     }
 
-    fn text_tokenizer(&self) -> Result<&Tokenizer> {
+    /// The tokenizer, or an error naming what is missing.
+    pub fn text_tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer
             .as_ref()
             .ok_or_else(|| Error::arg("model", "this model folder has no tokenizer.json"))
-    }
-}
-
-/// A translation model behind `kiln serve`'s `/v1/translations`: one request at a time, as
-/// `kiln translate` runs it.
-impl<B: Backend> kiln_serve::Translator for LoadedSeq2Seq<B>
-where
-    LoadedSeq2Seq<B>: Send + 'static,
-{
-    fn translate(
-        &mut self,
-        request: &kiln_serve::TranslationRequest,
-    ) -> Result<kiln_serve::Translation> {
-        let overrides = kiln_core::loading::SamplingOverrides {
-            temperature: request.temperature,
-            top_p: request.top_p,
-            ..Default::default()
-        };
-        let mut config = self.seq2seq_config(&overrides);
-        config.sampling = config.sampling.with_seed(request.seed.unwrap_or(42));
-        if let Some(n) = request.num_beams {
-            config = config.with_num_beams(n);
-        }
-        if let Some(n) = request.max_tokens {
-            config = config.with_max_new_tokens(n);
-        }
-        let (src, tgt) = (
-            request.source_lang.as_deref(),
-            request.target_lang.as_deref(),
-        );
-        config = config.with_forced_bos_token_id(self.forced_target(tgt)?);
-        let input = self.encode_input(&request.text, src, tgt)?;
-        let out = self
-            .generate(std::slice::from_ref(&input), &config)?
-            .pop()
-            .ok_or_else(|| Error::arg("text", "no output"))?;
-        let text = self.text_tokenizer()?.decode(&out.tokens, true)?;
-        Ok(kiln_serve::Translation {
-            text,
-            prompt_tokens: input.len(),
-            completion_tokens: out.tokens.len(),
-            finish: out.finish,
-        })
     }
 }
