@@ -146,3 +146,171 @@ mod held_in_half_precision {
         check("llama3-sharded", WeightDtype::F16);
     }
 }
+
+/// The open internals compose to HF's forward: `embed` → `forward_hidden` (every layer's hidden
+/// state against HF's `output_hidden_states`) → `logits`, over the prompt and one cached step.
+mod hidden_states {
+    use super::*;
+
+    fn check(name: &str) {
+        let reference = Reference::load(name);
+        let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+        let (_, prompt) = reference.ids("prompt_ids");
+        let (_, greedy) = reference.ids("greedy_ids");
+        let (hidden_shape, hidden) = reference.f32("prefill_hidden_states");
+        let (_, prefill) = reference.f32("prefill_logits");
+        let (step_shape, steps) = reference.f32("step_logits");
+        let layers = model.config().num_hidden_layers;
+        assert_eq!(hidden_shape[0], layers + 1, "{name}: reference layout");
+
+        let mut cache = model.new_cache(vec![0]);
+        let out = model.forward_hidden(model.embed(tokens(&prompt, 1)), &mut cache, true);
+        assert_eq!(
+            out.all.len(),
+            layers + 1,
+            "{name}: embeddings + one per layer"
+        );
+        let per = hidden.len() / (layers + 1);
+        for (i, h) in out.all.into_iter().enumerate() {
+            let diff = max_abs_diff(&host(h), &hidden[i * per..(i + 1) * per]);
+            assert!(diff <= TOL, "{name}: hidden state {i} differs by {diff}");
+        }
+        let diff = max_abs_diff(&host(model.logits(out.last)), &prefill);
+        assert!(diff <= TOL, "{name}: logits(last) differ by {diff}");
+
+        // One cached step through the same calls: HF's logits for the first greedy token.
+        let step = model.forward_hidden(model.embed(tokens(&greedy[..1], 1)), &mut cache, false);
+        assert!(step.all.is_empty());
+        let vocab = step_shape[1];
+        let diff = max_abs_diff(&host(model.logits(step.last)), &steps[vocab..2 * vocab]);
+        assert!(
+            diff <= TOL,
+            "{name}: cached step through forward_hidden differs by {diff}"
+        );
+    }
+
+    #[test]
+    fn llama3_gqa() {
+        check("llama3-gqa");
+    }
+
+    #[test]
+    fn llama_tied() {
+        check("llama-tied");
+    }
+}
+
+/// `CausalLm::reorder_cache` with repeated and permuted rows: after the left-padded batch's
+/// prefill, rows [2, 0, 0, 1] go on greedily and each gives HF's greedy tokens for its source
+/// row (batch_greedy_ids).
+mod reorder_cache {
+    use super::*;
+
+    fn check(name: &str) {
+        let reference = Reference::load(name);
+        let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+        let (shape, ids) = reference.ids("batch_input_ids");
+        let (_, mask) = reference.ids("batch_attention_mask");
+        let (gshape, greedy) = reference.ids("batch_greedy_ids");
+        let (batch, width, steps) = (shape[0], shape[1], gshape[1]);
+        assert_eq!(batch, 3, "{name}: reference layout");
+        let pad: Vec<usize> = mask
+            .chunks_exact(width)
+            .map(|m| m.iter().filter(|&&x| x == 0).count())
+            .collect();
+        let argmax = |logits: Tensor<B, 3>| -> Vec<u32> {
+            let [rows, _, vocab] = logits.dims();
+            host(logits)
+                .chunks_exact(vocab)
+                .take(rows)
+                .map(|r| {
+                    let best = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    r.iter().position(|&v| v == best).unwrap() as u32
+                })
+                .collect()
+        };
+        let expected = |row: usize, step: usize| greedy[row * steps + step];
+
+        let mut cache = model.new_cache(pad);
+        let first = argmax(model.forward(tokens(&ids, batch), &mut cache, false));
+        let order = [2, 0, 0, 1];
+        assert!(model.reorder_cache(&mut cache, &order));
+        assert!(!model.reorder_cache(&mut cache, &[7]), "{name}: row 7 of 4");
+        let mut next: Vec<u32> = order.iter().map(|&r| first[r]).collect();
+        for step in 1..steps {
+            next = argmax(model.forward(tokens(&next, order.len()), &mut cache, false));
+            for (i, &row) in order.iter().enumerate() {
+                assert_eq!(
+                    next[i],
+                    expected(row, step),
+                    "{name}: row {i} (from {row}), step {step}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn llama3_gqa() {
+        check("llama3-gqa");
+    }
+
+    #[test]
+    fn mistral_sliding_window() {
+        check("mistral-sw");
+    }
+}
+
+/// `save_pretrained` writes a folder kiln reloads to HF's logits, with the same config.
+mod save_pretrained {
+    use super::*;
+
+    fn check(name: &str) {
+        let reference = Reference::load(name);
+        let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        model.save_pretrained(tmp.path()).unwrap();
+        let back = Llama::<B>::from_pretrained(tmp.path(), &device()).unwrap();
+        assert_eq!(back.config(), model.config(), "{name}: config round trip");
+        let (_, prompt) = reference.ids("prompt_ids");
+        let (_, prefill) = reference.f32("prefill_logits");
+        let mut cache = back.new_cache(vec![0]);
+        let diff = max_abs_diff(
+            &host(back.forward(tokens(&prompt, 1), &mut cache, true)),
+            &prefill,
+        );
+        assert!(diff <= TOL, "{name}: reloaded logits differ by {diff}");
+        // Only checkpoint keys: no RoPE table, and no head when it is tied.
+        let bytes = std::fs::read(tmp.path().join("model.safetensors")).unwrap();
+        let keys: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        assert!(
+            keys.iter()
+                .all(|k| k.starts_with("model.") || k == "lm_head.weight"),
+            "{keys:?}"
+        );
+        assert_eq!(
+            keys.iter().any(|k| k == "lm_head.weight"),
+            !model.config().tie_word_embeddings,
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn llama3_gqa_with_llama3_rope_scaling() {
+        check("llama3-gqa");
+    }
+
+    #[test]
+    fn tied_head_with_biases() {
+        check("llama-tied");
+    }
+
+    #[test]
+    fn mistral_sliding_window() {
+        check("mistral-sw");
+    }
+}

@@ -458,6 +458,32 @@ def positions_from_mask(mask):
 
 
 @torch.no_grad()
+def prefill_hidden_states(model, x):
+    """HF's `output_hidden_states` over the prompt, [layers + 1, P, hidden]: the embeddings, each
+    layer's output, the last one after the final norm."""
+    return torch.stack(model(x, output_hidden_states=True).hidden_states, 0)[:, 0].float()
+
+
+def add_hidden_states(name):
+    """Adds `prefill_hidden_states` to a committed decoder fixture without regenerating it."""
+    out = os.path.join(FIXTURES, name)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ref = load_reference(out)
+    meta = read_json(os.path.join(out, "reference.json"))
+    x = ref["prompt_ids"][None]
+    with torch.no_grad():
+        check(maxdiff(model(x).logits[0], ref["prefill_logits"]) < 1e-5, f"{name}: reloaded logits moved")
+        ref["prefill_hidden_states"] = prefill_hidden_states(model, x)
+    versions = {k: meta.pop(k) for k in ("transformers_version", "torch_version")}
+    meta.pop("tensors", None)
+    save_reference(out, ref, meta)
+    # The other tensors keep the versions that computed them.
+    meta = read_json(os.path.join(out, "reference.json"))
+    meta["hidden_states_computed_with"] = f"transformers {meta['transformers_version']}, torch {meta['torch_version']}"
+    meta.update(versions)
+    write_json(os.path.join(out, "reference.json"), meta)
+
+
 def decoder_reference(model, tok, prompt, batch_prompts, pad_id, n_new=N_NEW, m_new=M_NEW):
     """Compute (and self-check) all decoder-only reference tensors for `model` in float32."""
     model.eval()
@@ -515,6 +541,7 @@ def decoder_reference(model, tok, prompt, batch_prompts, pad_id, n_new=N_NEW, m_
     tensors = {
         "prompt_ids": torch.tensor(ids, dtype=torch.long),
         "prefill_logits": prefill,
+        "prefill_hidden_states": prefill_hidden_states(model, x),
         "greedy_ids": greedy.long(),
         "step_logits": step_logits,
         "batch_input_ids": bids.long(),
@@ -1417,7 +1444,13 @@ def main():
     ap.add_argument("--only", help="comma-separated fixture names")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--smollm2", metavar="GGUF", help="write tests/fixtures/smollm2-reference.json from this GGUF")
+    ap.add_argument("--add-hidden-states", metavar="NAMES",
+                    help="add prefill_hidden_states to these committed decoder fixtures (comma-separated)")
     args = ap.parse_args()
+    if args.add_hidden_states:
+        for n in args.add_hidden_states.split(","):
+            add_hidden_states(n)
+        return
     if args.list:
         print("\n".join(FIXTURE_FUNCS))
         return

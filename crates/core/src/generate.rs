@@ -53,6 +53,15 @@ pub trait CausalLm<B: Backend> {
         false
     }
 
+    /// Rebuilds `cache`'s batch from rows `indices` (row `i` becomes old row `indices[i]`; rows
+    /// may repeat or go): expands prompts to beams or samples, and reorders beams after a
+    /// beam-search step (HF's `_reorder_cache`). Returns false (cache unchanged) when this model
+    /// cannot (the default).
+    fn reorder_cache(&self, cache: &mut Self::Cache, indices: &[usize]) -> bool {
+        let _ = (cache, indices);
+        false
+    }
+
     /// Longest sequence (prompt + generated) the model supports.
     fn max_context(&self) -> usize;
 

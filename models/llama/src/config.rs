@@ -231,6 +231,44 @@ impl LlamaConfig {
         })
     }
 
+    /// The config as an HF `config.json` that transformers and [`from_json`](Self::from_json)
+    /// both read (theta and scaling in the `rope_theta` + `rope_scaling` form, which every
+    /// transformers version reads). Yi is written as `llama`, as Yi's own hub configs are.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (model_type, arch) = match self.flavor {
+            LlamaFlavor::Mistral => ("mistral", "MistralForCausalLM"),
+            LlamaFlavor::Llama | LlamaFlavor::Yi => ("llama", "LlamaForCausalLM"),
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [one] => serde_json::json!(one),
+            many => serde_json::json!(many),
+        };
+        serde_json::json!({
+            "model_type": model_type,
+            "architectures": [arch],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.to_hf(),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "sliding_window": self.sliding_window,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": "float32",
+        })
+    }
+
     /// Parameter count implied by the config.
     pub fn num_parameters(&self) -> usize {
         let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);

@@ -26,4 +26,6 @@ mod model;
 
 pub use config::{LlamaConfig, LlamaFlavor};
 pub use gguf::GgufWeights;
-pub use model::{Attention, DecoderLayer, Llama, LlamaCache, LlamaModel, Mlp};
+pub use model::{
+    Attention, DecoderLayer, HiddenStates, LayerRope, Llama, LlamaCache, LlamaModel, Mlp,
+};

@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use kiln_core::loading::{
     LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
-    load_packed,
+    load_packed, save_safetensors, unpack_module,
 };
 use kiln_core::nn::{
     CacheState, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, RotaryAngles,
@@ -33,10 +33,13 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    fn forward(
+    /// `x [batch, seq, hidden]` → `[batch, seq, hidden]`: appends this step's keys and values to
+    /// `cache` (keeping its last `keep`) and attends over all of them under `mask`
+    /// (`[batch, 1, seq, cached + seq]`, `true` hides a key).
+    pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &Rope<B>,
+        rope: &LayerRope<B>,
         mask: Option<&Tensor<B, 4, Bool>>,
         cache: &mut KvCache<B>,
         keep: usize,
@@ -61,10 +64,14 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// The rotary angles of one forward pass, for the query heads and for the key heads.
-struct Rope<B: Backend> {
-    q: RotaryAngles<B>,
-    k: RotaryAngles<B>,
+/// The rotary angles of one forward pass, for the query heads and for the key heads
+/// ([`Llama::rope_angles`]); every layer of the pass shares them.
+#[derive(Debug, Clone)]
+pub struct LayerRope<B: Backend> {
+    /// For the query heads.
+    pub q: RotaryAngles<B>,
+    /// For the key heads (the same angles, laid out for the key/value heads).
+    pub k: RotaryAngles<B>,
 }
 
 /// SwiGLU feed-forward (HF `LlamaMLP`).
@@ -79,7 +86,8 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `down(silu(gate(x)) · up(x))`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.down_proj
             .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
     }
@@ -96,6 +104,35 @@ pub struct DecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     /// Norm before the feed-forward.
     pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`: one layer of the pass (see
+    /// [`Attention::forward`] for the cache, `keep` and the mask).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &LayerRope<B>,
+        mask: Option<&Tensor<B, 4, Bool>>,
+        cache: &mut KvCache<B>,
+        keep: usize,
+    ) -> Tensor<B, 3> {
+        let h = self.input_layernorm.forward(x.clone());
+        let x = x + self.self_attn.forward(h, rope, mask, cache, keep);
+        let h = self.post_attention_layernorm.forward(x.clone());
+        x + self.mlp.forward(h)
+    }
+}
+
+/// Hidden states of a forward pass ([`Llama::forward_hidden`]).
+#[derive(Debug, Clone)]
+pub struct HiddenStates<B: Backend> {
+    /// The last layer's output after the final norm, `[batch, seq, hidden]`: what
+    /// [`Llama::logits`] takes.
+    pub last: Tensor<B, 3>,
+    /// When asked for, HF's `output_hidden_states`: the input embeddings, each layer's output,
+    /// and for the last layer `last` (after the final norm), `layers + 1` tensors. Else empty.
+    pub all: Vec<Tensor<B, 3>>,
 }
 
 /// The decoder stack (HF `LlamaModel`).
@@ -257,7 +294,40 @@ impl<B: Backend> PackSlots<B> for Llama<B> {
 }
 
 impl<B: Backend> Llama<B> {
-    fn rope_angles(&self, positions: Tensor<B, 2, Int>) -> Rope<B> {
+    /// Writes the model as an HF folder transformers and kiln both load: `model.safetensors`
+    /// (f32; packed weights are dequantised; no `lm_head.weight` when the head is tied, as
+    /// transformers writes it), `config.json` ([`LlamaConfig::to_hf_json`]) and
+    /// `generation_config.json` (BOS, EOS and pad ids). The tokenizer is the caller's to copy.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path, source: std::io::Error| kiln_core::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let mut dense = self.clone();
+        unpack_module(&mut dense);
+        save_safetensors(&dense, &dir.join("model.safetensors"))?;
+        let write = |name: &str, value: serde_json::Value| {
+            let path = dir.join(name);
+            let text = serde_json::to_string_pretty(&value).expect("JSON values serialise");
+            std::fs::write(&path, text + "\n").map_err(|e| io(&path, e))
+        };
+        let mut config = self.config.clone();
+        config.tie_word_embeddings = self.lm_head.is_none();
+        write("config.json", config.to_hf_json())?;
+        let hf = config.to_hf_json();
+        write(
+            "generation_config.json",
+            serde_json::json!({
+                "bos_token_id": hf["bos_token_id"],
+                "eos_token_id": hf["eos_token_id"],
+                "pad_token_id": hf["pad_token_id"],
+            }),
+        )
+    }
+
+    /// The rotary angles for RoPE `positions` `[batch, seq]`, shared by every layer.
+    pub fn rope_angles(&self, positions: Tensor<B, 2, Int>) -> LayerRope<B> {
         let (heads, kv_heads) = (
             self.config.num_attention_heads,
             self.config.num_key_value_heads,
@@ -269,7 +339,64 @@ impl<B: Backend> Llama<B> {
         } else {
             angles.for_heads(kv_heads)
         };
-        Rope { q, k }
+        LayerRope { q, k }
+    }
+
+    /// The input embeddings of `tokens [batch, seq]`: `[batch, seq, hidden]` (what
+    /// [`forward_hidden`](Self::forward_hidden) takes, as HF's `inputs_embeds`).
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.model.embed_tokens.forward(tokens)
+    }
+
+    /// Runs the decoder on `inputs_embeds [batch, seq, hidden]` (from [`embed`](Self::embed), or
+    /// the caller's own), appending to `cache` as [`CausalLm::forward`] does, and returns the
+    /// final hidden states, with every layer's when `output_hidden_states` (HF's flag of the
+    /// same name).
+    pub fn forward_hidden(
+        &self,
+        inputs_embeds: Tensor<B, 3>,
+        cache: &mut LlamaCache<B>,
+        output_hidden_states: bool,
+    ) -> HiddenStates<B> {
+        let mut all = Vec::new();
+        let x = self.layers(
+            inputs_embeds,
+            cache,
+            output_hidden_states.then_some(&mut all),
+        );
+        let last = self.model.norm.forward(x);
+        if output_hidden_states {
+            all.push(last.clone());
+        }
+        HiddenStates { last, all }
+    }
+
+    /// Logits `[batch, seq, vocab]` of final hidden states (the LM head, or the tied embeddings).
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => self.model.embed_tokens.lm_head(hidden),
+        }
+    }
+
+    /// Every layer over `x`, before the final norm; pushes the input and each layer's output but
+    /// the last to `hidden` when given.
+    fn layers(
+        &self,
+        mut x: Tensor<B, 3>,
+        cache: &mut LlamaCache<B>,
+        mut hidden: Option<&mut Vec<Tensor<B, 3>>>,
+    ) -> Tensor<B, 3> {
+        let [_, seq, _] = x.dims();
+        let step = cache.state.advance::<B>(seq, &x.device());
+        let rope = self.rope_angles(step.positions);
+        for (layer, kv) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            if let Some(h) = hidden.as_deref_mut() {
+                h.push(x.clone());
+            }
+            x = layer.forward(x, &rope, step.mask.as_ref(), kv, step.keep);
+        }
+        x
     }
 
     /// Runs the decoder with explicit RoPE `positions` `[batch, seq]` and an explicit attention
@@ -326,20 +453,11 @@ impl<B: Backend> Llama<B> {
             ));
         }
         let rope = self.rope_angles(positions);
-        let mut x = self.model.embed_tokens.forward(tokens);
+        let mut x = self.embed(tokens);
         for (layer, kv) in self.model.layers.iter().zip(caches.iter_mut()) {
-            let h = layer.input_layernorm.forward(x.clone());
-            x = x + layer
-                .self_attn
-                .forward(h, &rope, mask.as_ref(), kv, usize::MAX);
-            let h = layer.post_attention_layernorm.forward(x.clone());
-            x = x + layer.mlp.forward(h);
+            x = layer.forward(x, &rope, mask.as_ref(), kv, usize::MAX);
         }
-        let x = self.model.norm.forward(x);
-        Ok(match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => self.model.embed_tokens.lm_head(x),
-        })
+        Ok(self.logits(self.model.norm.forward(x)))
     }
 }
 
@@ -360,27 +478,14 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         all: bool,
     ) -> Tensor<B, 3> {
         let [_, seq] = tokens.dims();
-        let step = cache.state.advance::<B>(seq, &tokens.device());
-        let rope = self.rope_angles(step.positions);
-        let mut x = self.model.embed_tokens.forward(tokens);
-        for (layer, kv) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = layer.input_layernorm.forward(x.clone());
-            x = x + layer
-                .self_attn
-                .forward(h, &rope, step.mask.as_ref(), kv, step.keep);
-            let h = layer.post_attention_layernorm.forward(x.clone());
-            x = x + layer.mlp.forward(h);
-        }
+        let x = self.layers(self.embed(tokens), cache, None);
+        // Only the positions whose logits are wanted go through the norm and the head.
         let x = if all || seq == 1 {
             x
         } else {
             x.narrow(1, seq - 1, 1)
         };
-        let x = self.model.norm.forward(x);
-        match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => self.model.embed_tokens.lm_head(x),
-        }
+        self.logits(self.model.norm.forward(x))
     }
 
     fn truncate_cache(&self, cache: &mut LlamaCache<B>, len: usize) -> bool {
@@ -425,6 +530,21 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         for layer in &mut cache.layers {
             layer.select_rows(ids.clone());
             layer.drop_front(drop);
+        }
+        true
+    }
+
+    fn reorder_cache(&self, cache: &mut LlamaCache<B>, indices: &[usize]) -> bool {
+        let batch = cache.state.batch();
+        if indices.iter().any(|&i| i >= batch) {
+            return false;
+        }
+        cache.state.select_rows(indices);
+        let device = self.device();
+        let ids: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [indices.len()]), &device);
+        for layer in &mut cache.layers {
+            layer.select_rows(ids.clone());
         }
         true
     }

@@ -45,6 +45,25 @@ impl<B: Backend> KvCache<B> {
         (k, v)
     }
 
+    /// A cache holding `keys` and `values`, `[batch, kv_heads, len, head_dim]` each (keys
+    /// already rotated, as [`update`](Self::update) stores them).
+    pub fn from_parts(keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Self {
+        Self {
+            k: Some(keys),
+            v: Some(values),
+        }
+    }
+
+    /// The cached keys `[batch, kv_heads, len, head_dim]` (rotated), `None` while empty.
+    pub fn keys(&self) -> Option<&Tensor<B, 4>> {
+        self.k.as_ref()
+    }
+
+    /// The cached values `[batch, kv_heads, len, head_dim]`, `None` while empty.
+    pub fn values(&self) -> Option<&Tensor<B, 4>> {
+        self.v.as_ref()
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.k.as_ref().map_or(0, |k| k.dims()[2])
@@ -205,6 +224,13 @@ impl CacheState {
         self.seen -= shared;
         self.kept_from = 0;
         drop
+    }
+
+    /// Rebuilds the batch from rows `indices` (rows may repeat): the bookkeeping half of
+    /// [`CausalLm::reorder_cache`](crate::CausalLm::reorder_cache); every layer's
+    /// [`KvCache::select_rows`] must follow with the same indices.
+    pub fn select_rows(&mut self, indices: &[usize]) {
+        self.pad = indices.iter().map(|&r| self.pad[r]).collect();
     }
 
     /// Plans a forward over `new` slots per row, then records them as seen.

@@ -66,6 +66,30 @@ impl RopeScaling {
         }
     }
 
+    /// The HF `rope_scaling` object (`rope_type` spelling), `null` for plain RoPE: what
+    /// [`from_hf`](Self::from_hf) reads back.
+    pub fn to_hf(&self) -> serde_json::Value {
+        match *self {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({ "rope_type": "linear", "factor": factor })
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                // An integer in HF configs.
+                "original_max_position_embeddings": original_max_position_embeddings as u64,
+            }),
+        }
+    }
+
     /// Applies the scaling to HF's inverse frequencies.
     fn rescale(&self, inv_freq: Vec<f64>) -> Vec<f64> {
         match *self {
