@@ -314,3 +314,46 @@ mod save_pretrained {
         check("mistral-sw");
     }
 }
+
+/// `LoadOptions::with_key_prefix`: a checkpoint whose Llama sits under `backbone.` next to
+/// other tensors (as a composite module saves it) loads to HF's logits; without the prefix the
+/// first missing tensor is named.
+#[test]
+fn weights_under_a_key_prefix() {
+    let name = "llama3-gqa";
+    let tmp = tempfile::tempdir().unwrap();
+    for file in ["config.json", "generation_config.json"] {
+        std::fs::copy(fixture(name).join(file), tmp.path().join(file)).unwrap();
+    }
+    let bytes = std::fs::read(fixture(name).join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let extra = vec![0u8; 4 * 3];
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (format!("backbone.{k}"), v))
+        .collect();
+    views.push((
+        "classifier.weight".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3], &extra).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors")).unwrap();
+
+    let options = LoadOptions::default().with_key_prefix("backbone.");
+    let model = Llama::<B>::from_pretrained_with(tmp.path(), &device(), &options).unwrap();
+    let reference = Reference::load(name);
+    let (_, prompt) = reference.ids("prompt_ids");
+    let (_, prefill) = reference.f32("prefill_logits");
+    let mut cache = model.new_cache(vec![0]);
+    let diff = max_abs_diff(
+        &host(model.forward(tokens(&prompt, 1), &mut cache, true)),
+        &prefill,
+    );
+    assert!(diff <= TOL, "logits under a prefix differ by {diff}");
+
+    let err = Llama::<B>::from_pretrained(tmp.path(), &device()).unwrap_err();
+    assert!(
+        matches!(&err, kiln::core::Error::MissingTensor { tensor, .. } if !tensor.starts_with("backbone.")),
+        "{err}"
+    );
+}

@@ -35,6 +35,10 @@ pub struct LoadOptions {
     pub quantization: Quantization,
     /// Whether matrices are held on the host for kiln's CPU kernels.
     pub host_kernels: HostKernels,
+    /// Read the model's tensors from under this key prefix of the checkpoint (e.g.
+    /// `language_model.` for the text model of a multimodal checkpoint, or the field name a
+    /// composite module saved its Llama under); other keys are ignored. Empty: keys as they are.
+    pub key_prefix: String,
 }
 
 impl LoadOptions {
@@ -55,6 +59,12 @@ impl LoadOptions {
         self.host_kernels = host_kernels;
         self
     }
+
+    /// Sets [`key_prefix`](Self::key_prefix).
+    pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
 }
 
 /// Loads `module` from `source` as `options` ask: its packable matrices (see [`PackSlots`])
@@ -66,6 +76,16 @@ pub fn load_packed<B: Backend, M: Module<B> + PackSlots<B>>(
     device: &B::Device,
     options: &LoadOptions,
 ) -> Result<M> {
+    let source: Arc<dyn WeightSource> = if options.key_prefix.is_empty() {
+        source
+    } else {
+        // Used on this thread only, as `Skipping` below.
+        #[allow(clippy::arc_with_non_send_sync)]
+        Arc::new(Prefixed {
+            source,
+            prefix: options.key_prefix.clone(),
+        })
+    };
     let packed = pack_module(&mut module, source.as_ref(), device, options)?;
     if packed.is_empty() {
         return load_module(module, source, device, options);
@@ -77,6 +97,43 @@ pub fn load_packed<B: Backend, M: Module<B> + PackSlots<B>>(
     #[allow(clippy::arc_with_non_send_sync)]
     let source = Arc::new(Skipping { source, packed });
     load_module(module, source, device, &options)
+}
+
+/// The tensors of `source` under `prefix`, with the prefix taken off their keys.
+struct Prefixed {
+    source: Arc<dyn WeightSource>,
+    prefix: String,
+}
+
+impl WeightSource for Prefixed {
+    fn tensors(&self) -> Vec<super::TensorInfo> {
+        let mut tensors = self.source.tensors();
+        tensors.retain_mut(|t| match t.name.strip_prefix(&self.prefix) {
+            Some(rest) => {
+                t.name = rest.to_string();
+                true
+            }
+            None => false,
+        });
+        tensors
+    }
+    fn read_f32(&self, name: &str) -> Result<TensorData> {
+        self.source.read_f32(&format!("{}{name}", self.prefix))
+    }
+    fn read_packed(
+        &self,
+        name: &str,
+        request: super::PackRequest,
+    ) -> Result<crate::packed::PackedMatrix> {
+        self.source
+            .read_packed(&format!("{}{name}", self.prefix), request)
+    }
+    fn file_of(&self, name: &str) -> &std::path::Path {
+        self.source.file_of(&format!("{}{name}", self.prefix))
+    }
+    fn describe(&self) -> String {
+        format!("{} (keys under `{}`)", self.source.describe(), self.prefix)
+    }
 }
 
 /// A source without the tensors already packed.
