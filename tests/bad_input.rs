@@ -370,3 +370,26 @@ fn tokenizers_that_crash_the_tokenizers_crate_are_errors() {
         assert!(err.to_string().contains("tokenizer.json"), "{file}: {err}");
     }
 }
+
+/// A broken GGUF file is an `Error::WeightFormat` naming the file, with the GGUF reader's own
+/// error kept as its source (not flattened to a string).
+#[test]
+fn gguf_errors_keep_their_source() {
+    use std::error::Error as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("broken.gguf");
+    std::fs::write(&path, b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let err = match Llama::<B>::from_gguf(&path, &Default::default()) {
+        Err(e) => e,
+        Ok(_) => panic!("a 16-byte GGUF loaded"),
+    };
+    assert!(
+        matches!(&err, Error::WeightFormat { path: p, .. } if *p == path),
+        "{err}"
+    );
+    let source = err.source().expect("a source");
+    assert!(
+        source.downcast_ref::<kiln_gguf::GgufError>().is_some(),
+        "{source:?}"
+    );
+}

@@ -24,9 +24,10 @@ impl std::str::FromStr for AnchorMode {
         match s.to_ascii_lowercase().as_str() {
             "ep" => Ok(Self::Ep),
             "ac" => Ok(Self::Ac),
-            other => Err(AnchorError::invalid(format!(
-                "anchor mode `{other}`: expected `ep` or `ac`"
-            ))),
+            other => Err(AnchorError::arg(
+                "anchor mode",
+                format!("anchor mode `{other}`: expected `ep` or `ac`"),
+            )),
         }
     }
 }
@@ -45,7 +46,7 @@ impl AnchorSet {
     pub fn new(mode: AnchorMode, ids: impl IntoIterator<Item = u32>) -> Result<Self> {
         let ids: BTreeSet<u32> = ids.into_iter().collect();
         if ids.is_empty() {
-            return Err(AnchorError::invalid("no anchor token ids"));
+            return Err(AnchorError::arg("anchor ids", "no anchor token ids"));
         }
         Ok(Self { mode, ids })
     }
@@ -69,7 +70,7 @@ pub fn add_ac_token(tokenizer: &Tokenizer) -> Result<(Tokenizer, u32)> {
     inner.add_special_tokens(&[tokenizers::AddedToken::from(AC_TOKEN, true)]);
     let id = inner
         .token_to_id(AC_TOKEN)
-        .ok_or_else(|| AnchorError::invalid("the tokenizer refused the <AC> token"))?;
+        .ok_or_else(|| AnchorError::arg("tokenizer", "the tokenizer refused the <AC> token"))?;
     Ok((Tokenizer::new(inner), id))
 }
 
@@ -97,9 +98,10 @@ fn ep_anchor_set(tokenizer: &Tokenizer, marks: &[&str], variants: bool) -> Resul
     });
     let set: BTreeSet<u32> = ids.collect();
     if set.is_empty() {
-        return Err(AnchorError::invalid(format!(
-            "the tokenizer has no token for any of {marks:?}"
-        )));
+        return Err(AnchorError::arg(
+            "tokenizer",
+            format!("the tokenizer has no token for any of {marks:?}"),
+        ));
     }
     AnchorSet::new(AnchorMode::Ep, set)
 }

@@ -2,35 +2,49 @@ use std::path::PathBuf;
 
 /// Errors of the anchor crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AnchorError {
     /// An error of the model zoo (loading, tokenizer, bad arguments).
     #[error(transparent)]
     Core(#[from] kiln_core::Error),
-    /// A bad argument or configuration.
-    #[error("{0}")]
-    Invalid(String),
-    /// Reading or writing a file failed.
-    #[error("{path}: {message}")]
+    /// An argument or configuration value is out of range or inconsistent.
+    #[error("invalid argument `{name}`: {message}")]
+    InvalidArgument {
+        /// The argument.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Reading, writing or parsing a file failed.
+    #[error("{path}: {source}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
-        message: String,
+        /// What went wrong (an `std::io::Error`, a JSON or record error, or a message).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
 impl AnchorError {
-    pub(crate) fn invalid(message: impl Into<String>) -> Self {
-        Self::Invalid(message.into())
+    /// An [`AnchorError::InvalidArgument`].
+    pub fn arg(name: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            name,
+            message: message.into(),
+        }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> Self {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         Self::Io {
             path: path.into(),
-            message: err.to_string(),
+            source: source.into(),
         }
     }
 }
 
 /// Result of the anchor crate.
-pub type Result<T> = std::result::Result<T, AnchorError>;
+pub type Result<T, E = AnchorError> = std::result::Result<T, E>;

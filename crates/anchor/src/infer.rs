@@ -24,9 +24,10 @@ impl std::str::FromStr for PositionMode {
         match s {
             "compacted" => Ok(Self::Compacted),
             "true" => Ok(Self::True),
-            other => Err(AnchorError::invalid(format!(
-                "position mode `{other}`: expected `compacted` or `true`"
-            ))),
+            other => Err(AnchorError::arg(
+                "position mode",
+                format!("position mode `{other}`: expected `compacted` or `true`"),
+            )),
         }
     }
 }
@@ -78,13 +79,14 @@ impl<'m, B: Backend> AnchorSession<'m, B> {
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Tensor<B, 2>> {
         let n = tokens.len();
         if n == 0 {
-            return Err(AnchorError::invalid("an empty chunk"));
+            return Err(AnchorError::arg("chunk", "an empty chunk"));
         }
         let vocab = self.model.config().vocab_size;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(AnchorError::invalid(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
+            return Err(AnchorError::arg(
+                "chunk",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
         }
         let device = self.model.device();
         let cached = self.k_seg.len();
@@ -206,12 +208,13 @@ impl<'m, B: Backend> FullSession<'m, B> {
         let n = tokens.len();
         let vocab = self.model.config().vocab_size;
         if n == 0 {
-            return Err(AnchorError::invalid("an empty chunk"));
+            return Err(AnchorError::arg("chunk", "an empty chunk"));
         }
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(AnchorError::invalid(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
+            return Err(AnchorError::arg(
+                "chunk",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
         }
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::from_data(TensorData::new(ids, [1, n]), &self.model.device());
@@ -262,7 +265,7 @@ pub(crate) fn last_row<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
         .into_data()
         .convert::<f32>()
         .into_vec::<f32>()
-        .map_err(|e| AnchorError::invalid(format!("logits: {e:?}")))
+        .map_err(|e| AnchorError::arg("logits", format!("logits: {e:?}")))
 }
 
 /// Statistics of one anchor-based generation.

@@ -30,9 +30,10 @@ pub fn grow_vocab<B: Backend>(model: Llama<B>, init: AcInit) -> Result<Llama<B>>
     if let AcInit::Copy(row) = init
         && row as usize >= vocab
     {
-        return Err(AnchorError::invalid(format!(
-            "init row {row} is outside the vocabulary of {vocab}"
-        )));
+        return Err(AnchorError::arg(
+            "init_rows",
+            format!("init row {row} is outside the vocabulary of {vocab}"),
+        ));
     }
     config.vocab_size += 1;
     let device = model.model.norm.weight.val().device();

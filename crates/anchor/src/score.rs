@@ -13,10 +13,10 @@ use crate::{AnchorError, AnchorSet, Result, Segments};
 pub fn token_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32]) -> Result<Vec<f32>> {
     let [n, _] = logits.dims();
     if n != targets.len() {
-        return Err(AnchorError::invalid(format!(
-            "{n} logit rows for {} targets",
-            targets.len()
-        )));
+        return Err(AnchorError::arg(
+            "logits",
+            format!("{n} logit rows for {} targets", targets.len()),
+        ));
     }
     let device = logits.device();
     let ids: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
@@ -26,7 +26,7 @@ pub fn token_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: &[u32]) -> Resu
         .into_data()
         .convert::<f32>()
         .into_vec::<f32>()
-        .map_err(|e| AnchorError::invalid(format!("logits: {e:?}")))
+        .map_err(|e| AnchorError::arg("logits", format!("logits: {e:?}")))
 }
 
 /// Summed negative log-likelihood and the number of tokens it covers.
@@ -144,7 +144,7 @@ pub fn score_choices<B: Backend, S: Session<B>>(
     let (mut cache_sum, mut ctx_sum) = (0usize, 0usize);
     for item in items {
         if item.context.is_empty() || item.options.iter().any(Vec::is_empty) {
-            return Err(AnchorError::invalid("an empty context or option"));
+            return Err(AnchorError::arg("example", "an empty context or option"));
         }
         let mut session = new_session();
         let logits = session.feed(&item.context)?;

@@ -173,12 +173,16 @@ impl TrainConfig {
 
     fn check(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum == 0 || self.steps == 0 {
-            return Err(AnchorError::invalid(
+            return Err(AnchorError::arg(
+                "train config",
                 "batch size, gradient accumulation and steps must be positive",
             ));
         }
         if self.lr.is_nan() || self.lr <= 0.0 {
-            return Err(AnchorError::invalid("the learning rate must be positive"));
+            return Err(AnchorError::arg(
+                "learning_rate",
+                "the learning rate must be positive",
+            ));
         }
         Ok(())
     }
@@ -225,7 +229,8 @@ pub fn batch_loss<B: Backend>(
     let seg = Segments::from_rows(rows, anchors, 0);
     let (batch, len) = (seg.batch, seg.len);
     if batch == 0 || len < 2 {
-        return Err(AnchorError::invalid(
+        return Err(AnchorError::arg(
+            "batch",
             "a batch needs rows of at least 2 tokens",
         ));
     }
@@ -295,7 +300,7 @@ pub fn train_steps<B: AutodiffBackend>(
     config.check()?;
     let stop = stop.min(config.steps);
     if corpus.rows.is_empty() {
-        return Err(AnchorError::invalid("the training corpus is empty"));
+        return Err(AnchorError::arg("corpus", "the training corpus is empty"));
     }
     let device = kiln_core::CausalLm::device(&model);
     let mut model = model;
@@ -304,8 +309,8 @@ pub fn train_steps<B: AutodiffBackend>(
         .init();
     let mut report = TrainReport::default();
     if resume {
-        let dir =
-            checkpoint.ok_or_else(|| AnchorError::invalid("resume needs a checkpoint folder"))?;
+        let dir = checkpoint
+            .ok_or_else(|| AnchorError::arg("checkpoint", "resume needs a checkpoint folder"))?;
         let p = paths(dir);
         let state = std::fs::read_to_string(&p.state).map_err(|e| AnchorError::io(&p.state, e))?;
         report = serde_json::from_str(&state).map_err(|e| AnchorError::io(&p.state, e))?;

@@ -7,6 +7,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong while loading or running a model.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
@@ -42,6 +43,16 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong.
         message: String,
+    },
+    /// A weight file in a format another crate parses (GGUF) is invalid; `source` is that
+    /// crate's error (downcast it to `kiln_gguf::GgufError`).
+    #[error("invalid weight file {path}: {source}")]
+    WeightFormat {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A tensor the model needs is absent from every weight file.
     #[error("tensor `{tensor}` is missing from the checkpoint ({files})")]

@@ -61,9 +61,10 @@ impl Split {
     /// Keeps a seeded random `fraction` (0 < f <= 1) of the examples, at least one.
     pub fn subsample(mut self, fraction: f64, seed: u64) -> Result<Self, DistillError> {
         if !(fraction > 0.0 && fraction <= 1.0) {
-            return Err(DistillError::Arg(format!(
-                "subsample fraction must be in (0, 1], got {fraction}"
-            )));
+            return Err(DistillError::arg(
+                "subsample",
+                format!("subsample fraction must be in (0, 1], got {fraction}"),
+            ));
         }
         if fraction < 1.0 {
             let keep = ((self.examples.len() as f64 * fraction).round() as usize).max(1);
@@ -235,12 +236,15 @@ fn attach_llm(
     what: &Path,
 ) -> Result<Vec<Example>, DistillError> {
     if outputs.len() != examples.len() {
-        return Err(DistillError::Arg(format!(
-            "{}: {} LLM outputs for {} examples",
-            what.display(),
-            outputs.len(),
-            examples.len()
-        )));
+        return Err(DistillError::arg(
+            "llm outputs",
+            format!(
+                "{}: {} LLM outputs for {} examples",
+                what.display(),
+                outputs.len(),
+                examples.len()
+            ),
+        ));
     }
     for (e, o) in examples.iter_mut().zip(outputs) {
         let (rationale, label) = parse(&o);
@@ -465,8 +469,9 @@ impl DataSource {
                 "train" => load_jsonl(train, *task),
                 _ => match test {
                     Some(t) => load_jsonl(t, *task),
-                    None => Err(DistillError::Arg(
-                        "this JSONL data source has no test file (pass --test-data)".into(),
+                    None => Err(DistillError::arg(
+                        "test data",
+                        "this JSONL data source has no test file (pass --test-data)",
                     )),
                 },
             },

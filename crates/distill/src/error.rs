@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 /// Errors of kiln-distill.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DistillError {
     /// A file could not be read or written.
     #[error("{0}: {1}")]
@@ -16,9 +17,17 @@ pub enum DistillError {
         /// What is wrong.
         message: String,
     },
-    /// A bad argument or configuration.
-    #[error("{0}")]
-    Arg(String),
+    /// An argument, configuration value or data set is out of range or inconsistent.
+    #[error("invalid argument `{name}`: {message}")]
+    InvalidArgument {
+        /// The argument.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Training cannot go on (the loss diverged, a collective step failed).
+    #[error("training: {0}")]
+    Training(String),
     /// A checkpoint could not be saved or loaded.
     #[error("checkpoint {0}: {1}")]
     Checkpoint(PathBuf, String),
@@ -26,3 +35,16 @@ pub enum DistillError {
     #[error(transparent)]
     Core(#[from] kiln_core::Error),
 }
+
+impl DistillError {
+    /// A [`DistillError::InvalidArgument`].
+    pub fn arg(name: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            name,
+            message: message.into(),
+        }
+    }
+}
+
+/// Result of kiln-distill.
+pub type Result<T, E = DistillError> = std::result::Result<T, E>;

@@ -56,7 +56,7 @@ pub fn evaluate<B: Backend>(
     let eos = *model
         .eos_token_ids()
         .first()
-        .ok_or_else(|| DistillError::Arg("the model's config names no EOS token".into()))?;
+        .ok_or_else(|| DistillError::arg("model", "the model's config names no EOS token"))?;
     let generation = Seq2SeqConfig::default().with_max_new_tokens(opts.max_new_tokens);
     let mut predictions = Vec::with_capacity(examples.len());
     let mut correct = 0;

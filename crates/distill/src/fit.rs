@@ -109,7 +109,7 @@ pub fn fit<B: AutodiffBackend>(
     while trainer.step < total {
         let m = trainer.train_step()?;
         if !m.loss.is_finite() {
-            return Err(DistillError::Arg(format!(
+            return Err(DistillError::Training(format!(
                 "loss became {} at step {}; lower the learning rate",
                 m.loss, m.step
             )));

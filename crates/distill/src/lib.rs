@@ -23,4 +23,4 @@ pub mod export;
 pub mod fit;
 pub mod train;
 
-pub use error::DistillError;
+pub use error::{DistillError, Result};

@@ -146,7 +146,7 @@ impl TrainConfig {
 
     /// Checks the values.
     pub fn validate(&self) -> Result<(), DistillError> {
-        let bad = |m: &str| Err(DistillError::Arg(m.to_string()));
+        let bad = |m: &str| Err(DistillError::arg("train config", m));
         if !(0.0..=1.0).contains(&self.alpha) {
             return bad("alpha must be in [0, 1]");
         }
@@ -447,11 +447,12 @@ impl<B: AutodiffBackend> Trainer<B> {
     ) -> Result<Self, DistillError> {
         config.validate()?;
         if data.is_empty() {
-            return Err(DistillError::Arg("no training examples left".into()));
+            return Err(DistillError::arg("train data", "no training examples left"));
         }
         if config.mode == Mode::StepByStep && data.iter().any(|e| e.rationale.is_empty()) {
-            return Err(DistillError::Arg(
-                "step-by-step training needs a rationale for every example".into(),
+            return Err(DistillError::arg(
+                "train data",
+                "step-by-step training needs a rationale for every example",
             ));
         }
         let optim = Self::optimizer_config(&config).init();
@@ -489,16 +490,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         parallel: DataParallel,
     ) -> Result<Self, DistillError> {
         if devices.is_empty() {
-            return Err(DistillError::Arg("no devices given".into()));
+            return Err(DistillError::arg("devices", "no devices given"));
         }
         if parallel == DataParallel::Collective
             && !self.config.grad_accum.is_multiple_of(devices.len())
         {
-            return Err(DistillError::Arg(format!(
-                "collective data parallel needs grad_accum ({}) to be a multiple of the {} devices",
-                self.config.grad_accum,
-                devices.len()
-            )));
+            return Err(DistillError::arg(
+                "grad_accum",
+                format!(
+                    "collective data parallel needs grad_accum ({}) to be a multiple of the {} devices",
+                    self.config.grad_accum,
+                    devices.len()
+                ),
+            ));
         }
         self.model = self.model.fork(&devices[0]);
         self.replicas = match parallel {
@@ -633,7 +637,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.devices.len();
         if self.replicas.len() + 1 != n {
-            return Err(DistillError::Arg(
+            return Err(DistillError::Training(
                 "an earlier collective step failed and took the other devices' replicas with it; \
                  resume from the last checkpoint"
                     .into(),
@@ -701,7 +705,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 Err(message) => {
                     // Peers still registered would block the next step's registration.
                     reset_collective::<B::InnerBackend>();
-                    return Err(DistillError::Arg(format!("collective training: {message}")));
+                    return Err(DistillError::Training(format!(
+                        "collective training: {message}"
+                    )));
                 }
             }
         }
@@ -876,9 +882,10 @@ pub fn fresh_config(preset: &str, vocab_size: usize) -> Result<T5Config, Distill
         "small" => (256, 32, 1024, 4, 8),
         "t5-small" => (512, 64, 2048, 6, 8),
         other => {
-            return Err(DistillError::Arg(format!(
-                "unknown fresh model preset `{other}` (tiny, mini, small, t5-small)"
-            )));
+            return Err(DistillError::arg(
+                "preset",
+                format!("unknown fresh model preset `{other}` (tiny, mini, small, t5-small)"),
+            ));
         }
     };
     Ok(T5Config {

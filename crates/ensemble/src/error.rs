@@ -5,6 +5,7 @@ pub type Result<T, E = EnsembleError> = std::result::Result<T, E>;
 
 /// What can go wrong while building or running an ensemble.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EnsembleError {
     /// The members' vocabularies share no token, so there is no relative space to meet in.
     #[error(

@@ -113,6 +113,7 @@ impl ServeConfig {
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServeError {
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]

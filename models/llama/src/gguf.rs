@@ -27,9 +27,9 @@ pub struct GgufWeights {
 }
 
 fn gguf_err(path: &Path, e: kiln_gguf::GgufError) -> Error {
-    Error::WeightFile {
+    Error::WeightFormat {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source: Box::new(e),
     }
 }
 
