@@ -357,3 +357,24 @@ fn weights_under_a_key_prefix() {
         "{err}"
     );
 }
+
+/// `CausalLm` knows EOS and pad from the model's config.json, and `GenerationConfig::for_model`
+/// starts from them (read here from the file itself).
+#[test]
+fn generation_config_for_model_takes_eos_and_pad_from_the_config() {
+    for name in ["llama3-gqa", "mistral-sw", "llama2-mha"] {
+        let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+        let text = std::fs::read_to_string(fixture(name).join("config.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let eos: Vec<u32> = match &json["eos_token_id"] {
+            serde_json::Value::Array(ids) => {
+                ids.iter().map(|v| v.as_u64().unwrap() as u32).collect()
+            }
+            v => vec![v.as_u64().unwrap() as u32],
+        };
+        let pad = json["pad_token_id"].as_u64().map(|p| p as u32);
+        let config = GenerationConfig::for_model(&model);
+        assert_eq!(config.eos_token_ids, eos, "{name}");
+        assert_eq!(config.pad_token_id, pad.unwrap_or(eos[0]), "{name}");
+    }
+}

@@ -252,3 +252,21 @@ fn bad_checkpoints_are_errors() {
         Err(Error::UnsupportedModel(_))
     ));
 }
+
+/// Sampling gives each row its own sampler (seeded alike): a row samples the same tokens in a
+/// batch as alone, whatever the rows before it drew.
+#[test]
+fn sampled_rows_do_not_depend_on_the_rest_of_the_batch() {
+    use kiln::core::sampling::SamplingConfig;
+    let reference = Reference::load(NAME);
+    let model = load();
+    let (_, input) = reference.ids("input_ids");
+    let other: Vec<u32> = input.iter().rev().copied().collect();
+    let config = Seq2SeqConfig::default()
+        .with_max_new_tokens(10)
+        .with_eos_token_ids(vec![])
+        .with_sampling(SamplingConfig::default().with_temperature(1.5).with_seed(7));
+    let alone = generate_seq2seq(&model, std::slice::from_ref(&input), &config).unwrap();
+    let batch = generate_seq2seq(&model, &[other, input.clone()], &config).unwrap();
+    assert_eq!(batch[1].tokens, alone[0].tokens);
+}

@@ -62,6 +62,18 @@ pub trait CausalLm<B: Backend> {
         false
     }
 
+    /// Tokens that end a sequence, from the model's config (empty when it names none).
+    /// [`GenerationConfig::for_model`] starts from them; generation_config.json may add more
+    /// (see `GenerationDefaults`).
+    fn eos_token_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// The padding token from the model's config, if it names one.
+    fn pad_token_id(&self) -> Option<u32> {
+        None
+    }
+
     /// Longest sequence (prompt + generated) the model supports.
     fn max_context(&self) -> usize;
 
@@ -100,6 +112,17 @@ impl Default for GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// The defaults with `model`'s EOS ids and padding token (pad falls back to the first EOS
+    /// id, as HF's `generate` does, then to 0): generation that stops where the model's config
+    /// says.
+    pub fn for_model<B: Backend, M: CausalLm<B>>(model: &M) -> Self {
+        let eos = model.eos_token_ids();
+        let pad = model.pad_token_id().or(eos.first().copied()).unwrap_or(0);
+        Self::default()
+            .with_eos_token_ids(eos)
+            .with_pad_token_id(pad)
+    }
+
     /// Sets `max_new_tokens`.
     pub fn with_max_new_tokens(mut self, n: usize) -> Self {
         self.max_new_tokens = n;

@@ -329,7 +329,11 @@ pub fn generate_seq2seq<B: Backend, M: Seq2SeqLm<B>>(
     let batch = inputs.len();
     let start = model.decoder_start_token_id();
     let pad = model.pad_token_id();
-    let mut sampler = Sampler::new(config.sampling.clone())?;
+    // One sampler per row, each from the configured seed: a row samples the same tokens
+    // whatever else is in the batch (as `generate` does for decoder-only models).
+    let mut samplers: Vec<Sampler> = (0..batch)
+        .map(|_| Sampler::new(config.sampling.clone()))
+        .collect::<Result<_>>()?;
     let mut cache = model.new_decoder_cache(&encoder);
     let mut seqs = vec![vec![start]; batch];
     let mut finish: Vec<Option<FinishReason>> = vec![None; batch];
@@ -346,7 +350,7 @@ pub fn generate_seq2seq<B: Backend, M: Seq2SeqLm<B>>(
             ban_repeated_ngrams(&mut logits, &seqs[row], config.no_repeat_ngram_size);
             let token = match config.forced_bos_token_id {
                 Some(t) if step == 0 => t,
-                _ => sampler.sample(&mut logits, &seqs[row]),
+                _ => samplers[row].sample(&mut logits, &seqs[row]),
             };
             seqs[row].push(token);
             if eos.contains(&token) {

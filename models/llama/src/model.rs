@@ -549,6 +549,14 @@ impl<B: Backend> CausalLm<B> for Llama<B> {
         true
     }
 
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.config.eos_token_ids.clone()
+    }
+
+    fn pad_token_id(&self) -> Option<u32> {
+        self.config.pad_token_id
+    }
+
     fn max_context(&self) -> usize {
         self.config.max_position_embeddings
     }
