@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use kiln_core::loading::{
     LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
-    load_packed, save_safetensors, unpack_module,
+    load_packed, save_hf_folder,
 };
 use kiln_core::nn::{
     CacheState, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, RotaryAngles,
@@ -299,31 +299,15 @@ impl<B: Backend> Llama<B> {
     /// transformers writes it), `config.json` ([`LlamaConfig::to_hf_json`]) and
     /// `generation_config.json` (BOS, EOS and pad ids). The tokenizer is the caller's to copy.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        let io = |path: &Path, source: std::io::Error| kiln_core::Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let mut dense = self.clone();
-        unpack_module(&mut dense);
-        save_safetensors(&dense, &dir.join("model.safetensors"))?;
-        let write = |name: &str, value: serde_json::Value| {
-            let path = dir.join(name);
-            let text = serde_json::to_string_pretty(&value).expect("JSON values serialise");
-            std::fs::write(&path, text + "\n").map_err(|e| io(&path, e))
-        };
         let mut config = self.config.clone();
         config.tie_word_embeddings = self.lm_head.is_none();
-        write("config.json", config.to_hf_json())?;
         let hf = config.to_hf_json();
-        write(
-            "generation_config.json",
-            serde_json::json!({
-                "bos_token_id": hf["bos_token_id"],
-                "eos_token_id": hf["eos_token_id"],
-                "pad_token_id": hf["pad_token_id"],
-            }),
-        )
+        let generation = serde_json::json!({
+            "bos_token_id": hf["bos_token_id"],
+            "eos_token_id": hf["eos_token_id"],
+            "pad_token_id": hf["pad_token_id"],
+        });
+        save_hf_folder(self, dir, &hf, &generation)
     }
 
     /// The rotary angles for RoPE `positions` `[batch, seq]`, shared by every layer.

@@ -9,7 +9,7 @@ use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{
     LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
-    load_packed, save_safetensors, unpack_module,
+    load_packed, save_hf_folder,
 };
 use kiln_core::nn::{
     AttentionMask, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, TorchLinear,
@@ -438,30 +438,14 @@ impl<B: Backend> T5<B> {
     /// stored, as transformers does not store them), `config.json` and
     /// `generation_config.json`. The tokenizer is the caller's to copy.
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
-        let io = |path: &Path, source: std::io::Error| kiln_core::Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let mut dense = self.clone();
-        unpack_module(&mut dense);
-        save_safetensors(&dense, &dir.join("model.safetensors"))?;
-        let write = |name: &str, value: serde_json::Value| {
-            let path = dir.join(name);
-            let text = serde_json::to_string_pretty(&value).expect("JSON values serialise");
-            std::fs::write(&path, text + "\n").map_err(|e| io(&path, e))
-        };
         let mut config = self.config.clone();
         config.tie_word_embeddings = self.lm_head.is_none();
-        write("config.json", config.to_hf_json())?;
-        write(
-            "generation_config.json",
-            serde_json::json!({
-                "decoder_start_token_id": config.decoder_start_token_id,
-                "eos_token_id": config.eos_token_ids,
-                "pad_token_id": config.pad_token_id,
-            }),
-        )
+        let generation = serde_json::json!({
+            "decoder_start_token_id": config.decoder_start_token_id,
+            "eos_token_id": config.eos_token_ids,
+            "pad_token_id": config.pad_token_id,
+        });
+        save_hf_folder(self, dir, &config.to_hf_json(), &generation)
     }
 
     fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {

@@ -25,7 +25,7 @@ pub use precision::{
     pack_module, unpack_module,
 };
 pub use safetensors::SafetensorsWeights;
-pub use save::save_safetensors;
+pub use save::{save_hf_folder, save_safetensors};
 pub use sizes::check_config_sizes;
 
 use std::path::Path;

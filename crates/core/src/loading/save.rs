@@ -55,3 +55,31 @@ pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Re
         source: std::io::Error::other(e.to_string()),
     })
 }
+
+/// Writes `module` as an HF folder: `model.safetensors` (f32, packed weights dequantised, see
+/// [`save_safetensors`]) and the two JSON files, `config.json` and `generation_config.json`.
+/// What every model's `save_pretrained` does once it has its configs in HF's form.
+pub fn save_hf_folder<B: Backend, M: Module<B> + super::PackSlots<B> + Clone>(
+    module: &M,
+    dir: &Path,
+    config: &serde_json::Value,
+    generation_config: &serde_json::Value,
+) -> Result<()> {
+    let io = |path: &Path, source: std::io::Error| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let mut dense = module.clone();
+    super::unpack_module(&mut dense);
+    save_safetensors(&dense, &dir.join("model.safetensors"))?;
+    for (name, value) in [
+        ("config.json", config),
+        ("generation_config.json", generation_config),
+    ] {
+        let path = dir.join(name);
+        let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+        std::fs::write(&path, text + "\n").map_err(|e| io(&path, e))?;
+    }
+    Ok(())
+}
