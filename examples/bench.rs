@@ -26,6 +26,7 @@ use kiln::core::CausalLm;
 use kiln::core::loading::{
     HostKernels, LoadOptions, PackSlot, PackSlots, Quantization, WeightDtype,
 };
+use kiln::core::packed::ActivationPrecision;
 use kiln::llama::Llama;
 
 #[path = "common/roofline.rs"]
@@ -38,7 +39,7 @@ mod roofline;
 #[command(version)]
 struct Args {
     /// Folder in HF layout (config.json + safetensors), e.g. one made by the
-    /// `random_checkpoint` example, or a llama.cpp `.gguf` file (dequantised to f32).
+    /// `random_checkpoint` example, or a llama.cpp `.gguf` file (its blocks kept as stored, see `--dtype`).
     #[arg(long)]
     model: PathBuf,
     /// Prompt length in tokens (random ids, seeded; the same ids as bench/candle).
@@ -62,6 +63,9 @@ struct Args {
     /// Requantise the matrices at load: none, q8_0, q4_0, q4_1.
     #[arg(long, default_value = "none")]
     quant: Quantization,
+    /// Activations of quantised weights in decode steps: f32, or q8 (8-bit, as llama.cpp).
+    #[arg(long, default_value = "f32")]
+    activations: ActivationPrecision,
     /// kiln's host kernels for the matrices: auto (on for CPU backends), always, never (Burn's
     /// own matmul, every weight a Burn tensor).
     #[arg(long, default_value = "auto")]
@@ -169,6 +173,7 @@ fn main() -> Result<()> {
     let options = LoadOptions::default()
         .with_dtype(args.dtype)
         .with_quantization(args.quant)
+        .with_activations(args.activations)
         .with_host_kernels(host_kernels);
     let mut model = if args.model.extension().is_some_and(|e| e == "gguf") {
         Llama::<B>::from_gguf_with(&args.model, &device, &options).map(|(model, _)| model)
@@ -214,7 +219,11 @@ fn main() -> Result<()> {
         roofline::probe_bandwidth()
     };
     let limit = bandwidth * 1e9 / bytes as f64;
-    let weights = format!("{:?}/{:?}", args.dtype, args.quant).to_lowercase();
+    let weights = format!(
+        "{:?}/{:?}/act-{:?}",
+        args.dtype, args.quant, args.activations
+    )
+    .to_lowercase();
 
     println!(
         "kiln ({}, weights {weights}): load {load_s:.2} s | prefill {:.2} tok/s (best {:.2}) | \

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use clap::Parser;
-use kiln::core::packed::{PackedFormat, PackedMatrix};
+use kiln::core::packed::{ActivationPrecision, PackedFormat, PackedMatrix};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -27,6 +27,12 @@ struct Args {
     /// Timed calls per case (the best is reported).
     #[arg(long, default_value_t = 20)]
     repeats: usize,
+    /// Activations of the block formats: f32, q8 (8-bit, as llama.cpp), or both.
+    #[arg(long, value_delimiter = ',', default_value = "f32,q8")]
+    activations: Vec<ActivationPrecision>,
+    /// Formats to time (default: all).
+    #[arg(long, value_delimiter = ',')]
+    formats: Vec<String>,
 }
 
 fn main() {
@@ -42,24 +48,40 @@ fn main() {
         PackedFormat::Q4_1,
         PackedFormat::Q4_0,
     ] {
-        let w = PackedMatrix::from_f32(args.rows, args.cols, &values, format).unwrap();
-        for &m in &args.m {
-            let x: Vec<f32> = (0..m * args.cols).map(|i| (i as f32 * 0.1).cos()).collect();
-            std::hint::black_box(w.matmul_t(&x, m));
-            let mut best = f64::INFINITY;
-            for _ in 0..args.repeats {
-                let t = Instant::now();
-                std::hint::black_box(w.matmul_t(&x, m));
-                best = best.min(t.elapsed().as_secs_f64());
+        if !args.formats.is_empty() && !args.formats.iter().any(|f| f == format.name()) {
+            continue;
+        }
+        let block = format.block_len() > 1;
+        for &act in &args.activations {
+            if !block && act != ActivationPrecision::F32 {
+                continue;
             }
-            let gflops = 2.0 * (m * args.rows * args.cols) as f64 / best / 1e9;
-            println!(
-                "{format:>5} {}x{} m={m:<4} {:8.3} ms  {:6.1} GB/s of weights  {gflops:6.1} GFLOP/s",
-                args.rows,
-                args.cols,
-                best * 1e3,
-                w.byte_len() as f64 / best / 1e9
-            );
+            let w = PackedMatrix::from_f32(args.rows, args.cols, &values, format)
+                .unwrap()
+                .with_activations(act);
+            for &m in &args.m {
+                let x: Vec<f32> = (0..m * args.cols).map(|i| (i as f32 * 0.1).cos()).collect();
+                std::hint::black_box(w.matmul_t(&x, m));
+                let mut best = f64::INFINITY;
+                for _ in 0..args.repeats {
+                    let t = Instant::now();
+                    std::hint::black_box(w.matmul_t(&x, m));
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let gflops = 2.0 * (m * args.rows * args.cols) as f64 / best / 1e9;
+                println!(
+                    "{format:>5} {:>3} {}x{} m={m:<4} {:8.3} ms  {:6.1} GB/s of weights  {gflops:6.1} GFLOP/s",
+                    if block {
+                        format!("{act:?}").to_lowercase()
+                    } else {
+                        String::new()
+                    },
+                    args.rows,
+                    args.cols,
+                    best * 1e3,
+                    w.byte_len() as f64 / best / 1e9
+                );
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use kiln::backend::{self, Backend as B};
 use kiln::core::loading::{
     HostKernels, LoadOptions, PackSlot, PackSlots, Quantization, WeightDtype,
 };
+use kiln::core::packed::ActivationPrecision;
 use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
 
 #[path = "common/roofline.rs"]
@@ -63,6 +64,9 @@ struct Args {
     /// Requantise the matrices at load: none, q8_0, q4_0, q4_1.
     #[arg(long, default_value = "none")]
     quant: Quantization,
+    /// Activations of quantised weights in decode steps: f32, or q8 (8-bit, as llama.cpp).
+    #[arg(long, default_value = "f32")]
+    activations: ActivationPrecision,
     /// Burn's own matmul with every weight a Burn tensor, instead of kiln's host kernels.
     #[arg(long)]
     no_host_kernels: bool,
@@ -177,7 +181,7 @@ fn bench<M: Seq2SeqLm<B> + PackSlots<B>>(model: &mut M, args: &Args, bandwidth: 
         );
         let json = serde_json::json!({
             "impl": "kiln", "backend": backend::NAME, "batch": batch, "beams": args.beams,
-            "weights": format!("{:?}/{:?}", args.dtype, args.quant).to_lowercase(),
+            "weights": format!("{:?}/{:?}/act-{:?}", args.dtype, args.quant, args.activations).to_lowercase(),
             "src_len": args.src_len, "gen": args.new_tokens, "seconds": s, "seconds_runs": secs,
             "sentences_per_s": sentences, "tokens_per_s": tokens,
             "bandwidth_gb_s": bandwidth, "bytes_once": bytes.once, "bytes_per_step": bytes.per_step,
@@ -201,6 +205,7 @@ fn main() -> Result<()> {
     let options = LoadOptions::default()
         .with_dtype(args.dtype)
         .with_quantization(args.quant)
+        .with_activations(args.activations)
         .with_host_kernels(if args.no_host_kernels {
             HostKernels::Never
         } else {

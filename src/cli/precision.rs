@@ -2,6 +2,7 @@
 
 use clap::Args;
 use kiln::core::loading::{LoadOptions, Quantization, WeightDtype};
+use kiln::core::packed::ActivationPrecision;
 
 /// `--dtype` and `--quant`.
 #[derive(Args, Debug, Clone)]
@@ -16,6 +17,11 @@ pub struct PrecisionArgs {
     /// `q4_0` (4.5 bits) or `q4_1` (5 bits), ggml's block formats. CPU backends only.
     #[arg(long, default_value = "none")]
     pub quant: Quantization,
+    /// Activations of Q8_0/Q4_0/Q4_1 weights in decode steps (CPU backends): `f32` keeps the
+    /// result equal to the dequantised weights' product; `q8` rounds them to 8 bits per block
+    /// of 32 and multiplies integers, as llama.cpp does (faster; logits move by ~1e-2).
+    #[arg(long, default_value = "f32")]
+    pub activations: ActivationPrecision,
 }
 
 impl PrecisionArgs {
@@ -24,5 +30,6 @@ impl PrecisionArgs {
         LoadOptions::default()
             .with_dtype(self.dtype)
             .with_quantization(self.quant)
+            .with_activations(self.activations)
     }
 }

@@ -14,6 +14,7 @@ use burn_store::{
 
 use super::WeightSource;
 use super::precision::{HostKernels, PackSlots, Quantization, WeightDtype, pack_module};
+use crate::packed::ActivationPrecision;
 use crate::{Error, Result};
 
 /// How a model is loaded: the precision its weights are held in, and which tensors may be
@@ -35,6 +36,10 @@ pub struct LoadOptions {
     pub quantization: Quantization,
     /// Whether matrices are held on the host for kiln's CPU kernels.
     pub host_kernels: HostKernels,
+    /// What the host kernels do with the activations of quantised weights in decode steps:
+    /// f32 (the default: results equal the dequantised weights' product) or 8-bit blocks, as
+    /// llama.cpp multiplies them (faster; see [`ActivationPrecision`]).
+    pub activations: ActivationPrecision,
     /// Read the model's tensors from under this key prefix of the checkpoint (e.g.
     /// `language_model.` for the text model of a multimodal checkpoint, or the field name a
     /// composite module saved its Llama under); other keys are ignored. Empty: keys as they are.
@@ -57,6 +62,12 @@ impl LoadOptions {
     /// Sets [`host_kernels`](Self::host_kernels).
     pub fn with_host_kernels(mut self, host_kernels: HostKernels) -> Self {
         self.host_kernels = host_kernels;
+        self
+    }
+
+    /// Sets [`activations`](Self::activations).
+    pub fn with_activations(mut self, activations: ActivationPrecision) -> Self {
+        self.activations = activations;
         self
     }
 

@@ -204,7 +204,10 @@ pub fn pack_module<B: Backend, M: PackSlots<B>>(
         if shape.as_slice() != expected {
             continue;
         }
-        let matrix = Arc::new(source.read_packed(&name, request)?);
+        let matrix = source
+            .read_packed(&name, request)?
+            .with_activations(options.activations);
+        let matrix = Arc::new(matrix);
         match slot {
             PackSlot::Linear(l) => l.set_packed(matrix),
             PackSlot::Embedding(e) => e.set_packed(matrix),

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 
 use half::{bf16, f16};
 
-use super::{PackedFormat, bf16_at, f16_at};
+use super::{ActivationPrecision, PackedFormat, bf16_at, f16_at};
 
 /// The activation rows of one product, with what the 4-bit kernels precompute from them.
 pub(super) struct Acts<'a> {
@@ -25,6 +25,12 @@ pub(super) struct Acts<'a> {
     pub q16_lo: Vec<i16>,
     /// 4-bit formats: per row and block, the i16 scale (`amax / 32767`).
     pub scale: Vec<f32>,
+    /// [`ActivationPrecision::Q8`]: the activations rounded to i8 per 32-value block.
+    pub q8: Vec<i8>,
+    /// See `q8`: per row and block, the scale `d` (`x ≈ q·d`).
+    pub q8_scale: Vec<f32>,
+    /// See `q8`: per row and block, `d·Σq`.
+    pub q8_sum: Vec<f32>,
 }
 
 impl<'a> Acts<'a> {
@@ -36,7 +42,16 @@ impl<'a> Acts<'a> {
     /// Together the parts hold a value to 2⁻³² of its block's largest, finer than f32's own
     /// rounding (one part alone, 2⁻¹⁶, moved SmolLM2's logits by 0.014 against the f32 path;
     /// with both, as the f32 kernels). The block offsets stay in f32.
-    pub fn new(format: PackedFormat, x: &'a [f32], m: usize, cols: usize) -> Self {
+    ///
+    /// With [`ActivationPrecision::Q8`] the block formats get i8 activations instead
+    /// ([`super::int8`]).
+    pub fn new(
+        format: PackedFormat,
+        activations: ActivationPrecision,
+        x: &'a [f32],
+        m: usize,
+        cols: usize,
+    ) -> Self {
         let mut acts = Self {
             x,
             m,
@@ -45,7 +60,14 @@ impl<'a> Acts<'a> {
             q16: Vec::new(),
             q16_lo: Vec::new(),
             scale: Vec::new(),
+            q8: Vec::new(),
+            q8_scale: Vec::new(),
+            q8_sum: Vec::new(),
         };
+        if activations == ActivationPrecision::Q8 && super::int8::applies(format) {
+            super::int8::quantize(&x[..m * cols], &mut acts);
+            return acts;
+        }
         if matches!(format, PackedFormat::Q4_0 | PackedFormat::Q4_1) {
             let blocks = m * (cols / 32);
             #[cfg(target_arch = "x86_64")]
@@ -87,8 +109,11 @@ impl<'a> Acts<'a> {
 /// of rows lets a kernel share each activation load between weight rows.
 pub(super) type DotKernel = fn(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]);
 
-/// The fastest kernel this CPU runs for `format`.
-pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
+/// The fastest kernel this CPU runs for `format` and `activations`.
+pub(super) fn dot_kernel(format: PackedFormat, activations: ActivationPrecision) -> DotKernel {
+    if activations == ActivationPrecision::Q8 && super::int8::applies(format) {
+        return super::int8::dot_kernel(format);
+    }
     #[cfg(target_arch = "x86_64")]
     if super::avx2::available() {
         return super::avx2::dot_kernel(format);

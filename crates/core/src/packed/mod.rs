@@ -20,6 +20,7 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod int8;
 mod kernels;
 mod pool;
 
@@ -91,6 +92,33 @@ impl std::fmt::Display for PackedFormat {
     }
 }
 
+/// What the matrix-vector kernels (decode steps, up to [`MATVEC_MAX_ROWS`] rows) do with the
+/// activations when the weights are Q8_0, Q4_0 or Q4_1 blocks. Float weights and prefill
+/// (more rows) always multiply f32 activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ActivationPrecision {
+    /// As precise as f32 (the 4-bit kernels split each value into two i16 parts, to 2⁻³² of
+    /// its block): the product equals the dequantised weights times the activations.
+    #[default]
+    F32,
+    /// Rounded to 8 bits per 32-value block (`d = amax/127`), then integer dot products, as
+    /// llama.cpp multiplies these formats: faster, and each activation moves by up to half a
+    /// step `d`.
+    Q8,
+}
+
+impl std::str::FromStr for ActivationPrecision {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => Self::F32,
+            "q8" | "q8_0" | "int8" => Self::Q8,
+            other => return Err(format!("unknown activation precision `{other}` (f32, q8)")),
+        })
+    }
+}
+
 /// Up to this many activation rows, [`PackedMatrix::matmul_t`] runs the matrix-vector kernels
 /// (each weight block is read once for all rows); from one more on it dequantises tiles for
 /// `gemm`. Measured with `examples/packed_matmul.rs` (bench/README.md).
@@ -103,6 +131,7 @@ pub struct PackedMatrix {
     rows: usize,
     cols: usize,
     format: PackedFormat,
+    activations: ActivationPrecision,
     /// `rows × row_bytes` bytes, in 8-byte words so that f32/f16 rows are aligned for `gemm`.
     words: Vec<u64>,
 }
@@ -145,6 +174,7 @@ impl PackedMatrix {
             rows,
             cols,
             format,
+            activations: ActivationPrecision::default(),
             words,
         })
     }
@@ -177,6 +207,17 @@ impl PackedMatrix {
                 .for_each(|(dst, src)| kernels::quantize_row(format, src, dst));
         }
         Self::from_bytes(rows, cols, format, &bytes)
+    }
+
+    /// Sets what the decode kernels do with the activations (see [`ActivationPrecision`]).
+    pub fn with_activations(mut self, activations: ActivationPrecision) -> Self {
+        self.activations = activations;
+        self
+    }
+
+    /// See [`with_activations`](Self::with_activations).
+    pub fn activations(&self) -> ActivationPrecision {
+        self.activations
     }
 
     /// Rows (output features).
@@ -298,8 +339,8 @@ impl PackedMatrix {
         // ~32 KiB of weights per task: enough tasks to balance the threads, few enough that
         // taking one is cheap next to its work.
         let chunk_rows = (32768 / row_bytes.max(1)).clamp(4, rows.max(4));
-        let kernel = kernels::dot_kernel(self.format);
-        let acts = kernels::Acts::new(self.format, x, m, self.cols);
+        let kernel = kernels::dot_kernel(self.format, self.activations);
+        let acts = kernels::Acts::new(self.format, self.activations, x, m, self.cols);
         // [rows, m] while computing, so that each task writes one contiguous run.
         let mut yt = vec![0f32; rows * m];
         let out = SendPtr(yt.as_mut_ptr());

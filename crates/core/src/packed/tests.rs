@@ -101,11 +101,16 @@ fn portable_and_simd_kernels_agree() {
         let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
         for m in 1..=6 {
             let x = values(m * cols, 6 + m as u32);
-            let acts = kernels::Acts::new(format, &x, m, cols);
+            let acts = kernels::Acts::new(format, ActivationPrecision::F32, &x, m, cols);
             let mut portable = vec![0f32; rows * m];
             kernels::dot_portable(format, packed.bytes(), &acts, &mut portable);
             let mut fast = vec![0f32; rows * m];
-            kernels::dot_kernel(format)(format, packed.bytes(), &acts, &mut fast);
+            kernels::dot_kernel(format, ActivationPrecision::F32)(
+                format,
+                packed.bytes(),
+                &acts,
+                &mut fast,
+            );
             // The portable kernel is the f32 reference: allow the fast one its activation
             // rounding. Both are [rows, m]; the oracle's bound is [m, rows].
             let (_, bound) = reference(&packed, &x, m);
@@ -253,7 +258,7 @@ fn four_bit_activation_parts_hold_each_value_to_half_a_low_step() {
     for (i, v) in x[96 + 32..96 + 64].iter_mut().enumerate() {
         *v = (i as f32 - 16.0) + 0.5;
     }
-    let acts = kernels::Acts::new(PackedFormat::Q4_1, &x, 2, cols);
+    let acts = kernels::Acts::new(PackedFormat::Q4_1, ActivationPrecision::F32, &x, 2, cols);
     for (b, block) in x.chunks_exact(32).enumerate() {
         let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = acts.scale[b];
@@ -273,4 +278,126 @@ fn four_bit_activation_parts_hold_each_value_to_half_a_low_step() {
             );
         }
     }
+}
+
+/// ggml's `quantize_row_q8_0` rule per 32-value block, written out: `(q, d)`.
+fn q8_blocks(x: &[f32]) -> Vec<(Vec<i32>, f32)> {
+    x.chunks_exact(32)
+        .map(|b| {
+            let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            (b.iter().map(|v| (v * id).round() as i32).collect(), d)
+        })
+        .collect()
+}
+
+#[test]
+fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
+    // 37 x 160 (five blocks, rows not a multiple of any chunk), 1..=8 activation rows: every
+    // group size of the SIMD kernels, every kernel this CPU runs, against an f64 product
+    // of the dequantised weights and the activations rounded as ggml rounds them. The same
+    // output must also stay within half an activation step of the f32 product (Σ|w|·d/2),
+    // and differ from it (the 8-bit path is in use).
+    let (rows, cols) = (37, 160);
+    let w = values(rows * cols, 21);
+    for format in [PackedFormat::Q8_0, PackedFormat::Q4_0, PackedFormat::Q4_1] {
+        let packed = PackedMatrix::from_f32(rows, cols, &w, format)
+            .unwrap()
+            .with_activations(ActivationPrecision::Q8);
+        let dense = packed.to_f32();
+        for m in 1..=MATVEC_MAX_ROWS {
+            let x = values(m * cols, 30 + m as u32);
+            let blocks = q8_blocks(&x);
+            let got = packed.matmul_t(&x, m);
+            let acts = kernels::Acts::new(format, ActivationPrecision::Q8, &x, m, cols);
+            // Every kernel this CPU runs, [rows, m] each.
+            let each: Vec<(&str, Vec<f32>)> = int8::kernels(format)
+                .into_iter()
+                .map(|(name, kernel)| {
+                    let mut out = vec![0f32; rows * m];
+                    kernel(format, packed.bytes(), &acts, &mut out);
+                    (name, out)
+                })
+                .collect();
+            let (exact, _) = reference(&packed, &x, m);
+            let mut moved = false;
+            for j in 0..m {
+                for r in 0..rows {
+                    let wr = &dense[r * cols..(r + 1) * cols];
+                    let (mut want, mut scale, mut bound) = (0f64, 0f64, 0f64);
+                    for (b, (q, d)) in blocks[j * cols / 32..(j + 1) * cols / 32]
+                        .iter()
+                        .enumerate()
+                    {
+                        for (k, &q) in q.iter().enumerate() {
+                            let wk = wr[b * 32 + k] as f64;
+                            want += wk * q as f64 * *d as f64;
+                            scale += (wk * q as f64 * *d as f64).abs();
+                            bound += wk.abs() * *d as f64 / 2.0;
+                        }
+                    }
+                    let tol = 1e-5 * (1.0 + scale);
+                    let what = format!("{format} m={m} out[{j}][{r}]");
+                    let g = got[j * rows + r] as f64;
+                    assert!((g - want).abs() <= tol, "{what}: {g} vs {want}");
+                    for (name, out) in &each {
+                        let p = out[r * m + j] as f64;
+                        assert!((p - want).abs() <= tol, "{what} {name}: {p} vs {want}");
+                    }
+                    let e = exact[j * rows + r] as f64;
+                    assert!((g - e).abs() <= bound + tol, "{what}: {g} vs f32 {e}");
+                    moved |= (g - e).abs() > 1e-4 * (1.0 + e.abs());
+                }
+            }
+            assert!(moved, "{format} m={m}: the 8-bit path was not taken");
+        }
+        // Prefill (more rows) keeps f32 activations.
+        let m = MATVEC_MAX_ROWS + 1;
+        let x = values(m * cols, 50);
+        assert_close(
+            &packed.matmul_t(&x, m),
+            &reference(&packed, &x, m),
+            &format!("{format} prefill"),
+        );
+    }
+}
+
+#[test]
+fn eight_bit_activations_are_ggml_q8_0_blocks() {
+    // Mixed magnitudes, an all-zero block, one block dominated by a single value, and a block
+    // with -amax.
+    let cols = 128;
+    let mut x = values(cols, 41);
+    x[32..64].fill(0.0);
+    x[64] = 1000.0;
+    x[100] = -77.0;
+    let mut acts = kernels::Acts::new(PackedFormat::Q4_1, ActivationPrecision::Q8, &x, 1, cols);
+    let mut scalar = kernels::Acts::new(PackedFormat::Q4_1, ActivationPrecision::F32, &x, 1, cols);
+    (scalar.q8, scalar.q8_scale, scalar.q8_sum) = (vec![0; cols], vec![0.0; 4], vec![0.0; 4]);
+    int8::quantize_scalar(&x, &mut scalar);
+    for (b, (q, d)) in q8_blocks(&x).into_iter().enumerate() {
+        assert_eq!(acts.q8_scale[b], d, "block {b} scale");
+        assert_eq!(scalar.q8_scale[b], d, "block {b} scale (scalar)");
+        let got: Vec<i32> = acts.q8[b * 32..(b + 1) * 32]
+            .iter()
+            .map(|&v| v as i32)
+            .collect();
+        assert_eq!(got, q, "block {b} quants");
+        let got: Vec<i32> = scalar.q8[b * 32..(b + 1) * 32]
+            .iter()
+            .map(|&v| v as i32)
+            .collect();
+        assert_eq!(got, q, "block {b} quants (scalar)");
+        let sum = d * q.iter().sum::<i32>() as f32;
+        assert_eq!(acts.q8_sum[b], sum, "block {b} sum");
+        assert!(q.iter().all(|v| v.abs() <= 127));
+        for (k, v) in x[b * 32..(b + 1) * 32].iter().enumerate() {
+            assert!(
+                (q[k] as f32 * d - v).abs() <= d * 0.5001,
+                "value {k} of block {b}"
+            );
+        }
+    }
+    acts.x = &[];
 }

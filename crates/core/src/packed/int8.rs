@@ -1,0 +1,337 @@
+//! The opt-in 8-bit activation path ([`ActivationPrecision::Q8`](super::ActivationPrecision)):
+//! for Q8_0, Q4_0 and Q4_1 weights, each 32-value block of an activation row is rounded to i8
+//! with one f32 scale (ggml's `quantize_row_q8_0` rule: `d = amax/127`, `q = round(x/d)`), and
+//! the dot products run on integers: `vpmaddubsw` + `vpmaddwd` per block, one f32 multiply-add
+//! by `d_w·d_x`. This is what llama.cpp does for these formats (`ggml_vec_dot_q4_1_q8_1` and
+//! its siblings). It does a third of the integer work of the default path's two i16 parts, and
+//! the Q8_0 kernel skips the widening to f32; the price is activations held to half a step of
+//! `amax/127` instead of f32 precision.
+//!
+//! The result is exactly the product of the dequantised weights with the dequantised
+//! activations `q·d` (up to f32 rounding of the per-block sums): the tests hold the kernels to
+//! that in f64.
+
+use super::PackedFormat;
+use super::kernels::{Acts, DotKernel, dequantize_row};
+
+/// Whether `format` has 8-bit activation kernels (the block formats).
+pub(super) fn applies(format: PackedFormat) -> bool {
+    matches!(
+        format,
+        PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q4_1
+    )
+}
+
+/// Rounds whole 32-value blocks of `x` to i8: per block, `q` (32 values), the scale `d`, and
+/// `d·Σq` (what a block offset, Q4_1's `m` or Q4_0's `−8·d_w`, multiplies).
+pub(super) fn quantize(x: &[f32], acts: &mut Acts) {
+    let blocks = x.len() / 32;
+    acts.q8 = vec![0; blocks * 32];
+    acts.q8_scale = vec![0.0; blocks];
+    acts.q8_sum = vec![0.0; blocks];
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        // Safety: AVX2 is available; the buffers were sized for `blocks` just above.
+        unsafe { avx2::quantize(x, acts, blocks) };
+        return;
+    }
+    quantize_scalar(x, acts);
+}
+
+/// [`quantize`] one value at a time (rounding half away from zero, as ggml's reference; the
+/// AVX2 loop rounds half to even, which moves a tie by one step).
+pub(super) fn quantize_scalar(x: &[f32], acts: &mut Acts) {
+    for (b, (xb, qb)) in x
+        .chunks_exact(32)
+        .zip(acts.q8.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            let t = (v * id).round().clamp(-127.0, 127.0) as i32;
+            *q = t as i8;
+            sum += t;
+        }
+        acts.q8_scale[b] = d;
+        acts.q8_sum[b] = d * sum as f32;
+    }
+}
+
+/// The portable kernel (and the tests' reference for the SIMD one): each weight row
+/// dequantised to f32, multiplied block by block with the i8 activations, scaled by `d_x`.
+pub(super) fn dot_portable(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+    let (cols, m) = (acts.cols, acts.m);
+    let blocks = cols / 32;
+    let mut row = vec![0f32; cols];
+    for (wr, out) in w
+        .chunks_exact(format.row_bytes(cols).max(1))
+        .zip(out.chunks_exact_mut(m))
+    {
+        dequantize_row(format, wr, &mut row);
+        for (j, y) in out.iter_mut().enumerate() {
+            *y = (0..blocks)
+                .map(|b| {
+                    let q = &acts.q8[(j * blocks + b) * 32..][..32];
+                    let w = &row[b * 32..(b + 1) * 32];
+                    let s: f32 = w.iter().zip(q).map(|(w, &q)| w * q as f32).sum();
+                    s * acts.q8_scale[j * blocks + b]
+                })
+                .sum();
+        }
+    }
+}
+
+/// The fastest 8-bit activation kernel this CPU runs for `format`.
+pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
+    kernels(format)[0].1
+}
+
+/// Every 8-bit activation kernel this CPU runs for `format`, fastest first, by name (the
+/// tests check each).
+pub(super) fn kernels(format: PackedFormat) -> Vec<(&'static str, DotKernel)> {
+    let mut all: Vec<(&'static str, DotKernel)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        let pick = |vnni: bool| -> DotKernel {
+            match (format, vnni) {
+                (PackedFormat::Q8_0, true) => avx2::entry::<{ avx2::Q8_0 }, true>,
+                (PackedFormat::Q4_0, true) => avx2::entry::<{ avx2::Q4_0 }, true>,
+                (_, true) => avx2::entry::<{ avx2::Q4_1 }, true>,
+                (PackedFormat::Q8_0, false) => avx2::entry::<{ avx2::Q8_0 }, false>,
+                (PackedFormat::Q4_0, false) => avx2::entry::<{ avx2::Q4_0 }, false>,
+                (_, false) => avx2::entry::<{ avx2::Q4_1 }, false>,
+            }
+        };
+        if avx2::vnni() {
+            all.push(("avx512-vnni", pick(true)));
+        }
+        all.push(("avx2", pick(false)));
+    }
+    all.push(("portable", dot_portable));
+    all
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::PackedFormat;
+    use super::super::avx2::{h2f, hmax, hsum};
+    use super::Acts;
+
+    pub(super) const Q8_0: u8 = 0;
+    pub(super) const Q4_0: u8 = 1;
+    pub(super) const Q4_1: u8 = 2;
+
+    /// Whether the CPU has AVX512-VNNI with 256-bit forms (checked once; `KILN_NO_VNNI` turns it
+    /// off, for comparing the two kernels).
+    pub(super) fn vnni() -> bool {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(|| {
+            std::env::var_os("KILN_NO_VNNI").is_none()
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+        })
+    }
+
+    const fn block_bytes<const F: u8>() -> usize {
+        match F {
+            Q8_0 => 34,
+            Q4_0 => 18,
+            _ => 20,
+        }
+    }
+
+    pub(super) fn entry<const F: u8, const VNNI: bool>(
+        format: PackedFormat,
+        w: &[u8],
+        acts: &Acts,
+        out: &mut [f32],
+    ) {
+        let (cols, m) = (acts.cols, acts.m);
+        let blocks = cols / 32;
+        assert!(m > 0 && out.len().is_multiple_of(m) && cols.is_multiple_of(32));
+        assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
+        assert_eq!(format.block_bytes(), block_bytes::<F>());
+        assert!(acts.q8.len() >= m * cols);
+        assert!(acts.q8_scale.len() >= m * blocks && acts.q8_sum.len() >= m * blocks);
+        let rb = format.row_bytes(cols);
+        for (r, o) in out.chunks_exact_mut(m).enumerate() {
+            let wr = &w[r * rb..(r + 1) * rb];
+            let mut j = 0;
+            while j < m {
+                let n = (m - j).min(4);
+                let a = Rows {
+                    q: &acts.q8[j * cols..],
+                    scale: &acts.q8_scale[j * blocks..],
+                    sum: &acts.q8_sum[j * blocks..],
+                };
+                let o = &mut o[j..j + n];
+                // Safety: `kernels` hands this out only when AVX2 (and for VNNI, AVX512-VNNI)
+                // is available; the asserts above bound every read (`n` rows of `cols` quants and `blocks` scales from `j`).
+                unsafe {
+                    match (VNNI, n) {
+                        (true, 4) => group_vnni::<F, 4>(wr, &a, cols, o),
+                        (true, 3) => group_vnni::<F, 3>(wr, &a, cols, o),
+                        (true, 2) => group_vnni::<F, 2>(wr, &a, cols, o),
+                        (true, _) => group_vnni::<F, 1>(wr, &a, cols, o),
+                        (false, 4) => group::<F, 4>(wr, &a, cols, o),
+                        (false, 3) => group::<F, 3>(wr, &a, cols, o),
+                        (false, 2) => group::<F, 2>(wr, &a, cols, o),
+                        (false, _) => group::<F, 1>(wr, &a, cols, o),
+                    }
+                }
+                j += n;
+            }
+        }
+    }
+
+    /// The i8 activations of a group of rows, from its first row on.
+    struct Rows<'a> {
+        q: &'a [i8],
+        scale: &'a [f32],
+        sum: &'a [f32],
+    }
+
+    /// `M` activation rows against one weight row. Per block and row: the 32 products summed
+    /// in pairs by `vpmaddubsw` (u8 × i8 → i16; at most 2·128·127 < 2¹⁵, so it never
+    /// saturates), in fours by `vpmaddwd`, converted once and multiplied by `d_w·d_x`. Q8_0's
+    /// signed weights go through the sign trick (`|w|` × `x·sign(w)`); the 4-bit quants are
+    /// already unsigned and their offset multiplies the block's `d_x·Σq`. Even and odd blocks
+    /// use separate accumulators so the adds overlap.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group<const F: u8, const M: usize>(w: &[u8], a: &Rows, cols: usize, out: &mut [f32]) {
+        unsafe { group_body::<F, M, false>(w, a, cols, out) }
+    }
+
+    /// [`group`] with AVX512-VNNI's `vpdpbusd` (on 256-bit registers), which sums the four
+    /// u8 × i8 products of each i32 lane in one instruction where AVX2 needs two.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn group_vnni<const F: u8, const M: usize>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        unsafe { group_body::<F, M, true>(w, a, cols, out) }
+    }
+
+    /// The body of [`group`] and [`group_vnni`], inlined into each so that it is compiled with
+    /// their target features.
+    #[inline(always)]
+    unsafe fn group_body<const F: u8, const M: usize, const VNNI: bool>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        // Safety: the callers' target features cover every intrinsic; reads are bounded
+        // by `entry`'s asserts.
+        unsafe {
+            let blocks = cols / 32;
+            let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+            let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
+            let ones = _mm256_set1_epi16(1);
+            let mask = _mm_set1_epi8(0x0F);
+            let wp = w.as_ptr();
+            macro_rules! block {
+                ($b:expr, $acc:ident, $off:ident) => {{
+                    let b = $b;
+                    let p = wp.add(b * block_bytes::<F>());
+                    let d = h2f(p);
+                    // (unsigned weights, their signs for the activations, the block offset)
+                    let (u, sign, off) = if F == Q8_0 {
+                        let q = _mm256_loadu_si256(p.add(2).cast());
+                        (_mm256_sign_epi8(q, q), Some(q), 0.0)
+                    } else {
+                        let (off, qs) = if F == Q4_0 {
+                            (-8.0 * d, _mm_loadu_si128(p.add(2).cast()))
+                        } else {
+                            (h2f(p.add(2)), _mm_loadu_si128(p.add(4).cast()))
+                        };
+                        // Values 0..16 are the low nibbles, 16..32 the high ones (ggml's order).
+                        let lo = _mm_and_si128(qs, mask);
+                        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                        (_mm256_set_m128i(hi, lo), None, off)
+                    };
+                    for j in 0..M {
+                        let x = _mm256_loadu_si256(a.q.as_ptr().add(j * cols + b * 32).cast());
+                        let x = match sign {
+                            Some(s) => _mm256_sign_epi8(x, s),
+                            None => x,
+                        };
+                        let s = if VNNI {
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+                        } else {
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones)
+                        };
+                        let k = j * blocks + b;
+                        let scale = _mm256_set1_ps(d * *a.scale.get_unchecked(k));
+                        $acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, $acc[j]);
+                        if F != Q8_0 {
+                            $off[j] += off * *a.sum.get_unchecked(k);
+                        }
+                    }
+                }};
+            }
+            let mut b = 0;
+            while b + 1 < blocks {
+                block!(b, acc0, off0);
+                block!(b + 1, acc1, off1);
+                b += 2;
+            }
+            if b < blocks {
+                block!(b, acc0, off0);
+            }
+            for j in 0..M {
+                out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+            }
+        }
+    }
+
+    /// [`super::quantize`] eight lanes at a time (ggml's `quantize_row_q8_0` AVX2 loop, with
+    /// the scale kept in f32).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize(x: &[f32], acts: &mut Acts, blocks: usize) {
+        const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let sign = _mm256_set1_ps(-0.0);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        assert!(x.len() >= blocks * 32 && acts.q8.len() >= blocks * 32);
+        assert!(acts.q8_scale.len() >= blocks && acts.q8_sum.len() >= blocks);
+        for b in 0..blocks {
+            unsafe {
+                let p = x.as_ptr().add(b * 32);
+                let v = [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ];
+                let abs = |v| _mm256_andnot_ps(sign, v);
+                let amax = hmax(_mm256_max_ps(
+                    _mm256_max_ps(abs(v[0]), abs(v[1])),
+                    _mm256_max_ps(abs(v[2]), abs(v[3])),
+                ));
+                let d = amax / 127.0;
+                let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+                let q =
+                    v.map(|v| _mm256_cvtps_epi32(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(v, id))));
+                let total =
+                    _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                let total = hsum(_mm256_cvtepi32_ps(total));
+                // packs works per 128-bit lane; the permutation puts the values back in order.
+                let q16 = [
+                    _mm256_packs_epi32(q[0], q[1]),
+                    _mm256_packs_epi32(q[2], q[3]),
+                ];
+                let q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16[0], q16[1]), order);
+                _mm256_storeu_si256(acts.q8.as_mut_ptr().add(b * 32).cast(), q8);
+                *acts.q8_scale.get_unchecked_mut(b) = d;
+                *acts.q8_sum.get_unchecked_mut(b) = d * total;
+            }
+        }
+    }
+}
