@@ -275,3 +275,113 @@ impl CacheState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray;
+
+    /// `n` new slots for `rows` rows, 2 heads, head_dim 3: each value encodes (slot, row,
+    /// head, dim), so a misplaced slot shows.
+    fn slots(first: usize, n: usize, rows: usize, sign: f32) -> Tensor<B, 4> {
+        let mut data = Vec::new();
+        for r in 0..rows {
+            for h in 0..2 {
+                for s in first..first + n {
+                    for d in 0..3 {
+                        data.push(sign * (s * 1000 + r * 100 + h * 10 + d) as f32);
+                    }
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(data, [rows, 2, n, 3]), &Default::default())
+    }
+
+    /// The expected tensor for slots `ids` of rows `rows` (old row numbers).
+    fn expect(ids: &[usize], rows: &[usize], sign: f32) -> Vec<f32> {
+        let mut data = Vec::new();
+        for &r in rows {
+            for h in 0..2 {
+                for &s in ids {
+                    for d in 0..3 {
+                        data.push(sign * (s * 1000 + r * 100 + h * 10 + d) as f32);
+                    }
+                }
+            }
+        }
+        data
+    }
+
+    fn values(t: Tensor<B, 4>) -> Vec<f32> {
+        t.into_data().into_vec::<f32>().unwrap()
+    }
+
+    /// A prefill, then 150 steps of one slot and one of 7, with and without a sliding window; then truncation, dropped front slots, row
+    /// selection and retained positions, each followed by more steps. Every step's keys and
+    /// values must be the kept slots plus the new ones, in order, as host bookkeeping says.
+    #[test]
+    fn every_step_sees_the_kept_slots_across_growth_windows_and_rebuilds() {
+        for keep in [usize::MAX, 40] {
+            let mut cache = KvCache::<B>::new();
+            let mut kept: Vec<usize> = Vec::new();
+            let mut rows = vec![0, 1];
+            let mut next = 0;
+            let mut step = |cache: &mut KvCache<B>, kept: &mut Vec<usize>, rows: &[usize], n| {
+                // A new step's rows are numbered as the cache's current rows.
+                let pick = |t: Tensor<B, 4>| {
+                    let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                    let len = ids.len();
+                    t.select(
+                        0,
+                        Tensor::from_data(TensorData::new(ids, [len]), &Default::default()),
+                    )
+                };
+                let (k, v) = cache.update(
+                    pick(slots(next, n, 2, 1.0)),
+                    pick(slots(next, n, 2, -1.0)),
+                    keep,
+                );
+                kept.extend(next..next + n);
+                next += n;
+                assert_eq!(values(k), expect(kept, rows, 1.0), "keys, keep {keep}");
+                assert_eq!(values(v), expect(kept, rows, -1.0), "values, keep {keep}");
+                let drop = kept.len().saturating_sub(keep);
+                kept.drain(..drop);
+                assert_eq!(cache.len(), kept.len());
+                assert_eq!(
+                    values(cache.keys().unwrap().clone()),
+                    expect(kept, rows, 1.0)
+                );
+            };
+            step(&mut cache, &mut kept, &rows, 5);
+            for i in 0..150 {
+                step(&mut cache, &mut kept, &rows, if i == 70 { 7 } else { 1 });
+            }
+            cache.truncate(kept.len() - 3);
+            kept.truncate(kept.len() - 3);
+            step(&mut cache, &mut kept, &rows, 1);
+            cache.drop_front(4);
+            kept.drain(..4);
+            step(&mut cache, &mut kept, &rows, 2);
+            // Row 1 twice, then row 0: the new steps' rows follow the same order.
+            cache.select_rows(Tensor::from_data(
+                TensorData::new(vec![1i64, 1, 0], [3]),
+                &Default::default(),
+            ));
+            rows = vec![1, 1, 0];
+            for _ in 0..80 {
+                step(&mut cache, &mut kept, &rows, 1);
+            }
+            let positions: Vec<i64> = (0..kept.len() as i64).filter(|p| p % 3 == 0).collect();
+            let n = positions.len();
+            cache.retain(Tensor::from_data(
+                TensorData::new(positions.clone(), [n]),
+                &Default::default(),
+            ));
+            kept = positions.iter().map(|&p| kept[p as usize]).collect();
+            step(&mut cache, &mut kept, &rows, 1);
+        }
+    }
+}
