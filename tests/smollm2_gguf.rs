@@ -207,7 +207,7 @@ fn eight_bit_activations_keep_the_greedy_tokens() {
     let prompt = ids(&reference["prompt_ids"]);
     let expected = ids(&reference["greedy_new_ids"]);
     let config = GenerationConfig::default().with_max_new_tokens(expected.len());
-    let out = generate(&q8, &[prompt.clone()], &config, None, |_, _| {}).unwrap();
+    let out = generate(&q8, std::slice::from_ref(&prompt), &config, None, |_, _| {}).unwrap();
     assert_eq!(out[0].tokens, expected);
 
     // Teacher-forced on HF's tokens, one cached step at a time (the 8-bit kernels run for
