@@ -230,7 +230,14 @@ fn openai_client_against_kiln_serve() {
         dir.path(),
         &["--api-key", "sekrit", "--max-concurrent", "16"],
     );
-    let small = Server::start(dir.path(), &["--max-concurrent", "1", "--queue", "0"]);
+    // The bound test holds a stream open while it sends a second request: the tiny fixture
+    // decodes its 64 tokens in a few milliseconds, which raced that request (the place was
+    // free again when it came), so the real SmolLM2 (~0.5 s for 64 tokens) serves it.
+    let slow = smollm2_gguf();
+    let small = Server::start(
+        slow.as_deref().unwrap_or(dir.path()),
+        &["--max-concurrent", "1", "--queue", "0"],
+    );
     let nllb = fixture("nllb-tiny");
     let translate = Server::start(&nllb, &[]);
     let script =
