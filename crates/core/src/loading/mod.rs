@@ -16,6 +16,8 @@ mod safetensors;
 mod save;
 mod sizes;
 
+/// Re-exported beside [`LoadOptions`], whose `activations` field it is.
+pub use crate::packed::ActivationPrecision;
 pub use apply::{LoadOptions, load_module, load_packed};
 pub use generation_config::{GenerationDefaults, SamplingOverrides, TokenIds};
 pub use hub::{ModelFiles, resolve_model};

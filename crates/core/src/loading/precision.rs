@@ -153,6 +153,16 @@ impl super::LoadOptions {
                 .quantization
                 .format()
                 .or(float.filter(|f| *f != PackedFormat::F32));
+            if self.activations != crate::packed::ActivationPrecision::F32 {
+                return Err(Error::arg(
+                    "activations",
+                    format!(
+                        "the {backend} backend multiplies its own float weights; 8-bit \
+                         activations apply to kiln's quantised CPU kernels (flex, ndarray) only: \
+                         use --activations f32 here"
+                    ),
+                ));
+            }
             if let Some(format) = wants {
                 return Err(Error::arg(
                     "dtype",
@@ -252,5 +262,45 @@ pub fn note_once(message: &str) {
     if !seen.iter().any(|m| m == message) {
         eprintln!("kiln: {message}");
         seen.push(message.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::NdArray;
+
+    use super::*;
+    use crate::loading::LoadOptions;
+    use crate::packed::ActivationPrecision;
+
+    /// Where weights stay Burn parameters (a GPU backend, or host kernels off), asking for a
+    /// precision only the host kernels have is an error naming the option and the backend, not
+    /// a silent no-op.
+    #[test]
+    fn host_only_precisions_are_errors_without_host_kernels() {
+        let device = Default::default();
+        let off = LoadOptions::default().with_host_kernels(HostKernels::Never);
+        assert_eq!(off.pack_request::<NdArray>(&device).unwrap(), None);
+        let cases = [
+            (
+                "activations",
+                off.clone().with_activations(ActivationPrecision::Q8),
+            ),
+            ("dtype", off.clone().with_quantization(Quantization::Q4_0)),
+            ("dtype", off.clone().with_dtype(WeightDtype::F16)),
+        ];
+        for (name, options) in cases {
+            let err = options
+                .pack_request::<NdArray>(&device)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name) && err.contains("ndarray"), "{err}");
+        }
+        // With host kernels (the CPU default) the same options are requests.
+        let on = LoadOptions::default().with_activations(ActivationPrecision::Q8);
+        assert_eq!(
+            on.pack_request::<NdArray>(&device).unwrap(),
+            Some(PackRequest::Stored)
+        );
     }
 }
