@@ -91,6 +91,43 @@ fn default_true() -> bool {
 }
 
 impl M2M100Config {
+    /// The `config.json` transformers writes for this config (`M2M100Config`), which
+    /// [`from_json`](Self::from_json) reads back to the same value.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let act = match self.activation {
+            M2M100Activation::Relu => "relu",
+            M2M100Activation::Gelu => "gelu",
+            M2M100Activation::GeluNew => "gelu_new",
+            M2M100Activation::Silu => "silu",
+        };
+        serde_json::json!({
+            "model_type": "m2m_100",
+            "architectures": ["M2M100ForConditionalGeneration"],
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "encoder_layers": self.encoder_layers,
+            "decoder_layers": self.decoder_layers,
+            "encoder_attention_heads": self.encoder_attention_heads,
+            "decoder_attention_heads": self.decoder_attention_heads,
+            "encoder_ffn_dim": self.encoder_ffn_dim,
+            "decoder_ffn_dim": self.decoder_ffn_dim,
+            "activation_function": act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "scale_embedding": self.scale_embedding,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": match self.eos_token_ids.as_slice() {
+                [one] => serde_json::json!(one),
+                many => serde_json::json!(many),
+            },
+            "decoder_start_token_id": self.decoder_start_token_id,
+            "is_encoder_decoder": true,
+            "dropout": 0.0,
+            "attention_dropout": 0.0,
+            "activation_dropout": 0.0,
+        })
+    }
+
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         Self::from_json(read_json_value(path)?, path)

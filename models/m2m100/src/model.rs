@@ -8,7 +8,7 @@ use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{
     LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
-    load_packed,
+    load_packed, save_hf_folder,
 };
 use kiln_core::nn::{
     AttentionMask, Embedding, EmbeddingConfig, KvCache, TorchLinear, TorchLinearConfig,
@@ -355,6 +355,21 @@ impl<B: Backend> M2M100<B> {
     /// The model's config.
     pub fn config(&self) -> &M2M100Config {
         &self.config
+    }
+
+    /// Writes the model as an HF folder transformers and kiln both load: `model.safetensors`
+    /// (f32; `model.shared.weight` and, when untied, `lm_head.weight`; no copies of the tied
+    /// embeddings and no position table, as transformers stores neither), `config.json` and
+    /// `generation_config.json`. The tokenizer is the caller's to copy.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let mut config = self.config.clone();
+        config.tie_word_embeddings = self.lm_head.is_none();
+        let generation = serde_json::json!({
+            "decoder_start_token_id": config.decoder_start_token_id,
+            "eos_token_id": config.eos_token_ids,
+            "pad_token_id": config.pad_token_id,
+        });
+        save_hf_folder(self, dir, &config.to_hf_json(), &generation)
     }
 
     /// Scaled token embeddings plus sinusoidal positions.

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn_store::ModuleSnapshot;
+use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot};
 
 use crate::{Error, Result};
 
@@ -14,7 +14,10 @@ use crate::{Error, Result};
 /// as transformers writes. Fails on weights held packed (quantised or half precision on the
 /// host): load with f32 weights to export.
 pub fn save_safetensors<B: Backend, M: Module<B>>(module: &M, path: &Path) -> Result<()> {
-    let snapshots = module.collect(None, None, true);
+    // Burn's own norm layers name their parameters gamma/beta; the adapter writes PyTorch's
+    // weight/bias (kiln's Linear and embedding already hold PyTorch's layout, and the adapter
+    // leaves modules of other names alone).
+    let snapshots = module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true);
     let mut tensors = Vec::with_capacity(snapshots.len());
     for snapshot in &snapshots {
         let key = snapshot.full_path();
