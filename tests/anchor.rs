@@ -315,3 +315,44 @@ fn ac_row_initialisation() {
         assert!(max_abs_diff(&new, &expected) < 1e-5, "{init:?}");
     }
 }
+
+/// `anchor_generate`'s callback stops generation with `ControlFlow::Break` right after the
+/// token it saw (the same contract as kiln-core's `generate`): greedy on the llama2-mha fixture
+/// with token 29 as anchor, broken at the fourth token, gives the first four tokens of HF's
+/// greedy continuation (`greedy_ids`, which the anchor-free cache also gives, as no anchor
+/// occurs in it).
+#[test]
+fn anchor_generate_stops_on_break() {
+    use common::Reference;
+    use kiln::anchor::anchor_generate;
+    use kiln::core::SamplingConfig;
+    use std::ops::ControlFlow;
+    let name = "llama2-mha";
+    let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+    let reference = Reference::load(name);
+    let (_, prompt) = reference.ids("prompt_ids");
+    let (_, greedy) = reference.ids("greedy_ids");
+    let anchors = AnchorSet::new(AnchorMode::Ep, [29]).unwrap();
+    assert!(!greedy[..4].contains(&29) && !prompt.contains(&29));
+    let mut seen = 0;
+    let out = anchor_generate(
+        &model,
+        &prompt,
+        &anchors,
+        PositionMode::Compacted,
+        SamplingConfig::greedy(),
+        16,
+        &[],
+        |_| {
+            seen += 1;
+            assert!(seen <= 4, "a token after the break");
+            if seen == 4 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(out.tokens, greedy[..4]);
+}

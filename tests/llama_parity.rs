@@ -378,3 +378,50 @@ fn generation_config_for_model_takes_eos_and_pad_from_the_config() {
         assert_eq!(config.pad_token_id, pad.unwrap_or(eos[0]), "{name}");
     }
 }
+
+/// A stream callback that returns `ControlFlow::Break` ends its own row right there: in a
+/// left-padded batch, row 1 stops at its third streamed piece with `FinishReason::Cancelled`
+/// and HF's first greedy tokens, and no piece of it is streamed after the break; the other
+/// rows go on to HF's whole greedy continuation.
+#[test]
+fn stream_break_cancels_only_its_row() {
+    use kiln::core::{FinishReason, Tokenizer};
+    use std::ops::ControlFlow;
+    let name = "llama3-gqa";
+    let reference = Reference::load(name);
+    let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+    let tokenizer = Tokenizer::from_dir(&fixture(name)).unwrap();
+    let (shape, ids) = reference.ids("batch_input_ids");
+    let (_, mask) = reference.ids("batch_attention_mask");
+    let (gshape, greedy) = reference.ids("batch_greedy_ids");
+    let (batch, width, steps) = (shape[0], shape[1], gshape[1]);
+    let prompts: Vec<Vec<u32>> = ids
+        .chunks_exact(width)
+        .zip(mask.chunks_exact(width))
+        .map(|(row, m)| row[m.iter().filter(|&&x| x == 0).count()..].to_vec())
+        .collect();
+    let config = GenerationConfig::default().with_max_new_tokens(steps);
+    let mut pieces = vec![0usize; batch];
+    let out = generate(&model, &prompts, &config, Some(&tokenizer), |row, _| {
+        pieces[row] += 1;
+        assert!(row != 1 || pieces[1] <= 3, "row 1 streamed after its break");
+        if row == 1 && pieces[1] == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    let hf = |row: usize| &greedy[row * steps..(row + 1) * steps];
+    assert_eq!(out[1].finish, FinishReason::Cancelled);
+    assert!(
+        out[1].tokens.len() >= 3 && out[1].tokens.len() < steps,
+        "{:?}",
+        out[1]
+    );
+    assert_eq!(out[1].tokens, hf(1)[..out[1].tokens.len()]);
+    for row in [0, 2] {
+        assert_eq!(out[row].tokens, hf(row), "row {row}");
+        assert_ne!(out[row].finish, FinishReason::Cancelled);
+    }
+}

@@ -2,7 +2,7 @@
 
 use burn::prelude::*;
 use kiln_core::nn::KvCache;
-use kiln_core::{CausalLm, Sampler, SamplingConfig};
+use kiln_core::{CausalLm, Sampler, SamplingConfig, StreamControl};
 use kiln_llama::{Llama, LlamaCache, LlamaConfig};
 
 use crate::mask::{SegTensors, ansan_mask};
@@ -283,8 +283,9 @@ pub struct AnchorGeneration {
 
 #[allow(clippy::too_many_arguments)]
 /// Generates up to `max_new` tokens after `prompt` with anchor-based inference; `on_token` sees
-/// each new id.
-pub fn anchor_generate<B: Backend>(
+/// each new id and returns `()` or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` stops
+/// after that token ([`StreamControl`], as in kiln-core's `generate`).
+pub fn anchor_generate<B: Backend, R: StreamControl>(
     model: &Llama<B>,
     prompt: &[u32],
     anchors: &AnchorSet,
@@ -292,7 +293,7 @@ pub fn anchor_generate<B: Backend>(
     sampling: SamplingConfig,
     max_new: usize,
     eos: &[u32],
-    mut on_token: impl FnMut(u32),
+    mut on_token: impl FnMut(u32) -> R,
 ) -> Result<AnchorGeneration> {
     let mut session = AnchorSession::new(model, anchors.clone(), mode);
     let mut sampler = Sampler::new(sampling)?;
@@ -303,8 +304,7 @@ pub fn anchor_generate<B: Backend>(
         let token = sampler.sample(&mut logits, &context);
         context.push(token);
         out.push(token);
-        on_token(token);
-        if eos.contains(&token) {
+        if !on_token(token).proceed() || eos.contains(&token) {
             break;
         }
         logits = last_row(session.feed(&[token])?)?;

@@ -273,10 +273,12 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
                 ..
             } = &mut row;
             let mut listening = !sink.is_closed();
+            // A closed sink is noticed through `listening`, not by cancelling the sequence.
             let accepted = out.accept(token, config, self.tokenizer, stream, |piece| {
                 if listening {
                     listening = sink.send(BatchEvent::Text(piece.to_string()));
                 }
+                true
             });
             match accepted {
                 _ if !listening => {}

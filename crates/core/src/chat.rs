@@ -9,7 +9,7 @@
 
 use burn::prelude::*;
 
-use crate::generate::{CausalLm, Generation, GenerationConfig};
+use crate::generate::{CausalLm, Generation, GenerationConfig, StreamControl};
 use crate::sampling::Sampler;
 use crate::tokenizer::{Message, TokenStream, Tokenizer};
 use crate::{Error, Result};
@@ -95,8 +95,14 @@ impl<'a, B: Backend, M: CausalLm<B>> ChatSession<'a, B, M> {
     /// Adds `user`'s message, generates the assistant's reply (streamed to `on_text`), and adds
     /// it to the conversation. When the conversation no longer fits the model's context, the
     /// oldest turns are dropped; a single message that does not fit is an error and leaves the
-    /// conversation as it was.
-    pub fn reply(&mut self, user: &str, mut on_text: impl FnMut(&str)) -> Result<Generation> {
+    /// conversation as it was. `on_text` may return a
+    /// [`ControlFlow`](std::ops::ControlFlow) to end the reply early ([`StreamControl`]); the
+    /// reply so far is kept.
+    pub fn reply<R: StreamControl>(
+        &mut self,
+        user: &str,
+        mut on_text: impl FnMut(&str) -> R,
+    ) -> Result<Generation> {
         let context = self.model.max_context();
         let mut messages = self.messages.clone();
         messages.push(Message::new("user", user));
@@ -178,13 +184,15 @@ impl<'a, B: Backend, M: CausalLm<B>> ChatSession<'a, B, M> {
                 &self.config,
                 Some(self.tokenizer),
                 &mut stream,
-                &mut on_text,
+                |piece| on_text(piece).proceed(),
             )? {
                 break;
             }
             feed = vec![token];
         }
-        out.flush(self.tokenizer, &mut stream, &mut on_text)?;
+        out.flush(self.tokenizer, &mut stream, |rest| {
+            let _ = on_text(rest);
+        })?;
         messages.push(Message::new(
             "assistant",
             out.text.clone().unwrap_or_default(),

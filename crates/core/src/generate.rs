@@ -160,6 +160,35 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` or the model's context was reached.
     Length,
+    /// The caller's stream callback returned [`ControlFlow::Break`](std::ops::ControlFlow).
+    Cancelled,
+}
+
+/// What a streaming callback returns: `()` to go on (so `|_, piece| print!("{piece}")` is a
+/// callback), or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` ends that sequence
+/// after the token it saw, with [`FinishReason::Cancelled`].
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use kiln_core::generate::StreamControl;
+/// assert!(().proceed());
+/// assert!(!ControlFlow::<()>::Break(()).proceed());
+/// ```
+pub trait StreamControl {
+    /// Whether generation goes on.
+    fn proceed(self) -> bool;
+}
+
+impl StreamControl for () {
+    fn proceed(self) -> bool {
+        true
+    }
+}
+
+impl StreamControl for std::ops::ControlFlow<()> {
+    fn proceed(self) -> bool {
+        self.is_continue()
+    }
 }
 
 /// One generated sequence.
@@ -201,15 +230,16 @@ impl Generation {
     /// Takes the sampled `token`, the step every decode loop shares: records it, ends on an
     /// EOS, else streams its text through `on_text` and ends on a stop string (the text is cut
     /// before it). Text that could be the start of a stop string is held back until the next
-    /// token decides, so streamed text never holds part of a stop string. Returns whether the
-    /// sequence has ended.
+    /// token decides, so streamed text never holds part of a stop string. `on_text` returning
+    /// false ends the sequence ([`FinishReason::Cancelled`]). Returns whether the sequence has
+    /// ended.
     pub(crate) fn accept(
         &mut self,
         token: u32,
         config: &GenerationConfig,
         tokenizer: Option<&Tokenizer>,
         stream: &mut TokenStream,
-        mut on_text: impl FnMut(&str),
+        mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<bool> {
         self.tokens.push(token);
         if config.eos_token_ids.contains(&token) {
@@ -225,7 +255,7 @@ impl Generation {
             if let Some(cut) = find_stop(text, &config.stop_strings, before) {
                 text.truncate(cut);
                 if cut > self.streamed {
-                    on_text(&text[self.streamed..]);
+                    let _ = on_text(&text[self.streamed..]);
                 }
                 self.streamed = cut;
                 self.finish = FinishReason::Stop;
@@ -233,8 +263,12 @@ impl Generation {
             }
             let safe = text.len() - partial_stop_len(text, &config.stop_strings);
             if safe > self.streamed {
-                on_text(&text[self.streamed..safe]);
+                let go_on = on_text(&text[self.streamed..safe]);
                 self.streamed = safe;
+                if !go_on {
+                    self.finish = FinishReason::Cancelled;
+                    return Ok(true);
+                }
             }
         }
         Ok(false)
@@ -248,7 +282,7 @@ impl Generation {
         stream: &mut TokenStream,
         mut on_text: impl FnMut(&str),
     ) -> Result<()> {
-        if self.finish == FinishReason::Stop {
+        if matches!(self.finish, FinishReason::Stop | FinishReason::Cancelled) {
             return Ok(());
         }
         let text = self.text.get_or_insert_default();
@@ -265,14 +299,16 @@ impl Generation {
 
 /// Generates continuations of `prompts` in one batch.
 ///
-/// `on_text(row, piece)` receives each row's text as it is produced (needs `tokenizer`).
-/// Each row stops on its own; a batch gives the same tokens as running the rows one by one.
-pub fn generate<B: Backend, M: CausalLm<B>>(
+/// `on_text(row, piece)` receives each row's text as it is produced (needs `tokenizer`); it
+/// returns `()`, or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` ends that row
+/// ([`StreamControl`]). Each row stops on its own; a batch gives the same tokens as running the
+/// rows one by one.
+pub fn generate<B: Backend, M: CausalLm<B>, R: StreamControl>(
     model: &M,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
     tokenizer: Option<&Tokenizer>,
-    mut on_text: impl FnMut(usize, &str),
+    mut on_text: impl FnMut(usize, &str) -> R,
 ) -> Result<Vec<Generation>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
@@ -335,7 +371,7 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
             next.push(token as i64);
             done[row] =
                 outputs[row].accept(token, config, tokenizer, &mut streams[row], |piece| {
-                    on_text(row, piece)
+                    on_text(row, piece).proceed()
                 })?;
         }
         if done.iter().all(|&d| d) {
@@ -345,7 +381,9 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
     }
     if let Some(tokenizer) = tokenizer {
         for (row, out) in outputs.iter_mut().enumerate() {
-            out.flush(tokenizer, &mut streams[row], |rest| on_text(row, rest))?;
+            out.flush(tokenizer, &mut streams[row], |rest| {
+                let _ = on_text(row, rest);
+            })?;
         }
     }
     Ok(outputs)
@@ -438,7 +476,8 @@ mod stop_string_tests {
         for id in tokenizer.encode(text, false).unwrap() {
             let done = out
                 .accept(id, &config, Some(tokenizer), &mut stream, |p| {
-                    streamed.push_str(p)
+                    streamed.push_str(p);
+                    true
                 })
                 .unwrap();
             if done {

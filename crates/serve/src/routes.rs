@@ -497,7 +497,7 @@ fn internal(message: impl Into<String>) -> ApiError {
 
 fn finish_reason(finish: FinishReason) -> &'static str {
     match finish {
-        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Eos | FinishReason::Stop | FinishReason::Cancelled => "stop",
         FinishReason::Length => "length",
     }
 }
