@@ -309,3 +309,65 @@ fn save_pretrained_round_trips() {
     let diff = max_abs_diff(&logits, &expected);
     assert!(diff <= TOL, "reloaded logits differ by {diff}");
 }
+
+/// `generate_seq2seq_streaming` streams each row's tokens as they are chosen (HF's greedy
+/// tokens on the padded batch), a `ControlFlow::Break` ends only its row, with
+/// `FinishReason::Cancelled` and the tokens up to the break, and beams are refused by name.
+#[test]
+fn streaming_and_break_per_row() {
+    use kiln::core::FinishReason;
+    use kiln::core::seq2seq::generate_seq2seq_streaming;
+    use std::ops::ControlFlow;
+    let reference = Reference::load(NAME);
+    let model = load();
+    let (shape, ids) = reference.ids("batch_input_ids");
+    let (_, mask) = reference.ids("batch_attention_mask");
+    let (gshape, greedy) = reference.ids("batch_greedy_ids");
+    let width = shape[1];
+    let inputs: Vec<Vec<u32>> = ids
+        .chunks_exact(width)
+        .zip(mask.chunks_exact(width))
+        .map(|(row, m)| {
+            row.iter()
+                .zip(m)
+                .filter(|&(_, &m)| m == 1)
+                .map(|(&t, _)| t)
+                .collect()
+        })
+        .collect();
+    let eos = model.eos_token_ids();
+    let config = Seq2SeqConfig::default()
+        .with_max_new_tokens(gshape[1] - 1)
+        .with_forced_bos_token_id(Some(DEU));
+    let hf = |row: usize| trim(&greedy[row * gshape[1]..(row + 1) * gshape[1]], &eos)[1..].to_vec();
+    assert!(hf(1).len() > 3, "row 1 must outlast the break");
+
+    let mut streamed = vec![Vec::new(); inputs.len()];
+    let out = generate_seq2seq_streaming(&model, &inputs, &config, |row, token| {
+        streamed[row].push(token);
+    })
+    .unwrap();
+    for (row, o) in out.iter().enumerate() {
+        assert_eq!(o.tokens, hf(row), "row {row}");
+        assert_eq!(streamed[row], o.tokens, "row {row} streamed");
+    }
+
+    let mut seen = vec![0usize; inputs.len()];
+    let out = generate_seq2seq_streaming(&model, &inputs, &config, |row, _| {
+        seen[row] += 1;
+        assert!(row != 1 || seen[1] <= 3, "row 1 streamed after its break");
+        if row == 1 && seen[1] == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!(out[1].finish, FinishReason::Cancelled);
+    assert_eq!(out[1].tokens, hf(1)[..3]);
+    assert_eq!(out[0].tokens, hf(0));
+
+    let beams = config.clone().with_num_beams(2);
+    let err = generate_seq2seq_streaming(&model, &inputs, &beams, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("num_beams"), "{err}");
+}

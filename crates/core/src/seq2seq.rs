@@ -8,7 +8,7 @@
 use burn::prelude::*;
 
 use crate::beam::{BeamConfig, beam_search};
-use crate::generate::FinishReason;
+use crate::generate::{FinishReason, StreamControl};
 use crate::nn::{AttentionMask, KvCache};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::{Error, Result};
@@ -296,6 +296,44 @@ pub fn generate_seq2seq<B: Backend, M: Seq2SeqLm<B>>(
     inputs: &[Vec<u32>],
     config: &Seq2SeqConfig,
 ) -> Result<Vec<Seq2SeqOutput>> {
+    run(model, inputs, config, None)
+}
+
+/// [`generate_seq2seq`] with each new token streamed as it is chosen: `on_token(row, id)`
+/// returns `()`, or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` ends that row after
+/// the token ([`FinishReason::Cancelled`]), as in [`generate`](crate::generate()). Greedy and
+/// sampled decoding only: beam search knows its tokens at the end, so `num_beams > 1` is an
+/// error here (as HF's `generate` refuses a streamer with beams).
+pub fn generate_seq2seq_streaming<B: Backend, M: Seq2SeqLm<B>, R: StreamControl>(
+    model: &M,
+    inputs: &[Vec<u32>],
+    config: &Seq2SeqConfig,
+    mut on_token: impl FnMut(usize, u32) -> R,
+) -> Result<Vec<Seq2SeqOutput>> {
+    if config.num_beams > 1 {
+        return Err(Error::arg(
+            "num_beams",
+            format!(
+                "{}: beam search cannot stream its tokens; use generate_seq2seq",
+                config.num_beams
+            ),
+        ));
+    }
+    run(
+        model,
+        inputs,
+        config,
+        Some(&mut |row, token| on_token(row, token).proceed()),
+    )
+}
+
+/// Both of the above: `on_token` (greedy and sampled only) returns whether the row goes on.
+fn run<B: Backend, M: Seq2SeqLm<B>>(
+    model: &M,
+    inputs: &[Vec<u32>],
+    config: &Seq2SeqConfig,
+    mut on_token: Option<&mut dyn FnMut(usize, u32) -> bool>,
+) -> Result<Vec<Seq2SeqOutput>> {
     config.validate()?;
     if let Some(t) = config.forced_bos_token_id
         && t as usize >= model.vocab_size()
@@ -337,6 +375,8 @@ pub fn generate_seq2seq<B: Backend, M: Seq2SeqLm<B>>(
     let mut cache = model.new_decoder_cache(&encoder);
     let mut seqs = vec![vec![start]; batch];
     let mut finish: Vec<Option<FinishReason>> = vec![None; batch];
+    // Tokens a cancelled row keeps (the start token excluded).
+    let mut cancelled_at = vec![0usize; batch];
     for step in 0..config.max_new_tokens {
         let last: Vec<i64> = seqs.iter().map(|s| *s.last().unwrap() as i64).collect();
         let tokens = Tensor::from_data(TensorData::new(last, [batch, 1]), &device);
@@ -353,8 +393,12 @@ pub fn generate_seq2seq<B: Backend, M: Seq2SeqLm<B>>(
                 _ => samplers[row].sample(&mut logits, &seqs[row]),
             };
             seqs[row].push(token);
+            let go_on = on_token.as_mut().is_none_or(|f| f(row, token));
             if eos.contains(&token) {
                 finish[row] = Some(FinishReason::Eos);
+            } else if !go_on {
+                finish[row] = Some(FinishReason::Cancelled);
+                cancelled_at[row] = seqs[row].len() - 1;
             }
         }
         if finish.iter().all(Option::is_some) {
@@ -364,11 +408,16 @@ pub fn generate_seq2seq<B: Backend, M: Seq2SeqLm<B>>(
     Ok(seqs
         .into_iter()
         .zip(finish)
-        .map(|(seq, finish)| {
+        .zip(cancelled_at)
+        .map(|((seq, finish), cancelled_at)| {
             let mut tokens = seq[1..].to_vec();
-            if finish.is_some() {
-                let end = tokens.iter().position(|t| eos.contains(t)).unwrap_or(0);
-                tokens.truncate(end + 1);
+            match finish {
+                Some(FinishReason::Cancelled) => tokens.truncate(cancelled_at),
+                Some(_) => {
+                    let end = tokens.iter().position(|t| eos.contains(t)).unwrap_or(0);
+                    tokens.truncate(end + 1);
+                }
+                None => {}
             }
             Seq2SeqOutput {
                 tokens,
