@@ -107,16 +107,12 @@ fn greedy_and_beams_with_forced_language() {
     }
 }
 
-#[test]
-fn right_padded_batch() {
-    let reference = Reference::load(NAME);
-    let model = load();
+/// The reference's right-padded batch as one id row per input, padding dropped.
+fn batch_inputs(reference: &Reference) -> Vec<Vec<u32>> {
     let (shape, ids) = reference.ids("batch_input_ids");
     let (_, mask) = reference.ids("batch_attention_mask");
-    let (gshape, greedy) = reference.ids("batch_greedy_ids");
     let width = shape[1];
-    let inputs: Vec<Vec<u32>> = ids
-        .chunks_exact(width)
+    ids.chunks_exact(width)
         .zip(mask.chunks_exact(width))
         .map(|(row, m)| {
             row.iter()
@@ -125,7 +121,15 @@ fn right_padded_batch() {
                 .map(|(&t, _)| t)
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn right_padded_batch() {
+    let reference = Reference::load(NAME);
+    let model = load();
+    let inputs = batch_inputs(&reference);
+    let (gshape, greedy) = reference.ids("batch_greedy_ids");
     assert!(inputs[0].len() != inputs[1].len(), "batch is padded");
     let start = model.decoder_start_token_id();
     let eos = model.eos_token_ids();
@@ -320,21 +324,8 @@ fn streaming_and_break_per_row() {
     use std::ops::ControlFlow;
     let reference = Reference::load(NAME);
     let model = load();
-    let (shape, ids) = reference.ids("batch_input_ids");
-    let (_, mask) = reference.ids("batch_attention_mask");
+    let inputs = batch_inputs(&reference);
     let (gshape, greedy) = reference.ids("batch_greedy_ids");
-    let width = shape[1];
-    let inputs: Vec<Vec<u32>> = ids
-        .chunks_exact(width)
-        .zip(mask.chunks_exact(width))
-        .map(|(row, m)| {
-            row.iter()
-                .zip(m)
-                .filter(|&(_, &m)| m == 1)
-                .map(|(&t, _)| t)
-                .collect()
-        })
-        .collect();
     let eos = model.eos_token_ids();
     let config = Seq2SeqConfig::default()
         .with_max_new_tokens(gshape[1] - 1)

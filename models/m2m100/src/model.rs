@@ -8,7 +8,7 @@ use burn::tensor::activation::{gelu, relu, silu};
 use kiln_core::Result;
 use kiln_core::loading::{
     LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
-    load_packed, save_hf_folder,
+    load_packed, save_hf_folder, seq2seq_generation_json,
 };
 use kiln_core::nn::{
     AttentionMask, Embedding, EmbeddingConfig, KvCache, TorchLinear, TorchLinearConfig,
@@ -364,11 +364,11 @@ impl<B: Backend> M2M100<B> {
     pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
         let mut config = self.config.clone();
         config.tie_word_embeddings = self.lm_head.is_none();
-        let generation = serde_json::json!({
-            "decoder_start_token_id": config.decoder_start_token_id,
-            "eos_token_id": config.eos_token_ids,
-            "pad_token_id": config.pad_token_id,
-        });
+        let generation = seq2seq_generation_json(
+            config.decoder_start_token_id,
+            &config.eos_token_ids,
+            config.pad_token_id,
+        );
         save_hf_folder(self, dir, &config.to_hf_json(), &generation)
     }
 

@@ -27,7 +27,7 @@ pub use precision::{
     pack_module, unpack_module,
 };
 pub use safetensors::SafetensorsWeights;
-pub use save::{save_hf_folder, save_safetensors};
+pub use save::{save_hf_folder, save_safetensors, seq2seq_generation_json};
 pub use sizes::check_config_sizes;
 
 use std::path::Path;

@@ -86,3 +86,13 @@ pub fn save_hf_folder<B: Backend, M: Module<B> + super::PackSlots<B> + Clone>(
     }
     Ok(())
 }
+
+/// The `generation_config.json` of an encoder-decoder, as transformers writes it for T5 and
+/// M2M100: the decoder's first token, EOS and padding.
+pub fn seq2seq_generation_json(start: u32, eos: &[u32], pad: u32) -> serde_json::Value {
+    serde_json::json!({
+        "decoder_start_token_id": start,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+    })
+}
