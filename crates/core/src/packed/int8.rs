@@ -84,34 +84,44 @@ pub(super) fn dot_portable(format: PackedFormat, w: &[u8], acts: &Acts, out: &mu
     }
 }
 
-/// The fastest 8-bit activation kernel this CPU runs for `format`.
+/// The fastest 8-bit activation kernel this CPU runs for `format` (called on every product, so
+/// it picks without allocating).
 pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
-    kernels(format)[0].1
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        return simd_kernel(format, avx2::vnni());
+    }
+    dot_portable
 }
 
 /// Every 8-bit activation kernel this CPU runs for `format`, fastest first, by name (the
 /// tests check each).
+#[cfg(test)]
 pub(super) fn kernels(format: PackedFormat) -> Vec<(&'static str, DotKernel)> {
     let mut all: Vec<(&'static str, DotKernel)> = Vec::new();
     #[cfg(target_arch = "x86_64")]
     if super::avx2::available() {
-        let pick = |vnni: bool| -> DotKernel {
-            match (format, vnni) {
-                (PackedFormat::Q8_0, true) => avx2::entry::<{ avx2::Q8_0 }, true>,
-                (PackedFormat::Q4_0, true) => avx2::entry::<{ avx2::Q4_0 }, true>,
-                (_, true) => avx2::entry::<{ avx2::Q4_1 }, true>,
-                (PackedFormat::Q8_0, false) => avx2::entry::<{ avx2::Q8_0 }, false>,
-                (PackedFormat::Q4_0, false) => avx2::entry::<{ avx2::Q4_0 }, false>,
-                (_, false) => avx2::entry::<{ avx2::Q4_1 }, false>,
-            }
-        };
         if avx2::vnni() {
-            all.push(("avx512-vnni", pick(true)));
+            all.push(("avx512-vnni", simd_kernel(format, true)));
         }
-        all.push(("avx2", pick(false)));
+        all.push(("avx2", simd_kernel(format, false)));
     }
     all.push(("portable", dot_portable));
     all
+}
+
+/// The AVX2 kernel for `format`, with `vpdpbusd` when `vnni`. Only call when AVX2 (and for
+/// `vnni`, AVX512-VNNI) is available.
+#[cfg(target_arch = "x86_64")]
+fn simd_kernel(format: PackedFormat, vnni: bool) -> DotKernel {
+    match (format, vnni) {
+        (PackedFormat::Q8_0, true) => avx2::entry::<{ avx2::Q8_0 }, true>,
+        (PackedFormat::Q4_0, true) => avx2::entry::<{ avx2::Q4_0 }, true>,
+        (_, true) => avx2::entry::<{ avx2::Q4_1 }, true>,
+        (PackedFormat::Q8_0, false) => avx2::entry::<{ avx2::Q8_0 }, false>,
+        (PackedFormat::Q4_0, false) => avx2::entry::<{ avx2::Q4_0 }, false>,
+        (_, false) => avx2::entry::<{ avx2::Q4_1 }, false>,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
