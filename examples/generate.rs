@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prompt = args.next().unwrap_or_else(|| "Once upon a time".into());
     let model = args.next().unwrap_or_else(kiln::auto::default_model);
 
+    eprintln!("[{model} on {}]", kiln::backend::NAME);
     let loaded = kiln::auto::load::<Backend>(&model, &device())?;
     let tokenizer = loaded
         .tokenizer

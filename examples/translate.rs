@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "facebook/nllb-200-distilled-600M".into());
     let text = args.next().unwrap_or_else(|| "The kiln is hot.".into());
 
+    eprintln!("[{model} on {}]", kiln::backend::NAME);
     let loaded = kiln::auto::load_seq2seq::<Backend>(&model, &device())?;
     let tokenizer = loaded
         .tokenizer

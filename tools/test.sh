@@ -20,6 +20,9 @@ export KILN_REQUIRE_DATA=1
 echo "== CPU (flex, the default): all crates and tests"
 cargo test --workspace --locked
 
+echo "== a Burn app outside the workspace (examples/frozen-backbone): a kiln Llama frozen under its own head, trained"
+cargo run --locked --manifest-path examples/frozen-backbone/Cargo.toml --target-dir target/frozen-backbone
+
 echo "== CPU (ndarray): parity tests"
 cargo test --locked --no-default-features --features ndarray --test llama_parity
 
@@ -31,10 +34,12 @@ if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/
   fi
 fi
 if ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
-  echo "== wgpu (Vulkan): kernel checks and parity tests"
+  echo "== wgpu (Vulkan): kernel checks, parity tests and the generate/translate examples"
   # XDG_RUNTIME_DIR: lavapipe warns without one; any writable folder does.
-  XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}" \
-    cargo test --locked --no-default-features --features wgpu --test backend_ops --test llama_parity
+  export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+  # tests/examples.rs runs the example binaries; `--test` alone does not build them.
+  cargo build --locked --no-default-features --features wgpu --example generate --example translate
+  cargo test --locked --no-default-features --features wgpu --test backend_ops --test llama_parity --test examples
 else
   echo "== wgpu: skipped (no Vulkan driver; install mesa-vulkan-drivers libvulkan1)"
 fi
