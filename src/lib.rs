@@ -9,6 +9,21 @@
 //! (`flex` by default; `ndarray`, `wgpu`, `vulkan`, `metal`, `cuda`). A Burn program that embeds
 //! kiln depends on the library crates instead (`kiln-auto` loads any model in one call) and
 //! keeps its own backend.
+//!
+//! ```no_run
+//! use kiln::backend::{Backend, device};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A folder, hub id or .gguf file; its tokenizer and generation_config.json come along.
+//! let loaded = kiln::auto::load::<Backend>("HuggingFaceTB/SmolLM2-135M-Instruct", &device())?;
+//! let tokenizer = loaded.tokenizer.as_ref().ok_or("no tokenizer")?;
+//! let prompt = tokenizer.encode("Once upon a time", true)?;
+//! let config = loaded.generation_config(&Default::default()).with_max_new_tokens(32);
+//! kiln::core::generate(&loaded.model, &[prompt], &config, Some(tokenizer), |_, piece| {
+//!     print!("{piece}")
+//! })?;
+//! # Ok(()) }
+//! ```
 
 pub use kiln_anchor as anchor;
 pub use kiln_auto as auto;
@@ -21,3 +36,8 @@ pub use kiln_serve as serve;
 pub use kiln_t5 as t5;
 
 pub mod backend;
+
+// The README's Rust snippets compile as doctests, so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

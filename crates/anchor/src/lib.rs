@@ -18,6 +18,29 @@
 //!   positions ([`PositionMode`]).
 //! - **Scoring** ([`score`]): perplexity and multiple-choice log-likelihood, full cache vs
 //!   anchor cache.
+//!
+//! ```no_run
+//! use burn::backend::NdArray;
+//! use kiln_anchor::{PositionMode, anchor_generate, ep_anchor_ids, kv_bytes};
+//! use kiln_core::{SamplingConfig, Tokenizer};
+//! use kiln_llama::Llama;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::path::Path::new("an-anllm-ep-checkpoint");
+//! let model = Llama::<NdArray>::from_pretrained(dir, &Default::default())?;
+//! let tokenizer = Tokenizer::from_dir(dir)?;
+//! // EP mode: "." ends a sentence, and after each one only the anchors stay in the KV cache.
+//! let anchors = ep_anchor_ids(&tokenizer, &["."])?;
+//! let prompt = tokenizer.encode("The kiln was built in 1820. It fired bricks. Then", true)?;
+//! let eos = model.config().eos_token_ids.clone();
+//! let out = anchor_generate(
+//!     &model, &prompt, &anchors, PositionMode::Compacted, SamplingConfig::greedy(), 40, &eos,
+//!     |_id| {},
+//! )?;
+//! let bytes = kv_bytes(model.config(), out.cache_len);
+//! println!("{} tokens seen; the cache holds {} ({bytes} bytes)", out.seen, out.cache_len);
+//! # Ok(()) }
+//! ```
 
 mod anchors;
 mod data;

@@ -10,6 +10,37 @@
 //!
 //! Everything is generic over a Burn [`Backend`](burn::prelude::Backend); kiln's library crates
 //! never pick one.
+//!
+//! The generation loop takes any [`CausalLm`] (kiln-llama's models, or your own), and the
+//! sampler works on plain logits:
+//!
+//! ```
+//! use burn::prelude::Backend;
+//! use kiln_core::{CausalLm, GenerationConfig, Sampler, SamplingConfig, Tokenizer, generate};
+//!
+//! /// Sampled text from any kiln decoder, with EOS and pad from the model's config.
+//! fn complete<B: Backend, M: CausalLm<B>>(
+//!     model: &M,
+//!     tokenizer: &Tokenizer,
+//!     prompt: &str,
+//! ) -> kiln_core::Result<String> {
+//!     let ids = tokenizer.encode(prompt, true)?;
+//!     let sampling = SamplingConfig::default().with_temperature(0.7).with_top_p(Some(0.9));
+//!     let config = GenerationConfig::for_model(model)
+//!         .with_sampling(sampling)
+//!         .with_max_new_tokens(32);
+//!     let out = generate(model, &[ids], &config, Some(tokenizer), |_, _piece| {})?;
+//!     tokenizer.decode(&out[0].tokens, true)
+//! }
+//!
+//! // Greedy picks the largest logit; a seeded sampler repeats its draws.
+//! let mut greedy = Sampler::new(SamplingConfig::greedy())?;
+//! assert_eq!(greedy.sample(&mut [0.1, 2.0, -1.0, 0.5], &[]), 1);
+//! let seeded = SamplingConfig::default().with_temperature(1.5).with_seed(7);
+//! let draws = |mut s: Sampler| (0..8).map(|_| s.sample(&mut [0.1, 2.0, -1.0, 0.5], &[])).collect::<Vec<_>>();
+//! assert_eq!(draws(Sampler::new(seeded.clone())?), draws(Sampler::new(seeded)?));
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
 
 pub mod batching;
 pub mod beam;
