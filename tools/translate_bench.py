@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""HF transformers' side of the translation benchmark (see examples/translate_bench.rs).
+"""HF transformers' side of the translation benchmark (see bench/translate_bench.rs).
 
 --write FOLDER  writes a random-weight checkpoint at NLLB-200-distilled-600M's shapes (config of
                 facebook/nllb-200-distilled-600M; weights from transformers' own init, seeded),

@@ -1,6 +1,6 @@
 //! Fuzzing on stable Rust for every loader of untrusted model files: a seeded mutation loop
 //! (no nightly, no libFuzzer), structure-aware for JSON and byte-level for binary files.
-//! Used by `tests/untrusted/fuzz.rs` (a short deterministic run in CI) and `examples/fuzz.rs` (a
+//! Used by `tests/untrusted/fuzz.rs` (a short deterministic run in CI) and `tests/fuzzing/fuzz.rs` (a
 //! time-bounded run per target, reported in `tests/fuzzing/README.md`).
 //!
 //! Each target writes a mutated input where the loader expects it, runs the loader and then

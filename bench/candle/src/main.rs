@@ -1,4 +1,4 @@
-//! The candle side of kiln's CPU benchmark: the same measurement as kiln's `examples/bench.rs`
+//! The candle side of kiln's CPU benchmark: the same measurement as kiln's `bench/bench.rs`
 //! (load time, prefill tok/s, greedy cached decode tok/s, peak RSS) on the same HF-layout
 //! folder, with `candle_transformers::models::llama::Llama` in f32 on the CPU.
 //!

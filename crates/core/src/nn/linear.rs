@@ -11,7 +11,7 @@ use crate::packed::PackedMatrix;
 /// Written instead of using burn-nn's `Linear`, which stores `[d_input, d_output]`: that layout
 /// makes loading transpose every checkpoint weight, and on the CPU backends `x · W` is slower
 /// for a decode step than `W · xᵀ` on the checkpoint's own layout (TinyLlama's 2048→5632
-/// matrix on flex: 1.59 vs 1.17 ms at m = 1, equal at m = 128; `examples/matmul_layout.rs`).
+/// matrix on flex: 1.59 vs 1.17 ms at m = 1, equal at m = 128; `bench/matmul_layout.rs`).
 /// The weight stays contiguous, so no backend copies it per call.
 ///
 /// On the CPU backends the loaders hold the weight in [`packed`](Self::packed) instead (in the
@@ -99,7 +99,7 @@ impl<B: Backend> TorchLinear<B> {
 
 /// Rows from which [`linear_out_in`] multiplies `x · Wᵀ` instead of `(W · xᵀ)ᵀ`.
 ///
-/// Measured on flex with TinyLlama's 2048→5632 weight (release build, `examples/matmul_layout.rs`,
+/// Measured on flex with TinyLlama's 2048→5632 weight (release build, `bench/matmul_layout.rs`,
 /// 2-core AMD EPYC): with few rows (decode steps, small batches) `(W · xᵀ)ᵀ` is up to 1.8×
 /// faster (7.1 vs 12.7 ms at 8 rows, 12.5 vs 18.6 ms at 32, 22.7 vs 25.0 ms at 64); from 96 rows
 /// on (prefill) `x · Wᵀ` wins (31 vs 33 ms at 96, 67 vs 90 ms at 256, 120 vs 165 ms at 512), as

@@ -61,7 +61,7 @@ fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f3
 
 /// Every weight row of `w` against every activation row. With three or more activation rows,
 /// the float formats take weight rows in pairs ([`pair`]): each activation load then feeds two
-/// FMAs. Measured with `examples/packed_matmul.rs` on 32768×1024 (bench/README.md):
+/// FMAs. Measured with `bench/packed_matmul.rs` on 32768×1024 (bench/README.md):
 /// f32 at 8 rows went from 12.3–13.0 to 9.2–9.8 ms; at 2 rows pairs were slower (5.6 → 6.4
 /// ms, the product is still memory-bound there), so one and two rows keep [`dot_rows`]. Q8_0
 /// in pairs, dequantising eight values at a time, was slower than [`group_q8`] (which scales

@@ -121,7 +121,7 @@ impl std::str::FromStr for ActivationPrecision {
 
 /// Up to this many activation rows, [`PackedMatrix::matmul_t`] runs the matrix-vector kernels
 /// (each weight block is read once for all rows); from one more on it dequantises tiles for
-/// `gemm`. Measured with `examples/packed_matmul.rs` (bench/README.md).
+/// `gemm`. Measured with `bench/packed_matmul.rs` (bench/README.md).
 pub const MATVEC_MAX_ROWS: usize = 8;
 
 /// A `[rows, cols]` matrix (PyTorch's `[d_out, d_in]` for a Linear weight, `[vocab, d]` for

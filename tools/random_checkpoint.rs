@@ -1,6 +1,6 @@
 //! Writes a Llama checkpoint with random weights at a real model's shapes, in HF layout
 //! (`config.json`, `model.safetensors`, optionally a real `tokenizer.json`), for benchmarks
-//! (`examples/bench.rs`, `bench/candle`) that need real sizes but no download.
+//! (`bench/bench.rs`, `bench/candle`) that need real sizes but no download.
 //!
 //! ```text
 //! cargo run --release --example random_checkpoint -- --preset tinyllama-1.1b --out /tmp/tinyllama-random

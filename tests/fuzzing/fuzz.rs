@@ -11,7 +11,7 @@
 //! per-input time limit (`--per-input-ms`) or memory limit (`--memory-mib`), the peak extra
 //! memory of one input and the slowest input. Findings are written to `--out`.
 
-#[path = "../tests/fuzzing/mod.rs"]
+#[path = "mod.rs"]
 mod fuzzing;
 
 use std::path::PathBuf;
