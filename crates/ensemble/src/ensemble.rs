@@ -391,23 +391,7 @@ impl<B: Backend> Ensemble<B> {
         if self.members.len() == 1 {
             return Ok(logits[0].clone());
         }
-        // The average lives on the host: a sparse matrix maps there, and it is |A| floats.
-        let device = logits[0].device();
-        let mut aggregate = vec![0f32; self.relative[0].anchors()];
-        for ((l, r), &w) in logits.iter().zip(&self.relative).zip(&self.weights) {
-            let p = host_vec(softmax(l.clone(), 0), "logits")?;
-            for (a, x) in aggregate.iter_mut().zip(r.map_host(&p, &device)?) {
-                *a += w * x;
-            }
-        }
-        let anchors = aggregate.len();
-        let aggregate = Tensor::from_data(TensorData::new(aggregate, [anchors]), &device);
-        inverse_search(
-            logits[0].clone(),
-            aggregate,
-            &self.relative[0],
-            &self.config.search,
-        )
+        deepen_combine(logits, &self.relative, &self.weights, &self.config.search)
     }
 
     /// Generates from `prompts`: one per member (main first), or one shared by all.
@@ -862,6 +846,65 @@ enum UnionKey {
     Eos,
     /// A text token, by its bytes.
     Bytes(Vec<u8>),
+}
+
+/// DeePEn's target in the relative space: `Σ_i w_i · softmax(logits_i) · R_i`, over anchors
+/// (the reference's `average_probs`, main member first). Each member's logits are over its own
+/// vocabulary; the relative matrices must share one anchor set.
+pub fn relative_average<B: Backend>(
+    logits: &[Tensor<B, 1>],
+    relative: &[RelativeMatrix<B>],
+    weights: &[f32],
+) -> Result<Tensor<B, 1>> {
+    if logits.is_empty() || logits.len() != relative.len() || logits.len() != weights.len() {
+        return Err(EnsembleError::arg(
+            "logits",
+            format!(
+                "{} logit vectors, {} relative matrices and {} weights: one of each per member",
+                logits.len(),
+                relative.len(),
+                weights.len()
+            ),
+        ));
+    }
+    let anchors = relative[0].anchors();
+    let device = logits[0].device();
+    // The average lives on the host: a sparse matrix maps there, and it is |A| floats.
+    let mut aggregate = vec![0f32; anchors];
+    for (i, ((l, r), &w)) in logits.iter().zip(relative).zip(weights).enumerate() {
+        if r.anchors() != anchors || r.vocab() != l.dims()[0] {
+            return Err(EnsembleError::arg(
+                "relative",
+                format!(
+                    "member {i}: {} logits for a {} × {} relative matrix (anchors must be {anchors})",
+                    l.dims()[0],
+                    r.vocab(),
+                    r.anchors()
+                ),
+            ));
+        }
+        let p = host_vec(softmax(l.clone(), 0), "logits")?;
+        for (a, x) in aggregate.iter_mut().zip(r.map_host(&p, &device)?) {
+            *a += w * x;
+        }
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(aggregate, [anchors]),
+        &device,
+    ))
+}
+
+/// One DeePEn step: [`relative_average`] of the members' distributions, mapped back to the main
+/// (first) member's vocabulary by [`inverse_search`] from its logits. What
+/// [`Ensemble::deepen_logits`] runs with the ensemble's own matrices and weights.
+pub fn deepen_combine<B: Backend>(
+    logits: &[Tensor<B, 1>],
+    relative: &[RelativeMatrix<B>],
+    weights: &[f32],
+    search: &SearchConfig,
+) -> Result<Tensor<B, 1>> {
+    let target = relative_average(logits, relative, weights)?;
+    inverse_search(logits[0].clone(), target, &relative[0], search)
 }
 
 /// A tensor's values read back to the host as f32; `what` names it in the error.

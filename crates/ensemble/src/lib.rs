@@ -44,7 +44,7 @@ pub mod vocab;
 
 pub use ensemble::{
     Ensemble, EnsembleConfig, EnsembleGenerationConfig, EnsembleOutput, Method, check_weights,
-    weights_from_scores,
+    deepen_combine, relative_average, weights_from_scores,
 };
 pub use error::{EnsembleError, Result};
 pub use member::{DecoderMember, Member, Seq2SeqMember};

@@ -1,11 +1,16 @@
 //! DeePEn's relative representation against values computed independently with NumPy (float64,
 //! the reference's formula: cosine of L2-normalised embeddings with the anchors, each row
 //! L2-normalised again, softmax at temperature τ). τ = 2 and rows that are not unit-norm, so a
-//! wrong τ or a missing normalisation changes the numbers.
+//! wrong τ or a missing normalisation changes the numbers. Then DeePEn's whole step (three
+//! members, unequal weights, the AdamW/cosine search and the plain gradient step) against the
+//! authors' code run in PyTorch (`tools/ensemble_oracle.py`).
 
 use burn::backend::NdArray;
 use burn::prelude::*;
-use kiln_ensemble::{RelativeConfig, RelativeMatrix, weights_from_scores};
+use kiln_ensemble::{
+    RelativeConfig, RelativeMatrix, SearchConfig, SearchGradient, SearchOptimizer, deepen_combine,
+    relative_average, weights_from_scores,
+};
 
 type B = NdArray;
 
@@ -80,4 +85,182 @@ fn weights_from_scores_normalise() {
     close(&w, &[54.2 / sum, 60.1 / sum, 48.7 / sum], "weights");
     assert!(weights_from_scores(&[0.0, 0.0]).is_err());
     assert!(weights_from_scores(&[1.0, -1.0]).is_err());
+}
+
+/// `tools/ensemble_oracle.py`: the authors' code's combination step in PyTorch (float64) on
+/// three members with different vocabularies, weights 0.5/0.3/0.2, τ = 3, rows not unit-norm and
+/// a 12-step search (past the cosine's period of 10).
+struct Deepen {
+    json: serde_json::Value,
+}
+
+impl Deepen {
+    fn load() -> Self {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/deepen_oracle.json");
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        Self {
+            json: serde_json::from_str(&text).unwrap(),
+        }
+    }
+
+    fn floats(&self, key: &str) -> Vec<f64> {
+        self.json[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    }
+
+    fn f32s(value: &serde_json::Value) -> Vec<f32> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
+    }
+
+    fn scalar(&self, key: &str) -> f64 {
+        self.json[key].as_f64().unwrap()
+    }
+
+    fn logits(&self) -> Vec<Tensor<B, 1>> {
+        let device = Default::default();
+        self.json["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let l = Self::f32s(l);
+                let n = l.len();
+                Tensor::from_data(TensorData::new(l, [n]), &device)
+            })
+            .collect()
+    }
+
+    fn weights(&self) -> Vec<f32> {
+        Self::f32s(&self.json["weights"])
+    }
+
+    fn matrices(&self, top_k: Option<usize>) -> Vec<RelativeMatrix<B>> {
+        let device = Default::default();
+        let config = RelativeConfig::default()
+            .with_temperature(self.scalar("temperature") as f32)
+            .with_top_k(top_k);
+        let embeddings = self.json["embeddings"].as_array().unwrap();
+        let anchors = self.json["anchors"].as_array().unwrap();
+        embeddings
+            .iter()
+            .zip(anchors)
+            .map(|(e, a)| {
+                let rows = e.as_array().unwrap();
+                let flat: Vec<f32> = rows.iter().flat_map(Self::f32s).collect();
+                let shape = [rows.len(), flat.len() / rows.len()];
+                let e = Tensor::<B, 2>::from_data(TensorData::new(flat, shape), &device);
+                let a: Vec<u32> = a
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+                    .collect();
+                RelativeMatrix::build(e, &a, &config).unwrap()
+            })
+            .collect()
+    }
+
+    fn search(&self) -> SearchConfig {
+        SearchConfig::default()
+            .with_learning_rate(self.scalar("learning_rate") as f32)
+            .with_steps(self.scalar("steps") as usize)
+    }
+}
+
+fn host(t: Tensor<B, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+fn close_to(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst <= tol,
+        "{what}: off by {worst}\n kiln {got:?}\n torch {want:?}"
+    );
+}
+
+#[test]
+fn three_member_average_with_unequal_weights() {
+    let o = Deepen::load();
+    let (logits, weights) = (o.logits(), o.weights());
+    let dense = relative_average(&logits, &o.matrices(None), &weights).unwrap();
+    close_to(
+        &host(dense),
+        &o.floats("average_dense"),
+        1e-6,
+        "dense average",
+    );
+    let k = o.scalar("top_k") as usize;
+    let sparse = relative_average(&logits, &o.matrices(Some(k)), &weights).unwrap();
+    close_to(
+        &host(sparse),
+        &o.floats("average_top_k"),
+        1e-6,
+        "top-k average",
+    );
+    // Equal weights give another point: the weights are not ignored.
+    let equal = relative_average(&logits, &o.matrices(None), &[1.0 / 3.0; 3]).unwrap();
+    let diff = host(equal)
+        .iter()
+        .zip(o.floats("average_dense"))
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        diff > 1e-3,
+        "equal weights land on the weighted average ({diff})"
+    );
+}
+
+#[test]
+fn adamw_search_matches_pytorch_through_the_cosine_schedule() {
+    let o = Deepen::load();
+    let (logits, weights) = (o.logits(), o.weights());
+    for gradient in [SearchGradient::Analytic, SearchGradient::Autodiff] {
+        let search = o.search().with_gradient(gradient);
+        let z = deepen_combine(&logits, &o.matrices(None), &weights, &search).unwrap();
+        close_to(
+            &host(z),
+            &o.floats("adamw_dense"),
+            2e-4,
+            &format!("{gradient:?}"),
+        );
+    }
+    let k = o.scalar("top_k") as usize;
+    let z = deepen_combine(&logits, &o.matrices(Some(k)), &weights, &o.search()).unwrap();
+    close_to(&host(z), &o.floats("adamw_top_k"), 2e-4, "top-k");
+}
+
+#[test]
+fn plain_gradient_step_matches_pytorch() {
+    let o = Deepen::load();
+    let search = o.search().with_optimizer(SearchOptimizer::Sgd);
+    for gradient in [SearchGradient::Analytic, SearchGradient::Autodiff] {
+        let z = deepen_combine(
+            &o.logits(),
+            &o.matrices(None),
+            &o.weights(),
+            &search.clone().with_gradient(gradient),
+        )
+        .unwrap();
+        close_to(
+            &host(z),
+            &o.floats("sgd_dense"),
+            2e-4,
+            &format!("{gradient:?}"),
+        );
+    }
 }
