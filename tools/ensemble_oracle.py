@@ -11,8 +11,14 @@ decay 0.01, CosineAnnealingLR(T_max=10, eta_min=lr/4) stepped after each update,
 nn.KLDivLoss()(log(softmax(z) @ R_main), average)). Also the paper's plain gradient step on the
 summed KL, and the same search over rows cut to their top k and renormalised (kiln's sparse form).
 
-    python3 tools/ensemble_oracle.py > crates/ensemble/tests/data/deepen_oracle.json
+    python3 tools/ensemble_oracle.py deepen > crates/ensemble/tests/data/deepen_oracle.json
+
+And the reference's anchors (common_vocabulary.py: token strings with 'Ġ' -> '▁', added tokens
+included) between the real tokenizers committed in tests/data/tokenizers:
+
+    python3 tools/ensemble_oracle.py anchors > crates/ensemble/tests/data/reference_anchors.json
 """
+import sys
 import json
 
 import torch
@@ -30,8 +36,9 @@ DIM = 5
 ANCHORS = [[0, 2, 3, 5, 7], [10, 1, 4, 6, 8], [5, 0, 1, 2, 4]]
 WEIGHTS = [0.5, 0.3, 0.2]
 
-embeddings = [torch.randn(v, DIM, dtype=DT) * (0.5 + torch.rand(v, 1, dtype=DT) * 2) for v in VOCABS]
-logits = [torch.randn(v, dtype=DT) * 2.0 for v in VOCABS]
+EMBEDDINGS = [torch.randn(v, DIM, dtype=DT) * (0.5 + torch.rand(v, 1, dtype=DT) * 2) for v in VOCABS]
+LOGITS = [torch.randn(v, dtype=DT) * 2.0 for v in VOCABS]
+
 
 
 def transfer_matrix(e, anchors):
@@ -48,13 +55,13 @@ def top_k_rows(r, k):
 
 def average(matrices):
     avg = torch.zeros(len(ANCHORS[0]), dtype=DT)
-    for w, l, r in zip(WEIGHTS, logits, matrices):
+    for w, l, r in zip(WEIGHTS, LOGITS, matrices):
         avg += w * (nn.functional.softmax(l, dim=-1) @ r)
     return avg
 
 
 def adamw_search(r_main, target):
-    z = logits[0].detach().clone().unsqueeze(0).requires_grad_(True)
+    z = LOGITS[0].detach().clone().unsqueeze(0).requires_grad_(True)
     criterion = nn.KLDivLoss()
     optimizer = torch.optim.AdamW(params=[z], lr=LR, betas=(0.9, 0.999))
     scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=LR / 4)
@@ -69,7 +76,7 @@ def adamw_search(r_main, target):
 
 
 def sgd_search(r_main, target):
-    z = logits[0].detach().clone().requires_grad_(True)
+    z = LOGITS[0].detach().clone().requires_grad_(True)
     for _ in range(STEPS):
         q = nn.functional.softmax(z, dim=-1) @ r_main
         loss = nn.functional.kl_div(torch.log(q), target, reduction="sum")
@@ -78,25 +85,76 @@ def sgd_search(r_main, target):
     return z.detach()
 
 
-dense = [transfer_matrix(e, a) for e, a in zip(embeddings, ANCHORS)]
-sparse = [top_k_rows(r, TOP_K) for r in dense]
-avg_dense, avg_sparse = average(dense), average(sparse)
-out = {
-    "source": "tools/ensemble_oracle.py, torch " + torch.__version__,
-    "temperature": TAU,
-    "learning_rate": LR,
-    "steps": STEPS,
-    "top_k": TOP_K,
-    "weights": WEIGHTS,
-    "anchors": ANCHORS,
-    "embeddings": [e.tolist() for e in embeddings],
-    "logits": [l.tolist() for l in logits],
-    "relative_dense": [r.tolist() for r in dense],
-    "average_dense": avg_dense.tolist(),
-    "average_top_k": avg_sparse.tolist(),
-    "adamw_dense": adamw_search(dense[0], avg_dense).tolist(),
-    "sgd_dense": sgd_search(dense[0], avg_dense).tolist(),
-    "adamw_top_k": adamw_search(sparse[0], avg_sparse).tolist(),
-    "start_argmax": int(torch.argmax(logits[0])),
-}
-print(json.dumps(out, indent=1))
+
+
+
+def reference_anchors(main_path, assist_path):
+    """The reference's common vocabulary (common_vocabulary.py) of two tokenizer.json files:
+    get_vocab() with added tokens, 'Ġ' replaced by '▁', keys intersected. Returns the pairs
+    (main id, assist id) sorted by main id, and how many keys collided after the replacement."""
+    from tokenizers import Tokenizer
+
+    def vocab(path):
+        out, collisions = {}, 0
+        for key, idx in Tokenizer.from_file(path).get_vocab(with_added_tokens=True).items():
+            new = key.replace("Ġ", "▁")
+            collisions += new in out
+            out[new] = idx
+        return out, collisions
+
+    (a, ca), (b, cb) = vocab(main_path), vocab(assist_path)
+    pairs = sorted((a[k], b[k]) for k in set(a) & set(b))
+    return pairs, ca + cb
+
+
+def checksum(pairs):
+    h = 0
+    for m, s in pairs:
+        h = ((h * 1000003 + m) * 1000003 + s) % 2**64
+    return h
+
+
+def deepen():
+    dense = [transfer_matrix(e, a) for e, a in zip(EMBEDDINGS, ANCHORS)]
+    sparse = [top_k_rows(r, TOP_K) for r in dense]
+    avg_dense, avg_sparse = average(dense), average(sparse)
+    out = {
+        "source": "tools/ensemble_oracle.py, torch " + torch.__version__,
+        "temperature": TAU,
+        "learning_rate": LR,
+        "steps": STEPS,
+        "top_k": TOP_K,
+        "weights": WEIGHTS,
+        "anchors": ANCHORS,
+        "embeddings": [e.tolist() for e in EMBEDDINGS],
+        "logits": [l.tolist() for l in LOGITS],
+        "relative_dense": [r.tolist() for r in dense],
+        "average_dense": avg_dense.tolist(),
+        "average_top_k": avg_sparse.tolist(),
+        "adamw_dense": adamw_search(dense[0], avg_dense).tolist(),
+        "sgd_dense": sgd_search(dense[0], avg_dense).tolist(),
+        "adamw_top_k": adamw_search(sparse[0], avg_sparse).tolist(),
+        "start_argmax": int(torch.argmax(LOGITS[0])),
+    }
+    return out
+
+
+def anchors():
+    root = "tests/data/tokenizers/"
+    out = {"source": "tools/ensemble_oracle.py anchors, tokenizers (Python)"}
+    for assist in ["mistral-7b-v0.1", "t5"]:
+        pairs, collisions = reference_anchors(
+            root + "smollm2-135m-instruct/tokenizer.json", root + assist + "/tokenizer.json"
+        )
+        out[assist] = {
+            "count": len(pairs),
+            "checksum": str(checksum(pairs)),
+            "collisions": collisions,
+            "first": pairs[:16],
+        }
+    return out
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1] if len(sys.argv) > 1 else "deepen"
+    print(json.dumps({"deepen": deepen, "anchors": anchors}[mode](), indent=1))

@@ -13,8 +13,8 @@ use kiln::core::seq2seq::Seq2SeqLm;
 use kiln::core::{SamplingConfig, Tokenizer};
 use kiln::ensemble::eval::{Metric, is_correct, read_jsonl};
 use kiln::ensemble::{
-    AnchorConfig, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member, Method,
-    RelativeConfig, SearchConfig, SearchGradient, SearchOptimizer, Seq2SeqMember,
+    AnchorConfig, AnchorMatching, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
+    Method, RelativeConfig, SearchConfig, SearchGradient, SearchOptimizer, Seq2SeqMember,
     weights_from_scores,
 };
 use kiln::m2m100::{M2M100, language_token_id};
@@ -81,6 +81,10 @@ pub struct EnsembleArgs {
     /// Also match special tokens as anchors.
     #[arg(long)]
     special_anchors: bool,
+    /// Find anchors as the paper's code does: equal token strings after `Ġ` → `▁`, special
+    /// tokens included (default: equal raw bytes across spellings, which finds more).
+    #[arg(long)]
+    reference_anchors: bool,
     /// Softmax temperature of the relative matrices.
     #[arg(long, default_value_t = 100.0)]
     temperature: f32,
@@ -204,6 +208,11 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
         .with_anchors(
             AnchorConfig::default()
                 .with_include_special(args.special_anchors)
+                .with_matching(if args.reference_anchors {
+                    AnchorMatching::ReferenceStrings
+                } else {
+                    AnchorMatching::Bytes
+                })
                 .with_max_anchors(args.max_anchors),
         )
         .with_relative(

@@ -50,4 +50,4 @@ pub use error::{EnsembleError, Result};
 pub use member::{DecoderMember, Member, Seq2SeqMember};
 pub use relative::{RelativeConfig, RelativeMatrix, SparseRelative};
 pub use search::{SearchConfig, SearchGradient, SearchOptimizer, inverse_search};
-pub use vocab::{AnchorConfig, Anchors, Spelling, Vocab, find_anchors};
+pub use vocab::{AnchorConfig, AnchorMatching, Anchors, Spelling, Vocab, find_anchors};

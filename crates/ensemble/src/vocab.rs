@@ -99,6 +99,9 @@ pub struct Vocab {
     index: HashMap<Vec<u8>, u32>,
     /// Special tokens by content.
     special_index: HashMap<String, u32>,
+    /// Every entry of the tokenizer's vocabulary (added tokens included) as the reference code
+    /// keys it: the token string with `Ġ` replaced by `▁`; of two entries that meet, the lower id.
+    reference_strings: HashMap<String, u32>,
 }
 
 impl Vocab {
@@ -121,11 +124,15 @@ impl Vocab {
         let mut index = HashMap::new();
         let mut vocab: Vec<(String, u32)> = inner.get_vocab(true).into_iter().collect();
         vocab.sort_by_key(|(_, id)| *id);
+        let mut reference_strings = HashMap::new();
         for (token, id) in vocab {
             let i = id as usize;
             if i >= width {
                 continue;
             }
+            reference_strings
+                .entry(token.replace('\u{120}', "\u{2581}"))
+                .or_insert(id);
             if let Some(content) = specials.get(&id) {
                 special[i] = true;
                 special_index.insert(content.clone(), id);
@@ -153,6 +160,7 @@ impl Vocab {
             special,
             index,
             special_index,
+            reference_strings,
         }
     }
 
@@ -200,8 +208,16 @@ impl Vocab {
         self.bytes == other.bytes && self.special == other.special
     }
 
-    /// Raw-byte keys and ids of every regular token (and of special tokens when `special`).
-    fn keys(&self, special: bool) -> HashMap<Vec<u8>, u32> {
+    /// Raw-byte keys and ids of every regular token (and of special tokens when `special`), or
+    /// the reference code's string keys.
+    fn keys(&self, special: bool, matching: AnchorMatching) -> HashMap<Vec<u8>, u32> {
+        if matching == AnchorMatching::ReferenceStrings {
+            return self
+                .reference_strings
+                .iter()
+                .map(|(token, &id)| (token.as_bytes().to_vec(), id))
+                .collect();
+        }
         let mut keys = self.index.clone();
         if special {
             for (content, &id) in &self.special_index {
@@ -219,9 +235,27 @@ fn special_key(content: &str) -> Vec<u8> {
     key
 }
 
+/// How tokens of different vocabularies are found to be the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AnchorMatching {
+    /// By the raw bytes each token stands for, across spellings (`Ġthe`, `▁the` and a byte
+    /// fallback `<0x20>`-led piece meet when their bytes do); special tokens only with
+    /// `include_special`. kiln's default: more anchors between byte-level and SentencePiece
+    /// vocabularies (crates/ensemble/README.md).
+    #[default]
+    Bytes,
+    /// As the reference code (OrangeInSouth/DeePEn `common_vocabulary.py`): the vocabulary's
+    /// token strings, added and special tokens included (`</s>` meets `</s>`), with `Ġ` replaced
+    /// by `▁` and nothing else normalised (byte-level `Ċ` does not meet SentencePiece
+    /// `<0x0A>`). `include_special` is ignored.
+    ReferenceStrings,
+}
+
 /// Which shared tokens become anchors.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AnchorConfig {
+    /// How tokens are matched.
+    pub matching: AnchorMatching,
     /// Also match special tokens by content (`</s>` with `</s>`); off by default.
     pub include_special: bool,
     /// Keep only the first `n` shared tokens in the main model's id order (BPE ids roughly follow
@@ -230,6 +264,11 @@ pub struct AnchorConfig {
 }
 
 impl AnchorConfig {
+    /// Sets `matching`.
+    pub fn with_matching(mut self, matching: AnchorMatching) -> Self {
+        self.matching = matching;
+        self
+    }
     /// Sets `include_special`.
     pub fn with_include_special(mut self, on: bool) -> Self {
         self.include_special = on;
@@ -245,7 +284,8 @@ impl AnchorConfig {
 /// The tokens every member's vocabulary has, and their id in each.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Anchors {
-    /// Raw bytes of each anchor (special tokens: `\0special\0` + content).
+    /// Raw bytes of each anchor (special tokens: `\0special\0` + content); with
+    /// [`AnchorMatching::ReferenceStrings`], the normalised token string.
     pub keys: Vec<Vec<u8>>,
     /// `ids[member][anchor]`: the anchor's id in that member's vocabulary.
     pub ids: Vec<Vec<u32>>,
@@ -271,9 +311,11 @@ pub fn find_anchors(vocabs: &[&Vocab], names: &[String], config: &AnchorConfig) 
     }
     let keys: Vec<HashMap<Vec<u8>, u32>> = vocabs
         .iter()
-        .map(|v| v.keys(config.include_special))
+        .map(|v| v.keys(config.include_special, config.matching))
         .collect();
-    let special = if config.include_special {
+    let special = if config.matching == AnchorMatching::ReferenceStrings {
+        " (reference string matching)"
+    } else if config.include_special {
         ", special tokens included"
     } else {
         ", special tokens excluded"

@@ -8,8 +8,8 @@
 use burn::backend::NdArray;
 use burn::prelude::*;
 use kiln_ensemble::{
-    RelativeConfig, RelativeMatrix, SearchConfig, SearchGradient, SearchOptimizer, deepen_combine,
-    relative_average, weights_from_scores,
+    AnchorConfig, AnchorMatching, RelativeConfig, RelativeMatrix, SearchConfig, SearchGradient,
+    SearchOptimizer, Vocab, deepen_combine, find_anchors, relative_average, weights_from_scores,
 };
 
 type B = NdArray;
@@ -262,5 +262,60 @@ fn plain_gradient_step_matches_pytorch() {
             2e-4,
             &format!("{gradient:?}"),
         );
+    }
+}
+
+/// `AnchorMatching::ReferenceStrings` finds the anchors the authors' `common_vocabulary.py`
+/// finds (run by `tools/ensemble_oracle.py anchors` with Python `tokenizers`) between SmolLM2's
+/// byte-level vocabulary and the SentencePiece vocabularies of Mistral-7B and T5: same count,
+/// same (main id, assist id) pairs by checksum, same first pairs.
+#[test]
+fn reference_string_anchors_match_the_papers_code() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/tokenizers");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/reference_anchors.json"
+    ))
+    .unwrap();
+    let want: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vocab = |name: &str| {
+        let dir = std::path::Path::new(root).join(name);
+        let tokenizer = kiln_core::Tokenizer::from_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        Vocab::from_tokenizer(&tokenizer, tokenizer.vocab_size())
+    };
+    let main = vocab("smollm2-135m-instruct");
+    let names = ["main".to_string(), "assist".to_string()];
+    for assist in ["mistral-7b-v0.1", "t5"] {
+        let other = vocab(assist);
+        let config = AnchorConfig::default().with_matching(AnchorMatching::ReferenceStrings);
+        let anchors = find_anchors(&[&main, &other], &names, &config).unwrap();
+        let pairs: Vec<(u32, u32)> = anchors.ids[0]
+            .iter()
+            .copied()
+            .zip(anchors.ids[1].iter().copied())
+            .collect();
+        let checksum = pairs.iter().fold(0u64, |h, &(m, s)| {
+            (h.wrapping_mul(1000003).wrapping_add(m as u64))
+                .wrapping_mul(1000003)
+                .wrapping_add(s as u64)
+        });
+        let w = &want[assist];
+        assert_eq!(pairs.len() as u64, w["count"].as_u64().unwrap(), "{assist}");
+        let first: Vec<(u32, u32)> = w["first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_u64().unwrap() as u32))
+            .collect();
+        assert_eq!(&pairs[..first.len()], &first[..], "{assist}");
+        assert_eq!(
+            checksum.to_string(),
+            w["checksum"].as_str().unwrap(),
+            "{assist}"
+        );
+        // kiln's byte matching finds a different set (more, across spellings).
+        let bytes = find_anchors(&[&main, &other], &names, &AnchorConfig::default()).unwrap();
+        assert_ne!(bytes.ids, anchors.ids, "{assist}");
     }
 }
