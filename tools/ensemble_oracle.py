@@ -114,6 +114,22 @@ def checksum(pairs):
     return h
 
 
+def consistency(e_main, e_assist, ids_main, ids_assist, count):
+    """get_anchor_point_list_our: each shared token's row of cosine similarities with the other
+    shared tokens, in each model; a token's consistency is the cosine of its two rows; the
+    `count` most consistent are kept (sorted, descending; Python's stable sort on ties)."""
+    a, b = e_main[ids_main], e_assist[ids_assist]
+    sa = torch.cosine_similarity(a.unsqueeze(1), a.unsqueeze(0), dim=-1)
+    sb = torch.cosine_similarity(b.unsqueeze(1), b.unsqueeze(0), dim=-1)
+    scores = torch.cosine_similarity(sa, sb, dim=-1).tolist()
+    ranked = sorted(enumerate(scores), key=lambda x: x[1], reverse=True)
+    return scores, [i for i, _ in ranked[:count]]
+
+
+CONSISTENCY_MAIN = [0, 1, 2, 3, 4, 5, 6, 7]
+CONSISTENCY_ASSIST = [3, 0, 9, 1, 10, 2, 5, 7]
+
+
 def deepen():
     dense = [transfer_matrix(e, a) for e, a in zip(EMBEDDINGS, ANCHORS)]
     sparse = [top_k_rows(r, TOP_K) for r in dense]
@@ -135,6 +151,13 @@ def deepen():
         "sgd_dense": sgd_search(dense[0], avg_dense).tolist(),
         "adamw_top_k": adamw_search(sparse[0], avg_sparse).tolist(),
         "start_argmax": int(torch.argmax(LOGITS[0])),
+    }
+    scores, kept = consistency(EMBEDDINGS[0], EMBEDDINGS[1], CONSISTENCY_MAIN, CONSISTENCY_ASSIST, 5)
+    out["consistency"] = {
+        "main": CONSISTENCY_MAIN,
+        "assist": CONSISTENCY_ASSIST,
+        "scores": scores,
+        "kept": kept,
     }
     return out
 

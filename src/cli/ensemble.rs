@@ -85,6 +85,10 @@ pub struct EnsembleArgs {
     /// tokens included (default: equal raw bytes across spellings, which finds more).
     #[arg(long)]
     reference_anchors: bool,
+    /// Keep only the N anchors whose similarity rows agree most across the models (the
+    /// paper's code's optional selection; default: all).
+    #[arg(long, value_name = "N")]
+    consistent_anchors: Option<usize>,
     /// Softmax temperature of the relative matrices.
     #[arg(long, default_value_t = 100.0)]
     temperature: f32,
@@ -213,7 +217,8 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
                 } else {
                     AnchorMatching::Bytes
                 })
-                .with_max_anchors(args.max_anchors),
+                .with_max_anchors(args.max_anchors)
+                .with_consistent_anchors(args.consistent_anchors),
         )
         .with_relative(
             RelativeConfig::default()

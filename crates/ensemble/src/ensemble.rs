@@ -9,7 +9,7 @@ use kiln_core::{FinishReason, Sampler, SamplingConfig};
 
 use crate::error::{EnsembleError, Result};
 use crate::member::Member;
-use crate::relative::{RelativeConfig, RelativeMatrix};
+use crate::relative::{RelativeConfig, RelativeMatrix, keep_consistent_anchors};
 use crate::search::{SearchConfig, inverse_search};
 use crate::vocab::{AnchorConfig, Anchors, Vocab, find_anchors};
 
@@ -324,9 +324,9 @@ impl<B: Backend> Ensemble<B> {
     fn build_relative(&mut self) -> Result<()> {
         let names: Vec<String> = self.members.iter().map(|m| m.name().to_string()).collect();
         let vocabs: Vec<&Vocab> = self.vocabs.iter().collect();
-        let anchors = find_anchors(&vocabs, &names, &self.config.anchors)?;
-        let mut relative = Vec::with_capacity(self.members.len());
-        for (m, member) in self.members.iter().enumerate() {
+        let mut anchors = find_anchors(&vocabs, &names, &self.config.anchors)?;
+        let mut embeddings = Vec::with_capacity(self.members.len());
+        for member in &self.members {
             let emb = member.embeddings();
             let rows = emb.dims()[0];
             if rows < member.vocab_size() {
@@ -339,7 +339,15 @@ impl<B: Backend> Ensemble<B> {
                     ),
                 ));
             }
-            let emb = emb.narrow(0, 0, member.vocab_size());
+            embeddings.push(emb.narrow(0, 0, member.vocab_size()));
+        }
+        if let Some(keep) = self.config.anchors.consistent_anchors
+            && self.members.len() > 1
+        {
+            anchors = keep_consistent_anchors(&anchors, &embeddings, keep)?;
+        }
+        let mut relative = Vec::with_capacity(self.members.len());
+        for (m, emb) in embeddings.into_iter().enumerate() {
             let matrix = match &self.config.cache_dir {
                 Some(dir) => {
                     RelativeMatrix::build_cached(emb, &anchors.ids[m], &self.config.relative, dir)?

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 use crate::ensemble::host_vec;
 use crate::error::{EnsembleError, Result};
+use crate::vocab::Anchors;
 
 /// How relative matrices are built.
 #[derive(Debug, Clone, PartialEq)]
@@ -464,6 +465,98 @@ impl<B: Backend> RelativeMatrix<B> {
 const MAGIC: &[u8; 8] = b"KILNREL1";
 
 /// `x / max(‖x‖₂, eps)` along dim 1.
+/// Each anchor's cross-model consistency, as the reference's optional anchor selection
+/// (`get_anchor_point_list_our`) scores it: in every member, the anchor's row of cosine
+/// similarities with all anchors (of that member's input embeddings `embeddings[m]`); the score is
+/// the cosine between the main member's row and an assistant's, averaged over the assistants
+/// (the reference has one). Rows are computed `chunk_rows` at a time, so memory stays
+/// `O(chunk · anchors)`.
+pub fn anchor_consistency<B: Backend>(
+    anchors: &Anchors,
+    embeddings: &[Tensor<B, 2>],
+    chunk_rows: usize,
+) -> Result<Vec<f32>> {
+    if embeddings.len() != anchors.ids.len() || embeddings.len() < 2 {
+        return Err(EnsembleError::arg(
+            "embeddings",
+            format!(
+                "{} embedding matrices for {} members (at least two)",
+                embeddings.len(),
+                anchors.ids.len()
+            ),
+        ));
+    }
+    let n = anchors.len();
+    // Unit rows of each member's anchor embeddings, [A, d].
+    let mut units = Vec::with_capacity(embeddings.len());
+    for (e, ids) in embeddings.iter().zip(&anchors.ids) {
+        let rows = e.dims()[0];
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= rows) {
+            return Err(EnsembleError::arg(
+                "anchors",
+                format!("anchor id {bad} is outside an embedding matrix of {rows} rows"),
+            ));
+        }
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &e.device());
+        units.push(l2_normalize(e.clone().select(0, ids), 1e-8));
+    }
+    let mut scores = vec![0f32; n];
+    let mut start = 0;
+    while start < n {
+        let rows = chunk_rows.max(1).min(n - start);
+        let row = |u: &Tensor<B, 2>| {
+            l2_normalize(
+                u.clone()
+                    .narrow(0, start, rows)
+                    .matmul(u.clone().transpose()),
+                1e-8,
+            )
+        };
+        let main = row(&units[0]);
+        for u in &units[1..] {
+            let c = host_vec(
+                (main.clone() * row(u)).sum_dim(1).squeeze_dim::<1>(1),
+                "anchors",
+            )?;
+            for (s, c) in scores[start..start + rows].iter_mut().zip(c) {
+                *s += c / (units.len() - 1) as f32;
+            }
+        }
+        start += rows;
+    }
+    Ok(scores)
+}
+
+/// Keeps the `keep` anchors of highest [`anchor_consistency`] (the reference's selection with
+/// `count = keep`), in their original (main-model id) order.
+pub fn keep_consistent_anchors<B: Backend>(
+    anchors: &Anchors,
+    embeddings: &[Tensor<B, 2>],
+    keep: usize,
+) -> Result<Anchors> {
+    if keep == 0 {
+        return Err(EnsembleError::arg(
+            "consistent_anchors",
+            "must be at least 1",
+        ));
+    }
+    let scores = anchor_consistency(anchors, embeddings, 1024)?;
+    let mut order: Vec<usize> = (0..anchors.len()).collect();
+    // Descending, ties in the original order (Python's stable sort, as the reference).
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    order.truncate(keep);
+    order.sort_unstable();
+    Ok(Anchors {
+        keys: order.iter().map(|&i| anchors.keys[i].clone()).collect(),
+        ids: anchors
+            .ids
+            .iter()
+            .map(|ids| order.iter().map(|&i| ids[i]).collect())
+            .collect(),
+    })
+}
+
 fn l2_normalize<B: Backend>(x: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
     let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(eps);
     x / norm

@@ -261,6 +261,10 @@ pub struct AnchorConfig {
     /// Keep only the first `n` shared tokens in the main model's id order (BPE ids roughly follow
     /// frequency); `None` keeps all, as the paper does.
     pub max_anchors: Option<usize>,
+    /// Then keep the `n` anchors whose similarity rows agree most across the members, as the
+    /// reference's optional selection (`get_anchor_point_list_our`; see
+    /// [`keep_consistent_anchors`](crate::keep_consistent_anchors)); `None` keeps all.
+    pub consistent_anchors: Option<usize>,
 }
 
 impl AnchorConfig {
@@ -277,6 +281,11 @@ impl AnchorConfig {
     /// Sets `max_anchors`.
     pub fn with_max_anchors(mut self, n: Option<usize>) -> Self {
         self.max_anchors = n;
+        self
+    }
+    /// Sets `consistent_anchors`.
+    pub fn with_consistent_anchors(mut self, n: Option<usize>) -> Self {
+        self.consistent_anchors = n;
         self
     }
 }

@@ -8,8 +8,9 @@
 use burn::backend::NdArray;
 use burn::prelude::*;
 use kiln_ensemble::{
-    AnchorConfig, AnchorMatching, RelativeConfig, RelativeMatrix, SearchConfig, SearchGradient,
-    SearchOptimizer, Vocab, deepen_combine, find_anchors, relative_average, weights_from_scores,
+    AnchorConfig, AnchorMatching, Anchors, RelativeConfig, RelativeMatrix, SearchConfig,
+    SearchGradient, SearchOptimizer, Vocab, anchor_consistency, deepen_combine, find_anchors,
+    keep_consistent_anchors, relative_average, weights_from_scores,
 };
 
 type B = NdArray;
@@ -318,4 +319,51 @@ fn reference_string_anchors_match_the_papers_code() {
         let bytes = find_anchors(&[&main, &other], &names, &AnchorConfig::default()).unwrap();
         assert_ne!(bytes.ids, anchors.ids, "{assist}");
     }
+}
+
+/// The reference's consistency-ranked anchor selection (`get_anchor_point_list_our`), run in
+/// PyTorch on two members' embeddings and eight shared tokens: the scores, and the five kept.
+#[test]
+fn consistency_ranked_anchors_match_the_papers_code() {
+    let o = Deepen::load();
+    let c = &o.json["consistency"];
+    let ids = |key: &str| -> Vec<u32> {
+        c[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (main, assist) = (ids("main"), ids("assist"));
+    let anchors = Anchors {
+        keys: (0..main.len()).map(|i| vec![i as u8]).collect(),
+        ids: vec![main.clone(), assist.clone()],
+    };
+    let device = Default::default();
+    let embeddings: Vec<Tensor<B, 2>> = o.json["embeddings"].as_array().unwrap()[..2]
+        .iter()
+        .map(|e| {
+            let rows = e.as_array().unwrap();
+            let flat: Vec<f32> = rows.iter().flat_map(Deepen::f32s).collect();
+            let shape = [rows.len(), flat.len() / rows.len()];
+            Tensor::from_data(TensorData::new(flat, shape), &device)
+        })
+        .collect();
+    // Chunks of 3 rows: the chunked computation must equal the whole.
+    let scores = anchor_consistency(&anchors, &embeddings, 3).unwrap();
+    let want: Vec<f64> = Deepen::f32s(&c["scores"])
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    close_to(&scores, &want, 1e-5, "consistency");
+    let kept = keep_consistent_anchors(&anchors, &embeddings, 5).unwrap();
+    let mut want: Vec<u32> = ids("kept").iter().map(|&i| main[i as usize]).collect();
+    want.sort_unstable();
+    assert_eq!(kept.ids[0], want);
+    let assist_kept: Vec<u32> = want
+        .iter()
+        .map(|m| assist[main.iter().position(|x| x == m).unwrap()])
+        .collect();
+    assert_eq!(kept.ids[1], assist_kept);
 }
