@@ -178,6 +178,33 @@ def anchors():
     return out
 
 
+NUMBER_CASES = [
+    "The answer is 1,234,567.",
+    "1,2,3",
+    "3.5.7 apples",
+    "It costs $12.50, then 3 more",
+    "no digits here",
+    "She has 10.",
+    "-5 and 7.25",
+    "1,000.5 and 2,00",
+    "12a34",
+    "#### 72",
+    "0.5.",
+]
+
+
+def numbers():
+    """GSM8K answers as the reference's utils/evaluate/GSM.py extracts them."""
+    import re
+
+    def extract_last_num(text):
+        text = re.sub(r"(\d),(\d)", "\\g<1>\\g<2>", text)
+        res = re.findall(r"(\d+(\.\d+)?)", text)
+        return str(res[-1][0]) if res else None
+
+    return {case: extract_last_num(case) for case in NUMBER_CASES}
+
+
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "deepen"
-    print(json.dumps({"deepen": deepen, "anchors": anchors}[mode](), indent=1))
+    print(json.dumps({"deepen": deepen, "anchors": anchors, "numbers": numbers}[mode](), indent=1))

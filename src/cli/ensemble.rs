@@ -11,7 +11,7 @@ use kiln::backend::{Backend, NAME, device};
 use kiln::core::loading::{read_json_value, resolve_model};
 use kiln::core::seq2seq::Seq2SeqLm;
 use kiln::core::{SamplingConfig, Tokenizer};
-use kiln::ensemble::eval::{Metric, is_correct, read_jsonl};
+use kiln::ensemble::eval::{Metric, apply_template, choice_tokens, is_correct, read_jsonl};
 use kiln::ensemble::{
     AnchorConfig, AnchorMatching, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
     Method, RelativeConfig, SearchConfig, SearchGradient, SearchOptimizer, Seq2SeqMember,
@@ -133,9 +133,19 @@ pub struct EnsembleArgs {
     /// Evaluate on a JSONL file of prompts and answers instead of generating once.
     #[arg(long)]
     eval: Option<PathBuf>,
-    /// exact or contains.
+    /// exact, contains, number (GSM8K: the last number, read as the paper's scorer does) or
+    /// choice (multiple choice: one token among --choices, scored as the paper's MMLU/ARC/PIQA
+    /// processor; the answer is the letter).
     #[arg(long, default_value = "contains")]
     metric: String,
+    /// A member's prompt template, `{}` standing for the prompt (e.g. "<s>{}" or a chat
+    /// format); repeat it once per model, main first (the paper's per-model templates). Not for
+    /// encoder-decoder members, which get --source.
+    #[arg(long = "template", value_name = "TEMPLATE")]
+    templates: Vec<String>,
+    /// Option letters for --metric choice (an example's own "choices" win).
+    #[arg(long, value_delimiter = ',', default_value = "A,B,C,D")]
+    choices: Vec<String>,
     /// Evaluate at most this many examples.
     #[arg(long)]
     limit: Option<usize>,
@@ -277,10 +287,8 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
     }
     let prompt = args.prompt.clone().unwrap_or_default();
     let source = args.source.clone().unwrap_or_else(|| prompt.clone());
-    let prompts: Vec<&str> = kinds
-        .iter()
-        .map(|&s| if s { source.as_str() } else { prompt.as_str() })
-        .collect();
+    let owned = member_prompts(kinds.as_slice(), &args.templates, &prompt, &source)?;
+    let prompts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let start = Instant::now();
     let out = match &args.prompt_ids {
         Some(ids) => ensemble.generate_from_ids(ids, &generation)?,
@@ -310,6 +318,32 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Each member's input: the source for encoder-decoders, else the prompt through the member's
+/// template (if any were given, one per member).
+fn member_prompts(
+    kinds: &[bool],
+    templates: &[String],
+    prompt: &str,
+    source: &str,
+) -> anyhow::Result<Vec<String>> {
+    if !templates.is_empty() && templates.len() != kinds.len() {
+        bail!(
+            "{} --template values for {} models: give one per model, main first",
+            templates.len(),
+            kinds.len()
+        );
+    }
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(m, &seq2seq)| match (seq2seq, templates.get(m)) {
+            (true, _) => Ok(source.to_string()),
+            (false, Some(t)) => Ok(apply_template(t, prompt)?),
+            (false, None) => Ok(prompt.to_string()),
+        })
+        .collect()
+}
+
 fn evaluate(
     ensemble: &mut Ensemble<Backend>,
     kinds: &[bool],
@@ -333,21 +367,18 @@ fn evaluate(
     let start = Instant::now();
     for (i, ex) in examples.iter().enumerate() {
         let source = ex.source.clone().unwrap_or_else(|| ex.prompt.clone());
-        let prompts: Vec<&str> = kinds
-            .iter()
-            .map(|&s| {
-                if s {
-                    source.as_str()
-                } else {
-                    ex.prompt.as_str()
-                }
-            })
-            .collect();
+        let owned = member_prompts(kinds, &args.templates, &ex.prompt, &source)?;
+        let prompts: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let mut generation = generation.clone();
+        if metric == Metric::Choice {
+            let letters = ex.choices.as_ref().unwrap_or(&args.choices);
+            generation = generation.with_choices(choice_tokens(letters));
+        }
         for m in 0..n {
-            let out = ensemble.generate_member(m, prompts[m], generation)?;
+            let out = ensemble.generate_member(m, prompts[m], &generation)?;
             correct[m] += is_correct(&out.text, &ex.answer, metric) as usize;
         }
-        let out = ensemble.generate(&prompts, generation)?;
+        let out = ensemble.generate(&prompts, &generation)?;
         correct[n] += is_correct(&out.text, &ex.answer, metric) as usize;
         eprintln!(
             "kiln: {}/{} examples ({:.0}s)",
@@ -359,10 +390,11 @@ fn evaluate(
     let total = examples.len() as f64;
     println!(
         "| model | {} |",
-        if metric == Metric::ExactMatch {
-            "exact match"
-        } else {
-            "contains"
+        match metric {
+            Metric::ExactMatch => "exact match",
+            Metric::Contains => "contains",
+            Metric::LastNumber => "last number",
+            Metric::Choice => "choice",
         }
     );
     println!("|---|---|");

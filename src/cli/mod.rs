@@ -39,7 +39,7 @@ enum Command {
     Translate(translate::TranslateArgs),
     /// Generate with an ensemble of models (DeePEn, GaC or UniTE).
     #[command(long_about = ensemble::LONG_ABOUT)]
-    Ensemble(ensemble::EnsembleArgs),
+    Ensemble(Box<ensemble::EnsembleArgs>),
     /// Anchor-based attention (AnLLM): train, evaluate.
     #[command(long_about = anchor::LONG_ABOUT)]
     Anchor(anchor::AnchorArgs),
@@ -58,7 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Translate(args) => translate::run(args),
-        Command::Ensemble(args) => ensemble::run(args),
+        Command::Ensemble(args) => ensemble::run(*args),
         Command::Anchor(args) => anchor::run(args),
         Command::Distill(args) => distill::run(args),
         Command::Serve(args) => serve::run(args),

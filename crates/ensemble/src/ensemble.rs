@@ -159,6 +159,11 @@ pub struct EnsembleGenerationConfig {
     /// DeePEn: when the main model's own argmax is its EOS, take the main model's scores for
     /// that step (the reference's rule; default on).
     pub main_eos_fallback: bool,
+    /// Multiple choice, as the reference's processor for MMLU/ARC/PIQA: when not empty, one
+    /// token is generated, the choice (e.g. `" A"`, `" B"`, ...; each one token of the
+    /// vocabulary) whose token scores highest in the step's logits (DeePEn's searched ones, with
+    /// no EOS fallback, or a member's own). DeePEn and single members only.
+    pub choices: Vec<String>,
 }
 
 impl Default for EnsembleGenerationConfig {
@@ -168,6 +173,7 @@ impl Default for EnsembleGenerationConfig {
             sampling: SamplingConfig::greedy(),
             stop_strings: Vec::new(),
             main_eos_fallback: true,
+            choices: Vec::new(),
         }
     }
 }
@@ -193,6 +199,37 @@ impl EnsembleGenerationConfig {
         self.main_eos_fallback = on;
         self
     }
+    /// Sets [`choices`](Self::choices).
+    pub fn with_choices(mut self, choices: Vec<String>) -> Self {
+        self.choices = choices;
+        self
+    }
+}
+
+/// The ids of `choices` in `vocab` (each must be one token there).
+fn choice_ids(vocab: &Vocab, choices: &[String], member: &str) -> Result<Vec<u32>> {
+    choices
+        .iter()
+        .map(|c| {
+            vocab.id_of(c.as_bytes()).ok_or_else(|| {
+                EnsembleError::arg(
+                    "choices",
+                    format!("{c:?} is not one token of `{member}`'s vocabulary"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The id among `ids` with the highest score.
+fn best_choice(logits: &[f32], ids: &[u32]) -> u32 {
+    let mut best = ids[0];
+    for &id in &ids[1..] {
+        if logits[id as usize] > logits[best as usize] {
+            best = id;
+        }
+    }
+    best
 }
 
 /// What an ensemble (or one member alone) generated.
@@ -465,7 +502,26 @@ impl<B: Backend> Ensemble<B> {
         let mut text_bytes: Vec<u8> = Vec::new();
         let mut chosen: Vec<u32> = Vec::new();
         let mut finish = FinishReason::Length;
-        for _ in 0..config.max_new_tokens {
+        let choices = if config.choices.is_empty() {
+            None
+        } else if self.config.method != Method::Deepen {
+            return Err(EnsembleError::arg(
+                "choices",
+                "multiple choice is DeePEn's protocol (and single members'); not GaC or UniTE",
+            ));
+        } else {
+            Some(choice_ids(
+                &self.vocabs[0],
+                &config.choices,
+                self.members[0].name(),
+            )?)
+        };
+        let steps = if choices.is_some() {
+            1
+        } else {
+            config.max_new_tokens
+        };
+        for _ in 0..steps {
             if self
                 .members
                 .iter()
@@ -488,7 +544,12 @@ impl<B: Backend> Ensemble<B> {
                             .into_scalar()
                             .elem::<i64>() as u32
                     };
-                    if config.main_eos_fallback && eos.contains(&main_argmax()) {
+                    if let Some(ids) = &choices {
+                        let logits: Vec<Tensor<B, 1>> =
+                            tracks.iter().map(|t| t.logits.clone()).collect();
+                        let combined = host_vec(self.deepen_logits(&logits)?, "logits")?;
+                        Choice::Main(best_choice(&combined, ids))
+                    } else if config.main_eos_fallback && eos.contains(&main_argmax()) {
                         let mut main = host_vec(tracks[0].logits.clone(), "logits")?;
                         Choice::Main(sampler.sample(&mut main, &chosen))
                     } else {
@@ -579,16 +640,29 @@ impl<B: Backend> Ensemble<B> {
         let vocab = &self.vocabs[index];
         let mut sampler = Sampler::new(config.sampling.clone())?;
         let eos = member.eos_token_ids();
+        let choices = if config.choices.is_empty() {
+            None
+        } else {
+            Some(choice_ids(vocab, &config.choices, member.name())?)
+        };
+        let steps = if choices.is_some() {
+            1
+        } else {
+            config.max_new_tokens
+        };
         let mut logits = member.start(prompt)?;
         let mut text_bytes = Vec::new();
         let mut tokens = Vec::new();
         let mut finish = FinishReason::Length;
-        for _ in 0..config.max_new_tokens {
+        for _ in 0..steps {
             if member.prompt_len() + tokens.len() + 1 > member.max_context() {
                 break;
             }
             let mut host = host_vec(logits, "logits")?;
-            let id = sampler.sample(&mut host, &tokens);
+            let id = match &choices {
+                Some(ids) => best_choice(&host, ids),
+                None => sampler.sample(&mut host, &tokens),
+            };
             tokens.push(id);
             if eos.contains(&id) {
                 finish = FinishReason::Eos;

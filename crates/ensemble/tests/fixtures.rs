@@ -392,3 +392,58 @@ fn prompt_ids_equal_the_text_prompt() {
     assert_eq!(by_ids.tokens, by_text.tokens);
     assert_eq!(by_ids.text, by_text.text);
 }
+
+/// Multiple choice (the reference's MMLU/ARC/PIQA protocol): one token, the choice whose logit
+/// is highest. A member alone picks what HF's logits for the same prompt pick among the choices
+/// (llama3-gqa's reference.safetensors); DeePEn picks one of the choices; GaC refuses.
+#[test]
+fn choices_pick_the_highest_scoring_option() {
+    let choices: Vec<String> = [" the", " a", " of", " and", " to", " in"]
+        .map(String::from)
+        .to_vec();
+    let dir = fixture("llama3-gqa");
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = st.tensor("prefill_logits").unwrap();
+    let [seq, vocab] = [view.shape()[0], view.shape()[1]];
+    let logits: Vec<f32> = view.data()[(seq - 1) * vocab * 4..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let ids: Vec<u32> = choices
+        .iter()
+        .map(|c| tokenizer.token_to_id(&c.replace(' ', "Ġ")).unwrap())
+        .collect();
+    let best = *ids
+        .iter()
+        .max_by(|a, b| logits[**a as usize].total_cmp(&logits[**b as usize]))
+        .unwrap();
+    // The unrestricted argmax is not among the choices, so the restriction is what decides.
+    assert!(!ids.contains(&(kiln_core::sampling::argmax(&logits))));
+
+    let prompt = "The robot walked into the library";
+    let config = greedy(8).with_choices(choices.clone());
+    let mut ensemble = Ensemble::new(
+        vec![llama("llama3-gqa"), llama("llama2-mha")],
+        EnsembleConfig::default(),
+    )
+    .unwrap();
+    let alone = ensemble.generate_member(0, prompt, &config).unwrap();
+    assert_eq!(alone.tokens, vec![best]);
+    let out = ensemble.generate(&[prompt], &config).unwrap();
+    assert_eq!(out.tokens.len(), 1);
+    assert!(choices.contains(&out.text), "{:?}", out.text);
+
+    let mut gac = Ensemble::new(
+        vec![llama("llama3-gqa"), llama("llama2-mha")],
+        EnsembleConfig::default().with_method(Method::Gac),
+    )
+    .unwrap();
+    let err = gac.generate(&[prompt], &config).unwrap_err();
+    assert!(err.to_string().contains("choices"), "{err}");
+    let err = ensemble
+        .generate(&[prompt], &greedy(8).with_choices(vec![" zzqx".into()]))
+        .unwrap_err();
+    assert!(err.to_string().contains("zzqx"), "{err}");
+}
