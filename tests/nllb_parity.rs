@@ -64,6 +64,13 @@ fn encoder_and_teacher_forced_logits() {
     println!("{NAME}: teacher-forced logits max |Δ| = {diff:e}");
     assert!(diff <= TOL, "decoder logits differ by {diff}");
 
+    // The open pieces compose to the same logits: `decode_hidden` is what HF's head receives.
+    let mut cache = model.new_decoder_cache(&encoded);
+    let hidden = model.decode_hidden(tokens(&dec_in, 1), &mut cache);
+    assert_eq!(hidden.dims(), [1, dec_in.len(), model.config().d_model]);
+    let diff = max_abs_diff(&host(model.logits(hidden)), &expected_logits);
+    assert!(diff <= TOL, "logits(decode_hidden) differ by {diff}");
+
     let mut cache = model.new_decoder_cache(&encoded);
     for (i, expected) in expected_logits.chunks_exact(vocab).enumerate() {
         let step = host(model.decode_step(tokens(&dec_in[i..i + 1], 1), &mut cache));

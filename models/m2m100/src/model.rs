@@ -352,6 +352,62 @@ impl<B: Backend> M2M100<B> {
         load_packed(config.init(device), weights, device, options)
     }
 
+    /// The decoder over `tokens` (appended to `cache`, as [`Seq2SeqLm::decode_step`]): its final
+    /// hidden states `[batch, new, d_model]` after the last layer norm, HF's
+    /// `decoder_hidden_states[-1]`, what [`logits`](Self::logits) takes.
+    pub fn decode_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut DecoderCache<B>,
+    ) -> Tensor<B, 3> {
+        let [_, new] = tokens.dims();
+        let device = tokens.device();
+        let past = cache.seen;
+        let total = past + new;
+        let causal = (new > 1).then(|| {
+            let hidden: Vec<bool> = (0..new)
+                .flat_map(|q| (0..total).map(move |k| k > past + q))
+                .collect();
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [1, 1, new, total]), &device)
+        });
+        let mut x = self.embed(tokens, past);
+        for ((layer, kv), (ck, cv)) in self
+            .model
+            .decoder
+            .layers
+            .iter()
+            .zip(cache.self_attn.iter_mut())
+            .zip(cache.cross.iter())
+        {
+            let h = layer.self_attn_layer_norm.forward(x.clone());
+            let (k, v) = layer.self_attn.key_values(h.clone());
+            let (k, v) = kv.update(k, v, usize::MAX);
+            x = x + layer.self_attn.attend(h, k, v, causal.as_ref());
+            let h = layer.encoder_attn_layer_norm.forward(x.clone());
+            x = x + layer.encoder_attn.attend(
+                h,
+                ck.clone(),
+                cv.clone(),
+                cache.encoder_mask.as_ref(),
+            );
+            let h = layer.final_layer_norm.forward(x.clone());
+            x = x + layer
+                .fc2
+                .forward(activate(layer.activation, layer.fc1.forward(h)));
+        }
+        cache.seen = total;
+        self.model.decoder.layer_norm.forward(x)
+    }
+
+    /// Logits `[batch, new, vocab]` of decoder hidden states (the LM head, or the tied
+    /// embeddings).
+    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => self.model.shared.lm_head(x),
+        }
+    }
+
     /// The model's config.
     pub fn config(&self) -> &M2M100Config {
         &self.config
@@ -442,47 +498,8 @@ impl<B: Backend> Seq2SeqLm<B> for M2M100<B> {
     }
 
     fn decode_step(&self, tokens: Tensor<B, 2, Int>, cache: &mut DecoderCache<B>) -> Tensor<B, 3> {
-        let [_, new] = tokens.dims();
-        let device = tokens.device();
-        let past = cache.seen;
-        let total = past + new;
-        let causal = (new > 1).then(|| {
-            let hidden: Vec<bool> = (0..new)
-                .flat_map(|q| (0..total).map(move |k| k > past + q))
-                .collect();
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [1, 1, new, total]), &device)
-        });
-        let mut x = self.embed(tokens, past);
-        for ((layer, kv), (ck, cv)) in self
-            .model
-            .decoder
-            .layers
-            .iter()
-            .zip(cache.self_attn.iter_mut())
-            .zip(cache.cross.iter())
-        {
-            let h = layer.self_attn_layer_norm.forward(x.clone());
-            let (k, v) = layer.self_attn.key_values(h.clone());
-            let (k, v) = kv.update(k, v, usize::MAX);
-            x = x + layer.self_attn.attend(h, k, v, causal.as_ref());
-            let h = layer.encoder_attn_layer_norm.forward(x.clone());
-            x = x + layer.encoder_attn.attend(
-                h,
-                ck.clone(),
-                cv.clone(),
-                cache.encoder_mask.as_ref(),
-            );
-            let h = layer.final_layer_norm.forward(x.clone());
-            x = x + layer
-                .fc2
-                .forward(activate(layer.activation, layer.fc1.forward(h)));
-        }
-        cache.seen = total;
-        let x = self.model.decoder.layer_norm.forward(x);
-        match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => self.model.shared.lm_head(x),
-        }
+        let hidden = self.decode_hidden(tokens, cache);
+        self.logits(hidden)
     }
 
     fn reorder_cache(&self, cache: &mut DecoderCache<B>, indices: Tensor<B, 1, Int>) {

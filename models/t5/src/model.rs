@@ -448,7 +448,66 @@ impl<B: Backend> T5<B> {
         save_hf_folder(self, dir, &config.to_hf_json(), &generation)
     }
 
-    fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// The decoder over `tokens` (appended to `cache`, as [`Seq2SeqLm::decode_step`]): its final
+    /// hidden states `[batch, new, d_model]`, HF's `decoder_hidden_states[-1]` (T5Model's
+    /// `last_hidden_state`), what [`logits`](Self::logits) takes.
+    pub fn decode_hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut DecoderCache<B>,
+    ) -> Tensor<B, 3> {
+        let [_, new] = tokens.dims();
+        let device = tokens.device();
+        let past = cache.seen;
+        let total = past + new;
+        let bias = self
+            .decoder
+            .first_attention()
+            .compute_bias(past, new, total, false, &device);
+        let causal = (new > 1).then(|| {
+            let hidden: Vec<bool> = (0..new)
+                .flat_map(|q| (0..total).map(move |k| k > past + q))
+                .collect();
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [1, 1, new, total]), &device)
+        });
+        let d = &self.dropout;
+        let mut x = d.forward(self.shared.forward(tokens));
+        for ((block, kv), (ck, cv)) in self
+            .decoder
+            .block
+            .iter()
+            .zip(cache.self_attn.iter_mut())
+            .zip(cache.cross.iter())
+        {
+            let sa = &block.layer[0];
+            let attn = sa.SelfAttention.as_ref().expect("self-attention");
+            let h = sa.layer_norm.forward(x.clone());
+            let (k, v) = attn.key_values(h.clone());
+            let (k, v) = kv.update(k, v, usize::MAX);
+            x = x + d.forward(attn.attend(h, k, v, causal.as_ref(), bias.clone(), d));
+
+            let ca = &block.layer[1];
+            let attn = ca.EncDecAttention.as_ref().expect("cross-attention");
+            let h = ca.layer_norm.forward(x.clone());
+            let mask = cache.encoder_mask.as_ref();
+            x = x + d.forward(attn.attend(h, ck.clone(), cv.clone(), mask, None, d));
+
+            let ff = &block.layer[2];
+            let h = ff.layer_norm.forward(x.clone());
+            x = x + d.forward(
+                ff.DenseReluDense
+                    .as_ref()
+                    .expect("feed-forward")
+                    .forward(h, d),
+            );
+        }
+        cache.seen = total;
+        d.forward(self.decoder.final_layer_norm.forward(x))
+    }
+
+    /// Logits `[batch, new, vocab]` of decoder hidden states (the tied-head scaling when the
+    /// checkpoint has it, then the LM head or the tied embeddings).
+    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = if self.config.scale_decoder_outputs {
             x * (self.config.d_model as f64).powf(-0.5)
         } else {
@@ -521,53 +580,8 @@ impl<B: Backend> Seq2SeqLm<B> for T5<B> {
     }
 
     fn decode_step(&self, tokens: Tensor<B, 2, Int>, cache: &mut DecoderCache<B>) -> Tensor<B, 3> {
-        let [_, new] = tokens.dims();
-        let device = tokens.device();
-        let past = cache.seen;
-        let total = past + new;
-        let bias = self
-            .decoder
-            .first_attention()
-            .compute_bias(past, new, total, false, &device);
-        let causal = (new > 1).then(|| {
-            let hidden: Vec<bool> = (0..new)
-                .flat_map(|q| (0..total).map(move |k| k > past + q))
-                .collect();
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [1, 1, new, total]), &device)
-        });
-        let d = &self.dropout;
-        let mut x = d.forward(self.shared.forward(tokens));
-        for ((block, kv), (ck, cv)) in self
-            .decoder
-            .block
-            .iter()
-            .zip(cache.self_attn.iter_mut())
-            .zip(cache.cross.iter())
-        {
-            let sa = &block.layer[0];
-            let attn = sa.SelfAttention.as_ref().expect("self-attention");
-            let h = sa.layer_norm.forward(x.clone());
-            let (k, v) = attn.key_values(h.clone());
-            let (k, v) = kv.update(k, v, usize::MAX);
-            x = x + d.forward(attn.attend(h, k, v, causal.as_ref(), bias.clone(), d));
-
-            let ca = &block.layer[1];
-            let attn = ca.EncDecAttention.as_ref().expect("cross-attention");
-            let h = ca.layer_norm.forward(x.clone());
-            let mask = cache.encoder_mask.as_ref();
-            x = x + d.forward(attn.attend(h, ck.clone(), cv.clone(), mask, None, d));
-
-            let ff = &block.layer[2];
-            let h = ff.layer_norm.forward(x.clone());
-            x = x + d.forward(
-                ff.DenseReluDense
-                    .as_ref()
-                    .expect("feed-forward")
-                    .forward(h, d),
-            );
-        }
-        cache.seen = total;
-        self.logits(d.forward(self.decoder.final_layer_norm.forward(x)))
+        let hidden = self.decode_hidden(tokens, cache);
+        self.logits(hidden)
     }
 
     fn reorder_cache(&self, cache: &mut DecoderCache<B>, indices: Tensor<B, 1, Int>) {
