@@ -425,3 +425,44 @@ fn stream_break_cancels_only_its_row() {
         assert_ne!(out[row].finish, FinishReason::Cancelled);
     }
 }
+
+/// `generate_tokens` reports every token of every row in order: the ids are HF's greedy ids of
+/// the left-padded batch, each row's text pieces join to the decoded ids (decoding is pinned
+/// to `tokenizers` by text_parity), and a `false` after row 0's fourth token ends only row 0.
+#[test]
+fn token_events_are_hf_greedy_ids_with_their_text() {
+    use kiln::core::{FinishReason, Tokenizer, generate_tokens};
+    let name = "llama3-gqa";
+    let reference = Reference::load(name);
+    let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+    let tokenizer = Tokenizer::from_dir(&fixture(name)).unwrap();
+    let (shape, ids) = reference.ids("batch_input_ids");
+    let (_, mask) = reference.ids("batch_attention_mask");
+    let (gshape, greedy) = reference.ids("batch_greedy_ids");
+    let (batch, width, steps) = (shape[0], shape[1], gshape[1]);
+    let prompts: Vec<Vec<u32>> = ids
+        .chunks_exact(width)
+        .zip(mask.chunks_exact(width))
+        .map(|(row, m)| row[m.iter().filter(|&&x| x == 0).count()..].to_vec())
+        .collect();
+    let hf = |row: usize| &greedy[row * steps..(row + 1) * steps];
+    let config = GenerationConfig::default().with_max_new_tokens(steps);
+    let mut seen: Vec<Vec<u32>> = vec![Vec::new(); batch];
+    let mut text = vec![String::new(); batch];
+    let out = generate_tokens(&model, &prompts, &config, Some(&tokenizer), |e| {
+        if let Some(id) = e.id {
+            seen[e.row].push(id);
+        }
+        text[e.row].push_str(e.text);
+        !(e.row == 0 && seen[0].len() == 4)
+    })
+    .unwrap();
+    assert_eq!(seen[0], hf(0)[..4]);
+    assert_eq!(out[0].finish, FinishReason::Cancelled);
+    for row in 1..batch {
+        assert_eq!(seen[row], hf(row), "row {row}");
+        assert_eq!(out[row].tokens, hf(row), "row {row}");
+        let decoded = tokenizer.decode(hf(row), true).unwrap();
+        assert_eq!(text[row], decoded, "row {row}");
+    }
+}

@@ -165,8 +165,8 @@ pub enum FinishReason {
 }
 
 /// What a streaming callback returns: `()` to go on (so `|_, piece| print!("{piece}")` is a
-/// callback), or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` ends that sequence
-/// after the token it saw, with [`FinishReason::Cancelled`].
+/// callback), or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` (or a `bool`, `false`)
+/// ends that sequence after the token it saw, with [`FinishReason::Cancelled`].
 ///
 /// ```
 /// use std::ops::ControlFlow;
@@ -182,6 +182,13 @@ pub trait StreamControl {
 impl StreamControl for () {
     fn proceed(self) -> bool {
         true
+    }
+}
+
+/// `true` goes on, `false` stops.
+impl StreamControl for bool {
+    fn proceed(self) -> bool {
+        self
     }
 }
 
@@ -302,13 +309,40 @@ impl Generation {
 /// `on_text(row, piece)` receives each row's text as it is produced (needs `tokenizer`); it
 /// returns `()`, or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` ends that row
 /// ([`StreamControl`]). Each row stops on its own; a batch gives the same tokens as running the
-/// rows one by one.
+/// rows one by one. [`generate_tokens`] reports every token id as well.
 pub fn generate<B: Backend, M: CausalLm<B>, R: StreamControl>(
     model: &M,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
     tokenizer: Option<&Tokenizer>,
     mut on_text: impl FnMut(usize, &str) -> R,
+) -> Result<Vec<Generation>> {
+    generate_tokens(model, prompts, config, tokenizer, |event| {
+        event.text.is_empty() || on_text(event.row, event.text).proceed()
+    })
+}
+
+/// One step of one row in [`generate_tokens`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenEvent<'a> {
+    /// The prompt's row in the batch.
+    pub row: usize,
+    /// The token chosen (an EOS that ends the row included); `None` for the last event of a row
+    /// whose text was held back at the end (an incomplete character).
+    pub id: Option<u32>,
+    /// The text this token makes final (needs a tokenizer): empty while a character or a
+    /// possible stop string is incomplete, and cut before a stop string.
+    pub text: &'a str,
+}
+
+/// [`generate`] with a callback for every token: its id and the text it makes final
+/// ([`TokenEvent`]), in the order chosen. A `Break` (or `false`) ends that row after the token.
+pub fn generate_tokens<B: Backend, M: CausalLm<B>, R: StreamControl>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    mut on_token: impl FnMut(TokenEvent<'_>) -> R,
 ) -> Result<Vec<Generation>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
@@ -369,10 +403,22 @@ pub fn generate<B: Backend, M: CausalLm<B>, R: StreamControl>(
             let token = samplers[row].sample(row_logits, &contexts[row]);
             contexts[row].push(token);
             next.push(token as i64);
-            done[row] =
+            let mut text = String::new();
+            let finished =
                 outputs[row].accept(token, config, tokenizer, &mut streams[row], |piece| {
-                    on_text(row, piece).proceed()
+                    text.push_str(piece);
+                    true
                 })?;
+            let go_on = on_token(TokenEvent {
+                row,
+                id: Some(token),
+                text: &text,
+            })
+            .proceed();
+            if !finished && !go_on {
+                outputs[row].finish = FinishReason::Cancelled;
+            }
+            done[row] = finished || !go_on;
         }
         if done.iter().all(|&d| d) {
             break;
@@ -382,7 +428,11 @@ pub fn generate<B: Backend, M: CausalLm<B>, R: StreamControl>(
     if let Some(tokenizer) = tokenizer {
         for (row, out) in outputs.iter_mut().enumerate() {
             out.flush(tokenizer, &mut streams[row], |rest| {
-                let _ = on_text(row, rest);
+                let _ = on_token(TokenEvent {
+                    row,
+                    id: None,
+                    text: rest,
+                });
             })?;
         }
     }

@@ -60,6 +60,9 @@ mod tokenizer_class;
 pub use chat::ChatSession;
 pub use chat_template::{ChatTemplate, ChatTemplateInputs, TemplateLimits};
 pub use error::{Error, Result, panic_message};
-pub use generate::{CausalLm, FinishReason, Generation, GenerationConfig, StreamControl, generate};
+pub use generate::{
+    CausalLm, FinishReason, Generation, GenerationConfig, StreamControl, TokenEvent, generate,
+    generate_tokens,
+};
 pub use sampling::{Sampler, SamplingConfig};
 pub use tokenizer::{Message, TokenStream, Tokenizer};
