@@ -290,9 +290,18 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
     let owned = member_prompts(kinds.as_slice(), &args.templates, &prompt, &source)?;
     let prompts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let start = Instant::now();
+    // Plain output streams as it is generated; --json prints one object at the end.
+    let mut streamed = false;
     let out = match &args.prompt_ids {
         Some(ids) => ensemble.generate_from_ids(ids, &generation)?,
-        None => ensemble.generate(&prompts, &generation)?,
+        None if args.json => ensemble.generate(&prompts, &generation)?,
+        None => {
+            streamed = true;
+            ensemble.generate_streaming(&prompts, &generation, |piece| {
+                print!("{piece}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            })?
+        }
     };
     let elapsed = start.elapsed().as_secs_f64();
     if args.json {
@@ -306,6 +315,8 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
                 "finish_reason": out.finish,
             })
         );
+    } else if streamed {
+        println!();
     } else {
         println!("{}", out.text);
     }

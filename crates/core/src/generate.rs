@@ -471,8 +471,8 @@ pub(crate) fn check_prompt(
 }
 
 /// Length of the longest end of `text` that is a proper prefix of a stop string (so may still
-/// become one), on a character boundary.
-pub(crate) fn partial_stop_len(text: &str, stops: &[String]) -> usize {
+/// become one), on a character boundary: what a stream holds back.
+pub fn partial_stop_len(text: &str, stops: &[String]) -> usize {
     stops
         .iter()
         .filter_map(|stop| {

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
-use kiln_core::{FinishReason, Sampler, SamplingConfig};
+use kiln_core::generate::partial_stop_len;
+use kiln_core::{FinishReason, Sampler, SamplingConfig, StreamControl};
 
 use crate::error::{EnsembleError, Result};
 use crate::member::Member;
@@ -445,6 +446,19 @@ impl<B: Backend> Ensemble<B> {
         prompts: &[&str],
         config: &EnsembleGenerationConfig,
     ) -> Result<EnsembleOutput> {
+        self.generate_streaming(prompts, config, |_| ())
+    }
+
+    /// [`generate`](Self::generate), passing the text to `on_text` as it becomes final (whole
+    /// characters; a possible stop string held back until it cannot match). Like
+    /// `kiln_core::generate`'s callback it returns `()` or a `ControlFlow`; `Break` ends the
+    /// generation after that piece ([`FinishReason::Cancelled`]).
+    pub fn generate_streaming<R: StreamControl>(
+        &mut self,
+        prompts: &[&str],
+        config: &EnsembleGenerationConfig,
+        mut on_text: impl FnMut(&str) -> R,
+    ) -> Result<EnsembleOutput> {
         let n = self.members.len();
         let prompts: Vec<&str> = match prompts.len() {
             1 => vec![prompts[0]; n],
@@ -463,7 +477,7 @@ impl<B: Backend> Ensemble<B> {
         for (member, prompt) in self.members.iter_mut().zip(&prompts) {
             tracks.push(Track::new(member.start(prompt)?));
         }
-        self.decode(tracks, config)
+        self.decode(tracks, config, &mut |piece| on_text(piece).proceed())
     }
 
     /// [`generate`](Self::generate) from the main model's prompt token ids (as `kiln generate
@@ -488,7 +502,7 @@ impl<B: Backend> Ensemble<B> {
             };
             tracks.push(Track::new(logits));
         }
-        self.decode(tracks, config)
+        self.decode(tracks, config, &mut |_| true)
     }
 
     /// The generation loop shared by the text and the id entry points.
@@ -496,7 +510,9 @@ impl<B: Backend> Ensemble<B> {
         &mut self,
         mut tracks: Vec<Track<B>>,
         config: &EnsembleGenerationConfig,
+        on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<EnsembleOutput> {
+        let mut streamed = 0;
         let mut sampler = Sampler::new(config.sampling.clone())?;
         let eos = self.members[0].eos_token_ids();
         let mut text_bytes: Vec<u8> = Vec::new();
@@ -607,6 +623,26 @@ impl<B: Backend> Ensemble<B> {
                     finish = FinishReason::Stop;
                     break;
                 }
+            }
+            // Stream whole characters, holding back what may still become a stop string.
+            let valid = match std::str::from_utf8(&text_bytes) {
+                Ok(text) => text,
+                Err(e) => std::str::from_utf8(&text_bytes[..e.valid_up_to()]).unwrap_or_default(),
+            };
+            let safe = valid.len() - partial_stop_len(valid, &config.stop_strings);
+            if safe > streamed {
+                let go_on = on_text(&valid[streamed..safe]);
+                streamed = safe;
+                if !go_on {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+        }
+        if finish != FinishReason::Cancelled {
+            let text = String::from_utf8_lossy(&text_bytes);
+            if text.len() > streamed {
+                on_text(&text[streamed..]);
             }
         }
         let tokens = match self.config.method {

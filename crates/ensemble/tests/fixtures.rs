@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use burn::backend::{Flex, NdArray};
 use kiln_core::seq2seq::Seq2SeqLm;
-use kiln_core::{GenerationConfig, Tokenizer, generate};
+use kiln_core::{FinishReason, GenerationConfig, Tokenizer, generate};
 use kiln_ensemble::{
     AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleError, EnsembleGenerationConfig,
     EnsembleOutput, Member, Method, RelativeConfig, Seq2SeqMember, Vocab, find_anchors,
@@ -446,4 +446,69 @@ fn choices_pick_the_highest_scoring_option() {
         .generate(&[prompt], &greedy(8).with_choices(vec![" zzqx".into()]))
         .unwrap_err();
     assert!(err.to_string().contains("zzqx"), "{err}");
+}
+
+/// `generate_streaming`: a model ensembled with itself streams, piece by piece, the text
+/// `kiln_core::generate` streams for it alone (pinned to HF by llama_parity); a stop string is
+/// never streamed; `Break` ends it after the piece it saw.
+#[test]
+fn streaming_matches_the_single_model_stream() {
+    use std::ops::ControlFlow;
+    let dir = fixture("llama3-gqa");
+    let model = Llama::<B>::from_pretrained(&dir, &Default::default()).unwrap();
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let prompt = tokenizer.encode(PROMPT, true).unwrap();
+    let mut alone = String::new();
+    let config = GenerationConfig::default().with_max_new_tokens(12);
+    generate(&model, &[prompt], &config, Some(&tokenizer), |_, p| {
+        alone.push_str(p)
+    })
+    .unwrap();
+    assert!(!alone.is_empty());
+
+    let mut ensemble = Ensemble::new(
+        vec![llama("llama3-gqa"), llama("llama3-gqa")],
+        EnsembleConfig::default(),
+    )
+    .unwrap();
+    let mut pieces = Vec::new();
+    let out = ensemble
+        .generate_streaming(&[PROMPT], &greedy(12), |p| pieces.push(p.to_string()))
+        .unwrap();
+    assert!(pieces.len() > 1, "{pieces:?}");
+    assert_eq!(pieces.concat(), out.text);
+    assert_eq!(out.text, alone);
+
+    // A stop string taken from the middle of the text: the stream ends before it.
+    let stop: String = alone
+        .chars()
+        .skip(alone.chars().count() / 2)
+        .take(3)
+        .collect();
+    let mut streamed = String::new();
+    let out = ensemble
+        .generate_streaming(
+            &[PROMPT],
+            &greedy(12).with_stop_strings(vec![stop.clone()]),
+            |p| streamed.push_str(p),
+        )
+        .unwrap();
+    assert_eq!(out.finish, FinishReason::Stop);
+    assert_eq!(streamed, out.text);
+    assert!(alone.starts_with(&streamed) && !streamed.contains(&stop));
+
+    let mut seen = 0;
+    let out = ensemble
+        .generate_streaming(&[PROMPT], &greedy(12), |_| {
+            seen += 1;
+            if seen == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(seen, 2);
+    assert_eq!(out.finish, FinishReason::Cancelled);
+    assert!(out.tokens.len() < 12);
 }
