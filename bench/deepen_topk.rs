@@ -166,38 +166,20 @@ fn main() -> Result<()> {
         .positions
         .min(tokens.len().saturating_sub(args.short + 1));
     let start = tokens.len() - n;
-    let logits_at = |context: &[u32]| -> Vec<f32> {
+    // Logits after `context`: the last position's, or every position's with `all`.
+    let logits_at = |context: &[u32], all: bool| -> Vec<f32> {
         let mut cache = model.new_cache(vec![0]);
-        let t = Tensor::<Backend, 2, Int>::from_data(
-            TensorData::new(
-                context.iter().map(|&t| t as i64).collect(),
-                [1, context.len()],
-            ),
-            &dev,
-        );
+        let ids = context.iter().map(|&t| t as i64).collect();
+        let t =
+            Tensor::<Backend, 2, Int>::from_data(TensorData::new(ids, [1, context.len()]), &dev);
         model
-            .forward(t, &mut cache, false)
+            .forward(t, &mut cache, all)
             .into_data()
             .convert::<f32>()
             .into_vec()
             .unwrap()
     };
-    let full = {
-        let mut cache = model.new_cache(vec![0]);
-        let t = Tensor::<Backend, 2, Int>::from_data(
-            TensorData::new(
-                tokens.iter().map(|&t| t as i64).collect(),
-                [1, tokens.len()],
-            ),
-            &dev,
-        );
-        model
-            .forward(t, &mut cache, true)
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .unwrap()
-    };
+    let full = logits_at(&tokens, true);
     let sparse: Vec<RelativeMatrix<Backend>> = args
         .search_ks
         .iter()
@@ -214,7 +196,7 @@ fn main() -> Result<()> {
     for pos in start..tokens.len() {
         // Logits for the token after `pos`: the full context, and the last `short` tokens.
         let main = full[(pos - 1) * vocab..pos * vocab].to_vec();
-        let weak = logits_at(&tokens[pos - args.short..pos]);
+        let weak = logits_at(&tokens[pos - args.short..pos], false);
         let members = |m: &RelativeMatrix<Backend>| {
             let l = [main.clone(), weak.clone()]
                 .map(|l| Tensor::<Backend, 1>::from_data(TensorData::new(l, [vocab]), &dev));

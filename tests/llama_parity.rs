@@ -383,6 +383,21 @@ fn generation_config_for_model_takes_eos_and_pad_from_the_config() {
 /// left-padded batch, row 1 stops at its third streamed piece with `FinishReason::Cancelled`
 /// and HF's first greedy tokens, and no piece of it is streamed after the break; the other
 /// rows go on to HF's whole greedy continuation.
+
+/// The reference's left-padded batch as unpadded prompts, HF's greedy ids (row after row) and
+/// the steps per row.
+fn batch_prompts(reference: &Reference) -> (Vec<Vec<u32>>, Vec<u32>, usize) {
+    let (shape, ids) = reference.ids("batch_input_ids");
+    let (_, mask) = reference.ids("batch_attention_mask");
+    let (gshape, greedy) = reference.ids("batch_greedy_ids");
+    let width = shape[1];
+    let prompts = ids
+        .chunks_exact(width)
+        .zip(mask.chunks_exact(width))
+        .map(|(row, m)| row[m.iter().filter(|&&x| x == 0).count()..].to_vec())
+        .collect();
+    (prompts, greedy, gshape[1])
+}
 #[test]
 fn stream_break_cancels_only_its_row() {
     use kiln::core::{FinishReason, Tokenizer};
@@ -391,15 +406,8 @@ fn stream_break_cancels_only_its_row() {
     let reference = Reference::load(name);
     let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
     let tokenizer = Tokenizer::from_dir(&fixture(name)).unwrap();
-    let (shape, ids) = reference.ids("batch_input_ids");
-    let (_, mask) = reference.ids("batch_attention_mask");
-    let (gshape, greedy) = reference.ids("batch_greedy_ids");
-    let (batch, width, steps) = (shape[0], shape[1], gshape[1]);
-    let prompts: Vec<Vec<u32>> = ids
-        .chunks_exact(width)
-        .zip(mask.chunks_exact(width))
-        .map(|(row, m)| row[m.iter().filter(|&&x| x == 0).count()..].to_vec())
-        .collect();
+    let (prompts, greedy, steps) = batch_prompts(&reference);
+    let batch = prompts.len();
     let config = GenerationConfig::default().with_max_new_tokens(steps);
     let mut pieces = vec![0usize; batch];
     let out = generate(&model, &prompts, &config, Some(&tokenizer), |row, _| {
@@ -436,15 +444,8 @@ fn token_events_are_hf_greedy_ids_with_their_text() {
     let reference = Reference::load(name);
     let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
     let tokenizer = Tokenizer::from_dir(&fixture(name)).unwrap();
-    let (shape, ids) = reference.ids("batch_input_ids");
-    let (_, mask) = reference.ids("batch_attention_mask");
-    let (gshape, greedy) = reference.ids("batch_greedy_ids");
-    let (batch, width, steps) = (shape[0], shape[1], gshape[1]);
-    let prompts: Vec<Vec<u32>> = ids
-        .chunks_exact(width)
-        .zip(mask.chunks_exact(width))
-        .map(|(row, m)| row[m.iter().filter(|&&x| x == 0).count()..].to_vec())
-        .collect();
+    let (prompts, greedy, steps) = batch_prompts(&reference);
+    let batch = prompts.len();
     let hf = |row: usize| &greedy[row * steps..(row + 1) * steps];
     let config = GenerationConfig::default().with_max_new_tokens(steps);
     let mut seen: Vec<Vec<u32>> = vec![Vec::new(); batch];
