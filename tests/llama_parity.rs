@@ -379,11 +379,6 @@ fn generation_config_for_model_takes_eos_and_pad_from_the_config() {
     }
 }
 
-/// A stream callback that returns `ControlFlow::Break` ends its own row right there: in a
-/// left-padded batch, row 1 stops at its third streamed piece with `FinishReason::Cancelled`
-/// and HF's first greedy tokens, and no piece of it is streamed after the break; the other
-/// rows go on to HF's whole greedy continuation.
-
 /// The reference's left-padded batch as unpadded prompts, HF's greedy ids (row after row) and
 /// the steps per row.
 fn batch_prompts(reference: &Reference) -> (Vec<Vec<u32>>, Vec<u32>, usize) {
@@ -398,6 +393,11 @@ fn batch_prompts(reference: &Reference) -> (Vec<Vec<u32>>, Vec<u32>, usize) {
         .collect();
     (prompts, greedy, gshape[1])
 }
+
+/// A stream callback that returns `ControlFlow::Break` ends its own row right there: in a
+/// left-padded batch, row 1 stops at its third streamed piece with `FinishReason::Cancelled`
+/// and HF's first greedy tokens, and no piece of it is streamed after the break; the other
+/// rows go on to HF's whole greedy continuation.
 #[test]
 fn stream_break_cancels_only_its_row() {
     use kiln::core::{FinishReason, Tokenizer};
