@@ -204,6 +204,22 @@ pub struct Seq2SeqOutput {
 /// padded.
 pub type PaddedBatch<B> = (Tensor<B, 2, Int>, Option<Tensor<B, 2, Bool>>);
 
+/// The self-attention mask of `new` decoder tokens after `past` cached ones,
+/// `[1, 1, new, past + new]` (`true` hides a later key); `None` for one token, which sees all.
+pub fn decoder_causal_mask<B: Backend>(
+    past: usize,
+    new: usize,
+    device: &B::Device,
+) -> Option<Tensor<B, 4, Bool>> {
+    let total = past + new;
+    (new > 1).then(|| {
+        let hidden: Vec<bool> = (0..new)
+            .flat_map(|q| (0..total).map(move |k| k > past + q))
+            .collect();
+        Tensor::from_data(TensorData::new(hidden, [1, 1, new, total]), device)
+    })
+}
+
 /// Right-pads `inputs` with `pad` into `[batch, max_len]` ids and a padding mask (`true` on
 /// padding; `None` when all rows have the same length).
 pub fn pad_batch<B: Backend>(

@@ -14,7 +14,7 @@ use kiln_core::nn::{
     AttentionMask, Embedding, EmbeddingConfig, KvCache, TorchLinear, TorchLinearConfig,
     scaled_dot_product_attention,
 };
-use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
+use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm, decoder_causal_mask};
 
 use crate::{M2M100Activation, M2M100Config};
 
@@ -364,12 +364,7 @@ impl<B: Backend> M2M100<B> {
         let device = tokens.device();
         let past = cache.seen;
         let total = past + new;
-        let causal = (new > 1).then(|| {
-            let hidden: Vec<bool> = (0..new)
-                .flat_map(|q| (0..total).map(move |k| k > past + q))
-                .collect();
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [1, 1, new, total]), &device)
-        });
+        let causal = decoder_causal_mask::<B>(past, new, &device);
         let mut x = self.embed(tokens, past);
         for ((layer, kv), (ck, cv)) in self
             .model

@@ -15,7 +15,7 @@ use kiln_core::nn::{
     AttentionMask, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, TorchLinear,
     TorchLinearConfig, attention_with_dropout,
 };
-use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm};
+use kiln_core::seq2seq::{DecoderCache, EncoderOutput, Seq2SeqLm, decoder_causal_mask};
 
 use crate::{T5Activation, T5Config};
 
@@ -464,12 +464,7 @@ impl<B: Backend> T5<B> {
             .decoder
             .first_attention()
             .compute_bias(past, new, total, false, &device);
-        let causal = (new > 1).then(|| {
-            let hidden: Vec<bool> = (0..new)
-                .flat_map(|q| (0..total).map(move |k| k > past + q))
-                .collect();
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(hidden, [1, 1, new, total]), &device)
-        });
+        let causal = decoder_causal_mask::<B>(past, new, &device);
         let d = &self.dropout;
         let mut x = d.forward(self.shared.forward(tokens));
         for ((block, kv), (ck, cv)) in self
