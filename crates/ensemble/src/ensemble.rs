@@ -207,6 +207,21 @@ impl EnsembleGenerationConfig {
     }
 }
 
+/// Length of `bytes` without an incomplete UTF-8 character at its end; invalid sequences count
+/// as complete (they read as U+FFFD).
+fn complete_utf8_len(bytes: &[u8]) -> usize {
+    let mut start = 0;
+    loop {
+        match std::str::from_utf8(&bytes[start..]) {
+            Ok(_) => return bytes.len(),
+            Err(e) => match e.error_len() {
+                Some(bad) => start += e.valid_up_to() + bad,
+                None => return start + e.valid_up_to(),
+            },
+        }
+    }
+}
+
 /// The ids of `choices` in `vocab` (each must be one token there).
 fn choice_ids(vocab: &Vocab, choices: &[String], member: &str) -> Result<Vec<u32>> {
     choices
@@ -512,7 +527,9 @@ impl<B: Backend> Ensemble<B> {
         config: &EnsembleGenerationConfig,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<EnsembleOutput> {
-        let mut streamed = 0;
+        // Streamed so far: bytes of `text_bytes`, and the length of that text as streamed (an
+        // invalid byte goes out as U+FFFD, as in the final text).
+        let (mut streamed_bytes, mut streamed) = (0, 0);
         let mut sampler = Sampler::new(config.sampling.clone())?;
         let eos = self.members[0].eos_token_ids();
         let mut text_bytes: Vec<u8> = Vec::new();
@@ -624,15 +641,16 @@ impl<B: Backend> Ensemble<B> {
                     break;
                 }
             }
-            // Stream whole characters, holding back what may still become a stop string.
-            let valid = match std::str::from_utf8(&text_bytes) {
-                Ok(text) => text,
-                Err(e) => std::str::from_utf8(&text_bytes[..e.valid_up_to()]).unwrap_or_default(),
-            };
-            let safe = valid.len() - partial_stop_len(valid, &config.stop_strings);
-            if safe > streamed {
-                let go_on = on_text(&valid[streamed..safe]);
-                streamed = safe;
+            // Stream whole characters (an incomplete one at the end waits; invalid bytes go out
+            // as U+FFFD), holding back what may still become a stop string.
+            let fresh = &text_bytes[streamed_bytes..];
+            let piece = String::from_utf8_lossy(&fresh[..complete_utf8_len(fresh)]);
+            let safe = piece.len() - partial_stop_len(&piece, &config.stop_strings);
+            if safe > 0 {
+                let go_on = on_text(&piece[..safe]);
+                // What is held back is whole valid characters, the same bytes in `fresh`.
+                streamed_bytes += complete_utf8_len(fresh) - (piece.len() - safe);
+                streamed += safe;
                 if !go_on {
                     finish = FinishReason::Cancelled;
                     break;

@@ -448,22 +448,22 @@ fn choices_pick_the_highest_scoring_option() {
     assert!(err.to_string().contains("zzqx"), "{err}");
 }
 
-/// `generate_streaming`: a model ensembled with itself streams, piece by piece, the text
-/// `kiln_core::generate` streams for it alone (pinned to HF by llama_parity); a stop string is
-/// never streamed; `Break` ends it after the piece it saw.
+/// `generate_streaming`: a model ensembled with itself streams, piece by piece, HF's greedy
+/// continuation (llama3-gqa's reference ids, decoded); a stop string is never streamed; `Break`
+/// ends it after the piece it saw.
 #[test]
 fn streaming_matches_the_single_model_stream() {
     use std::ops::ControlFlow;
     let dir = fixture("llama3-gqa");
-    let model = Llama::<B>::from_pretrained(&dir, &Default::default()).unwrap();
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
-    let prompt = tokenizer.encode(PROMPT, true).unwrap();
-    let mut alone = String::new();
-    let config = GenerationConfig::default().with_max_new_tokens(12);
-    generate(&model, &[prompt], &config, Some(&tokenizer), |_, p| {
-        alone.push_str(p)
-    })
-    .unwrap();
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let hf: Vec<u32> = st.tensor("greedy_ids").unwrap().data()[..12 * 8]
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
+    let prompt = "The robot walked into the library";
+    let alone = tokenizer.decode(&hf, true).unwrap();
     assert!(!alone.is_empty());
 
     let mut ensemble = Ensemble::new(
@@ -473,11 +473,12 @@ fn streaming_matches_the_single_model_stream() {
     .unwrap();
     let mut pieces = Vec::new();
     let out = ensemble
-        .generate_streaming(&[PROMPT], &greedy(12), |p| pieces.push(p.to_string()))
+        .generate_streaming(&[prompt], &greedy(12), |p| pieces.push(p.to_string()))
         .unwrap();
     assert!(pieces.len() > 1, "{pieces:?}");
     assert_eq!(pieces.concat(), out.text);
     assert_eq!(out.text, alone);
+    assert_eq!(out.tokens, hf);
 
     // A stop string taken from the middle of the text: the stream ends before it.
     let stop: String = alone
@@ -488,7 +489,7 @@ fn streaming_matches_the_single_model_stream() {
     let mut streamed = String::new();
     let out = ensemble
         .generate_streaming(
-            &[PROMPT],
+            &[prompt],
             &greedy(12).with_stop_strings(vec![stop.clone()]),
             |p| streamed.push_str(p),
         )
@@ -499,7 +500,7 @@ fn streaming_matches_the_single_model_stream() {
 
     let mut seen = 0;
     let out = ensemble
-        .generate_streaming(&[PROMPT], &greedy(12), |_| {
+        .generate_streaming(&[prompt], &greedy(12), |_| {
             seen += 1;
             if seen == 2 {
                 ControlFlow::Break(())
