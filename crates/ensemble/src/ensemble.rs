@@ -613,6 +613,10 @@ impl<B: Backend> Ensemble<B> {
             }
             let before = text_bytes.len();
             text_bytes.extend_from_slice(&bytes);
+            if choices.is_some() {
+                // The one multiple-choice token: no member needs to read it.
+                break;
+            }
             for (m, track) in tracks.iter_mut().enumerate() {
                 if let Some(id) = main_id
                     && self.same_as_main[m]
@@ -733,6 +737,9 @@ impl<B: Backend> Ensemble<B> {
             {
                 text_bytes = text[..cut].as_bytes().to_vec();
                 finish = FinishReason::Stop;
+                break;
+            }
+            if choices.is_some() {
                 break;
             }
             logits = member.feed(&[id])?;
