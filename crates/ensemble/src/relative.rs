@@ -464,7 +464,6 @@ impl<B: Backend> RelativeMatrix<B> {
 
 const MAGIC: &[u8; 8] = b"KILNREL1";
 
-/// `x / max(‖x‖₂, eps)` along dim 1.
 /// Each anchor's cross-model consistency, as the reference's optional anchor selection
 /// (`get_anchor_point_list_our`) scores it: in every member, the anchor's row of cosine
 /// similarities with all anchors (of that member's input embeddings `embeddings[m]`); the score is
@@ -557,6 +556,7 @@ pub fn keep_consistent_anchors<B: Backend>(
     })
 }
 
+/// `x / max(‖x‖₂, eps)` along dim 1.
 fn l2_normalize<B: Backend>(x: Tensor<B, 2>, eps: f64) -> Tensor<B, 2> {
     let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(eps);
     x / norm
