@@ -18,10 +18,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use kiln::backend::{Backend, NAME, device};
-use kiln::core::Tokenizer;
+use kiln::core::{GenerationConfig, Tokenizer};
 use kiln::ensemble::{
-    AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
-    RelativeConfig, SearchConfig, SearchGradient,
+    AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, Member, RelativeConfig, SearchConfig,
+    SearchGradient,
 };
 use kiln::llama::LlamaConfig;
 
@@ -175,7 +175,7 @@ fn main() -> Result<()> {
         let e = Ensemble::new(members, config)?;
         Ok((e, t.elapsed().as_secs_f64()))
     };
-    let generation = |n| EnsembleGenerationConfig::default().with_max_new_tokens(n);
+    let generation = |n| GenerationConfig::default().with_max_new_tokens(n);
     println!(
         "backend {NAME}, {} tokens per run, prompt {:?}",
         args.tokens, args.prompt

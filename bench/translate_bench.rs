@@ -19,11 +19,12 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kiln::auto::{self, Seq2SeqModel};
 use kiln::backend::{self, Backend as B};
+use kiln::core::GenerationConfig;
 use kiln::core::loading::{
     HostKernels, LoadOptions, PackSlot, PackSlots, Quantization, WeightDtype,
 };
 use kiln::core::packed::ActivationPrecision;
-use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
+use kiln::core::seq2seq::{Seq2SeqLm, generate_seq2seq};
 
 #[path = "common/roofline.rs"]
 mod roofline;
@@ -142,7 +143,7 @@ fn bench<M: Seq2SeqLm<B> + PackSlots<B>>(model: &mut M, args: &Args, bandwidth: 
     let model = &*model;
     // At batch 1 a call cannot take less than its weight bytes over the read bandwidth.
     let limit_s = (bytes.once + args.new_tokens * bytes.per_step) as f64 / (bandwidth * 1e9);
-    let config = Seq2SeqConfig::default()
+    let config = GenerationConfig::default()
         .with_max_new_tokens(args.new_tokens)
         .with_num_beams(args.beams)
         .with_forced_bos_token_id(Some(args.tgt_lang))

@@ -14,7 +14,6 @@ use std::io::Write;
 
 use kiln::anchor::{PositionMode, anchor_generate, ep_anchor_ids, kv_bytes};
 use kiln::backend::{Backend, device};
-use kiln::core::SamplingConfig;
 
 const PROMPT: &str = "The kiln was built in 1820. It fired bricks for the new town. \
 Every spring the river rose. The workers moved the clay to higher ground. Then they";
@@ -30,23 +29,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("the model has no tokenizer")?;
     let anchors = ep_anchor_ids(tokenizer, &["."])?;
     let prompt = tokenizer.encode(PROMPT, true)?;
-    let eos = loaded.defaults.eos_token_id.to_vec();
+    // Greedy, at most 40 tokens, stopping at the model's EOS (generation_config.json's).
+    let config = loaded
+        .defaults
+        .generation_config(&Default::default())
+        .with_max_new_tokens(40);
 
     print!("{PROMPT}");
-    let mut stream = kiln::core::TokenStream::new();
     let out = anchor_generate(
         &loaded.model,
         &prompt,
         &anchors,
         PositionMode::Compacted,
-        SamplingConfig::greedy(),
-        40,
-        &eos,
-        |id| {
-            if let Ok(Some(piece)) = stream.push(tokenizer, id) {
-                print!("{piece}");
-                let _ = std::io::stdout().flush();
-            }
+        &config,
+        Some(tokenizer),
+        |event| {
+            print!("{}", event.text);
+            let _ = std::io::stdout().flush();
         },
     )?;
     let config = loaded.model.config();

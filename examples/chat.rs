@@ -28,13 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("the model has no tokenizer")?;
 
     // The template's end-of-turn token ends a reply too (ChatML's <|im_end|>, ...).
-    let mut config = loaded
+    let config = loaded
         .defaults
         .generation_config(&SamplingOverrides::default())
-        .with_max_new_tokens(64);
-    if let Some(id) = tokenizer.eos_token().and_then(|t| tokenizer.token_to_id(t)) {
-        config.eos_token_ids.push(id);
-    }
+        .with_max_new_tokens(64)
+        .with_eos_token_ids(loaded.defaults.chat_eos_token_ids(tokenizer));
     let system = Some("You are a concise assistant.".to_string());
     let mut session = ChatSession::new(&loaded.model, tokenizer, config, system)?;
 

@@ -10,7 +10,8 @@
 //! The main model's tokens are the output; weights 0.5/0.5, the reference's search settings.
 
 use kiln::backend::{Backend, device};
-use kiln::ensemble::{Ensemble, EnsembleConfig, EnsembleGenerationConfig};
+use kiln::core::GenerationConfig;
+use kiln::ensemble::{Ensemble, EnsembleConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -34,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let out = ensemble.generate(
         &[&prompt],
-        &EnsembleGenerationConfig::default().with_max_new_tokens(24),
+        &GenerationConfig::default().with_max_new_tokens(24),
     )?;
     println!("{prompt}{}\n[{:?}]", out.text, out.finish);
     Ok(())

@@ -11,7 +11,8 @@
 
 use kiln::auto::Seq2SeqModel;
 use kiln::backend::{Backend, device};
-use kiln::core::seq2seq::{Seq2SeqConfig, generate_seq2seq};
+use kiln::core::GenerationConfig;
+use kiln::core::seq2seq::generate_seq2seq;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -26,7 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .tokenizer
         .as_ref()
         .ok_or("the model has no tokenizer")?;
-    let config = Seq2SeqConfig::default()
+    let config = GenerationConfig::default()
         .with_num_beams(4)
         .with_max_new_tokens(64);
 

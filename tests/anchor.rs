@@ -325,7 +325,7 @@ fn ac_row_initialisation() {
 fn anchor_generate_stops_on_break() {
     use common::Reference;
     use kiln::anchor::anchor_generate;
-    use kiln::core::SamplingConfig;
+    use kiln::core::GenerationConfig;
     use std::ops::ControlFlow;
     let name = "llama2-mha";
     let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
@@ -340,9 +340,10 @@ fn anchor_generate_stops_on_break() {
         &prompt,
         &anchors,
         PositionMode::Compacted,
-        SamplingConfig::greedy(),
-        16,
-        &[],
+        &GenerationConfig::default()
+            .with_max_new_tokens(16)
+            .with_eos_token_ids(vec![]),
+        None,
         |_| {
             seen += 1;
             assert!(seen <= 4, "a token after the break");

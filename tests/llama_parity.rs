@@ -374,8 +374,8 @@ fn generation_config_for_model_takes_eos_and_pad_from_the_config() {
         };
         let pad = json["pad_token_id"].as_u64().map(|p| p as u32);
         let config = GenerationConfig::for_model(&model);
-        assert_eq!(config.eos_token_ids, eos, "{name}");
-        assert_eq!(config.pad_token_id, pad.unwrap_or(eos[0]), "{name}");
+        assert_eq!(config.eos_token_ids, Some(eos.clone()), "{name}");
+        assert_eq!(config.pad_token_id, Some(pad.unwrap_or(eos[0])), "{name}");
     }
 }
 
@@ -465,5 +465,54 @@ fn token_events_are_hf_greedy_ids_with_their_text() {
         assert_eq!(out[row].tokens, hf(row), "row {row}");
         let decoded = tokenizer.decode(hf(row), true).unwrap();
         assert_eq!(text[row], decoded, "row {row}");
+    }
+}
+
+/// `GenerationConfig::default()` stops at the model's own EOS (config.json), as HF's
+/// `generate` does: with a copy of the fixture whose config.json names HF's fourth greedy token
+/// of row 0 as EOS, every row of the batch ends right after that token's first occurrence in
+/// its HF greedy ids (`FinishReason::Eos`) and runs on otherwise; an explicit empty list never
+/// stops on a token.
+#[test]
+fn default_config_stops_at_the_models_eos() {
+    use kiln::core::FinishReason;
+    let name = "llama3-gqa";
+    let reference = Reference::load(name);
+    let (prompts, greedy, steps) = batch_prompts(&reference);
+    let hf = |row: usize| &greedy[row * steps..(row + 1) * steps];
+    let eos = hf(0)[3];
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = tmp.path().join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    json["eos_token_id"] = serde_json::json!(eos);
+    std::fs::write(&config_path, json.to_string()).unwrap();
+    let model = Llama::<B>::from_pretrained(tmp.path(), &device()).unwrap();
+
+    let config = GenerationConfig::default().with_max_new_tokens(steps);
+    let out = generate(&model, &prompts, &config, None, |_, _| {}).unwrap();
+    let mut stopped = 0;
+    for (row, o) in out.iter().enumerate() {
+        match hf(row).iter().position(|&t| t == eos) {
+            Some(i) => {
+                stopped += 1;
+                assert_eq!(o.tokens, hf(row)[..=i], "row {row}");
+                assert_eq!(o.finish, FinishReason::Eos, "row {row}");
+            }
+            None => {
+                assert_eq!(o.tokens, hf(row), "row {row}");
+                assert_eq!(o.finish, FinishReason::Length, "row {row}");
+            }
+        }
+    }
+    assert!(stopped >= 1);
+    let never = config.with_eos_token_ids(vec![]);
+    let out = generate(&model, &prompts, &never, None, |_, _| {}).unwrap();
+    for (row, o) in out.iter().enumerate() {
+        assert_eq!(o.tokens, hf(row), "row {row}");
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use burn::prelude::*;
 use common::*;
 use kiln::core::loading::SafetensorsWeights;
-use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
-use kiln::core::{Error, Tokenizer};
+use kiln::core::seq2seq::{Seq2SeqLm, generate_seq2seq};
+use kiln::core::{Error, GenerationConfig, Tokenizer};
 use kiln::m2m100::{
     M2M100, M2M100Config, encode_source, language_codes, language_token_id, translate,
 };
@@ -86,7 +86,7 @@ fn greedy_and_beams_with_forced_language() {
     let (_, input) = reference.ids("input_ids");
     let start = model.decoder_start_token_id();
     let full = |tokens: &[u32]| [&[start], tokens].concat();
-    let base = Seq2SeqConfig::default()
+    let base = GenerationConfig::default()
         .with_max_new_tokens(12)
         .with_forced_bos_token_id(Some(DEU));
 
@@ -140,7 +140,7 @@ fn right_padded_batch() {
     assert!(inputs[0].len() != inputs[1].len(), "batch is padded");
     let start = model.decoder_start_token_id();
     let eos = model.eos_token_ids();
-    let config = Seq2SeqConfig::default()
+    let config = GenerationConfig::default()
         .with_max_new_tokens(gshape[1] - 1)
         .with_forced_bos_token_id(Some(DEU));
     let out = generate_seq2seq(&model, &inputs, &config).unwrap();
@@ -208,7 +208,7 @@ fn language_codes_and_source_encoding() {
 fn unknown_language_code_is_an_error() {
     let model = load();
     let tok = tokenizer();
-    let config = Seq2SeqConfig::default().with_max_new_tokens(2);
+    let config = GenerationConfig::default().with_max_new_tokens(2);
     for (src, tgt, arg) in [
         ("eng_Latn", "xx_YY", "tgt_lang"),
         ("english", "deu_Latn", "src_lang"),
@@ -273,7 +273,7 @@ fn sampled_rows_do_not_depend_on_the_rest_of_the_batch() {
     let model = load();
     let (_, input) = reference.ids("input_ids");
     let other: Vec<u32> = input.iter().rev().copied().collect();
-    let config = Seq2SeqConfig::default()
+    let config = GenerationConfig::default()
         .with_max_new_tokens(10)
         .with_eos_token_ids(vec![])
         .with_sampling(SamplingConfig::default().with_temperature(1.5).with_seed(7));
@@ -334,24 +334,33 @@ fn streaming_and_break_per_row() {
     let inputs = batch_inputs(&reference);
     let (gshape, greedy) = reference.ids("batch_greedy_ids");
     let eos = model.eos_token_ids();
-    let config = Seq2SeqConfig::default()
+    let config = GenerationConfig::default()
         .with_max_new_tokens(gshape[1] - 1)
         .with_forced_bos_token_id(Some(DEU));
     let hf = |row: usize| trim(&greedy[row * gshape[1]..(row + 1) * gshape[1]], &eos)[1..].to_vec();
     assert!(hf(1).len() > 3, "row 1 must outlast the break");
 
+    // With a tokenizer, each event also carries the text its token makes final: the pieces
+    // add up to HF's ids decoded.
+    let tokenizer = tokenizer();
     let mut streamed = vec![Vec::new(); inputs.len()];
-    let out = generate_seq2seq_streaming(&model, &inputs, &config, |row, token| {
-        streamed[row].push(token);
+    let mut text = vec![String::new(); inputs.len()];
+    let out = generate_seq2seq_streaming(&model, &inputs, &config, Some(&tokenizer), |event| {
+        streamed[event.row].extend(event.id);
+        text[event.row].push_str(event.text);
     })
     .unwrap();
     for (row, o) in out.iter().enumerate() {
         assert_eq!(o.tokens, hf(row), "row {row}");
         assert_eq!(streamed[row], o.tokens, "row {row} streamed");
+        let expected = tokenizer.decode(&hf(row), true).unwrap();
+        assert_eq!(text[row], expected, "row {row} text");
+        assert_eq!(o.text.as_deref(), Some(expected.as_str()), "row {row}");
     }
 
     let mut seen = vec![0usize; inputs.len()];
-    let out = generate_seq2seq_streaming(&model, &inputs, &config, |row, _| {
+    let out = generate_seq2seq_streaming(&model, &inputs, &config, None, |event| {
+        let row = event.row;
         seen[row] += 1;
         assert!(row != 1 || seen[1] <= 3, "row 1 streamed after its break");
         if row == 1 && seen[1] == 3 {
@@ -366,6 +375,6 @@ fn streaming_and_break_per_row() {
     assert_eq!(out[0].tokens, hf(0));
 
     let beams = config.clone().with_num_beams(2);
-    let err = generate_seq2seq_streaming(&model, &inputs, &beams, |_, _| {}).unwrap_err();
+    let err = generate_seq2seq_streaming(&model, &inputs, &beams, None, |_| {}).unwrap_err();
     assert!(err.to_string().contains("num_beams"), "{err}");
 }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 use common::*;
-use kiln::core::Error;
 use kiln::core::loading::SafetensorsWeights;
-use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
+use kiln::core::seq2seq::{Seq2SeqLm, generate_seq2seq};
+use kiln::core::{Error, GenerationConfig};
 use kiln::t5::{T5, T5Config};
 
 fn tokens<B: Backend>(ids: &[u32], batch: usize, device: &B::Device) -> Tensor<B, 2, Int> {
@@ -112,7 +112,7 @@ pub fn check_generate(name: &str) {
     let full = |tokens: &[u32]| [&[start], tokens].concat();
 
     let (_, greedy) = reference.ids("greedy_ids");
-    let config = Seq2SeqConfig::default().with_max_new_tokens(12);
+    let config = GenerationConfig::default().with_max_new_tokens(12);
     let out = generate_seq2seq(&model, std::slice::from_ref(&input), &config).unwrap();
     assert_eq!(full(&out[0].tokens), greedy, "{name}: greedy");
 
@@ -122,7 +122,7 @@ pub fn check_generate(name: &str) {
     ] {
         let (_, expected) = reference.ids(ids);
         let (_, expected_score) = reference.f32(score);
-        let config = Seq2SeqConfig::default()
+        let config = GenerationConfig::default()
             .with_max_new_tokens(12)
             .with_num_beams(3)
             .with_length_penalty(lp)
@@ -158,7 +158,7 @@ pub fn check_batch(name: &str) {
         .collect();
     let start = model.decoder_start_token_id();
     let eos = model.eos_token_ids();
-    let config = Seq2SeqConfig::default().with_max_new_tokens(gshape[1] - 1);
+    let config = GenerationConfig::default().with_max_new_tokens(gshape[1] - 1);
     let out = generate_seq2seq(&model, &inputs, &config).unwrap();
     for (row, o) in out.iter().enumerate() {
         let expected = trim(&greedy[row * gshape[1]..(row + 1) * gshape[1]], &eos);
@@ -278,7 +278,7 @@ fn wrong_shape_is_an_error() {
 #[test]
 fn bad_inputs_are_errors() {
     let model = load("t5-relu-tied");
-    let config = Seq2SeqConfig::default().with_max_new_tokens(2);
+    let config = GenerationConfig::default().with_max_new_tokens(2);
     assert!(matches!(
         generate_seq2seq(&model, &[], &config),
         Err(Error::InvalidArgument { .. })
@@ -330,7 +330,7 @@ fn batched_beams_and_sampling() {
         })
         .collect();
     inputs.push(reference.ids("input_ids").1);
-    let config = Seq2SeqConfig::default()
+    let config = GenerationConfig::default()
         .with_max_new_tokens(10)
         .with_num_beams(3)
         .with_length_penalty(0.6)
@@ -343,7 +343,7 @@ fn batched_beams_and_sampling() {
         assert!(diff <= TOL, "row {row} score differs by {diff}");
     }
 
-    let sampled = Seq2SeqConfig::default()
+    let sampled = GenerationConfig::default()
         .with_max_new_tokens(10)
         .with_sampling(
             kiln::core::SamplingConfig::default()
@@ -357,7 +357,7 @@ fn batched_beams_and_sampling() {
     let greedy = generate_seq2seq(
         &model,
         &inputs,
-        &Seq2SeqConfig::default().with_max_new_tokens(10),
+        &GenerationConfig::default().with_max_new_tokens(10),
     )
     .unwrap();
     assert_ne!(
@@ -446,7 +446,7 @@ fn save_pretrained_round_trips() {
         let reference = Reference::load(name);
         let (_, input) = reference.ids("input_ids");
         let (_, greedy) = reference.ids("greedy_ids");
-        let config = Seq2SeqConfig::default().with_max_new_tokens(greedy.len() - 1);
+        let config = GenerationConfig::default().with_max_new_tokens(greedy.len() - 1);
         let out = generate_seq2seq(&reloaded, &[input], &config).unwrap();
         let eos = reloaded.config().eos_token_ids.clone();
         assert_eq!(out[0].tokens, trim(&greedy, &eos)[1..], "{name}");
@@ -474,7 +474,7 @@ fn distill_export_loads_in_transformers() {
     for row in reference["rows"].as_array().unwrap() {
         let input = ids(&row["input_ids"]);
         let greedy = ids(&row["greedy_ids"]);
-        let config = Seq2SeqConfig::default().with_max_new_tokens(12);
+        let config = GenerationConfig::default().with_max_new_tokens(12);
         let out = generate_seq2seq(&model, std::slice::from_ref(&input), &config).unwrap();
         assert_eq!(out[0].tokens, trim(&greedy, &eos)[1..], "{}", row["text"]);
         let enc = model.encode(tokens::<B>(&input, 1, &device()), None);

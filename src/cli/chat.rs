@@ -70,14 +70,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
     );
 
     // The template's end-of-turn token ends a reply even when config.json names another EOS.
-    let mut eos = loaded.defaults.eos_token_id.to_vec();
-    if let Some(id) = tokenizer
-        .eos_token()
-        .and_then(|e| tokenizer.token_to_id(e))
-        .filter(|id| !eos.contains(id))
-    {
-        eos.push(id);
-    }
+    let eos = loaded.defaults.chat_eos_token_ids(tokenizer);
     if eos.is_empty() {
         bail!("the model names no EOS token, so a reply would never end; use `kiln generate`");
     }

@@ -10,12 +10,11 @@ use kiln::auto;
 use kiln::backend::{Backend, NAME, device};
 use kiln::core::loading::{read_json_value, resolve_model};
 use kiln::core::seq2seq::Seq2SeqLm;
-use kiln::core::{SamplingConfig, Tokenizer};
+use kiln::core::{GenerationConfig, SamplingConfig, Tokenizer};
 use kiln::ensemble::eval::{Metric, apply_template, choice_tokens, is_correct, read_jsonl};
 use kiln::ensemble::{
-    AnchorConfig, AnchorMatching, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member,
-    Method, RelativeConfig, SearchConfig, SearchGradient, SearchOptimizer, Seq2SeqMember,
-    weights_from_scores,
+    AnchorConfig, AnchorMatching, Ensemble, EnsembleConfig, Member, Method, RelativeConfig,
+    SearchConfig, SearchGradient, SearchOptimizer, Seq2SeqMember, weights_from_scores,
 };
 use kiln::m2m100::{M2M100, language_token_id};
 
@@ -273,7 +272,7 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
             start.elapsed().as_secs_f64()
         );
     }
-    let generation = EnsembleGenerationConfig::default()
+    let generation = GenerationConfig::default()
         .with_max_new_tokens(args.max_new_tokens)
         .with_sampling(
             SamplingConfig::greedy()
@@ -297,8 +296,8 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
         None if args.json => ensemble.generate(&prompts, &generation)?,
         None => {
             streamed = true;
-            ensemble.generate_streaming(&prompts, &generation, |piece| {
-                print!("{piece}");
+            ensemble.generate_streaming(&prompts, &generation, |event| {
+                print!("{}", event.text);
                 let _ = std::io::Write::flush(&mut std::io::stdout());
             })?
         }
@@ -361,7 +360,7 @@ fn evaluate(
     specs: &[&String],
     file: &Path,
     args: &EnsembleArgs,
-    generation: &EnsembleGenerationConfig,
+    generation: &GenerationConfig,
 ) -> anyhow::Result<()> {
     let metric: Metric = args.metric.parse()?;
     let text =
@@ -380,16 +379,19 @@ fn evaluate(
         let source = ex.source.clone().unwrap_or_else(|| ex.prompt.clone());
         let owned = member_prompts(kinds, &args.templates, &ex.prompt, &source)?;
         let prompts: Vec<&str> = owned.iter().map(String::as_str).collect();
-        let mut generation = generation.clone();
-        if metric == Metric::Choice {
-            let letters = ex.choices.as_ref().unwrap_or(&args.choices);
-            generation = generation.with_choices(choice_tokens(letters));
-        }
+        let choices = (metric == Metric::Choice)
+            .then(|| choice_tokens(ex.choices.as_ref().unwrap_or(&args.choices)));
         for m in 0..n {
-            let out = ensemble.generate_member(m, prompts[m], &generation)?;
+            let out = match &choices {
+                Some(choices) => ensemble.choose_member(m, prompts[m], choices)?,
+                None => ensemble.generate_member(m, prompts[m], generation)?,
+            };
             correct[m] += is_correct(&out.text, &ex.answer, metric) as usize;
         }
-        let out = ensemble.generate(&prompts, &generation)?;
+        let out = match &choices {
+            Some(choices) => ensemble.choose(&prompts, choices)?,
+            None => ensemble.generate(&prompts, generation)?,
+        };
         correct[n] += is_correct(&out.text, &ex.answer, metric) as usize;
         eprintln!(
             "kiln: {}/{} examples ({:.0}s)",

@@ -136,21 +136,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     };
 
-    let mut eos = if args.ignore_eos {
-        vec![]
-    } else {
-        loaded.defaults.eos_token_id.to_vec()
+    let eos = match tokenizer {
+        _ if args.ignore_eos => vec![],
+        Some(tokenizer) if args.chat => loaded.defaults.chat_eos_token_ids(tokenizer),
+        _ => loaded.defaults.eos_token_id.to_vec(),
     };
-    if args.chat
-        && !args.ignore_eos
-        && let Some(id) = tokenizer
-            .and_then(|t| t.eos_token())
-            .and_then(|e| tokenizer?.token_to_id(e))
-        && !eos.contains(&id)
-    {
-        eos.push(id);
-    }
     let sampling = args.sampling.to_config(&loaded.defaults);
+    // Padding as HF: generation_config.json's, else the first EOS id, else 0.
     let pad = loaded
         .defaults
         .pad_token_id
@@ -269,29 +261,25 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
             ids
         }
     };
-    let sampling = args.sampling.to_config(&GenerationDefaults::default());
-    let eos = if args.ignore_eos { vec![] } else { eos_ids };
+    let config = GenerationConfig::default()
+        .with_sampling(args.sampling.to_config(&GenerationDefaults::default()))
+        .with_max_new_tokens(args.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS))
+        .with_eos_token_ids(if args.ignore_eos { vec![] } else { eos_ids })
+        .with_stop_strings(args.stop.clone());
     let start = Instant::now();
-    let mut stream = kiln::core::TokenStream::new();
     let mut stdout = std::io::stdout();
     let out = anchor_generate(
         &model,
         &prompt,
         &anchors,
         PositionMode::Compacted,
-        sampling,
-        args.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS),
-        &eos,
-        |token| {
-            if let Ok(Some(piece)) = stream.push(&tokenizer, token) {
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
-            }
+        &config,
+        Some(&tokenizer),
+        |event| {
+            let _ = write!(stdout, "{}", event.text);
+            let _ = stdout.flush();
         },
     )?;
-    if let Ok(Some(rest)) = stream.finish(&tokenizer) {
-        print!("{rest}");
-    }
     println!();
     eprintln!(
         "kiln: {} tokens in {:.2}s; anchor KV cache {} positions ({} bytes) for {} tokens seen, peak {}",
@@ -308,7 +296,7 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
 /// T5 / FLAN-T5 through `kiln generate`: each prompt is the encoder input, the output is the
 /// decoder's text (no streaming; encoder-decoder generation returns whole sequences).
 fn run_text_to_text(args: &GenerateArgs, spec: &str) -> anyhow::Result<()> {
-    use kiln::core::seq2seq::{Seq2SeqConfig, generate_seq2seq};
+    use kiln::core::seq2seq::generate_seq2seq;
     let device = device();
     let start = Instant::now();
     let loaded =
@@ -343,7 +331,7 @@ fn run_text_to_text(args: &GenerateArgs, spec: &str) -> anyhow::Result<()> {
         }
     };
     let sampling = args.sampling.to_config(&loaded.defaults);
-    let mut config = Seq2SeqConfig::default()
+    let mut config = GenerationConfig::default()
         .with_max_new_tokens(
             args.max_new_tokens
                 .or(loaded.defaults.max_new_tokens)

@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use kiln::auto::{self, Seq2SeqModel};
 use kiln::backend::{Backend, NAME, device};
-use kiln::core::Tokenizer;
-use kiln::core::seq2seq::{Seq2SeqConfig, Seq2SeqOutput};
+use kiln::core::seq2seq::Seq2SeqOutput;
+use kiln::core::{GenerationConfig, Tokenizer};
 use kiln::m2m100::language_codes;
 
 pub const LONG_ABOUT: &str = "\
@@ -131,7 +131,7 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
              (--num-beams {num_beams}); use --num-beams 1 or --no-repeat-ngram-size"
         );
     }
-    let mut config = Seq2SeqConfig::default()
+    let mut config = GenerationConfig::default()
         .with_sampling(args.sampling.to_config(defaults))
         .with_num_beams(num_beams)
         .with_length_penalty(

@@ -2,7 +2,10 @@
 
 use burn::prelude::*;
 use kiln_core::nn::KvCache;
-use kiln_core::{CausalLm, Sampler, SamplingConfig, StreamControl};
+use kiln_core::{
+    CausalLm, FinishReason, Generation, GenerationConfig, Sampler, StreamControl, TokenEvent,
+    TokenStream, Tokenizer,
+};
 use kiln_llama::{Llama, LlamaCache, LlamaConfig};
 
 use crate::mask::{SegTensors, ansan_mask};
@@ -268,11 +271,16 @@ pub(crate) fn last_row<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<f32>> {
         .map_err(|e| AnchorError::arg("logits", format!("logits: {e:?}")))
 }
 
-/// Statistics of one anchor-based generation.
+/// One anchor-based generation and its cache statistics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AnchorGeneration {
     /// Generated ids (an EOS that ended it included).
     pub tokens: Vec<u32>,
+    /// Decoded text of `tokens` (special tokens skipped, cut at a stop string), when a
+    /// tokenizer was given.
+    pub text: Option<String>,
+    /// Why it stopped.
+    pub finish: FinishReason,
     /// Cache positions at the end.
     pub cache_len: usize,
     /// Most cache positions held during a forward.
@@ -281,36 +289,74 @@ pub struct AnchorGeneration {
     pub seen: usize,
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Generates up to `max_new` tokens after `prompt` with anchor-based inference; `on_token` sees
-/// each new id and returns `()` or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` stops
-/// after that token ([`StreamControl`], as in kiln-core's `generate`).
+/// Generates after `prompt` with anchor-based inference, under kiln-core's one
+/// [`GenerationConfig`] (EOS ids left `None` are the model's; stop strings need `tokenizer`;
+/// the n-gram ban and a forced first token apply; no beam search). `on_token` sees each step
+/// as kiln-core's `generate_tokens` reports it, a [`TokenEvent`] (row 0, the id, the text it
+/// makes final when `tokenizer` is given), and returns `()` or a
+/// [`ControlFlow`](std::ops::ControlFlow) whose `Break` stops after that token
+/// ([`StreamControl`]).
 pub fn anchor_generate<B: Backend, R: StreamControl>(
     model: &Llama<B>,
     prompt: &[u32],
     anchors: &AnchorSet,
     mode: PositionMode,
-    sampling: SamplingConfig,
-    max_new: usize,
-    eos: &[u32],
-    mut on_token: impl FnMut(u32) -> R,
+    config: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    mut on_token: impl FnMut(TokenEvent<'_>) -> R,
 ) -> Result<AnchorGeneration> {
+    config.check_supported("anchor-based generation", true)?;
+    if !config.stop_strings.is_empty() && tokenizer.is_none() {
+        return Err(AnchorError::arg(
+            "stop_strings",
+            "need a tokenizer to match text",
+        ));
+    }
+    let config = &config
+        .clone()
+        .resolve(model.eos_token_ids(), model.pad_token_id());
     let mut session = AnchorSession::new(model, anchors.clone(), mode);
-    let mut sampler = Sampler::new(sampling)?;
+    let mut sampler = Sampler::new(config.sampling.clone())?;
     let mut context = prompt.to_vec();
-    let mut out = Vec::new();
+    let mut out = Generation::start(tokenizer.is_some());
+    let mut stream = TokenStream::new();
     let mut logits = last_row(session.feed(prompt)?)?;
-    for _ in 0..max_new {
+    for step in 0..config.max_new_tokens {
+        config.process_logits(&mut logits, &context, step);
         let token = sampler.sample(&mut logits, &context);
         context.push(token);
-        out.push(token);
-        if !on_token(token).proceed() || eos.contains(&token) {
+        let mut text = String::new();
+        let finished = out.accept(token, config, tokenizer, &mut stream, |piece| {
+            text.push_str(piece);
+            true
+        })?;
+        let go_on = on_token(TokenEvent {
+            row: 0,
+            id: Some(token),
+            text: &text,
+        })
+        .proceed();
+        if !finished && !go_on {
+            out.finish = FinishReason::Cancelled;
+        }
+        if finished || !go_on {
             break;
         }
         logits = last_row(session.feed(&[token])?)?;
     }
+    if let Some(tokenizer) = tokenizer {
+        out.flush(tokenizer, &mut stream, |rest| {
+            let _ = on_token(TokenEvent {
+                row: 0,
+                id: None,
+                text: rest,
+            });
+        })?;
+    }
     Ok(AnchorGeneration {
-        tokens: out,
+        tokens: out.tokens,
+        text: out.text,
+        finish: out.finish,
         cache_len: session.cache_len(),
         peak_len: session.peak_len(),
         seen: session.seen(),

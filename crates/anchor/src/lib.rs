@@ -22,7 +22,7 @@
 //! ```no_run
 //! use burn::backend::NdArray;
 //! use kiln_anchor::{PositionMode, anchor_generate, ep_anchor_ids, kv_bytes};
-//! use kiln_core::{SamplingConfig, Tokenizer};
+//! use kiln_core::{GenerationConfig, Tokenizer};
 //! use kiln_llama::Llama;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,10 +32,11 @@
 //! // EP mode: "." ends a sentence, and after each one only the anchors stay in the KV cache.
 //! let anchors = ep_anchor_ids(&tokenizer, &["."])?;
 //! let prompt = tokenizer.encode("The kiln was built in 1820. It fired bricks. Then", true)?;
-//! let eos = model.config().eos_token_ids.clone();
+//! // kiln-core's one generation config: greedy, stopping at the model's EOS.
+//! let config = GenerationConfig::default().with_max_new_tokens(40);
 //! let out = anchor_generate(
-//!     &model, &prompt, &anchors, PositionMode::Compacted, SamplingConfig::greedy(), 40, &eos,
-//!     |_id| {},
+//!     &model, &prompt, &anchors, PositionMode::Compacted, &config, Some(&tokenizer),
+//!     |event| print!("{}", event.text),
 //! )?;
 //! let bytes = kv_bytes(model.config(), out.cache_len);
 //! println!("{} tokens seen; the cache holds {} ({bytes} bytes)", out.seen, out.cache_len);

@@ -340,16 +340,15 @@ impl<B: Backend> LoadedModel<B> {
 }
 
 impl<B: Backend> LoadedSeq2Seq<B> {
-    /// The decoding HF's `generate` uses for this model (generation_config.json: beams, length
-    /// penalty, no-repeat n-grams, length limit, sampling), with the caller's `sampling`
-    /// overrides.
-    pub fn seq2seq_config(
+    /// The decoding HF's `generate` uses for this model (generation_config.json: EOS and pad
+    /// ids, beams, length penalty, no-repeat n-grams, length limit, sampling), with the caller's
+    /// `sampling` overrides.
+    pub fn generation_config(
         &self,
         sampling: &kiln_core::loading::SamplingOverrides,
-    ) -> kiln_core::seq2seq::Seq2SeqConfig {
+    ) -> kiln_core::GenerationConfig {
         let d = &self.defaults;
-        kiln_core::seq2seq::Seq2SeqConfig::default()
-            .with_sampling(d.sampling(sampling))
+        d.generation_config(sampling)
             .with_num_beams(d.num_beams.unwrap_or(1))
             .with_length_penalty(d.length_penalty.unwrap_or(1.0))
             .with_no_repeat_ngram_size(d.no_repeat_ngram_size.unwrap_or(0))
@@ -411,7 +410,7 @@ impl<B: Backend> LoadedSeq2Seq<B> {
     pub fn generate(
         &self,
         inputs: &[Vec<u32>],
-        config: &kiln_core::seq2seq::Seq2SeqConfig,
+        config: &kiln_core::GenerationConfig,
     ) -> Result<Vec<kiln_core::seq2seq::Seq2SeqOutput>> {
         match &self.model {
             Seq2SeqModel::M2M100(model) => {

@@ -46,7 +46,8 @@ pub trait BatchSink: Send {
 pub struct BatchRequest {
     /// Prompt token ids.
     pub prompt: Vec<u32>,
-    /// Stopping rules and sampling; `pad_token_id` is not used (rows are padded in the cache).
+    /// Stopping rules and sampling (EOS ids left `None` are the model's); `pad_token_id` is not
+    /// used (rows are padded in the cache).
     pub config: GenerationConfig,
     /// OpenAI's frequency penalty: subtracted from a token's logit once per time it was
     /// generated in this sequence (the prompt does not count, as in vLLM). `0` is off.
@@ -131,24 +132,29 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
         if sink.is_closed() {
             return;
         }
-        let checked = check_prompt(
-            &prompt,
-            &config,
-            self.tokenizer,
-            self.model.vocab_size(),
-            self.model.max_context(),
-        )
-        .and_then(|()| {
-            for (name, v) in [
-                ("frequency_penalty", frequency_penalty),
-                ("presence_penalty", presence_penalty),
-            ] {
-                if !v.is_finite() {
-                    return Err(Error::arg(name, format!("{v} is not a finite number")));
+        let config = config.resolve(self.model.eos_token_ids(), self.model.pad_token_id());
+        let checked = config
+            .check_supported("batched generation", true)
+            .and_then(|()| {
+                check_prompt(
+                    &prompt,
+                    &config,
+                    self.tokenizer,
+                    self.model.vocab_size(),
+                    self.model.max_context(),
+                )
+            })
+            .and_then(|()| {
+                for (name, v) in [
+                    ("frequency_penalty", frequency_penalty),
+                    ("presence_penalty", presence_penalty),
+                ] {
+                    if !v.is_finite() {
+                        return Err(Error::arg(name, format!("{v} is not a finite number")));
+                    }
                 }
-            }
-            Sampler::new(config.sampling.clone())
-        });
+                Sampler::new(config.sampling.clone())
+            });
         let sampler = match checked {
             Ok(sampler) => sampler,
             Err(e) => {
@@ -258,6 +264,8 @@ impl<'m, B: Backend, M: CausalLm<B>> Batcher<'m, B, M> {
                 row.frequency_penalty,
                 row.presence_penalty,
             );
+            row.config
+                .process_logits(row_logits, &row.context, row.out.tokens.len());
             let token = row.sampler.sample(row_logits, &row.context);
             row.context.push(token);
             match row.counts.iter_mut().find(|(t, _)| *t == token) {

@@ -16,7 +16,7 @@
 
 use burn::prelude::*;
 
-use crate::generate::FinishReason;
+use crate::generate::{FinishReason, GenerationConfig};
 use crate::seq2seq::{
     EncoderOutput, Seq2SeqLm, Seq2SeqOutput, ban_repeated_ngrams, force_token, host_rows,
 };
@@ -24,25 +24,6 @@ use crate::{Error, Result};
 
 /// HF's "minus infinity that still sorts": added to scores of beams that must not be chosen.
 const NEG: f32 = -1.0e9;
-
-/// Beam search settings (HF names and semantics).
-#[derive(Debug, Clone, PartialEq)]
-pub struct BeamConfig {
-    /// Beam width (at least 1).
-    pub num_beams: usize,
-    /// Finished score = sum of log-probs / generated_len^length_penalty.
-    pub length_penalty: f32,
-    /// Stop a row once it has `num_beams` finished hypotheses.
-    pub early_stopping: bool,
-    /// Forbid repeating n-grams of this size (`0` = off).
-    pub no_repeat_ngram_size: usize,
-    /// Generated tokens at most.
-    pub max_new_tokens: usize,
-    /// Tokens that finish a hypothesis.
-    pub eos_token_ids: Vec<u32>,
-    /// Forced first generated token.
-    pub forced_bos_token_id: Option<u32>,
-}
 
 /// `log_softmax` in `f32`, as torch computes it: `x - max - ln(sum(exp(x - max)))`.
 fn log_softmax(logits: &mut [f32]) {
@@ -78,11 +59,13 @@ struct Finished {
 /// Beam search over an encoded batch; returns each row's best hypothesis.
 ///
 /// The decoder cache is expanded to `batch · num_beams` rows and reordered after every step
-/// through [`Seq2SeqLm::reorder_cache`], so any model implementing the trait works.
+/// through [`Seq2SeqLm::reorder_cache`], so any model implementing the trait works. `config`'s
+/// EOS ids are used as given ([`GenerationConfig::resolve`] fills the model's); its sampling
+/// and stop strings are not used.
 pub fn beam_search<B: Backend, M: Seq2SeqLm<B>>(
     model: &M,
     encoder: &EncoderOutput<B>,
-    config: &BeamConfig,
+    config: &GenerationConfig,
 ) -> Result<Vec<Seq2SeqOutput>> {
     let k = config.num_beams;
     if k == 0 {
@@ -91,7 +74,7 @@ pub fn beam_search<B: Backend, M: Seq2SeqLm<B>>(
     let device = model.device();
     let batch = encoder.hidden.dims()[0];
     let start = model.decoder_start_token_id();
-    let eos = &config.eos_token_ids;
+    let eos = config.eos();
     let keep = 2.max(1 + eos.len()) * k;
     let prompt_len = 1usize;
     let max_length = prompt_len + config.max_new_tokens;
@@ -238,6 +221,7 @@ pub fn beam_search<B: Backend, M: Seq2SeqLm<B>>(
             };
             Seq2SeqOutput {
                 tokens,
+                text: None,
                 score: Some(best.score),
                 finish,
             }

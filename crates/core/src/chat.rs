@@ -30,8 +30,9 @@ pub struct ChatSession<'a, B: Backend, M: CausalLm<B>> {
 }
 
 impl<'a, B: Backend, M: CausalLm<B>> ChatSession<'a, B, M> {
-    /// A new conversation. `config` holds the stopping rules (EOS ids, stop strings, max new
-    /// tokens per reply) and sampling; the sampler is seeded once for the whole session.
+    /// A new conversation. `config` holds the stopping rules (EOS ids, the model's when left
+    /// `None`; stop strings; max new tokens per reply) and sampling; the sampler is seeded once
+    /// for the whole session.
     pub fn new(
         model: &'a M,
         tokenizer: &'a Tokenizer,
@@ -45,11 +46,12 @@ impl<'a, B: Backend, M: CausalLm<B>> ChatSession<'a, B, M> {
                     .into(),
             ));
         }
+        config.check_supported("chat", true)?;
         Ok(Self {
             model,
             tokenizer,
             sampler: Sampler::new(config.sampling.clone())?,
-            config,
+            config: config.resolve(model.eos_token_ids(), model.pad_token_id()),
             system,
             messages: Vec::new(),
             cache: None,
@@ -177,6 +179,8 @@ impl<'a, B: Backend, M: CausalLm<B>> ChatSession<'a, B, M> {
                 .convert::<f32>()
                 .into_vec()
                 .map_err(|e| Error::arg("logits", format!("{e:?}")))?;
+            self.config
+                .process_logits(&mut logits, &context_ids, out.tokens.len());
             let token = self.sampler.sample(&mut logits, &context_ids);
             context_ids.push(token);
             if out.accept(

@@ -84,19 +84,50 @@ pub trait CausalLm<B: Backend> {
     fn device(&self) -> B::Device;
 }
 
-/// When to stop and how to choose tokens.
+/// How every kiln generation loop chooses tokens and when it stops: decoder-only
+/// ([`generate`]), encoder-decoder ([`generate_seq2seq`](crate::seq2seq::generate_seq2seq)), the
+/// ensemble and anchor-based generation all take this one type (HF's `GenerationConfig`).
+///
+/// The default stops where the model's own config says: `eos_token_ids` and `pad_token_id`
+/// left at `None` are taken from the model ([`CausalLm::eos_token_ids`],
+/// [`Seq2SeqLm::eos_token_ids`](crate::seq2seq::Seq2SeqLm::eos_token_ids)).
+///
+/// ```
+/// use kiln_core::{GenerationConfig, SamplingConfig};
+/// let config = GenerationConfig::default()
+///     .with_max_new_tokens(32)
+///     .with_sampling(SamplingConfig::greedy().with_temperature(0.7).with_seed(1))
+///     .with_stop_strings(vec!["\n\n".into()]);
+/// assert!(config.eos_token_ids.is_none()); // the model's EOS ids
+/// config.validate().unwrap();
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationConfig {
-    /// Upper bound on generated tokens per sequence.
+    /// Upper bound on generated tokens per sequence (an encoder-decoder's start token not
+    /// counted).
     pub max_new_tokens: usize,
-    /// Token choice.
+    /// Token choice (greedy or sampled) when `num_beams == 1`.
     pub sampling: SamplingConfig,
-    /// Generation of a row ends after any of these tokens (kept in the output).
-    pub eos_token_ids: Vec<u32>,
-    /// Generation of a row ends once its text contains any of these (the text is cut before it).
+    /// Generation of a row ends after any of these tokens (kept in the output). `None`: the
+    /// model's; `Some(vec![])`: never on a token.
+    pub eos_token_ids: Option<Vec<u32>>,
+    /// Generation of a row ends once its text contains any of these (the text is cut before
+    /// it); needs a tokenizer.
     pub stop_strings: Vec<String>,
-    /// Token used for left padding and for rows that have finished.
-    pub pad_token_id: u32,
+    /// Token used for left padding and for rows that have finished. `None`: the model's, else
+    /// its first EOS id (as HF's `generate`), else 0.
+    pub pad_token_id: Option<u32>,
+    /// Beam width; `1` is greedy or sampled decoding. Beam search is for encoder-decoder
+    /// models.
+    pub num_beams: usize,
+    /// Beam score = sum of log-probs / generated_len^length_penalty (HF semantics).
+    pub length_penalty: f32,
+    /// HF `early_stopping=True`: a batch row stops once it has `num_beams` finished hypotheses.
+    pub early_stopping: bool,
+    /// Forbid repeating any n-gram of this size (`0` = off), as HF `no_repeat_ngram_size`.
+    pub no_repeat_ngram_size: usize,
+    /// Force this token as the first generated one (NLLB's target language).
+    pub forced_bos_token_id: Option<u32>,
 }
 
 impl Default for GenerationConfig {
@@ -104,23 +135,93 @@ impl Default for GenerationConfig {
         Self {
             max_new_tokens: 128,
             sampling: SamplingConfig::greedy(),
-            eos_token_ids: Vec::new(),
+            eos_token_ids: None,
             stop_strings: Vec::new(),
-            pad_token_id: 0,
+            pad_token_id: None,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: true,
+            no_repeat_ngram_size: 0,
+            forced_bos_token_id: None,
         }
     }
 }
 
 impl GenerationConfig {
-    /// The defaults with `model`'s EOS ids and padding token (pad falls back to the first EOS
-    /// id, as HF's `generate` does, then to 0): generation that stops where the model's config
-    /// says.
+    /// The defaults with `model`'s EOS ids and padding token filled in ([`Self::resolve`]).
     pub fn for_model<B: Backend, M: CausalLm<B>>(model: &M) -> Self {
-        let eos = model.eos_token_ids();
-        let pad = model.pad_token_id().or(eos.first().copied()).unwrap_or(0);
-        Self::default()
-            .with_eos_token_ids(eos)
-            .with_pad_token_id(pad)
+        Self::default().resolve(model.eos_token_ids(), model.pad_token_id())
+    }
+
+    /// Fills what is left to the model: EOS ids from `model_eos`, padding from `model_pad`,
+    /// else the first EOS id (as HF's `generate`), else 0. What is set stays.
+    pub fn resolve(mut self, model_eos: Vec<u32>, model_pad: Option<u32>) -> Self {
+        let eos = self.eos_token_ids.get_or_insert(model_eos);
+        let first = eos.first().copied();
+        self.pad_token_id = self.pad_token_id.or(model_pad).or(first).or(Some(0));
+        self
+    }
+
+    /// The EOS ids (empty while left to the model: call [`Self::resolve`] first).
+    pub fn eos(&self) -> &[u32] {
+        self.eos_token_ids.as_deref().unwrap_or(&[])
+    }
+
+    /// The padding id (0 while left to the model: call [`Self::resolve`] first).
+    pub fn pad(&self) -> u32 {
+        self.pad_token_id.unwrap_or(0)
+    }
+
+    /// Checks the fields are in range.
+    pub fn validate(&self) -> Result<()> {
+        if self.num_beams == 0 {
+            return Err(Error::arg("num_beams", "must be at least 1"));
+        }
+        if !self.length_penalty.is_finite() {
+            return Err(Error::arg("length_penalty", "must be finite"));
+        }
+        self.sampling.validate()
+    }
+
+    /// Errors when a field this generation loop (`what`) does not implement is set: beam
+    /// search, or (`processors` false) the n-gram ban and the forced first token.
+    pub fn check_supported(&self, what: &str, processors: bool) -> Result<()> {
+        self.validate()?;
+        if self.num_beams > 1 {
+            return Err(Error::arg(
+                "num_beams",
+                format!(
+                    "{}: {what} has no beam search (encoder-decoder models do)",
+                    self.num_beams
+                ),
+            ));
+        }
+        if !processors && self.no_repeat_ngram_size > 0 {
+            return Err(Error::arg(
+                "no_repeat_ngram_size",
+                format!("{what} does not implement it"),
+            ));
+        }
+        if !processors && self.forced_bos_token_id.is_some() {
+            return Err(Error::arg(
+                "forced_bos_token_id",
+                format!("{what} does not implement it"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// HF's logits processors this config turns on, applied to one row's scores before the
+    /// token is chosen: the n-gram ban over `seq` (what the model has read: the prompt and
+    /// the tokens so far, or an encoder-decoder's decoder sequence) and, at `step` 0, the
+    /// forced first token.
+    pub fn process_logits(&self, scores: &mut [f32], seq: &[u32], step: usize) {
+        crate::seq2seq::ban_repeated_ngrams(scores, seq, self.no_repeat_ngram_size);
+        if let Some(t) = self.forced_bos_token_id
+            && step == 0
+        {
+            crate::seq2seq::force_token(scores, t);
+        }
     }
 
     /// Sets `max_new_tokens`.
@@ -133,9 +234,9 @@ impl GenerationConfig {
         self.sampling = sampling;
         self
     }
-    /// Sets the EOS ids.
+    /// Sets the EOS ids (an empty list: never stop on a token).
     pub fn with_eos_token_ids(mut self, ids: Vec<u32>) -> Self {
-        self.eos_token_ids = ids;
+        self.eos_token_ids = Some(ids);
         self
     }
     /// Sets the stop strings.
@@ -145,7 +246,32 @@ impl GenerationConfig {
     }
     /// Sets the padding id.
     pub fn with_pad_token_id(mut self, id: u32) -> Self {
-        self.pad_token_id = id;
+        self.pad_token_id = Some(id);
+        self
+    }
+    /// Sets the beam width.
+    pub fn with_num_beams(mut self, n: usize) -> Self {
+        self.num_beams = n;
+        self
+    }
+    /// Sets the length penalty.
+    pub fn with_length_penalty(mut self, p: f32) -> Self {
+        self.length_penalty = p;
+        self
+    }
+    /// Sets early stopping.
+    pub fn with_early_stopping(mut self, on: bool) -> Self {
+        self.early_stopping = on;
+        self
+    }
+    /// Sets `no_repeat_ngram_size`.
+    pub fn with_no_repeat_ngram_size(mut self, n: usize) -> Self {
+        self.no_repeat_ngram_size = n;
+        self
+    }
+    /// Sets the forced first token.
+    pub fn with_forced_bos_token_id(mut self, id: Option<u32>) -> Self {
+        self.forced_bos_token_id = id;
         self
     }
 }
@@ -213,8 +339,9 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// An empty sequence, with text when a tokenizer decodes it.
-    pub(crate) fn start(with_text: bool) -> Self {
+    /// An empty sequence, with text when a tokenizer decodes it (for decode loops outside
+    /// kiln-core, which feed it with [`Self::accept`] and end with [`Self::flush`]).
+    pub fn start(with_text: bool) -> Self {
         Self {
             tokens: Vec::new(),
             text: with_text.then(String::new),
@@ -239,8 +366,8 @@ impl Generation {
     /// before it). Text that could be the start of a stop string is held back until the next
     /// token decides, so streamed text never holds part of a stop string. `on_text` returning
     /// false ends the sequence ([`FinishReason::Cancelled`]). Returns whether the sequence has
-    /// ended.
-    pub(crate) fn accept(
+    /// ended. `config`'s EOS ids must be resolved ([`GenerationConfig::resolve`]).
+    pub fn accept(
         &mut self,
         token: u32,
         config: &GenerationConfig,
@@ -249,7 +376,7 @@ impl Generation {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<bool> {
         self.tokens.push(token);
-        if config.eos_token_ids.contains(&token) {
+        if config.eos().contains(&token) {
             self.finish = FinishReason::Eos;
             return Ok(true);
         }
@@ -283,7 +410,7 @@ impl Generation {
 
     /// Streams the text still held back at the end (an incomplete character), unless a stop
     /// string ended the sequence.
-    pub(crate) fn flush(
+    pub fn flush(
         &mut self,
         tokenizer: &Tokenizer,
         stream: &mut TokenStream,
@@ -347,6 +474,10 @@ pub fn generate_tokens<B: Backend, M: CausalLm<B>, R: StreamControl>(
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
+    config.check_supported("decoder-only generation", true)?;
+    let config = &config
+        .clone()
+        .resolve(model.eos_token_ids(), model.pad_token_id());
     let vocab = model.vocab_size();
     let context = model.max_context();
     for (row, prompt) in prompts.iter().enumerate() {
@@ -367,7 +498,7 @@ pub fn generate_tokens<B: Backend, M: CausalLm<B>, R: StreamControl>(
 
     let mut input = Vec::with_capacity(batch * width);
     for (prompt, &pad) in prompts.iter().zip(&pad) {
-        input.extend(std::iter::repeat_n(config.pad_token_id as i64, pad));
+        input.extend(std::iter::repeat_n(config.pad() as i64, pad));
         input.extend(prompt.iter().map(|&t| t as i64));
     }
     let mut tokens =
@@ -396,10 +527,11 @@ pub fn generate_tokens<B: Backend, M: CausalLm<B>, R: StreamControl>(
         let mut next = Vec::with_capacity(batch);
         for row in 0..batch {
             if done[row] {
-                next.push(config.pad_token_id as i64);
+                next.push(config.pad() as i64);
                 continue;
             }
             let row_logits = &mut logits[row * vocab..(row + 1) * vocab].to_vec();
+            config.process_logits(row_logits, &contexts[row], outputs[row].tokens.len());
             let token = samplers[row].sample(row_logits, &contexts[row]);
             contexts[row].push(token);
             next.push(token as i64);

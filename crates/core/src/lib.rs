@@ -26,7 +26,8 @@
 //! ) -> kiln_core::Result<String> {
 //!     let ids = tokenizer.encode(prompt, true)?;
 //!     let sampling = SamplingConfig::default().with_temperature(0.7).with_top_p(Some(0.9));
-//!     let config = GenerationConfig::for_model(model)
+//!     // EOS and padding are left to the model: generation stops where its config says.
+//!     let config = GenerationConfig::default()
 //!         .with_sampling(sampling)
 //!         .with_max_new_tokens(32);
 //!     let out = generate(model, &[ids], &config, Some(tokenizer), |_, _piece| {})?;

@@ -7,10 +7,11 @@
 
 use burn::prelude::*;
 
-use crate::beam::{BeamConfig, beam_search};
-use crate::generate::{FinishReason, StreamControl};
+use crate::beam::beam_search;
+use crate::generate::{FinishReason, Generation, GenerationConfig, StreamControl, TokenEvent};
 use crate::nn::{AttentionMask, KvCache};
-use crate::sampling::{Sampler, SamplingConfig};
+use crate::sampling::Sampler;
+use crate::tokenizer::{TokenStream, Tokenizer};
 use crate::{Error, Result};
 
 /// The encoder's output for a batch.
@@ -98,102 +99,15 @@ pub trait Seq2SeqLm<B: Backend> {
     fn device(&self) -> B::Device;
 }
 
-/// How an encoder-decoder model generates.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Seq2SeqConfig {
-    /// Upper bound on generated tokens (the decoder start token not counted).
-    pub max_new_tokens: usize,
-    /// Token choice when `num_beams == 1`.
-    pub sampling: SamplingConfig,
-    /// Beam width; `1` is greedy/sampling.
-    pub num_beams: usize,
-    /// Beam score = sum of log-probs / generated_len^length_penalty (HF semantics).
-    pub length_penalty: f32,
-    /// HF `early_stopping=True`: a batch row stops once it has `num_beams` finished hypotheses.
-    pub early_stopping: bool,
-    /// Forbid repeating any n-gram of this size (`0` = off), as HF `no_repeat_ngram_size`.
-    pub no_repeat_ngram_size: usize,
-    /// Force this token as the first generated one (NLLB's target language).
-    pub forced_bos_token_id: Option<u32>,
-    /// EOS ids; `None` uses the model's.
-    pub eos_token_ids: Option<Vec<u32>>,
-}
-
-impl Default for Seq2SeqConfig {
-    fn default() -> Self {
-        Self {
-            max_new_tokens: 128,
-            sampling: SamplingConfig::greedy(),
-            num_beams: 1,
-            length_penalty: 1.0,
-            early_stopping: true,
-            no_repeat_ngram_size: 0,
-            forced_bos_token_id: None,
-            eos_token_ids: None,
-        }
-    }
-}
-
-impl Seq2SeqConfig {
-    /// Sets `max_new_tokens`.
-    pub fn with_max_new_tokens(mut self, n: usize) -> Self {
-        self.max_new_tokens = n;
-        self
-    }
-    /// Sets the sampling config.
-    pub fn with_sampling(mut self, sampling: SamplingConfig) -> Self {
-        self.sampling = sampling;
-        self
-    }
-    /// Sets the beam width.
-    pub fn with_num_beams(mut self, n: usize) -> Self {
-        self.num_beams = n;
-        self
-    }
-    /// Sets the length penalty.
-    pub fn with_length_penalty(mut self, p: f32) -> Self {
-        self.length_penalty = p;
-        self
-    }
-    /// Sets early stopping.
-    pub fn with_early_stopping(mut self, on: bool) -> Self {
-        self.early_stopping = on;
-        self
-    }
-    /// Sets `no_repeat_ngram_size`.
-    pub fn with_no_repeat_ngram_size(mut self, n: usize) -> Self {
-        self.no_repeat_ngram_size = n;
-        self
-    }
-    /// Sets the forced first token.
-    pub fn with_forced_bos_token_id(mut self, id: Option<u32>) -> Self {
-        self.forced_bos_token_id = id;
-        self
-    }
-    /// Sets the EOS ids.
-    pub fn with_eos_token_ids(mut self, ids: Vec<u32>) -> Self {
-        self.eos_token_ids = Some(ids);
-        self
-    }
-
-    /// Checks the fields are in range.
-    pub fn validate(&self) -> Result<()> {
-        if self.num_beams == 0 {
-            return Err(Error::arg("num_beams", "must be at least 1"));
-        }
-        if !self.length_penalty.is_finite() {
-            return Err(Error::arg("length_penalty", "must be finite"));
-        }
-        self.sampling.validate()
-    }
-}
-
 /// One generated sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Seq2SeqOutput {
     /// Generated tokens: the decoder start token excluded; a forced first token and an EOS that
     /// ended the sequence included.
     pub tokens: Vec<u32>,
+    /// Decoded text of `tokens` (special tokens skipped, cut at a stop string), when a
+    /// tokenizer was given.
+    pub text: Option<String>,
     /// Beam search's length-penalised score (HF `sequences_scores`); `None` otherwise.
     pub score: Option<f32>,
     /// Why it stopped.
@@ -307,24 +221,28 @@ pub(crate) fn host_rows<B: Backend>(logits: Tensor<B, 3>) -> Vec<Vec<f32>> {
 
 /// Encodes `inputs` (token ids, one row each; rows may differ in length) and generates for all
 /// of them in one batch: beam search when `config.num_beams > 1`, else greedy or sampled.
+/// EOS ids left to the model (`None`) are [`Seq2SeqLm::eos_token_ids`].
 pub fn generate_seq2seq<B: Backend, M: Seq2SeqLm<B>>(
     model: &M,
     inputs: &[Vec<u32>],
-    config: &Seq2SeqConfig,
+    config: &GenerationConfig,
 ) -> Result<Vec<Seq2SeqOutput>> {
-    run(model, inputs, config, None)
+    run(model, inputs, config, None, None)
 }
 
-/// [`generate_seq2seq`] with each new token streamed as it is chosen: `on_token(row, id)`
-/// returns `()`, or a [`ControlFlow`](std::ops::ControlFlow) whose `Break` ends that row after
-/// the token ([`FinishReason::Cancelled`]), as in [`generate`](crate::generate()). Greedy and
-/// sampled decoding only: beam search knows its tokens at the end, so `num_beams > 1` is an
-/// error here (as HF's `generate` refuses a streamer with beams).
+/// [`generate_seq2seq`] with each new token reported as it is chosen, as
+/// [`generate_tokens`](crate::generate_tokens) does for decoder-only models: `on_token` sees a
+/// [`TokenEvent`] (row, id, and the text the token makes final when `tokenizer` is given; stop
+/// strings need it) and returns `()`, or a [`ControlFlow`](std::ops::ControlFlow) whose `Break`
+/// ends that row after the token ([`FinishReason::Cancelled`]). Greedy and sampled decoding
+/// only: beam search knows its tokens at the end, so `num_beams > 1` is an error here (as HF's
+/// `generate` refuses a streamer with beams).
 pub fn generate_seq2seq_streaming<B: Backend, M: Seq2SeqLm<B>, R: StreamControl>(
     model: &M,
     inputs: &[Vec<u32>],
-    config: &Seq2SeqConfig,
-    mut on_token: impl FnMut(usize, u32) -> R,
+    config: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    mut on_token: impl FnMut(TokenEvent<'_>) -> R,
 ) -> Result<Vec<Seq2SeqOutput>> {
     if config.num_beams > 1 {
         return Err(Error::arg(
@@ -339,7 +257,8 @@ pub fn generate_seq2seq_streaming<B: Backend, M: Seq2SeqLm<B>, R: StreamControl>
         model,
         inputs,
         config,
-        Some(&mut |row, token| on_token(row, token).proceed()),
+        tokenizer,
+        Some(&mut |event| on_token(event).proceed()),
     )
 }
 
@@ -347,8 +266,9 @@ pub fn generate_seq2seq_streaming<B: Backend, M: Seq2SeqLm<B>, R: StreamControl>
 fn run<B: Backend, M: Seq2SeqLm<B>>(
     model: &M,
     inputs: &[Vec<u32>],
-    config: &Seq2SeqConfig,
-    mut on_token: Option<&mut dyn FnMut(usize, u32) -> bool>,
+    config: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    mut on_token: Option<&mut dyn FnMut(TokenEvent<'_>) -> bool>,
 ) -> Result<Vec<Seq2SeqOutput>> {
     config.validate()?;
     if let Some(t) = config.forced_bos_token_id
@@ -359,30 +279,26 @@ fn run<B: Backend, M: Seq2SeqLm<B>>(
             format!("{t} is outside the vocabulary of {}", model.vocab_size()),
         ));
     }
+    if !config.stop_strings.is_empty() && (tokenizer.is_none() || config.num_beams > 1) {
+        return Err(Error::arg(
+            "stop_strings",
+            "need a tokenizer to match text, and greedy or sampled decoding",
+        ));
+    }
     check_ids(inputs, model.vocab_size())?;
+    let config = &config
+        .clone()
+        .resolve(model.eos_token_ids(), Some(model.pad_token_id()));
     let device = model.device();
     let (ids, padding) = pad_batch::<B>(inputs, model.pad_token_id(), &device)?;
     let encoder = model.encode(ids, padding);
-    let eos = config
-        .eos_token_ids
-        .clone()
-        .unwrap_or_else(|| model.eos_token_ids());
     if config.num_beams > 1 {
-        let beam = BeamConfig {
-            num_beams: config.num_beams,
-            length_penalty: config.length_penalty,
-            early_stopping: config.early_stopping,
-            no_repeat_ngram_size: config.no_repeat_ngram_size,
-            max_new_tokens: config.max_new_tokens,
-            eos_token_ids: eos,
-            forced_bos_token_id: config.forced_bos_token_id,
-        };
-        return beam_search(model, &encoder, &beam);
+        return beam_search(model, &encoder, config);
     }
 
     let batch = inputs.len();
     let start = model.decoder_start_token_id();
-    let pad = model.pad_token_id();
+    let pad = config.pad();
     // One sampler per row, each from the configured seed: a row samples the same tokens
     // whatever else is in the batch (as `generate` does for decoder-only models).
     let mut samplers: Vec<Sampler> = (0..batch)
@@ -390,56 +306,69 @@ fn run<B: Backend, M: Seq2SeqLm<B>>(
         .collect::<Result<_>>()?;
     let mut cache = model.new_decoder_cache(&encoder);
     let mut seqs = vec![vec![start]; batch];
-    let mut finish: Vec<Option<FinishReason>> = vec![None; batch];
-    // Tokens a cancelled row keeps (the start token excluded).
-    let mut cancelled_at = vec![0usize; batch];
+    let mut outputs: Vec<Generation> = (0..batch)
+        .map(|_| Generation::start(tokenizer.is_some()))
+        .collect();
+    let mut streams = vec![TokenStream::new(); batch];
+    let mut done = vec![false; batch];
     for step in 0..config.max_new_tokens {
         let last: Vec<i64> = seqs.iter().map(|s| *s.last().unwrap() as i64).collect();
         let tokens = Tensor::from_data(TensorData::new(last, [batch, 1]), &device);
         let rows = host_rows(model.decode_step(tokens, &mut cache));
         for (row, mut logits) in rows.into_iter().enumerate() {
             // Finished rows are fed padding, as HF does; their output is ignored.
-            if finish[row].is_some() {
+            if done[row] {
                 seqs[row].push(pad);
                 continue;
             }
-            ban_repeated_ngrams(&mut logits, &seqs[row], config.no_repeat_ngram_size);
+            config.process_logits(&mut logits, &seqs[row], step);
             let token = match config.forced_bos_token_id {
                 Some(t) if step == 0 => t,
                 _ => samplers[row].sample(&mut logits, &seqs[row]),
             };
             seqs[row].push(token);
-            let go_on = on_token.as_mut().is_none_or(|f| f(row, token));
-            if eos.contains(&token) {
-                finish[row] = Some(FinishReason::Eos);
-            } else if !go_on {
-                finish[row] = Some(FinishReason::Cancelled);
-                cancelled_at[row] = seqs[row].len() - 1;
+            let mut text = String::new();
+            let finished =
+                outputs[row].accept(token, config, tokenizer, &mut streams[row], |piece| {
+                    text.push_str(piece);
+                    true
+                })?;
+            let go_on = on_token.as_mut().is_none_or(|f| {
+                f(TokenEvent {
+                    row,
+                    id: Some(token),
+                    text: &text,
+                })
+            });
+            if !finished && !go_on {
+                outputs[row].finish = FinishReason::Cancelled;
             }
+            done[row] = finished || !go_on;
         }
-        if finish.iter().all(Option::is_some) {
+        if done.iter().all(|&d| d) {
             break;
         }
     }
-    Ok(seqs
-        .into_iter()
-        .zip(finish)
-        .zip(cancelled_at)
-        .map(|((seq, finish), cancelled_at)| {
-            let mut tokens = seq[1..].to_vec();
-            match finish {
-                Some(FinishReason::Cancelled) => tokens.truncate(cancelled_at),
-                Some(_) => {
-                    let end = tokens.iter().position(|t| eos.contains(t)).unwrap_or(0);
-                    tokens.truncate(end + 1);
+    if let Some(tokenizer) = tokenizer {
+        for (row, out) in outputs.iter_mut().enumerate() {
+            out.flush(tokenizer, &mut streams[row], |rest| {
+                if let Some(f) = on_token.as_mut() {
+                    f(TokenEvent {
+                        row,
+                        id: None,
+                        text: rest,
+                    });
                 }
-                None => {}
-            }
-            Seq2SeqOutput {
-                tokens,
-                score: None,
-                finish: finish.unwrap_or(FinishReason::Length),
-            }
+            })?;
+        }
+    }
+    Ok(outputs
+        .into_iter()
+        .map(|g| Seq2SeqOutput {
+            tokens: g.tokens,
+            text: g.text,
+            score: None,
+            finish: g.finish,
         })
         .collect())
 }

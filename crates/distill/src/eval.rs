@@ -1,8 +1,8 @@
 //! Evaluation: greedy `predict:` decoding and accuracy (exact match, or equal value for SVAMP).
 
 use burn::prelude::*;
-use kiln_core::Tokenizer;
-use kiln_core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
+use kiln_core::seq2seq::{Seq2SeqLm, generate_seq2seq};
+use kiln_core::{GenerationConfig, Tokenizer};
 use kiln_t5::T5;
 
 use crate::DistillError;
@@ -57,7 +57,7 @@ pub fn evaluate<B: Backend>(
         .eos_token_ids()
         .first()
         .ok_or_else(|| DistillError::arg("model", "the model's config names no EOS token"))?;
-    let generation = Seq2SeqConfig::default().with_max_new_tokens(opts.max_new_tokens);
+    let generation = GenerationConfig::default().with_max_new_tokens(opts.max_new_tokens);
     let mut predictions = Vec::with_capacity(examples.len());
     let mut correct = 0;
     for chunk in examples.chunks(opts.batch_size.max(1)) {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use kiln_core::generate::partial_stop_len;
-use kiln_core::{FinishReason, Sampler, SamplingConfig, StreamControl};
+use kiln_core::{FinishReason, GenerationConfig, Sampler, StreamControl, TokenEvent};
 
 use crate::error::{EnsembleError, Result};
 use crate::member::Member;
@@ -58,6 +58,9 @@ pub struct EnsembleConfig {
     pub unite_k: usize,
     /// Where relative matrices are cached (`None`: computed every time).
     pub cache_dir: Option<PathBuf>,
+    /// DeePEn: when the main model's own argmax is its EOS, take the main model's scores for
+    /// that step (the reference's rule; default on).
+    pub main_eos_fallback: bool,
 }
 
 impl Default for EnsembleConfig {
@@ -70,6 +73,7 @@ impl Default for EnsembleConfig {
             search: SearchConfig::default(),
             unite_k: 10,
             cache_dir: None,
+            main_eos_fallback: true,
         }
     }
 }
@@ -110,6 +114,11 @@ impl EnsembleConfig {
         self.cache_dir = dir;
         self
     }
+    /// Sets [`main_eos_fallback`](Self::main_eos_fallback).
+    pub fn with_main_eos_fallback(mut self, on: bool) -> Self {
+        self.main_eos_fallback = on;
+        self
+    }
 }
 
 /// DeePEn-Adapt: weights proportional to each member's dev-set score.
@@ -146,65 +155,6 @@ pub fn check_weights(weights: &[f32], members: usize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// When to stop and how to choose tokens.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EnsembleGenerationConfig {
-    /// Most tokens to generate (in steps of the ensemble).
-    pub max_new_tokens: usize,
-    /// Token choice from the combined scores.
-    pub sampling: SamplingConfig,
-    /// End when the text contains one of these (the text is cut before it).
-    pub stop_strings: Vec<String>,
-    /// DeePEn: when the main model's own argmax is its EOS, take the main model's scores for
-    /// that step (the reference's rule; default on).
-    pub main_eos_fallback: bool,
-    /// Multiple choice, as the reference's processor for MMLU/ARC/PIQA: when not empty, one
-    /// token is generated, the choice (e.g. `" A"`, `" B"`, ...; each one token of the
-    /// vocabulary) whose token scores highest in the step's logits (DeePEn's searched ones, with
-    /// no EOS fallback, or a member's own). DeePEn and single members only.
-    pub choices: Vec<String>,
-}
-
-impl Default for EnsembleGenerationConfig {
-    fn default() -> Self {
-        Self {
-            max_new_tokens: 64,
-            sampling: SamplingConfig::greedy(),
-            stop_strings: Vec::new(),
-            main_eos_fallback: true,
-            choices: Vec::new(),
-        }
-    }
-}
-
-impl EnsembleGenerationConfig {
-    /// Sets `max_new_tokens`.
-    pub fn with_max_new_tokens(mut self, n: usize) -> Self {
-        self.max_new_tokens = n;
-        self
-    }
-    /// Sets the sampling config.
-    pub fn with_sampling(mut self, sampling: SamplingConfig) -> Self {
-        self.sampling = sampling;
-        self
-    }
-    /// Sets the stop strings.
-    pub fn with_stop_strings(mut self, stops: Vec<String>) -> Self {
-        self.stop_strings = stops;
-        self
-    }
-    /// Sets [`main_eos_fallback`](Self::main_eos_fallback).
-    pub fn with_main_eos_fallback(mut self, on: bool) -> Self {
-        self.main_eos_fallback = on;
-        self
-    }
-    /// Sets [`choices`](Self::choices).
-    pub fn with_choices(mut self, choices: Vec<String>) -> Self {
-        self.choices = choices;
-        self
-    }
 }
 
 /// Length of `bytes` without an incomplete UTF-8 character at its end; invalid sequences count
@@ -455,25 +405,46 @@ impl<B: Backend> Ensemble<B> {
         deepen_combine(logits, &self.relative, &self.weights, &self.config.search)
     }
 
-    /// Generates from `prompts`: one per member (main first), or one shared by all.
+    /// Generates from `prompts`: one per member (main first), or one shared by all. `config`
+    /// is kiln-core's [`GenerationConfig`]: EOS ids left `None` are the main model's; beams, the
+    /// n-gram ban and a forced first token are not implemented here (an error).
     pub fn generate(
         &mut self,
         prompts: &[&str],
-        config: &EnsembleGenerationConfig,
+        config: &GenerationConfig,
     ) -> Result<EnsembleOutput> {
         self.generate_streaming(prompts, config, |_| ())
     }
 
-    /// [`generate`](Self::generate), passing the text to `on_text` as it becomes final (whole
-    /// characters; a possible stop string held back until it cannot match). Like
-    /// `kiln_core::generate`'s callback it returns `()` or a `ControlFlow`; `Break` ends the
-    /// generation after that piece ([`FinishReason::Cancelled`]).
+    /// [`generate`](Self::generate), reporting each step as kiln-core's `generate_tokens`
+    /// does: a [`TokenEvent`] (row 0) with the main model's id of the chosen token (`None` for
+    /// a GaC/UniTE token outside its vocabulary and for the final held-back text) and the text
+    /// it makes final (whole characters; a possible stop string held back until it cannot
+    /// match). The callback returns `()` or a `ControlFlow`; `Break` ends the generation after
+    /// that step ([`FinishReason::Cancelled`]).
     pub fn generate_streaming<R: StreamControl>(
         &mut self,
         prompts: &[&str],
-        config: &EnsembleGenerationConfig,
-        mut on_text: impl FnMut(&str) -> R,
+        config: &GenerationConfig,
+        mut on_token: impl FnMut(TokenEvent<'_>) -> R,
     ) -> Result<EnsembleOutput> {
+        let tracks = self.start(prompts)?;
+        self.decode(tracks, config, None, &mut |event| on_token(event).proceed())
+    }
+
+    /// Multiple choice, as the reference's processor for MMLU/ARC/PIQA: from `prompts` (as in
+    /// [`generate`](Self::generate)), the one of `choices` (e.g. `" A"`, `" B"`, ...; each one
+    /// token of the main vocabulary) whose token scores highest in the step's DeePEn logits
+    /// (the searched ones, with no EOS fallback). DeePEn only; [`Self::choose_member`] runs
+    /// one member alone.
+    pub fn choose(&mut self, prompts: &[&str], choices: &[String]) -> Result<EnsembleOutput> {
+        let tracks = self.start(prompts)?;
+        let config = GenerationConfig::default().with_max_new_tokens(1);
+        self.decode(tracks, &config, Some(choices), &mut |_| true)
+    }
+
+    /// Each member's logits after its prompt: one prompt per member, or one shared by all.
+    fn start(&mut self, prompts: &[&str]) -> Result<Vec<Track<B>>> {
         let n = self.members.len();
         let prompts: Vec<&str> = match prompts.len() {
             1 => vec![prompts[0]; n],
@@ -487,12 +458,11 @@ impl<B: Backend> Ensemble<B> {
                 ));
             }
         };
-        config.sampling.validate()?;
         let mut tracks = Vec::with_capacity(n);
         for (member, prompt) in self.members.iter_mut().zip(&prompts) {
             tracks.push(Track::new(member.start(prompt)?));
         }
-        self.decode(tracks, config, &mut |piece| on_text(piece).proceed())
+        Ok(tracks)
     }
 
     /// [`generate`](Self::generate) from the main model's prompt token ids (as `kiln generate
@@ -501,9 +471,8 @@ impl<B: Backend> Ensemble<B> {
     pub fn generate_from_ids(
         &mut self,
         main_ids: &[u32],
-        config: &EnsembleGenerationConfig,
+        config: &GenerationConfig,
     ) -> Result<EnsembleOutput> {
-        config.sampling.validate()?;
         let text = self.members[0]
             .tokenizer()
             .decode(main_ids, true)
@@ -517,38 +486,38 @@ impl<B: Backend> Ensemble<B> {
             };
             tracks.push(Track::new(logits));
         }
-        self.decode(tracks, config, &mut |_| true)
+        self.decode(tracks, config, None, &mut |_| true)
     }
 
     /// The generation loop shared by the text and the id entry points.
     fn decode(
         &mut self,
         mut tracks: Vec<Track<B>>,
-        config: &EnsembleGenerationConfig,
-        on_text: &mut dyn FnMut(&str) -> bool,
+        config: &GenerationConfig,
+        choices: Option<&[String]>,
+        on_token: &mut dyn FnMut(TokenEvent<'_>) -> bool,
     ) -> Result<EnsembleOutput> {
+        config.check_supported("ensemble generation", false)?;
         // Streamed so far: bytes of `text_bytes`, and the length of that text as streamed (an
         // invalid byte goes out as U+FFFD, as in the final text).
         let (mut streamed_bytes, mut streamed) = (0, 0);
         let mut sampler = Sampler::new(config.sampling.clone())?;
-        let eos = self.members[0].eos_token_ids();
+        let eos = config
+            .eos_token_ids
+            .clone()
+            .unwrap_or_else(|| self.members[0].eos_token_ids());
         let mut text_bytes: Vec<u8> = Vec::new();
         let mut chosen: Vec<u32> = Vec::new();
         let mut finish = FinishReason::Length;
-        let choices = if config.choices.is_empty() {
-            None
-        } else if self.config.method != Method::Deepen {
+        if choices.is_some() && self.config.method != Method::Deepen {
             return Err(EnsembleError::arg(
                 "choices",
                 "multiple choice is DeePEn's protocol (and single members'); not GaC or UniTE",
             ));
-        } else {
-            Some(choice_ids(
-                &self.vocabs[0],
-                &config.choices,
-                self.members[0].name(),
-            )?)
-        };
+        }
+        let choices = choices
+            .map(|c| choice_ids(&self.vocabs[0], c, self.members[0].name()))
+            .transpose()?;
         let steps = if choices.is_some() {
             1
         } else {
@@ -582,7 +551,7 @@ impl<B: Backend> Ensemble<B> {
                             tracks.iter().map(|t| t.logits.clone()).collect();
                         let combined = host_vec(self.deepen_logits(&logits)?, "logits")?;
                         Choice::Main(best_choice(&combined, ids))
-                    } else if config.main_eos_fallback && eos.contains(&main_argmax()) {
+                    } else if self.config.main_eos_fallback && eos.contains(&main_argmax()) {
                         let mut main = host_vec(tracks[0].logits.clone(), "logits")?;
                         Choice::Main(sampler.sample(&mut main, &chosen))
                     } else {
@@ -650,21 +619,27 @@ impl<B: Backend> Ensemble<B> {
             let fresh = &text_bytes[streamed_bytes..];
             let piece = String::from_utf8_lossy(&fresh[..complete_utf8_len(fresh)]);
             let safe = piece.len() - partial_stop_len(&piece, &config.stop_strings);
-            if safe > 0 {
-                let go_on = on_text(&piece[..safe]);
-                // What is held back is whole valid characters, the same bytes in `fresh`.
-                streamed_bytes += complete_utf8_len(fresh) - (piece.len() - safe);
-                streamed += safe;
-                if !go_on {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
+            let go_on = on_token(TokenEvent {
+                row: 0,
+                id: main_id,
+                text: &piece[..safe],
+            });
+            // What is held back is whole valid characters, the same bytes in `fresh`.
+            streamed_bytes += complete_utf8_len(fresh) - (piece.len() - safe);
+            streamed += safe;
+            if !go_on {
+                finish = FinishReason::Cancelled;
+                break;
             }
         }
         if finish != FinishReason::Cancelled {
             let text = String::from_utf8_lossy(&text_bytes);
             if text.len() > streamed {
-                on_text(&text[streamed..]);
+                on_token(TokenEvent {
+                    row: 0,
+                    id: None,
+                    text: &text[streamed..],
+                });
             }
         }
         let tokens = match self.config.method {
@@ -684,25 +659,50 @@ impl<B: Backend> Ensemble<B> {
         })
     }
 
-    /// Runs member `index` alone (its own greedy/sampled choice and EOS), for comparisons.
+    /// Runs member `index` alone (its own greedy/sampled choice and, unless `config` names
+    /// others, its own EOS ids), for comparisons.
     pub fn generate_member(
         &mut self,
         index: usize,
         prompt: &str,
-        config: &EnsembleGenerationConfig,
+        config: &GenerationConfig,
     ) -> Result<EnsembleOutput> {
+        self.run_member(index, prompt, config, None)
+    }
+
+    /// [`choose`](Self::choose) with member `index` alone: the one of `choices` whose token
+    /// scores highest in its own logits.
+    pub fn choose_member(
+        &mut self,
+        index: usize,
+        prompt: &str,
+        choices: &[String],
+    ) -> Result<EnsembleOutput> {
+        let config = GenerationConfig::default().with_max_new_tokens(1);
+        self.run_member(index, prompt, &config, Some(choices))
+    }
+
+    fn run_member(
+        &mut self,
+        index: usize,
+        prompt: &str,
+        config: &GenerationConfig,
+        choices: Option<&[String]>,
+    ) -> Result<EnsembleOutput> {
+        config.check_supported("ensemble generation", false)?;
         let member = self
             .members
             .get_mut(index)
             .ok_or_else(|| EnsembleError::arg("index", format!("no member {index}")))?;
         let vocab = &self.vocabs[index];
         let mut sampler = Sampler::new(config.sampling.clone())?;
-        let eos = member.eos_token_ids();
-        let choices = if config.choices.is_empty() {
-            None
-        } else {
-            Some(choice_ids(vocab, &config.choices, member.name())?)
-        };
+        let eos = config
+            .eos_token_ids
+            .clone()
+            .unwrap_or_else(|| member.eos_token_ids());
+        let choices = choices
+            .map(|c| choice_ids(vocab, c, member.name()))
+            .transpose()?;
         let steps = if choices.is_some() {
             1
         } else {

@@ -72,7 +72,7 @@ impl std::str::FromStr for Metric {
 }
 
 /// The token texts the reference scores for option letters: the letter after a space (its
-/// `▁A`, `▁B`, ...), for [`EnsembleGenerationConfig::choices`](crate::EnsembleGenerationConfig).
+/// `▁A`, `▁B`, ...), for [`Ensemble::choose`](crate::Ensemble::choose).
 pub fn choice_tokens(letters: &[String]) -> Vec<String> {
     letters.iter().map(|l| format!(" {}", l.trim())).collect()
 }

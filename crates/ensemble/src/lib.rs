@@ -15,8 +15,8 @@
 //! ```no_run
 //! # fn main() -> kiln_ensemble::Result<()> {
 //! use burn::backend::NdArray;
-//! use kiln_core::{CausalLm, Tokenizer};
-//! use kiln_ensemble::{DecoderMember, Ensemble, EnsembleConfig, EnsembleGenerationConfig, Member};
+//! use kiln_core::{CausalLm, GenerationConfig, Tokenizer};
+//! use kiln_ensemble::{DecoderMember, Ensemble, EnsembleConfig, Member};
 //! use kiln_llama::Llama;
 //!
 //! let device = Default::default();
@@ -29,7 +29,9 @@
 //!     Ok(Box::new(DecoderMember::new(dir.display().to_string(), model, tokenizer, embeddings, eos)))
 //! };
 //! let mut ensemble = Ensemble::new(vec![member("llama-2-7b")?, member("mistral-7b")?], EnsembleConfig::default())?;
-//! let out = ensemble.generate(&["The capital of France is"], &EnsembleGenerationConfig::default())?;
+//! // kiln-core's one generation config; EOS left to the main model.
+//! let config = GenerationConfig::default().with_max_new_tokens(16);
+//! let out = ensemble.generate(&["The capital of France is"], &config)?;
 //! println!("{}", out.text);
 //! # Ok(()) }
 //! ```
@@ -43,8 +45,8 @@ pub mod search;
 pub mod vocab;
 
 pub use ensemble::{
-    Ensemble, EnsembleConfig, EnsembleGenerationConfig, EnsembleOutput, Method, check_weights,
-    deepen_combine, relative_average, weights_from_scores,
+    Ensemble, EnsembleConfig, EnsembleOutput, Method, check_weights, deepen_combine,
+    relative_average, weights_from_scores,
 };
 pub use error::{EnsembleError, Result};
 pub use member::{DecoderMember, Member, Seq2SeqMember};

@@ -8,8 +8,8 @@ use burn::backend::{Flex, NdArray};
 use kiln_core::seq2seq::Seq2SeqLm;
 use kiln_core::{FinishReason, GenerationConfig, Tokenizer, generate};
 use kiln_ensemble::{
-    AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleError, EnsembleGenerationConfig,
-    EnsembleOutput, Member, Method, RelativeConfig, Seq2SeqMember, Vocab, find_anchors,
+    AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, EnsembleError, EnsembleOutput, Member,
+    Method, RelativeConfig, Seq2SeqMember, Vocab, find_anchors,
 };
 use kiln_llama::Llama;
 use kiln_m2m100::{M2M100, language_token_id};
@@ -54,8 +54,8 @@ fn nllb() -> Box<dyn Member<B>> {
     )
 }
 
-fn greedy(n: usize) -> EnsembleGenerationConfig {
-    EnsembleGenerationConfig::default().with_max_new_tokens(n)
+fn greedy(n: usize) -> GenerationConfig {
+    GenerationConfig::default().with_max_new_tokens(n)
 }
 
 #[test]
@@ -358,11 +358,11 @@ fn main_model_eos_ends_the_ensemble() {
             }),
             llama("llama3-gqa"),
         ];
-        let config = EnsembleConfig::default().with_weights(Some(vec![0.05, 0.95]));
+        let config = EnsembleConfig::default()
+            .with_weights(Some(vec![0.05, 0.95]))
+            .with_main_eos_fallback(fallback);
         let mut ensemble = Ensemble::new(members, config).unwrap();
-        ensemble
-            .generate(&[PROMPT], &greedy(8).with_main_eos_fallback(fallback))
-            .unwrap()
+        ensemble.generate(&[PROMPT], &greedy(8)).unwrap()
     };
     let with = run(true);
     assert_eq!(with.finish, kiln_core::FinishReason::Eos, "{with:?}");
@@ -423,15 +423,14 @@ fn choices_pick_the_highest_scoring_option() {
     assert!(!ids.contains(&(kiln_core::sampling::argmax(&logits))));
 
     let prompt = "The robot walked into the library";
-    let config = greedy(8).with_choices(choices.clone());
     let mut ensemble = Ensemble::new(
         vec![llama("llama3-gqa"), llama("llama2-mha")],
         EnsembleConfig::default(),
     )
     .unwrap();
-    let alone = ensemble.generate_member(0, prompt, &config).unwrap();
+    let alone = ensemble.choose_member(0, prompt, &choices).unwrap();
     assert_eq!(alone.tokens, vec![best]);
-    let out = ensemble.generate(&[prompt], &config).unwrap();
+    let out = ensemble.choose(&[prompt], &choices).unwrap();
     assert_eq!(out.tokens.len(), 1);
     assert!(choices.contains(&out.text), "{:?}", out.text);
 
@@ -440,10 +439,10 @@ fn choices_pick_the_highest_scoring_option() {
         EnsembleConfig::default().with_method(Method::Gac),
     )
     .unwrap();
-    let err = gac.generate(&[prompt], &config).unwrap_err();
+    let err = gac.choose(&[prompt], &choices).unwrap_err();
     assert!(err.to_string().contains("choices"), "{err}");
     let err = ensemble
-        .generate(&[prompt], &greedy(8).with_choices(vec![" zzqx".into()]))
+        .choose(&[prompt], &[" zzqx".to_string()])
         .unwrap_err();
     assert!(err.to_string().contains("zzqx"), "{err}");
 }
@@ -471,14 +470,21 @@ fn streaming_matches_the_single_model_stream() {
         EnsembleConfig::default(),
     )
     .unwrap();
-    let mut pieces = Vec::new();
+    let (mut pieces, mut ids) = (Vec::new(), Vec::new());
     let out = ensemble
-        .generate_streaming(&[prompt], &greedy(12), |p| pieces.push(p.to_string()))
+        .generate_streaming(&[prompt], &greedy(12), |e| {
+            pieces.push(e.text.to_string());
+            ids.extend(e.id);
+        })
         .unwrap();
-    assert!(pieces.len() > 1, "{pieces:?}");
+    assert!(
+        pieces.iter().filter(|p| !p.is_empty()).count() > 1,
+        "{pieces:?}"
+    );
     assert_eq!(pieces.concat(), out.text);
     assert_eq!(out.text, alone);
     assert_eq!(out.tokens, hf);
+    assert_eq!(ids, hf);
 
     // A stop string taken from the middle of the text: the stream ends before it.
     let stop: String = alone
@@ -491,7 +497,7 @@ fn streaming_matches_the_single_model_stream() {
         .generate_streaming(
             &[prompt],
             &greedy(12).with_stop_strings(vec![stop.clone()]),
-            |p| streamed.push_str(p),
+            |e| streamed.push_str(e.text),
         )
         .unwrap();
     assert_eq!(out.finish, FinishReason::Stop);

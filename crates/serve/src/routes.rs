@@ -68,15 +68,7 @@ impl Decoder {
         context: usize,
     ) -> Self {
         let eos = defaults.eos_token_id.to_vec();
-        let mut chat_eos = eos.clone();
-        // As `kiln chat`: the template's end-of-turn token ends a reply.
-        if let Some(id) = tokenizer
-            .eos_token()
-            .and_then(|e| tokenizer.token_to_id(e))
-            .filter(|id| !chat_eos.contains(id))
-        {
-            chat_eos.push(id);
-        }
+        let chat_eos = defaults.chat_eos_token_ids(&tokenizer);
         Self {
             engine,
             tokenizer,

@@ -128,7 +128,7 @@ where
             top_p: request.top_p,
             ..Default::default()
         };
-        let mut config = self.seq2seq_config(&overrides);
+        let mut config = self.generation_config(&overrides);
         config.sampling = config.sampling.with_seed(request.seed.unwrap_or(42));
         if let Some(n) = request.num_beams {
             config = config.with_num_beams(n);

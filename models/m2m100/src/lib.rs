@@ -9,13 +9,13 @@
 //! # fn main() -> kiln_core::Result<()> {
 //! use burn::backend::NdArray;
 //! use kiln_core::Tokenizer;
-//! use kiln_core::seq2seq::Seq2SeqConfig;
+//! use kiln_core::GenerationConfig;
 //! use kiln_m2m100::{M2M100, translate};
 //!
 //! let dir = std::path::Path::new("nllb-200-distilled-600M");
 //! let model = M2M100::<NdArray>::from_pretrained(dir, &Default::default())?;
 //! let tokenizer = Tokenizer::from_dir(dir)?;
-//! let options = Seq2SeqConfig::default().with_num_beams(4).with_max_new_tokens(64);
+//! let options = GenerationConfig::default().with_num_beams(4).with_max_new_tokens(64);
 //! let out = translate(&model, &tokenizer, &["Hello, world!"], "eng_Latn", "deu_Latn", &options)?;
 //! println!("{}", out[0]);
 //! # Ok(()) }

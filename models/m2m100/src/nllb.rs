@@ -6,8 +6,8 @@
 //! Language codes are the tokenizer's added tokens spelled `xxx_Xxxx` (`eng_Latn`, `zho_Hans`).
 
 use burn::prelude::*;
-use kiln_core::seq2seq::{Seq2SeqConfig, Seq2SeqLm, generate_seq2seq};
-use kiln_core::{Error, Result, Tokenizer};
+use kiln_core::seq2seq::{Seq2SeqLm, generate_seq2seq};
+use kiln_core::{Error, GenerationConfig, Result, Tokenizer};
 
 use crate::M2M100;
 
@@ -85,7 +85,7 @@ pub fn translate<B: Backend>(
     texts: &[&str],
     src_lang: &str,
     tgt_lang: &str,
-    options: &Seq2SeqConfig,
+    options: &GenerationConfig,
 ) -> Result<Vec<String>> {
     let tgt = language_token_id(tokenizer, tgt_lang, "tgt_lang")?;
     let eos = *model.eos_token_ids().first().ok_or_else(|| {

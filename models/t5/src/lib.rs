@@ -10,14 +10,15 @@
 //! # fn main() -> kiln_core::Result<()> {
 //! use burn::backend::NdArray;
 //! use kiln_core::Tokenizer;
-//! use kiln_core::seq2seq::{Seq2SeqConfig, generate_seq2seq};
+//! use kiln_core::GenerationConfig;
+//! use kiln_core::seq2seq::generate_seq2seq;
 //! use kiln_t5::T5;
 //!
 //! let dir = std::path::Path::new("flan-t5-small");
 //! let model = T5::<NdArray>::from_pretrained(dir, &Default::default())?;
 //! let tokenizer = Tokenizer::from_dir(dir)?;
 //! let input = tokenizer.encode("translate English to German: Hello.", true)?;
-//! let out = generate_seq2seq(&model, &[input], &Seq2SeqConfig::default().with_num_beams(4))?;
+//! let out = generate_seq2seq(&model, &[input], &GenerationConfig::default().with_num_beams(4))?;
 //! println!("{}", tokenizer.decode(&out[0].tokens, true)?);
 //! # Ok(()) }
 //! ```

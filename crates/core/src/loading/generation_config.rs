@@ -3,7 +3,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::{from_value, read_json_value};
-use crate::{GenerationConfig, Result, SamplingConfig};
+use crate::{GenerationConfig, Result, SamplingConfig, Tokenizer};
 
 /// A token id field that real configs write as a number, a list, or null.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -126,6 +126,21 @@ pub struct SamplingOverrides {
 }
 
 impl GenerationDefaults {
+    /// The EOS ids a chat reply ends on: the model's, then the chat template's end-of-turn
+    /// token (the tokenizer's `eos_token`, e.g. ChatML's `<|im_end|>`) when config.json names
+    /// another, as `kiln chat`, the server and HF's chat pipelines stop.
+    pub fn chat_eos_token_ids(&self, tokenizer: &Tokenizer) -> Vec<u32> {
+        let mut eos = self.eos_token_id.to_vec();
+        if let Some(id) = tokenizer
+            .eos_token()
+            .and_then(|e| tokenizer.token_to_id(e))
+            .filter(|id| !eos.contains(id))
+        {
+            eos.push(id);
+        }
+        eos
+    }
+
     /// The sampling HF's `generate` uses for this model: greedy unless `do_sample` is true,
     /// then `temperature` (default 1.0), `top_k` (default 50) and `top_p` (default 1.0, off);
     /// `repetition_penalty` in either case. A caller's `overrides` win, and a positive
@@ -153,19 +168,17 @@ impl GenerationDefaults {
 
     /// What HF's `generate` does for this model when given nothing: its EOS ids, its pad id
     /// (the first EOS when it has none), its `max_new_tokens` when set, and [`Self::sampling`].
+    /// EOS ids and pad these files do not name stay `None` (the model's).
     pub fn generation_config(&self, overrides: &SamplingOverrides) -> GenerationConfig {
         let eos = self.eos_token_id.to_vec();
-        let pad = self
-            .pad_token_id
-            .to_vec()
-            .first()
-            .or(eos.first())
-            .copied()
-            .unwrap_or(0);
-        let mut config = GenerationConfig::default()
-            .with_sampling(self.sampling(overrides))
-            .with_eos_token_ids(eos)
-            .with_pad_token_id(pad);
+        let pad = self.pad_token_id.to_vec().first().or(eos.first()).copied();
+        let mut config = GenerationConfig::default().with_sampling(self.sampling(overrides));
+        if !eos.is_empty() {
+            config = config.with_eos_token_ids(eos);
+        }
+        if let Some(pad) = pad {
+            config = config.with_pad_token_id(pad);
+        }
         if let Some(n) = self.max_new_tokens {
             config = config.with_max_new_tokens(n);
         }
@@ -237,7 +250,7 @@ mod tests {
         let g = d.generation_config(&none);
         assert_eq!(
             (g.eos_token_ids.clone(), g.pad_token_id, g.max_new_tokens),
-            (vec![7, 9], 7, 12)
+            (Some(vec![7, 9]), Some(7), 12)
         );
     }
 }
