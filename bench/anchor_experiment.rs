@@ -340,7 +340,14 @@ fn read_choices(
     let (mut with_ac, mut plain) = (Vec::new(), Vec::new());
     for q in test.iter().take(n) {
         let text = format!("{shots}{} So the answer is", question(q));
-        let ctx = kiln::anchor::encode_ac(tok, &text, ac_id, Some(1))?;
+        // A prompt (anchors after its closed sentences, as the reference's prompts).
+        let ctx = kiln::anchor::encode_ac(
+            tok,
+            &text,
+            ac_id,
+            Some(1),
+            kiln::anchor::AcPlacement::Prompt,
+        )?;
         let options: Vec<Vec<u32>> = q["choices"]
             .as_array()
             .unwrap()

@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::prelude::*;
 use common::{B, device, fixture, max_abs_diff};
 use kiln::anchor::{
-    AnchorMode, AnchorSession, AnchorSet, Corpus, PositionMode, Segments, TrainConfig,
+    AcPlacement, AnchorMode, AnchorSession, AnchorSet, Corpus, PositionMode, Segments, TrainConfig,
     add_ac_token, encode_ac, train,
 };
 use kiln::core::Tokenizer;
@@ -94,7 +94,7 @@ fn mask_ac_mode_from_text() {
     ];
     let rows: Vec<Vec<u32>> = texts
         .iter()
-        .map(|t| encode_ac(&tokenizer, t, ac, Some(1)).unwrap())
+        .map(|t| encode_ac(&tokenizer, t, ac, Some(1), AcPlacement::Prompt).unwrap())
         .collect();
     assert_eq!(rows[0].iter().filter(|&&t| t == ac).count(), 3);
     assert_eq!(*rows[1].last().unwrap(), ac);

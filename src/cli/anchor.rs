@@ -421,7 +421,11 @@ fn read_choices(
         let (text, choices, answer) = parse(q)?;
         let text = format!("{prefix}{text}");
         let context = match ac {
-            Some(id) => kiln::anchor::encode_ac(tok, &text, id, bos)?,
+            // A prompt: as the reference's `prompt_input_ac`, its last closed sentence (the
+            // question) gets an anchor too.
+            Some(id) => {
+                kiln::anchor::encode_ac(tok, &text, id, bos, kiln::anchor::AcPlacement::Prompt)?
+            }
             None => {
                 let mut ids: Vec<u32> = bos.into_iter().collect();
                 ids.extend(tok.encode(&text, false)?);

@@ -221,8 +221,8 @@ fn read_prompt_file(path: &PathBuf) -> anyhow::Result<String> {
 /// `--anchor`: generation with the anchor-compressed KV cache (batch of one).
 fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
     use kiln::anchor::{
-        AnchorMode, AnchorSet, PositionMode, anchor_generate, encode_ac, ep_anchor_ids,
-        is_checkpoint, kv_bytes, load_checkpoint,
+        AcPlacement, AnchorMode, AnchorSet, PositionMode, anchor_generate, encode_ac,
+        ep_anchor_ids, is_checkpoint, kv_bytes, load_checkpoint,
     };
     let device = device();
     let spec = args.model.clone().unwrap_or_else(auto::default_model);
@@ -254,7 +254,13 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
         _ => bail!("--anchor takes exactly one --prompt or --prompt-file"),
     };
     let prompt = match anchors.mode {
-        AnchorMode::Ac => encode_ac(&tokenizer, &text, *anchors.ids.first().unwrap_or(&0), bos)?,
+        AnchorMode::Ac => encode_ac(
+            &tokenizer,
+            &text,
+            *anchors.ids.first().unwrap_or(&0),
+            bos,
+            AcPlacement::Prompt,
+        )?,
         AnchorMode::Ep => {
             let mut ids: Vec<u32> = bos.into_iter().collect();
             ids.extend(tokenizer.encode(&text, false)?);

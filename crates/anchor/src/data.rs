@@ -4,7 +4,7 @@ use std::path::Path;
 
 use kiln_core::Tokenizer;
 
-use crate::{AnchorError, AnchorSet, Result, encode_ac};
+use crate::{AcPlacement, AnchorError, AnchorSet, Result, encode_ac};
 
 /// Texts from `path`:
 /// - a JSON array of strings (e.g. the step-by-step rationales `llm/*_CoT_*.json`): each
@@ -48,8 +48,9 @@ pub fn read_texts(path: &Path, field: Option<&str>) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Tokenizes `texts`: in AC mode (`ac` given) with `<AC>` after every sentence, else plainly;
-/// `bos` first when given.
+/// Tokenizes `texts` as training documents: in AC mode (`ac` given) with `<AC>` between
+/// sentences and none after the last, as the reference's `add_ac` ([`AcPlacement::Document`]),
+/// else plainly; `bos` first when given.
 pub fn tokenize(
     tokenizer: &Tokenizer,
     texts: &[String],
@@ -59,7 +60,7 @@ pub fn tokenize(
     texts
         .iter()
         .map(|t| match ac.and_then(|a| a.ids.first().copied()) {
-            Some(id) => encode_ac(tokenizer, t, id, bos),
+            Some(id) => encode_ac(tokenizer, t, id, bos, AcPlacement::Document),
             None => {
                 let mut ids: Vec<u32> = bos.into_iter().collect();
                 ids.extend(tokenizer.encode(t, false)?);

@@ -5,7 +5,9 @@
 //!
 //! - **Anchors** ([`AnchorSet`]): in *EP* mode existing end-of-sentence tokens (e.g. `.`); in
 //!   *AC* mode a new `<AC>` token appended to the tokenizer and the embeddings
-//!   ([`add_ac_token`], [`grow_vocab`]) and inserted after every sentence ([`encode_ac`]).
+//!   ([`add_ac_token`], [`grow_vocab`]) and inserted after every sentence of the text's own
+//!   encoding ([`encode_ac`], sentences from [`sentence_spans`]; none after a training
+//!   document's last sentence, [`AcPlacement`]).
 //! - **AnSAN mask** ([`ansan_mask`], [`Segments`]): as the paper's code, the anchor is the
 //!   *last* token of its sentence. A non-anchor token sees every earlier anchor plus the earlier
 //!   tokens of its own sentence; an anchor sees only its own sentence (itself included);
@@ -53,8 +55,8 @@ pub mod score;
 mod train;
 
 pub use anchors::{
-    AC_TOKEN, AnchorMode, AnchorSet, add_ac_token, encode_ac, ep_anchor_ids,
-    ep_anchor_ids_with_variants, split_sentences,
+    AC_TOKEN, AcPlacement, AnchorMode, AnchorSet, add_ac_token, encode_ac, ep_anchor_ids,
+    ep_anchor_ids_with_variants, sentence_spans, split_sentences,
 };
 pub use data::{read_texts, tokenize};
 pub use error::{AnchorError, Result};
