@@ -282,19 +282,6 @@ fn is_closed(sentence: &str) -> bool {
     sentence.trim_end_matches(is_closer).ends_with(is_mark)
 }
 
-/// The text's encoding (no special tokens), with byte offsets.
-fn encode_with_offsets(tokenizer: &Tokenizer, text: &str) -> Result<tokenizers::Encoding> {
-    let encode = || tokenizer.inner().encode(text, false);
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(encode)) {
-        Ok(Ok(e)) => Ok(e),
-        Ok(Err(e)) => Err(kiln_core::Error::Tokenizer(format!("encoding failed: {e}")).into()),
-        Err(_) => Err(kiln_core::Error::Tokenizer(
-            "encoding failed: the tokenizers crate panicked on the text".into(),
-        )
-        .into()),
-    }
-}
-
 /// AC-mode tokenization: `text` encoded once (no special tokens), with `ac_id` inserted after
 /// the token that ends each sentence ([`sentence_spans`]) — the first token that starts at or
 /// after the sentence's end comes after the anchor, so a token that spans the end (a merged
@@ -318,13 +305,12 @@ pub fn encode_ac(
         })
         .map(|(_, r)| r.end)
         .collect();
-    let encoding = encode_with_offsets(tokenizer, text)?;
-    let (ids, offsets) = (encoding.get_ids(), encoding.get_offsets());
-    let mut out: Vec<u32> = Vec::with_capacity(ids.len() + ends.len() + 1);
+    let tokens = tokenizer.encode_with_offsets(text, false)?;
+    let mut out: Vec<u32> = Vec::with_capacity(tokens.len() + ends.len() + 1);
     out.extend(bos);
     let mut pending = ends.iter().peekable();
-    for (&id, &(start, _)) in ids.iter().zip(offsets) {
-        while pending.next_if(|&&end| start >= end).is_some() {
+    for (id, span) in tokens {
+        while pending.next_if(|&&end| span.start >= end).is_some() {
             out.push(ac_id);
         }
         out.push(id);

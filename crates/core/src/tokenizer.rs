@@ -202,6 +202,24 @@ impl Tokenizer {
         })
     }
 
+    /// [`Self::encode`] with each token's byte range in `text` (for placing markers between
+    /// tokens without re-encoding pieces of the text).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special: bool,
+    ) -> Result<Vec<(u32, std::ops::Range<usize>)>> {
+        guard("encoding failed", || {
+            self.inner
+                .encode(text, add_special)
+                .map(|e| {
+                    let spans = e.get_offsets().iter().map(|&(start, end)| start..end);
+                    e.get_ids().iter().copied().zip(spans).collect()
+                })
+                .map_err(|e| e.to_string())
+        })
+    }
+
     /// Text of `ids`. Ids the tokenizer has no token for (a model's vocabulary padded past the
     /// tokenizer's, as T5's 32128 rows for 32100 tokens) give no text, as in HF's fast
     /// tokenizers: a model may generate them.
