@@ -17,8 +17,10 @@ use burn::module::{AutodiffModule, Module};
 use burn::prelude::*;
 use kiln::anchor::score::{Choice, nll_masked, nll_streamed, score_choices};
 use kiln::anchor::{
-    AnchorMode, AnchorSession, AnchorSet, Corpus, FullSession, PositionMode, Segments, TrainConfig,
-    add_ac_token, ep_anchor_ids, init_model, kv_bytes, read_texts, tiny_config, tokenize, train,
+    AnchorMode, AnchorSession, AnchorSet, Corpus, FewShotFormat, FullSession, McQuestion,
+    PositionMode, PromptAnchors, Segments, TrainConfig, add_ac_token, ep_anchor_ids,
+    few_shot_choices, init_model, kv_bytes, read_questions, read_texts, tiny_config, tokenize,
+    train,
 };
 use kiln::backend::{Backend as B, NAME, device};
 use kiln::core::Tokenizer;
@@ -295,81 +297,35 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CQA questions with a 3-shot prompt of train questions + rationales; (AC-tokenized, plain).
+/// CQA questions after a 3-shot prompt of train questions with their rationales, as the paper
+/// evaluates (`<AC>` after each demonstration, the question fully visible): (with `<AC>`,
+/// plain).
 fn read_choices(
     data: &Path,
     tok: &Tokenizer,
     ac: &AnchorSet,
     n: usize,
 ) -> anyhow::Result<(Vec<Choice>, Vec<Choice>)> {
-    let ac_id = *ac.ids.first().unwrap();
-    let parse = |file: &str| -> anyhow::Result<Vec<serde_json::Value>> {
-        Ok(std::fs::read_to_string(data.join(file))?
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()?)
-    };
-    let train = parse("cqa_train.json")?;
+    let train = read_questions(&data.join("cqa_train.json"))?;
     let rationales = read_texts(&data.join("llm/train_CoT_0.json"), None)?;
-    let test = parse("cqa_test.json")?;
-    let letters = ["a", "b", "c", "d", "e"];
-    let question = |q: &serde_json::Value| -> String {
-        let choices: Vec<String> = q["choices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip(letters)
-            .map(|(c, l)| format!("({l}) {}", c.as_str().unwrap()))
-            .collect();
-        format!(
-            "Q: {} Answer choices: {}. A:",
-            q["question"].as_str().unwrap(),
-            choices.join(" ")
-        )
-    };
-    let mut shots = String::new();
-    for (q, r) in train.iter().zip(&rationales).take(3) {
-        shots.push_str(&format!(
-            "{} {} So the answer is {}. ",
-            question(q),
+    let test = read_questions(&data.join("cqa_test.json"))?;
+    let shots: Vec<(McQuestion, Option<String>)> = train
+        .iter()
+        .zip(&rationales)
+        .take(3)
+        .map(|(q, r)| {
             // The LLM's rationale without its own "So the answer is (x) ..." ending.
-            r.split("So the answer is").next().unwrap_or(r).trim_end(),
-            q["answer"].as_str().unwrap()
-        ));
-    }
-    let (mut with_ac, mut plain) = (Vec::new(), Vec::new());
-    for q in test.iter().take(n) {
-        let text = format!("{shots}{} So the answer is", question(q));
-        // A prompt (anchors after its closed sentences, as the reference's prompts).
-        let ctx = kiln::anchor::encode_ac(
-            tok,
-            &text,
-            ac_id,
-            Some(1),
-            kiln::anchor::AcPlacement::Prompt,
-        )?;
-        let options: Vec<Vec<u32>> = q["choices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| tok.encode(&format!("{}.", c.as_str().unwrap()), false))
-            .collect::<Result<_, _>>()?;
-        let answer = q["choices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .position(|c| c == &q["answer"])
-            .unwrap_or(0);
-        plain.push(Choice {
-            context: ctx.iter().copied().filter(|&t| t != ac_id).collect(),
-            options: options.clone(),
-            answer,
-        });
-        with_ac.push(Choice {
-            context: ctx,
-            options,
-            answer,
-        });
-    }
+            let r = r.split("So the answer is").next().unwrap_or(r).trim_end();
+            (q.clone(), Some(r.to_string()))
+        })
+        .collect();
+    let test = &test[..n.min(test.len())];
+    let format = |ac| FewShotFormat {
+        ac,
+        anchors: PromptAnchors::Demonstrations,
+        bos: Some(1),
+    };
+    let with_ac = few_shot_choices(tok, &shots, test, format(ac.ids.first().copied()))?;
+    let plain = few_shot_choices(tok, &shots, test, format(None))?;
     Ok((with_ac, plain))
 }

@@ -7,11 +7,12 @@ use anyhow::{Context, bail};
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use clap::{Args, Subcommand};
-use kiln::anchor::score::{Choice, nll_masked, nll_streamed, score_choices};
+use kiln::anchor::score::{MaskedSession, nll_masked, nll_streamed, score_choices};
 use kiln::anchor::{
-    AcInit, AnchorCheckpoint, AnchorMode, AnchorSession, AnchorSet, Corpus, FullSession,
-    PositionMode, TrainConfig, add_ac_token, ep_anchor_ids, grow_vocab, kv_bytes, load_checkpoint,
-    read_texts, save_checkpoint, tiny_config, tokenize, train,
+    AcInit, AnchorCheckpoint, AnchorMode, AnchorSession, AnchorSet, Corpus, FewShotFormat,
+    FullSession, McQuestion, PositionMode, TrainConfig, add_ac_token, ep_anchor_ids,
+    few_shot_choices, grow_vocab, kv_bytes, load_checkpoint, read_questions, read_texts,
+    save_checkpoint, tiny_config, tokenize, train,
 };
 use kiln::backend::{Backend, NAME, device};
 use kiln::core::Tokenizer;
@@ -138,9 +139,15 @@ struct EvalArgs {
     /// Documents / questions to use.
     #[arg(long, default_value_t = 50)]
     limit: usize,
-    /// compacted (the paper) or true.
+    /// Rotary positions of the anchor cache: compacted (the paper's inference code: cache
+    /// length + offset) or true (the token's index; the same logits as the masked full forward).
     #[arg(long, default_value = "compacted")]
     positions: String,
+    /// Where <AC> goes in the few-shot prompts: demonstrations (the paper, §4.3: after each
+    /// demonstration only, the question stays fully visible) or sentences (after every
+    /// sentence, the question's included).
+    #[arg(long, value_parser = ["demonstrations", "sentences"], default_value = "demonstrations")]
+    prompt_anchors: String,
 }
 
 pub fn run(args: AnchorArgs) -> anyhow::Result<()> {
@@ -341,16 +348,39 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(path) = &args.choices {
-        let items = read_choices(path, &tokenizer, ac_id, meta.bos, args.shots, args.limit)?;
+        let questions = read_questions(path)?;
+        if questions.len() <= args.shots {
+            bail!(
+                "{} has {} questions, none left after the {} shots",
+                path.display(),
+                questions.len(),
+                args.shots
+            );
+        }
+        let (shots, rest) = questions.split_at(args.shots);
+        let shots: Vec<(McQuestion, Option<String>)> =
+            shots.iter().map(|q| (q.clone(), None)).collect();
+        let rest = &rest[..rest.len().min(args.limit)];
+        let format = FewShotFormat {
+            ac: ac_id,
+            anchors: args.prompt_anchors.parse()?,
+            bos: meta.bos,
+        };
+        let items = few_shot_choices(&tokenizer, &shots, rest, format)?;
         let full = score_choices(&items, || FullSession::new(&model))?;
+        let masked = score_choices(&items, || MaskedSession::new(&model, Some(anchors.clone())))?;
         let anchor = score_choices(&items, || AnchorSession::new(&model, anchors.clone(), mode))?;
         let bytes = |len: f64| kv_bytes(model.config(), len.round() as usize);
         println!(
-            "\n{} questions, {}-shot, mean prompt {:.0} tokens",
-            full.total, args.shots, full.mean_context_len
+            "\n{} questions, {}-shot, <AC> after {:?}, mean prompt {:.0} tokens",
+            full.total, args.shots, format.anchors, full.mean_context_len
         );
         println!("| inference | accuracy | KV bytes after prompt | time (s) |\n|---|---|---|---|");
-        for (name, r) in [("full cache", &full), ("anchor cache", &anchor)] {
+        for (name, r) in [
+            ("full attention, full cache", &full),
+            ("AnSAN mask, full forward (the paper's harness)", &masked),
+            ("anchor cache", &anchor),
+        ] {
             println!(
                 "| {name} | {:.1}% | {} | {:.2} |",
                 100.0 * r.accuracy(),
@@ -363,90 +393,4 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         bail!("give --text FILE and/or --choices FILE");
     }
     Ok(())
-}
-
-/// Multiple-choice items from a CQA-style JSONL; the shots are its first `shots` questions
-/// (skipped from the evaluated ones) with their answers.
-fn read_choices(
-    path: &Path,
-    tok: &Tokenizer,
-    ac: Option<u32>,
-    bos: Option<u32>,
-    shots: usize,
-    limit: usize,
-) -> anyhow::Result<Vec<Choice>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{} is not JSONL", path.display()))?;
-    let letters = ["a", "b", "c", "d", "e", "f", "g", "h"];
-    let parse = |q: &serde_json::Value| -> anyhow::Result<(String, Vec<String>, usize)> {
-        let question = q["question"].as_str().context("no `question`")?;
-        let choices: Vec<String> = q["choices"]
-            .as_array()
-            .context("no `choices` array")?
-            .iter()
-            .map(|c| c.as_str().map(String::from).context("a non-string choice"))
-            .collect::<anyhow::Result<_>>()?;
-        let answer = q["answer"].as_str().context("no `answer`")?;
-        let idx = choices
-            .iter()
-            .position(|c| c == answer)
-            .context("the answer is not a choice")?;
-        let listed: Vec<String> = choices
-            .iter()
-            .zip(letters)
-            .map(|(c, l)| format!("({l}) {c}"))
-            .collect();
-        Ok((
-            format!(
-                "Q: {question} Answer choices: {}. A: So the answer is",
-                listed.join(" ")
-            ),
-            choices,
-            idx,
-        ))
-    };
-    let mut prefix = String::new();
-    for q in rows.iter().take(shots) {
-        let (text, choices, idx) = parse(q)?;
-        prefix.push_str(&format!("{text} {}. ", choices[idx]));
-    }
-    let mut items = Vec::new();
-    for q in rows.iter().skip(shots).take(limit) {
-        let (text, choices, answer) = parse(q)?;
-        let text = format!("{prefix}{text}");
-        let context = match ac {
-            // A prompt: as the reference's `prompt_input_ac`, its last closed sentence (the
-            // question) gets an anchor too.
-            Some(id) => {
-                kiln::anchor::encode_ac(tok, &text, id, bos, kiln::anchor::AcPlacement::Prompt)?
-            }
-            None => {
-                let mut ids: Vec<u32> = bos.into_iter().collect();
-                ids.extend(tok.encode(&text, false)?);
-                ids
-            }
-        };
-        let options = choices
-            .iter()
-            .map(|c| tok.encode(&format!("{c}."), false))
-            .collect::<Result<_, _>>()?;
-        items.push(Choice {
-            context,
-            options,
-            answer,
-        });
-    }
-    if items.is_empty() {
-        bail!(
-            "{} has no questions after the {shots} shots",
-            path.display()
-        );
-    }
-    Ok(items)
 }

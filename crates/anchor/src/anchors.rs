@@ -295,16 +295,36 @@ pub fn encode_ac(
     bos: Option<u32>,
     placement: AcPlacement,
 ) -> Result<Vec<u32>> {
+    encode_anchored(tokenizer, text, &sentence_ends(text, placement), ac_id, bos)
+}
+
+/// Byte offsets where [`encode_ac`] puts `<AC>`: the end of every sentence but the last, and
+/// of the last too when `placement` is [`AcPlacement::Prompt`] and it is closed.
+pub(crate) fn sentence_ends(text: &str, placement: AcPlacement) -> Vec<usize> {
     let spans = sentence_spans(text);
     let last = spans.len().saturating_sub(1);
-    let ends: Vec<usize> = spans
+    spans
         .iter()
         .enumerate()
         .filter(|&(n, r)| {
             n < last || (placement == AcPlacement::Prompt && is_closed(&text[r.clone()]))
         })
         .map(|(_, r)| r.end)
-        .collect();
+        .collect()
+}
+
+/// `text` encoded once (no special tokens) with `ac_id` inserted at each byte offset of `ends`
+/// (ascending): before the first token that starts at or after it, so a token spanning the
+/// offset stays before the anchor. The other ids are exactly the text's own encoding. `bos` is
+/// put first when given. [`encode_ac`] places anchors after sentences; few-shot prompts
+/// ([`crate::fewshot`]) after demonstrations.
+pub fn encode_anchored(
+    tokenizer: &Tokenizer,
+    text: &str,
+    ends: &[usize],
+    ac_id: u32,
+    bos: Option<u32>,
+) -> Result<Vec<u32>> {
     let tokens = tokenizer.encode_with_offsets(text, false)?;
     let mut out: Vec<u32> = Vec::with_capacity(tokens.len() + ends.len() + 1);
     out.extend(bos);

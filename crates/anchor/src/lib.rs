@@ -48,6 +48,7 @@
 mod anchors;
 mod data;
 mod error;
+pub mod fewshot;
 mod infer;
 mod mask;
 mod model;
@@ -55,11 +56,12 @@ pub mod score;
 mod train;
 
 pub use anchors::{
-    AC_TOKEN, AcPlacement, AnchorMode, AnchorSet, add_ac_token, encode_ac, ep_anchor_ids,
-    ep_anchor_ids_with_variants, sentence_spans, split_sentences,
+    AC_TOKEN, AcPlacement, AnchorMode, AnchorSet, add_ac_token, encode_ac, encode_anchored,
+    ep_anchor_ids, ep_anchor_ids_with_variants, sentence_spans, split_sentences,
 };
 pub use data::{read_texts, tokenize};
 pub use error::{AnchorError, Result};
+pub use fewshot::{FewShotFormat, McQuestion, PromptAnchors, few_shot_choices, read_questions};
 pub use infer::{
     AnchorGeneration, AnchorSession, FullSession, PositionMode, Session, anchor_generate, kv_bytes,
 };

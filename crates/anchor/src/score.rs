@@ -99,6 +99,61 @@ pub fn nll_streamed<B: Backend, S: Session<B>>(
     Ok(nll)
 }
 
+/// The paper's harness: every feed recomputes one full forward over all tokens so far under
+/// the AnSAN mask (or the plain causal mask without anchors) at their true positions 0..n,
+/// with no KV cache, as lm-evaluation-harness scores context + option in one forward. Slow
+/// (quadratic in the prompt) and exact; [`AnchorSession`](crate::AnchorSession) with
+/// [`PositionMode::True`](crate::PositionMode::True) gives the same logits with a compacted
+/// cache (tested).
+#[derive(Debug, Clone)]
+pub struct MaskedSession<'m, B: Backend> {
+    model: &'m Llama<B>,
+    anchors: Option<AnchorSet>,
+    tokens: Vec<u32>,
+}
+
+impl<'m, B: Backend> MaskedSession<'m, B> {
+    /// An empty session; `anchors` `None` is plain causal attention.
+    pub fn new(model: &'m Llama<B>, anchors: Option<AnchorSet>) -> Self {
+        Self {
+            model,
+            anchors,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+impl<B: Backend> Session<B> for MaskedSession<'_, B> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Tensor<B, 2>> {
+        let vocab = self.model.config().vocab_size;
+        if tokens.is_empty() {
+            return Err(AnchorError::arg("chunk", "an empty chunk"));
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(AnchorError::arg(
+                "chunk",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        self.tokens.extend_from_slice(tokens);
+        let (n, new) = (self.tokens.len(), tokens.len());
+        let device = self.model.device_of();
+        let seg = Segments::from_rows(std::slice::from_ref(&self.tokens), self.anchors.as_ref(), 0);
+        let ids: Vec<i64> = self.tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::from_data(TensorData::new(ids, [1, n]), &device);
+        let positions = Tensor::arange(0..n as i64, &device).reshape([1, n]);
+        let logits = self
+            .model
+            .forward_masked(ids, positions, Some(seg.mask(&device)), None)?;
+        Ok(logits.reshape([n, vocab]).narrow(0, n - new, new))
+    }
+
+    /// No KV cache is kept.
+    fn cache_len(&self) -> usize {
+        0
+    }
+}
+
 /// One multiple-choice question, tokenized.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
@@ -132,9 +187,12 @@ impl ChoiceReport {
     }
 }
 
-/// The paper's multiple-choice protocol: prefill the context once, then score each option by
-/// the summed log-likelihood of its tokens given the context (from a copy of the session);
-/// the highest wins.
+/// Multiple choice by log-likelihood, as lm-evaluation-harness (the paper's harness) scores
+/// it: prefill the context once, then score each option by the summed log-likelihood of its
+/// tokens given the context (from a copy of the session); the highest wins. The paper's
+/// protocol is [`MaskedSession`] (or the equivalent `AnchorSession` with true positions) over
+/// prompts from [`few_shot_choices`](crate::fewshot::few_shot_choices) with
+/// [`PromptAnchors::Demonstrations`](crate::fewshot::PromptAnchors).
 pub fn score_choices<B: Backend, S: Session<B>>(
     items: &[Choice],
     mut new_session: impl FnMut() -> S,
