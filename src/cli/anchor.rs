@@ -173,9 +173,8 @@ fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             let tokenizer = loaded
                 .tokenizer
                 .context("the model has no tokenizer.json")?;
-            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-                loaded.files.dir.join("config.json"),
-            )?)?;
+            // From the loaded config, not the folder's config.json: a GGUF file has none.
+            let json = loaded.model.config().to_hf_json();
             let bos = loaded.model.config().bos_token_id;
             (loaded.model, tokenizer, json, bos)
         }

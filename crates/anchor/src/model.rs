@@ -43,7 +43,9 @@ pub fn grow_vocab<B: Backend>(model: Llama<B>, init: AcInit) -> Result<Llama<B>>
             AcInit::Copy(id) => w.clone().narrow(0, id as usize, 1),
             AcInit::Mean => w.clone().mean_dim(0),
         };
-        Tensor::cat(vec![w, row], 0)
+        // Detached: a fresh leaf parameter, also under an autodiff backend (where the
+        // concatenation of tracked weights is not a leaf and cannot become a parameter).
+        Tensor::cat(vec![w, row], 0).detach()
     };
     let mut new = config.init::<B>(&device);
     let mut decoder = model.model;
