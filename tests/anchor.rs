@@ -7,8 +7,8 @@ use burn::module::Module;
 use burn::prelude::*;
 use common::{B, device, fixture, max_abs_diff};
 use kiln::anchor::{
-    AcPlacement, AnchorMode, AnchorSession, AnchorSet, Corpus, PositionMode, Segments, TrainConfig,
-    add_ac_token, encode_ac, train,
+    AcPlacement, AnchorBatchSession, AnchorMode, AnchorSession, AnchorSet, Corpus, PositionMode,
+    Segments, TrainConfig, add_ac_token, encode_ac, train,
 };
 use kiln::core::Tokenizer;
 use kiln::llama::{Llama, LlamaConfig};
@@ -161,6 +161,274 @@ fn anchor_cache_equals_masked_full_forward() {
         let want = logits_full(&model, &tokens, &positions, &anchors);
         let diff = max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "{mode:?}: max diff {diff}");
+    }
+}
+
+/// The rule, counted from the token ids alone: after `tokens` an anchor cache holds every
+/// anchor and the tokens after the last one (everything while there is no anchor).
+fn rule_cache_len(tokens: &[u32], anchors: &AnchorSet) -> usize {
+    match tokens.iter().rposition(|&t| anchors.contains(t)) {
+        Some(last) => {
+            tokens[..last]
+                .iter()
+                .filter(|&&t| anchors.contains(t))
+                .count()
+                + tokens.len()
+                - last
+        }
+        None => tokens.len(),
+    }
+}
+
+/// Three rows of different lengths for the batched tests: anchors (29 and 31) in different
+/// places, the last row without any; and per feed the chunk length of each row (0 = the row
+/// only gets padding in that feed).
+fn batch_rows() -> (Vec<Vec<u32>>, Vec<[usize; 3]>) {
+    let rows = vec![
+        vec![
+            1, 40, 41, 42, 29, 50, 51, 31, 60, 61, 62, 63, 29, 70, 71, 72, 29, 80, 81, 82, 83, 84,
+            29, 90, 91,
+        ],
+        vec![1, 29, 44, 45, 46, 47, 31, 48, 49, 50, 29, 52, 53],
+        (0..18).map(|i| if i == 0 { 1 } else { 99 + i }).collect(),
+    ];
+    let schedule = vec![
+        [9, 3, 6],
+        [1, 0, 2],
+        [1, 4, 0],
+        [1, 1, 1],
+        [1, 1, 5],
+        [5, 4, 3],
+        [7, 0, 1],
+    ];
+    for (r, row) in rows.iter().enumerate() {
+        assert_eq!(schedule.iter().map(|s| s[r]).sum::<usize>(), row.len());
+    }
+    (rows, schedule)
+}
+
+/// Per row of one batched run: the logits of its real tokens, its positions, and its cache
+/// length after every feed.
+struct BatchRun {
+    logits: Vec<Vec<f32>>,
+    positions: Vec<Vec<i64>>,
+    cache_lens: Vec<Vec<usize>>,
+}
+
+fn run_batch(
+    model: &Llama<B>,
+    anchors: &AnchorSet,
+    mode: PositionMode,
+    pad_id: u32,
+    rows: &[Vec<u32>],
+    schedule: &[[usize; 3]],
+) -> BatchRun {
+    let vocab = model.config().vocab_size;
+    let mut session =
+        AnchorBatchSession::new(model, anchors.clone(), mode, rows.len()).with_pad_id(pad_id);
+    let mut start = vec![0; rows.len()];
+    let mut logits = vec![Vec::new(); rows.len()];
+    let mut cache_lens = vec![Vec::new(); rows.len()];
+    for lens in schedule {
+        let chunks: Vec<&[u32]> = (0..rows.len())
+            .map(|r| &rows[r][start[r]..start[r] + lens[r]])
+            .collect();
+        let out = session.feed(&chunks).unwrap();
+        let [batch, n, v] = out.dims();
+        assert_eq!(
+            (batch, n, v),
+            (rows.len(), *lens.iter().max().unwrap(), vocab)
+        );
+        let values = out.into_data().into_vec::<f32>().unwrap();
+        for r in 0..rows.len() {
+            logits[r].extend(&values[r * n * vocab..(r * n + lens[r]) * vocab]);
+            start[r] += lens[r];
+            cache_lens[r].push(session.cache_len(r));
+        }
+        assert_eq!(
+            session.width(),
+            *session.cache_lens().iter().max().unwrap(),
+            "the padded cache is wider than its longest row"
+        );
+    }
+    BatchRun {
+        logits,
+        positions: (0..rows.len())
+            .map(|r| session.positions(r).to_vec())
+            .collect(),
+        cache_lens,
+    }
+}
+
+/// A batch of three rows of different lengths, fed in chunks of different lengths per row
+/// (some rows padding-only in some feeds), gives every row the logits of its own batch-1
+/// masked full forward (the oracle `anchor_cache_equals_masked_full_forward` ties to the
+/// batch-1 session), in both position modes; each row's cache after every feed holds what the
+/// rule counted from its token ids says, and its compacted positions are that count + offset.
+#[test]
+fn batched_anchor_cache_equals_per_row_masked_forward() {
+    let model = Llama::<B>::from_pretrained(&fixture("llama2-mha"), &device()).unwrap();
+    let anchors = AnchorSet::new(AnchorMode::Ep, [29, 31]).unwrap();
+    let (rows, schedule) = batch_rows();
+    let mut worst: f32 = 0.0;
+    for mode in [PositionMode::True, PositionMode::Compacted] {
+        let run = run_batch(&model, &anchors, mode, 0, &rows, &schedule);
+        for (r, tokens) in rows.iter().enumerate() {
+            // Positions and cache lengths from the ids and the schedule alone.
+            let mut want_positions = Vec::new();
+            let mut start = 0;
+            for (f, lens) in schedule.iter().enumerate() {
+                let cached = rule_cache_len(&tokens[..start], &anchors);
+                for j in 0..lens[r] {
+                    want_positions.push(match mode {
+                        PositionMode::True => (start + j) as i64,
+                        PositionMode::Compacted => (cached + j) as i64,
+                    });
+                }
+                start += lens[r];
+                assert_eq!(
+                    run.cache_lens[r][f],
+                    rule_cache_len(&tokens[..start], &anchors),
+                    "{mode:?} row {r} feed {f}"
+                );
+            }
+            assert_eq!(run.positions[r], want_positions, "{mode:?} row {r}");
+            let want = logits_full(&model, tokens, &want_positions, &anchors);
+            let diff = max_abs_diff(&run.logits[r], &want);
+            worst = worst.max(diff);
+            assert!(diff < 1e-4, "{mode:?} row {r}: max diff {diff}");
+        }
+        if mode == PositionMode::Compacted {
+            // The anchored rows really ran on compacted positions.
+            assert!(run.positions[0].last().unwrap() < &(rows[0].len() as i64 - 1));
+            assert!(run.positions[1].last().unwrap() < &(rows[1].len() as i64 - 1));
+        }
+    }
+    // The rule on the final rows, written out: 5 anchors + 2; 3 anchors + 2; no anchor, all 18.
+    let finals: Vec<usize> = rows.iter().map(|t| rule_cache_len(t, &anchors)).collect();
+    assert_eq!(finals, [7, 5, 18]);
+    eprintln!("batched anchor cache vs per-row masked forward: max |diff| {worst:e}");
+}
+
+/// Padding never leaks: the same batch with the pad id 0, an anchor id (29) or another token
+/// gives every row bit-identical logits, positions and cache lengths.
+#[test]
+fn batched_padding_never_leaks() {
+    let model = Llama::<B>::from_pretrained(&fixture("llama2-mha"), &device()).unwrap();
+    let anchors = AnchorSet::new(AnchorMode::Ep, [29, 31]).unwrap();
+    let (rows, schedule) = batch_rows();
+    for mode in [PositionMode::True, PositionMode::Compacted] {
+        let base = run_batch(&model, &anchors, mode, 0, &rows, &schedule);
+        for pad in [29, 31, 500] {
+            let other = run_batch(&model, &anchors, mode, pad, &rows, &schedule);
+            assert_eq!(other.cache_lens, base.cache_lens, "{mode:?} pad {pad}");
+            assert_eq!(other.positions, base.positions, "{mode:?} pad {pad}");
+            for r in 0..rows.len() {
+                assert!(
+                    other.logits[r] == base.logits[r],
+                    "{mode:?} pad {pad} row {r}: max diff {}",
+                    max_abs_diff(&other.logits[r], &base.logits[r])
+                );
+            }
+        }
+    }
+}
+
+/// Batched anchor generation gives every row what it gives alone (tokens, cache length, peak,
+/// tokens seen), with rows ending at different steps (a `Break` after 8 tokens for HF's batch
+/// prompts and 5 for the anchored row, 20 for the fixture prompt): greedy, both position
+/// modes, and with the pad id an anchor or not. The rows without anchors also give HF's greedy
+/// ids (`batch_greedy_ids`, `greedy_ids`).
+#[test]
+fn batched_anchor_generation_equals_rows_alone() {
+    use common::Reference;
+    use kiln::anchor::{anchor_generate, anchor_generate_batch};
+    use kiln::core::GenerationConfig;
+    use std::ops::ControlFlow;
+    let name = "llama2-mha";
+    let model = Llama::<B>::from_pretrained(&fixture(name), &device()).unwrap();
+    let reference = Reference::load(name);
+    let (_, prompt) = reference.ids("prompt_ids");
+    let (_, greedy) = reference.ids("greedy_ids");
+    let (shape, input) = reference.ids("batch_input_ids");
+    let (_, attention) = reference.ids("batch_attention_mask");
+    let (gshape, batch_greedy) = reference.ids("batch_greedy_ids");
+    let width = shape[1];
+    let mut prompts: Vec<Vec<u32>> = (0..shape[0])
+        .map(|r| {
+            (0..width)
+                .filter(|&t| attention[r * width + t] == 1)
+                .map(|t| input[r * width + t])
+                .collect()
+        })
+        .collect();
+    let mut want_hf: Vec<Vec<u32>> = batch_greedy
+        .chunks(gshape[1])
+        .map(<[u32]>::to_vec)
+        .collect();
+    prompts.push(prompt.clone());
+    want_hf.push(greedy.clone());
+    // An anchor id that none of HF's prompts or greedy continuations holds, so those rows run
+    // with a plain causal cache; a fifth row holds it twice.
+    let hf_ids: Vec<u32> = prompts.iter().chain(&want_hf).flatten().copied().collect();
+    let a = (20..500).find(|id| !hf_ids.contains(id)).unwrap();
+    prompts.push(vec![1, 40, 41, a, 50, 51, 52, 53, a, 60, 61]);
+    let limits = [8, 8, 8, 20, 5];
+    let anchors = AnchorSet::new(AnchorMode::Ep, [a]).unwrap();
+    let config = GenerationConfig::default()
+        .with_max_new_tokens(20)
+        .with_eos_token_ids(vec![]);
+    for mode in [PositionMode::True, PositionMode::Compacted] {
+        let alone: Vec<_> = prompts
+            .iter()
+            .zip(limits)
+            .map(|(p, limit)| {
+                let mut seen = 0;
+                anchor_generate(&model, p, &anchors, mode, &config, None, |_| {
+                    seen += 1;
+                    if seen == limit {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                })
+                .unwrap()
+            })
+            .collect();
+        for pad in [0, a] {
+            let mut counts = [0; 5];
+            let batch = anchor_generate_batch(
+                &model,
+                &prompts,
+                &anchors,
+                mode,
+                &config.clone().with_pad_token_id(pad),
+                None,
+                |event| {
+                    counts[event.row] += 1;
+                    assert!(
+                        counts[event.row] <= limits[event.row],
+                        "a token after the break"
+                    );
+                    if counts[event.row] == limits[event.row] {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )
+            .unwrap();
+            assert_eq!(batch, alone, "{mode:?} pad {pad}");
+        }
+        for (r, want) in want_hf.iter().enumerate() {
+            assert_eq!(alone[r].tokens, *want, "{mode:?} row {r} vs HF");
+        }
+        let anchored = &alone[4];
+        assert_eq!(anchored.tokens.len(), 5);
+        assert!(
+            anchored.cache_len < anchored.seen,
+            "the anchored row was never compacted"
+        );
     }
 }
 

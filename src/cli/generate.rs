@@ -67,9 +67,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     json: bool,
     /// Anchor-based inference (AnLLM, see `kiln anchor --help`): `ep` (the `.` token is the
-    /// anchor, as in the reference) or `ac` (`<AC>` after every prompt sentence; the model must know the token,
-    /// e.g. one trained by `kiln anchor train --mode ac`). One prompt; the KV cache keeps only
-    /// anchors and the current sentence. The model may also be a `kiln anchor train` folder.
+    /// anchor, as in the reference) or `ac` (`<AC>` after every prompt sentence; the model must
+    /// know the token, e.g. one trained by `kiln anchor train --mode ac`). The KV cache keeps
+    /// only anchors and the current sentence; repeat --prompt for a batch (each row compacts its
+    /// own cache). The model may also be a `kiln anchor train` folder.
     #[arg(long, value_parser = ["ep", "ac"])]
     anchor: Option<String>,
 }
@@ -218,10 +219,10 @@ fn read_prompt_file(path: &PathBuf) -> anyhow::Result<String> {
     })
 }
 
-/// `--anchor`: generation with the anchor-compressed KV cache (batch of one).
+/// `--anchor`: generation with the anchor-compressed KV cache, one row per prompt.
 fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
     use kiln::anchor::{
-        AcPlacement, AnchorMode, AnchorSet, PositionMode, anchor_generate, encode_ac,
+        AcPlacement, AnchorMode, AnchorSet, PositionMode, anchor_generate_batch, encode_ac,
         ep_anchor_ids, is_checkpoint, kv_bytes, load_checkpoint,
     };
     let device = device();
@@ -248,54 +249,74 @@ fn run_anchor(args: &GenerateArgs, mode: &str) -> anyhow::Result<()> {
             AnchorSet::new(AnchorMode::Ac, [id])?
         }
     };
-    let text = match (&args.prompt_file, args.prompt.as_slice()) {
-        (Some(path), _) => read_prompt_file(path)?,
-        (None, [one]) => one.clone(),
-        _ => bail!("--anchor takes exactly one --prompt or --prompt-file"),
+    let texts: Vec<String> = match (&args.prompt_file, args.prompt.as_slice()) {
+        (Some(path), _) => vec![read_prompt_file(path)?],
+        (None, []) => bail!("--anchor takes --prompt TEXT (repeat for a batch) or --prompt-file"),
+        (None, texts) => texts.to_vec(),
     };
-    let prompt = match anchors.mode {
-        AnchorMode::Ac => encode_ac(
-            &tokenizer,
-            &text,
-            *anchors.ids.first().unwrap_or(&0),
-            bos,
-            AcPlacement::Prompt,
-        )?,
-        AnchorMode::Ep => {
-            let mut ids: Vec<u32> = bos.into_iter().collect();
-            ids.extend(tokenizer.encode(&text, false)?);
-            ids
-        }
-    };
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|text| -> anyhow::Result<Vec<u32>> {
+            Ok(match anchors.mode {
+                AnchorMode::Ac => encode_ac(
+                    &tokenizer,
+                    text,
+                    *anchors.ids.first().unwrap_or(&0),
+                    bos,
+                    AcPlacement::Prompt,
+                )?,
+                AnchorMode::Ep => {
+                    let mut ids: Vec<u32> = bos.into_iter().collect();
+                    ids.extend(tokenizer.encode(text, false)?);
+                    ids
+                }
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
     let config = GenerationConfig::default()
         .with_sampling(args.sampling.to_config(&GenerationDefaults::default()))
         .with_max_new_tokens(args.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS))
         .with_eos_token_ids(if args.ignore_eos { vec![] } else { eos_ids })
         .with_stop_strings(args.stop.clone());
+    // One prompt streams; a batch prints each row's text when all are done.
+    let stream = prompts.len() == 1;
     let start = Instant::now();
     let mut stdout = std::io::stdout();
-    let out = anchor_generate(
+    let outputs = anchor_generate_batch(
         &model,
-        &prompt,
+        &prompts,
         &anchors,
         PositionMode::Compacted,
         &config,
         Some(&tokenizer),
         |event| {
-            let _ = write!(stdout, "{}", event.text);
-            let _ = stdout.flush();
+            if stream {
+                let _ = write!(stdout, "{}", event.text);
+                let _ = stdout.flush();
+            }
         },
     )?;
-    println!();
-    eprintln!(
-        "kiln: {} tokens in {:.2}s; anchor KV cache {} positions ({} bytes) for {} tokens seen, peak {}",
-        out.tokens.len(),
-        start.elapsed().as_secs_f64(),
-        out.cache_len,
-        kv_bytes(model.config(), out.cache_len),
-        out.seen,
-        out.peak_len
-    );
+    let elapsed = start.elapsed().as_secs_f64();
+    for (row, out) in outputs.iter().enumerate() {
+        if stream {
+            println!();
+        } else {
+            println!("{}", out.text.clone().unwrap_or_default());
+        }
+        let of_row = if stream {
+            String::new()
+        } else {
+            format!(" (prompt {row})")
+        };
+        eprintln!(
+            "kiln: {} tokens in {elapsed:.2}s{of_row}; anchor KV cache {} positions ({} bytes) for {} tokens seen, peak {}",
+            out.tokens.len(),
+            out.cache_len,
+            kv_bytes(model.config(), out.cache_len),
+            out.seen,
+            out.peak_len
+        );
+    }
     Ok(())
 }
 

@@ -14,10 +14,12 @@
 //!   padding is hidden. Built with tensor ops from per-token sentence ids and anchor flags.
 //! - **Training** ([`train`]): continual pre-training with the AnSAN (or plain causal) mask,
 //!   AdamW, warm-up + cosine schedule, gradient accumulation, exact checkpoint/resume.
-//! - **Anchor-based inference** ([`AnchorSession`]): after every chunk that contains an anchor
-//!   the KV cache keeps only earlier anchors, the chunk's anchors and the tokens after its last
-//!   anchor. New positions come from the compacted cache length (the paper) or stay the true
-//!   positions ([`PositionMode`]).
+//! - **Anchor-based inference** ([`AnchorSession`], batched: [`AnchorBatchSession`]): after
+//!   every chunk that contains an anchor the KV cache keeps only earlier anchors, the chunk's
+//!   anchors and the tokens after its last anchor. New positions come from the compacted cache
+//!   length (the paper) or stay the true positions ([`PositionMode`]). A batch runs rows of
+//!   different lengths in one forward, each with its own anchors, positions and compaction
+//!   (padding masked out); [`anchor_generate_batch`] generates for several prompts at once.
 //! - **Scoring** ([`score`]): perplexity and multiple-choice log-likelihood, full cache vs
 //!   anchor cache.
 //!
@@ -63,7 +65,8 @@ pub use data::{read_texts, tokenize};
 pub use error::{AnchorError, Result};
 pub use fewshot::{FewShotFormat, McQuestion, PromptAnchors, few_shot_choices, read_questions};
 pub use infer::{
-    AnchorGeneration, AnchorSession, FullSession, PositionMode, Session, anchor_generate, kv_bytes,
+    AnchorBatchSession, AnchorGeneration, AnchorSession, FullSession, PositionMode, Session,
+    anchor_generate, anchor_generate_batch, kv_bytes,
 };
 pub use mask::{SegTensors, Segments, ansan_mask, causal_mask};
 pub use model::{
