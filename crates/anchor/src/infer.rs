@@ -435,6 +435,17 @@ pub trait Session<B: Backend>: Clone {
     fn feed(&mut self, tokens: &[u32]) -> Result<Tensor<B, 2>>;
     /// Positions held in the KV cache now.
     fn cache_len(&self) -> usize;
+    /// Bytes of the KV tensors held now, every layer, read from the tensors themselves
+    /// ([`KvCache::bytes`]), not computed from the config.
+    fn kv_bytes(&self) -> usize;
+}
+
+impl<B: Backend> AnchorBatchSession<'_, B> {
+    /// Bytes of the KV tensors held now, every layer and row ([`KvCache::bytes`]; padding
+    /// slots of shorter rows included).
+    pub fn kv_bytes(&self) -> usize {
+        self.caches.iter().map(KvCache::bytes).sum()
+    }
 }
 
 impl<B: Backend> Session<B> for AnchorSession<'_, B> {
@@ -444,6 +455,9 @@ impl<B: Backend> Session<B> for AnchorSession<'_, B> {
     fn cache_len(&self) -> usize {
         AnchorSession::cache_len(self)
     }
+    fn kv_bytes(&self) -> usize {
+        self.inner.kv_bytes()
+    }
 }
 
 impl<B: Backend> Session<B> for FullSession<'_, B> {
@@ -452,6 +466,9 @@ impl<B: Backend> Session<B> for FullSession<'_, B> {
     }
     fn cache_len(&self) -> usize {
         FullSession::cache_len(self)
+    }
+    fn kv_bytes(&self) -> usize {
+        self.cache.layers.iter().map(KvCache::bytes).sum()
     }
 }
 

@@ -152,6 +152,9 @@ impl<B: Backend> Session<B> for MaskedSession<'_, B> {
     fn cache_len(&self) -> usize {
         0
     }
+    fn kv_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// One multiple-choice question, tokenized.
@@ -174,6 +177,8 @@ pub struct ChoiceReport {
     pub total: usize,
     /// Mean KV-cache positions after the context (what must be kept while scoring options).
     pub mean_cache_len: f64,
+    /// Mean bytes of the KV tensors after the context ([`Session::kv_bytes`]).
+    pub mean_kv_bytes: f64,
     /// Mean context length in tokens.
     pub mean_context_len: f64,
     /// Seconds spent.
@@ -199,7 +204,7 @@ pub fn score_choices<B: Backend, S: Session<B>>(
 ) -> Result<ChoiceReport> {
     let start = Instant::now();
     let mut report = ChoiceReport::default();
-    let (mut cache_sum, mut ctx_sum) = (0usize, 0usize);
+    let (mut cache_sum, mut ctx_sum, mut bytes_sum) = (0usize, 0usize, 0usize);
     for item in items {
         if item.context.is_empty() || item.options.iter().any(Vec::is_empty) {
             return Err(AnchorError::arg("example", "an empty context or option"));
@@ -209,6 +214,7 @@ pub fn score_choices<B: Backend, S: Session<B>>(
         let n = logits.dims()[0];
         let last = logits.narrow(0, n - 1, 1);
         cache_sum += session.cache_len();
+        bytes_sum += session.kv_bytes();
         ctx_sum += item.context.len();
         let mut best = (f64::NEG_INFINITY, 0);
         for (i, option) in item.options.iter().enumerate() {
@@ -233,8 +239,64 @@ pub fn score_choices<B: Backend, S: Session<B>>(
     }
     report.mean_cache_len = cache_sum as f64 / items.len().max(1) as f64;
     report.mean_context_len = ctx_sum as f64 / items.len().max(1) as f64;
+    report.mean_kv_bytes = bytes_sum as f64 / items.len().max(1) as f64;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// What one greedy decode through a session cost ([`greedy_decode`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeReport {
+    /// The tokens chosen.
+    pub tokens: Vec<u32>,
+    /// Seconds for the prompt.
+    pub prefill_seconds: f64,
+    /// Seconds for the decode steps after it.
+    pub decode_seconds: f64,
+    /// KV-cache positions at the end.
+    pub cache_len: usize,
+    /// Bytes of the KV tensors at the end ([`Session::kv_bytes`]).
+    pub kv_bytes: usize,
+}
+
+/// Greedy-decodes `steps` tokens after `prompt` through `session` (one token per feed, no EOS
+/// stop: every session does the same work), timing the prompt and the steps apart. With
+/// [`MaskedSession`] this is inference without a cache, which the paper compares against.
+pub fn greedy_decode<B: Backend, S: Session<B>>(
+    session: &mut S,
+    prompt: &[u32],
+    steps: usize,
+) -> Result<DecodeReport> {
+    let start = Instant::now();
+    let logits = session.feed(prompt)?;
+    let mut next = last_argmax(logits)?;
+    let prefill_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut tokens = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        tokens.push(next);
+        if tokens.len() == steps {
+            break;
+        }
+        next = last_argmax(session.feed(&[next])?)?;
+    }
+    Ok(DecodeReport {
+        tokens,
+        prefill_seconds,
+        decode_seconds: start.elapsed().as_secs_f64(),
+        cache_len: session.cache_len(),
+        kv_bytes: session.kv_bytes(),
+    })
+}
+
+/// The argmax of the last row of `[n, vocab]` logits.
+fn last_argmax<B: Backend>(logits: Tensor<B, 2>) -> Result<u32> {
+    let [n, _] = logits.dims();
+    let id = logits.narrow(0, n - 1, 1).argmax(1).into_data();
+    id.convert::<i64>()
+        .into_vec::<i64>()
+        .map_err(|e| AnchorError::arg("logits", format!("logits: {e:?}")))
+        .map(|v| v[0] as u32)
 }
 
 /// `model.device()` without naming the `CausalLm` trait at every call site.

@@ -69,6 +69,16 @@ impl<B: Backend> KvCache<B> {
         self.k.as_ref().map_or(0, |k| k.dims()[2])
     }
 
+    /// Bytes of the key and value tensors held (their shapes times their element size): what
+    /// the cache occupies on the device, padding slots included.
+    pub fn bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .into_iter()
+            .flatten()
+            .map(|t| t.shape().num_elements() * t.dtype().size())
+            .sum()
+    }
+
     /// True when nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
