@@ -20,6 +20,9 @@
 //!   positions ([`PositionMode`]).
 //! - **Scoring** ([`score`]): perplexity and multiple-choice log-likelihood, full cache vs
 //!   anchor cache.
+//! - **Export** ([`export`], [`export_model`]): a trained model as an HF Llama folder
+//!   (safetensors, config, tokenizer with `<AC>` as a special token) that transformers and
+//!   kiln's normal loader read, plus `anchor.json` ([`AnchorExport`]) for anchor inference.
 //!
 //! ```no_run
 //! use burn::backend::NdArray;
@@ -48,6 +51,7 @@
 mod anchors;
 mod data;
 mod error;
+mod export;
 mod infer;
 mod mask;
 mod model;
@@ -60,6 +64,7 @@ pub use anchors::{
 };
 pub use data::{read_texts, tokenize};
 pub use error::{AnchorError, Result};
+pub use export::{ANCHOR_FILE, AnchorExport, export, export_model};
 pub use infer::{
     AnchorGeneration, AnchorSession, FullSession, PositionMode, Session, anchor_generate, kv_bytes,
 };
