@@ -422,7 +422,10 @@ fn anchor_export_matches_transformers() {
     assert_eq!(out[0].tokens, greedy, "greedy ids");
 
     let anchors = AnchorExport::read(&dir).unwrap();
-    assert_eq!(anchors.anchors, Some(AnchorSet::new(AnchorMode::Ac, [ac]).unwrap()));
+    assert_eq!(
+        anchors.anchors,
+        Some(AnchorSet::new(AnchorMode::Ac, [ac]).unwrap())
+    );
     assert_eq!(anchors.ac_token.as_deref(), Some("<AC>"));
     assert_eq!(anchors.bos, bos);
     assert_eq!(anchors.position_mode, PositionMode::Compacted);
@@ -468,8 +471,14 @@ fn anchor_export_round_trips() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
             .unwrap();
-    assert_eq!(config["additional_special_tokens"], serde_json::json!(["<AC>"]));
-    assert_eq!(config["added_tokens_decoder"][ac.to_string()]["special"], true);
+    assert_eq!(
+        config["additional_special_tokens"],
+        serde_json::json!(["<AC>"])
+    );
+    assert_eq!(
+        config["added_tokens_decoder"][ac.to_string()]["special"],
+        true
+    );
     let anchors = AnchorExport::read(&out).unwrap();
     assert_eq!(anchors.anchors, meta.anchors);
     assert_eq!(anchors.position_mode, PositionMode::True);

@@ -116,12 +116,18 @@ pub fn export_model<B: Backend>(
     let ac_token = match &meta.anchors {
         Some(set) if set.mode == AnchorMode::Ac => {
             let id = inner.token_to_id(AC_TOKEN).ok_or_else(|| {
-                AnchorError::arg("tokenizer", "an AC-mode model's tokenizer has no <AC> token")
+                AnchorError::arg(
+                    "tokenizer",
+                    "an AC-mode model's tokenizer has no <AC> token",
+                )
             })?;
             if !set.contains(id) {
                 return Err(AnchorError::arg(
                     "anchors",
-                    format!("<AC> is id {id} in the tokenizer but the anchors are {:?}", set.ids),
+                    format!(
+                        "<AC> is id {id} in the tokenizer but the anchors are {:?}",
+                        set.ids
+                    ),
                 ));
             }
             Some(AC_TOKEN.to_string())
@@ -165,7 +171,8 @@ pub fn export_model<B: Backend>(
         bos: config.bos_token_id,
         position_mode,
     };
-    let value = serde_json::to_value(&anchors).map_err(|e| AnchorError::io(out.join(ANCHOR_FILE), e))?;
+    let value =
+        serde_json::to_value(&anchors).map_err(|e| AnchorError::io(out.join(ANCHOR_FILE), e))?;
     write_json_file(&out.join(ANCHOR_FILE), &value)?;
     Ok(())
 }
