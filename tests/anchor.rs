@@ -5,12 +5,13 @@ mod common;
 use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::prelude::*;
-use common::{B, device, fixture, max_abs_diff};
+use common::{B, Reference, device, fixture, max_abs_diff};
 use kiln::anchor::{
-    AcPlacement, AnchorBatchSession, AnchorMode, AnchorSession, AnchorSet, Corpus, PositionMode,
-    Segments, TrainConfig, add_ac_token, encode_ac, train,
+    AcInit, AcPlacement, AnchorBatchSession, AnchorCheckpoint, AnchorExport, AnchorMode,
+    AnchorSession, AnchorSet, Corpus, PositionMode, Segments, TrainConfig, add_ac_token, encode_ac,
+    grow_vocab, save_checkpoint, train,
 };
-use kiln::core::Tokenizer;
+use kiln::core::{CausalLm, GenerationConfig, Tokenizer, generate};
 use kiln::llama::{Llama, LlamaConfig};
 
 /// The rule of the paper, written out slot by slot: true = hidden.
@@ -624,4 +625,136 @@ fn anchor_generate_stops_on_break() {
     )
     .unwrap();
     assert_eq!(out.tokens, greedy[..4]);
+}
+
+fn host(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+fn id_tensor(ids: &[u32]) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(data, [1, ids.len()]), &device())
+}
+
+/// `kiln anchor export` of an AC model trained by `kiln anchor train`, loaded by transformers
+/// (`tools/make_fixtures.py --only anchor-export`): kiln's normal loader reads the same folder
+/// and gives HF's full-attention logits and greedy ids, and its tokenizer has `<AC>` at HF's id.
+#[test]
+fn anchor_export_matches_transformers() {
+    let dir = fixture("anchor-export");
+    let reference = Reference::load("anchor-export");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let loaded = kiln::auto::load::<B>(dir.to_str().unwrap(), &device()).unwrap();
+    let model = loaded.model;
+    let tokenizer = loaded.tokenizer.expect("the export has a tokenizer");
+    let ac = meta["ac_id"].as_u64().unwrap() as u32;
+    assert_eq!(tokenizer.token_to_id("<AC>"), Some(ac));
+    assert_eq!(model.config().vocab_size, ac as usize + 1);
+    assert!(model.lm_head.is_none(), "the fixture's head is tied");
+
+    // kiln encodes the text with a literal <AC> as HF did, and its own AC placement of the plain
+    // text gives the same ids: the exported tokenizer is the one the model was trained with.
+    let (_, prompt) = reference.ids("prompt_ids");
+    let text = meta["prompt"].as_str().unwrap();
+    assert_eq!(tokenizer.encode(text, true).unwrap(), prompt);
+    let plain = text.replace("<AC>", "");
+    let bos = model.config().bos_token_id;
+    assert_eq!(
+        encode_ac(&tokenizer, &plain, ac, bos, AcPlacement::Prompt).unwrap(),
+        prompt
+    );
+
+    let (_, prefill) = reference.f32("prefill_logits");
+    let (step_shape, steps) = reference.f32("step_logits");
+    let (_, greedy) = reference.ids("greedy_ids");
+    let mut cache = model.new_cache(vec![0]);
+    let all = host(model.forward(id_tensor(&prompt), &mut cache, true));
+    let diff = max_abs_diff(&all, &prefill);
+    assert!(diff < 1e-4, "prefill logits differ by {diff}");
+    let mut cache = model.new_cache(vec![0]);
+    let mut logits = host(model.forward(id_tensor(&prompt), &mut cache, false));
+    let mut worst = diff;
+    for (i, expected) in steps.chunks_exact(step_shape[1]).enumerate() {
+        let diff = max_abs_diff(&logits, expected);
+        assert!(diff < 1e-4, "decode step {i} logits differ by {diff}");
+        worst = worst.max(diff);
+        if i + 1 < greedy.len() {
+            logits = host(model.forward(id_tensor(&greedy[i..i + 1]), &mut cache, false));
+        }
+    }
+    eprintln!("anchor-export: max |logit - HF| {worst:.2e}");
+    let config = GenerationConfig::default().with_max_new_tokens(greedy.len());
+    let out = generate(&model, &[prompt], &config, None, |_, _| {}).unwrap();
+    assert_eq!(out[0].tokens, greedy, "greedy ids");
+
+    let anchors = AnchorExport::read(&dir).unwrap();
+    assert_eq!(
+        anchors.anchors,
+        Some(AnchorSet::new(AnchorMode::Ac, [ac]).unwrap())
+    );
+    assert_eq!(anchors.ac_token.as_deref(), Some("<AC>"));
+    assert_eq!(anchors.bos, bos);
+    assert_eq!(anchors.position_mode, PositionMode::Compacted);
+}
+
+/// A checkpoint with a grown vocabulary and an untied head (the llama2-mha fixture plus `<AC>`)
+/// exported and read back by `Llama::from_pretrained` gives the in-memory model's logits; the
+/// folder's tokenizer keeps `<AC>` special at the same id.
+#[test]
+fn anchor_export_round_trips() {
+    let dev = device();
+    let source = fixture("llama2-mha");
+    let model = Llama::<B>::from_pretrained(&source, &dev).unwrap();
+    let tokenizer = Tokenizer::from_dir(&source).unwrap();
+    let (tokenizer, ac) = add_ac_token(&tokenizer).unwrap();
+    let model = grow_vocab(model, AcInit::Mean).unwrap();
+    let config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    let meta = AnchorCheckpoint {
+        anchors: Some(AnchorSet::new(AnchorMode::Ac, [ac]).unwrap()),
+        bos: Some(1),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (ckpt, out) = (tmp.path().join("ckpt"), tmp.path().join("hf"));
+    save_checkpoint(&ckpt, &model, &config_json, Some(&tokenizer), &meta).unwrap();
+    kiln::anchor::export::<B>(&ckpt, &out, PositionMode::True, &dev).unwrap();
+
+    let back = Llama::<B>::from_pretrained(&out, &dev).unwrap();
+    assert_eq!(back.config().vocab_size, 510);
+    assert!(back.lm_head.is_some(), "the untied head is kept");
+    let text = "The sky is blue.<AC> Grass is";
+    let back_tok = Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(back_tok.token_to_id("<AC>"), Some(ac));
+    let ids = tokenizer.encode(text, true).unwrap();
+    assert_eq!(back_tok.encode(text, true).unwrap(), ids);
+    assert!(ids.contains(&ac));
+    assert!(!back_tok.decode(&ids, true).unwrap().contains("<AC>"));
+    let logits = |m: &Llama<B>| host(m.forward(id_tensor(&ids), &mut m.new_cache(vec![0]), true));
+    let diff = max_abs_diff(&logits(&back), &logits(&model));
+    assert!(diff < 1e-5, "exported logits differ by {diff}");
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["additional_special_tokens"],
+        serde_json::json!(["<AC>"])
+    );
+    assert_eq!(
+        config["added_tokens_decoder"][ac.to_string()]["special"],
+        true
+    );
+    let anchors = AnchorExport::read(&out).unwrap();
+    assert_eq!(anchors.anchors, meta.anchors);
+    assert_eq!(anchors.position_mode, PositionMode::True);
+
+    // Errors name the folder: exporting over the checkpoint, or a folder that is none.
+    let err = kiln::anchor::export::<B>(&ckpt, &ckpt, PositionMode::Compacted, &dev).unwrap_err();
+    assert!(err.to_string().contains("checkpoint itself"), "{err}");
+    let err = kiln::anchor::export::<B>(&out, &tmp.path().join("x"), PositionMode::Compacted, &dev)
+        .unwrap_err();
+    assert!(err.to_string().contains("anchor train"), "{err}");
 }

@@ -1388,8 +1388,7 @@ def fx_t5_distill_export():
     generate HF's tokens from it. Needs a release build of kiln (cargo build --release)."""
     import subprocess
 
-    kiln = os.path.join(ROOT, "target", "release", "kiln")
-    check(os.path.exists(kiln), "build kiln first: cargo build --release")
+    kiln = kiln_binary()
     work = tempfile.mkdtemp()
     subprocess.run([kiln, "distill", "train", "--model", os.path.join(FIXTURES, "t5v11-gated-untied"),
                     "--data", "svamp", "--data-root", os.path.join(ROOT, "tests/data/datasets/step-by-step"),
@@ -1419,6 +1418,80 @@ def fx_t5_distill_export():
     shutil.rmtree(work)
 
 
+ANCHOR_PROMPT = "The little robot walked slowly into the old library.<AC> It was looking for a book about the"
+
+
+def kiln_binary():
+    """The kiln binary: $KILN, else target/release/kiln."""
+    kiln = os.environ.get("KILN") or os.path.join(ROOT, "target", "release", "kiln")
+    check(os.path.exists(kiln), f"{kiln} missing: build kiln first (cargo build --release) or set KILN")
+    return kiln
+
+
+@torch.no_grad()
+def fx_anchor_export():
+    """An AC-mode AnLLM trained from scratch by `kiln anchor train` (300 steps, hidden 32, 2 layers,
+    the llama2-mha tokenizer plus <AC>, on CORPUS) and written by `kiln anchor export`. transformers
+    must load the folder, keep <AC> one special token, and run it with full attention (the plain
+    causal mask); reference.safetensors holds its logits and greedy ids for kiln to match."""
+    import subprocess
+
+    kiln = kiln_binary()
+    work = tempfile.mkdtemp()
+    data = os.path.join(work, "corpus.txt")
+    with open(data, "w") as f:
+        f.write("\n".join(t.replace("\n", " ") for t in CORPUS) + "\n")
+    run_dir = os.path.join(work, "run")
+    train = ["anchor", "train", "--data", data, "--tokenizer", os.path.join(FIXTURES, "llama2-mha"),
+             "--mode", "ac", "--hidden", "32", "--layers", "2", "--heads", "2", "--steps", "300",
+             "--batch-size", "4", "--max-len", "64", "--save-every", "0", "--seed", "0", "--out", run_dir]
+    subprocess.run([kiln, *train], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = fresh_dir("anchor-export")
+    subprocess.run([kiln, "anchor", "export", "--model", run_dir, "--out", out], check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(work)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    anchor = read_json(os.path.join(out, "anchor.json"))
+    ac = anchor["anchors"]["ids"][0]
+    check(anchor["anchors"]["mode"] == "ac" and anchor["ac_token"] == "<AC>", f"anchor.json: {anchor}")
+    check(tok.convert_tokens_to_ids("<AC>") == ac, "AutoTokenizer has <AC> at another id")
+    check(tok("<AC>", add_special_tokens=False)["input_ids"] == [ac], "<AC> is not one token")
+    check("<AC>" in tok.all_special_tokens, f"<AC> is not special: {tok.all_special_tokens}")
+    check(model.config.vocab_size == len(tok) == ac + 1, "vocab_size does not count <AC>")
+    check(model.config.tie_word_embeddings and "lm_head.weight" not in safetensors_keys(out), "expected a tied head")
+    ids = tok(ANCHOR_PROMPT)["input_ids"]
+    check(ids[0] == tok.bos_token_id and ids.count(ac) == 1, f"prompt ids {ids}")
+    check("<AC>" not in tok.decode(ids, skip_special_tokens=True), "<AC> survives skip_special_tokens")
+    x = torch.tensor([ids])
+    prefill = model(x).logits[0].float()
+    gen = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=1,
+                         max_new_tokens=N_NEW, min_new_tokens=N_NEW, repetition_penalty=None,
+                         output_logits=True, return_dict_in_generate=True)
+    greedy = gen.sequences[0, len(ids):]
+    step_logits = torch.stack(gen.logits, 0)[:, 0].float()
+    check(torch.equal(step_logits.argmax(-1), greedy), "greedy ids != argmax(step_logits) (EOS suppressed?)")
+    full = model(gen.sequences[:, :-1], use_cache=False).logits[0, len(ids) - 1:].float()
+    d_cache = maxdiff(full, step_logits)
+    check(d_cache < 1e-5 * max(1.0, step_logits.abs().max().item()), f"cached vs uncached differ by {d_cache}")
+    margin = top2_margin(step_logits)
+    check(margin > 1e-3, f"near-tie in a greedy choice (margin {margin}); train another seed")
+    tensors = {"prompt_ids": torch.tensor(ids, dtype=torch.long), "prefill_logits": prefill,
+               "greedy_ids": greedy.long(), "step_logits": step_logits}
+    save_reference(out, tensors, {
+        "description": "kiln anchor export of an AC-mode model trained 300 steps from scratch by kiln anchor train; "
+                       "transformers (full attention, causal mask) computes these logits and greedy ids",
+        "kiln_train": "kiln " + " ".join(train).replace(data, "CORPUS.txt").replace(run_dir, "RUN")
+                      .replace(FIXTURES + os.sep, "tests/fixtures/"),
+        "kiln_export": "kiln anchor export --model RUN --out tests/fixtures/anchor-export",
+        "prompt": ANCHOR_PROMPT, "ac_token": "<AC>", "ac_id": ac,
+        "generation": {"do_sample": False, "num_beams": 1, "max_new_tokens": N_NEW, "min_new_tokens": N_NEW},
+        "stats": {"cache_vs_nocache_maxdiff": d_cache, "min_top1_top2_margin": round(margin, 5),
+                  "greedy_distinct_tokens": len(set(greedy.tolist())),
+                  "logits_absmax": round(step_logits.abs().max().item(), 3)}})
+    print(f"[make_fixtures] anchor-export: <AC>={ac}, prompt {len(ids)} tokens, margin {margin:.4f}")
+
+
 FIXTURE_FUNCS = {
     "llama2-mha": fx_llama2_mha,
     "llama3-gqa": fx_llama3_gqa,
@@ -1436,6 +1509,7 @@ FIXTURE_FUNCS = {
     "chat-templates": fx_chat_templates,
     "tokenizer-parity": fx_tokenizer_parity,
     "t5-distill-export": fx_t5_distill_export,
+    "anchor-export": fx_anchor_export,
 }
 
 

@@ -36,7 +36,9 @@ Examples:
   kiln anchor eval --model runs/ac --text ../shared/datasets/step-by-step/cqa/llm/test_CoT_0.json \\
       --choices ../shared/datasets/step-by-step/cqa/cqa_test.json --limit 50
   # generation with the anchor cache
-  kiln generate --model runs/ac --anchor ac --prompt \"The sky is blue. Grass is\"";
+  kiln generate --model runs/ac --anchor ac --prompt \"The sky is blue. Grass is\"
+  # an HF folder (safetensors + config + tokenizer with <AC>) for transformers and kiln
+  kiln anchor export --model runs/ac --out ac-hf";
 
 #[derive(Args, Debug)]
 pub struct AnchorArgs {
@@ -50,6 +52,41 @@ enum AnchorCommand {
     Train(Box<TrainArgs>),
     /// Perplexity and multiple-choice accuracy, KV-cache size and time: full vs anchor cache.
     Eval(EvalArgs),
+    /// Write a trained model as an HF Llama folder that transformers and kiln load.
+    #[command(long_about = EXPORT_ABOUT)]
+    Export(ExportArgs),
+}
+
+const EXPORT_ABOUT: &str = "\
+Write a model trained by `kiln anchor train` as a Hugging Face Llama folder:
+
+  model.safetensors       f32 weights (no lm_head.weight when the head is tied)
+  config.json             LlamaForCausalLM; vocab_size counts <AC>; BOS/EOS ids
+  generation_config.json  BOS, EOS and pad ids
+  tokenizer.json          the training tokenizer, <AC> an added special token
+  tokenizer_config.json   PreTrainedTokenizerFast, <AC> in additional_special_tokens
+  anchor.json             anchor mode and ids, BOS, position mode (kiln's; HF ignores it)
+
+transformers loads it with AutoModelForCausalLM / AutoTokenizer and runs it with full attention
+(the plain causal mask); `kiln generate --model DIR` does the same, and `--anchor ac` (or ep)
+runs it with the anchor-compressed KV cache.
+
+Example:
+  kiln anchor export --model runs/ac --out ac-hf
+  python3 -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('ac-hf')\"";
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// A folder written by `kiln anchor train` (its final model or last checkpoint).
+    #[arg(long)]
+    model: PathBuf,
+    /// The HF folder to write (created; files already there are replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// Positions recorded in anchor.json for anchor-cache inference: compacted (the paper's) or
+    /// true.
+    #[arg(long, default_value = "compacted")]
+    positions: String,
 }
 
 #[derive(Args, Debug)]
@@ -154,6 +191,12 @@ pub fn run(args: AnchorArgs) -> anyhow::Result<()> {
     match args.command {
         AnchorCommand::Train(a) => run_train(*a),
         AnchorCommand::Eval(a) => run_eval(a),
+        AnchorCommand::Export(a) => {
+            let mode: PositionMode = a.positions.parse()?;
+            kiln::anchor::export::<Backend>(&a.model, &a.out, mode, &device())?;
+            println!("{}", a.out.display());
+            Ok(())
+        }
     }
 }
 

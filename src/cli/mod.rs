@@ -40,7 +40,7 @@ enum Command {
     /// Generate with an ensemble of models (DeePEn, GaC or UniTE).
     #[command(long_about = ensemble::LONG_ABOUT)]
     Ensemble(Box<ensemble::EnsembleArgs>),
-    /// Anchor-based attention (AnLLM): train, evaluate.
+    /// Anchor-based attention (AnLLM): train, evaluate, export as an HF folder.
     #[command(long_about = anchor::LONG_ABOUT)]
     Anchor(anchor::AnchorArgs),
     /// Distilling step-by-step: train and evaluate a T5 on labels and rationales.

@@ -11,8 +11,9 @@ use kiln_llama::{Llama, LlamaCache, LlamaConfig};
 use crate::mask::{SegTensors, ansan_mask};
 use crate::{AnchorError, AnchorSet, Result};
 
-/// Where a new token's rotary position comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a new token's rotary position comes from (`"compacted"` or `"true"` in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PositionMode {
     /// The compacted cache length plus the offset in the chunk (the paper's code: HF derives
     /// positions from `past_key_values_length`, which shrinks when the cache is compacted).

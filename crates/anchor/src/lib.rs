@@ -22,6 +22,9 @@
 //!   (padding masked out); [`anchor_generate_batch`] generates for several prompts at once.
 //! - **Scoring** ([`score`]): perplexity and multiple-choice log-likelihood, full cache vs
 //!   anchor cache.
+//! - **Export** ([`export`], [`export_model`]): a trained model as an HF Llama folder
+//!   (safetensors, config, tokenizer with `<AC>` as a special token) that transformers and
+//!   kiln's normal loader read, plus `anchor.json` ([`AnchorExport`]) for anchor inference.
 //!
 //! ```no_run
 //! use burn::backend::NdArray;
@@ -50,6 +53,7 @@
 mod anchors;
 mod data;
 mod error;
+mod export;
 pub mod fewshot;
 mod infer;
 mod mask;
@@ -63,6 +67,7 @@ pub use anchors::{
 };
 pub use data::{read_texts, tokenize};
 pub use error::{AnchorError, Result};
+pub use export::{ANCHOR_FILE, AnchorExport, export, export_model};
 pub use fewshot::{FewShotFormat, McQuestion, PromptAnchors, few_shot_choices, read_questions};
 pub use infer::{
     AnchorBatchSession, AnchorGeneration, AnchorSession, FullSession, PositionMode, Session,

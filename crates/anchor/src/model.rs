@@ -100,7 +100,8 @@ fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }
 
-/// Writes `config.json`, `model.mpk`, `anchor.json` and (when given) `tokenizer.json` to `dir`.
+/// Writes `config.json`, `model.mpk` (dense f32, packed matrices unpacked), `anchor.json` and
+/// (when given) `tokenizer.json` to `dir`.
 pub fn save_checkpoint<B: Backend>(
     dir: &Path,
     model: &Llama<B>,
@@ -130,8 +131,11 @@ pub fn save_checkpoint<B: Backend>(
             .save(&path, false)
             .map_err(|e| AnchorError::io(path, e))?;
     }
-    model
-        .clone()
+    // A record of matrices held packed for the host kernels (a model loaded for inference on a
+    // CPU backend) would store empty parameters: save the dense form.
+    let mut dense = model.clone();
+    kiln_core::loading::unpack_module(&mut dense);
+    dense
         .save_file(dir.join("model"), &recorder())
         .map_err(|e| AnchorError::io(dir.join("model.mpk"), e))
 }

@@ -27,7 +27,10 @@ pub use precision::{
     pack_module, unpack_module,
 };
 pub use safetensors::SafetensorsWeights;
-pub use save::{save_hf_folder, save_safetensors, seq2seq_generation_json};
+pub use save::{
+    SpecialTokenRoles, fast_tokenizer_config, save_hf_folder, save_safetensors, save_tokenizer,
+    seq2seq_generation_json, write_json_file,
+};
 pub use sizes::check_config_sizes;
 
 use std::path::Path;

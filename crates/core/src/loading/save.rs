@@ -76,15 +76,111 @@ pub fn save_hf_folder<B: Backend, M: Module<B> + super::PackSlots<B> + Clone>(
     let mut dense = module.clone();
     super::unpack_module(&mut dense);
     save_safetensors(&dense, &dir.join("model.safetensors"))?;
-    for (name, value) in [
-        ("config.json", config),
-        ("generation_config.json", generation_config),
+    write_json_file(&dir.join("config.json"), config)?;
+    write_json_file(&dir.join("generation_config.json"), generation_config)
+}
+
+/// Writes `value` to `path` as pretty JSON with a final newline, as transformers writes its
+/// configs; the error names the file.
+pub fn write_json_file(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    std::fs::write(path, text + "\n").map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The special tokens of a tokenizer by their `tokenizer_config.json` role (the token's text;
+/// `None` leaves the role out).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokenRoles {
+    /// `bos_token`.
+    pub bos: Option<String>,
+    /// `eos_token`.
+    pub eos: Option<String>,
+    /// `unk_token`.
+    pub unk: Option<String>,
+    /// `pad_token`.
+    pub pad: Option<String>,
+    /// `additional_special_tokens`: further special tokens that transformers must keep whole
+    /// and skip when decoding with `skip_special_tokens` (e.g. kiln-anchor's `<AC>`).
+    pub additional: Vec<String>,
+}
+
+/// An HF `tokenizer_config.json` for `tokenizer` as it stands: class `PreTrainedTokenizerFast`,
+/// so transformers runs `tokenizer.json` unchanged, exactly as kiln does (a `LlamaTokenizer`
+/// class would rebuild its pipeline); every added token listed in `added_tokens_decoder` with
+/// its flags; the `roles`. transformers 5 reads `additional_special_tokens` as its
+/// `extra_special_tokens`, transformers 4 as it is. Errors when a role's token is not in the
+/// vocabulary.
+pub fn fast_tokenizer_config(
+    tokenizer: &tokenizers::Tokenizer,
+    roles: &SpecialTokenRoles,
+) -> Result<serde_json::Value> {
+    let mut added: Vec<(u32, tokenizers::AddedToken)> =
+        tokenizer.get_added_tokens_decoder().into_iter().collect();
+    added.sort_by_key(|(id, _)| *id);
+    let decoder: serde_json::Map<String, serde_json::Value> = added
+        .into_iter()
+        .map(|(id, t)| {
+            let entry = serde_json::json!({
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            });
+            (id.to_string(), entry)
+        })
+        .collect();
+    let mut config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": false,
+        "added_tokens_decoder": decoder,
+    });
+    let known = |token: &str| -> Result<()> {
+        match tokenizer.token_to_id(token) {
+            Some(_) => Ok(()),
+            None => Err(Error::arg(
+                "tokenizer",
+                format!("special token `{token}` is not in the vocabulary"),
+            )),
+        }
+    };
+    for (key, token) in [
+        ("bos_token", &roles.bos),
+        ("eos_token", &roles.eos),
+        ("unk_token", &roles.unk),
+        ("pad_token", &roles.pad),
     ] {
-        let path = dir.join(name);
-        let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
-        std::fs::write(&path, text + "\n").map_err(|e| io(&path, e))?;
+        if let Some(token) = token {
+            known(token)?;
+            config[key] = token.as_str().into();
+        }
     }
-    Ok(())
+    if !roles.additional.is_empty() {
+        for token in &roles.additional {
+            known(token)?;
+        }
+        config["additional_special_tokens"] = roles.additional.clone().into();
+    }
+    Ok(config)
+}
+
+/// Writes `tokenizer.json` (as `tokenizer` stands) and `tokenizer_config.json` (`config`, e.g.
+/// from [`fast_tokenizer_config`]) into `dir`, the tokenizer half of an HF folder.
+pub fn save_tokenizer(
+    dir: &Path,
+    tokenizer: &tokenizers::Tokenizer,
+    config: &serde_json::Value,
+) -> Result<()> {
+    let path = dir.join("tokenizer.json");
+    tokenizer.save(&path, false).map_err(|e| Error::Io {
+        path: path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    write_json_file(&dir.join("tokenizer_config.json"), config)
 }
 
 /// The `generation_config.json` of an encoder-decoder, as transformers writes it for T5 and
