@@ -7,12 +7,12 @@ use anyhow::{Context, bail};
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use clap::{Args, Subcommand};
-use kiln::anchor::score::{MaskedSession, nll_masked, nll_streamed, score_choices};
+use kiln::anchor::score::{MaskedSession, greedy_decode, nll_masked, nll_streamed, score_choices};
 use kiln::anchor::{
     AcInit, AnchorCheckpoint, AnchorMode, AnchorSession, AnchorSet, Corpus, FewShotFormat,
     FullSession, McQuestion, PositionMode, TrainConfig, add_ac_token, ep_anchor_ids,
-    few_shot_choices, grow_vocab, kv_bytes, load_checkpoint, read_questions, read_texts,
-    save_checkpoint, tiny_config, tokenize, train,
+    few_shot_choices, grow_vocab, load_checkpoint, read_questions, read_texts, save_checkpoint,
+    tiny_config, tokenize, train,
 };
 use kiln::backend::{Backend, NAME, device};
 use kiln::core::Tokenizer;
@@ -185,6 +185,11 @@ struct EvalArgs {
     /// sentence, the question's included).
     #[arg(long, value_parser = ["demonstrations", "sentences"], default_value = "demonstrations")]
     prompt_anchors: String,
+    /// After the multiple choice, greedy-decode this many tokens after the first few-shot
+    /// prompt with the full cache, the anchor cache and no cache (the AnSAN mask recomputed
+    /// every step), and report time and KV bytes (0: skip).
+    #[arg(long, default_value_t = 0)]
+    decode: usize,
 }
 
 pub fn run(args: AnchorArgs) -> anyhow::Result<()> {
@@ -412,23 +417,71 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         let full = score_choices(&items, || FullSession::new(&model))?;
         let masked = score_choices(&items, || MaskedSession::new(&model, Some(anchors.clone())))?;
         let anchor = score_choices(&items, || AnchorSession::new(&model, anchors.clone(), mode))?;
-        let bytes = |len: f64| kv_bytes(model.config(), len.round() as usize);
         println!(
             "\n{} questions, {}-shot, <AC> after {:?}, mean prompt {:.0} tokens",
             full.total, args.shots, format.anchors, full.mean_context_len
         );
-        println!("| inference | accuracy | KV bytes after prompt | time (s) |\n|---|---|---|---|");
+        println!(
+            "| inference | accuracy | KV positions after prompt | KV bytes after prompt \
+             (measured) | time (s) |\n|---|---|---|---|---|"
+        );
         for (name, r) in [
             ("full attention, full cache", &full),
             ("AnSAN mask, full forward (the paper's harness)", &masked),
             ("anchor cache", &anchor),
         ] {
             println!(
-                "| {name} | {:.1}% | {} | {:.2} |",
+                "| {name} | {:.1}% | {:.0} | {:.0} | {:.2} |",
                 100.0 * r.accuracy(),
-                bytes(r.mean_cache_len),
+                r.mean_cache_len,
+                r.mean_kv_bytes,
                 r.seconds
             );
+        }
+        if args.decode > 0 {
+            let prompt = &items[0].context;
+            println!(
+                "\n{} greedy tokens after a {}-token {}-shot prompt",
+                args.decode,
+                prompt.len(),
+                args.shots
+            );
+            println!(
+                "| inference | KV positions at end | KV bytes at end (measured) | prefill (s) | \
+                 decode (s) | tokens/s |\n|---|---|---|---|---|---|"
+            );
+            let runs = [
+                (
+                    "full cache",
+                    greedy_decode(&mut FullSession::new(&model), prompt, args.decode)?,
+                ),
+                (
+                    "anchor cache",
+                    greedy_decode(
+                        &mut AnchorSession::new(&model, anchors.clone(), mode),
+                        prompt,
+                        args.decode,
+                    )?,
+                ),
+                (
+                    "no cache (AnSAN mask recomputed)",
+                    greedy_decode(
+                        &mut MaskedSession::new(&model, Some(anchors.clone())),
+                        prompt,
+                        args.decode,
+                    )?,
+                ),
+            ];
+            for (name, r) in &runs {
+                println!(
+                    "| {name} | {} | {} | {:.2} | {:.2} | {:.1} |",
+                    r.cache_len,
+                    r.kv_bytes,
+                    r.prefill_seconds,
+                    r.decode_seconds,
+                    (r.tokens.len().saturating_sub(1)) as f64 / r.decode_seconds.max(1e-9)
+                );
+            }
         }
     }
     if args.text.is_none() && args.choices.is_none() {

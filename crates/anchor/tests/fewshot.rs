@@ -5,10 +5,10 @@
 use burn::backend::Flex;
 use burn::prelude::*;
 use kiln_anchor::Session;
-use kiln_anchor::score::MaskedSession;
+use kiln_anchor::score::{MaskedSession, greedy_decode};
 use kiln_anchor::{
-    AnchorMode, AnchorSession, AnchorSet, FewShotFormat, McQuestion, PositionMode, PromptAnchors,
-    add_ac_token, few_shot_choices,
+    AnchorMode, AnchorSession, AnchorSet, FewShotFormat, FullSession, McQuestion, PositionMode,
+    PromptAnchors, add_ac_token, few_shot_choices,
 };
 use kiln_core::Tokenizer;
 use kiln_llama::Llama;
@@ -194,4 +194,51 @@ fn masked_session_equals_the_anchor_cache_at_true_positions() {
         .count()
         + (prompt.len() - 1 - last);
     assert_eq!(cached.cache_len(), held);
+}
+
+/// `greedy_decode` through the full cache, the anchor cache with an anchor the text never
+/// holds, and no cache at all gives HF's greedy ids; the measured KV bytes are the f32 cache of
+/// every layer (2 · layers · kv_heads · head_dim · positions · 4, from config.json) for the
+/// cached sessions and 0 without a cache.
+#[test]
+fn greedy_decode_gives_hfs_greedy_ids_and_measures_the_cache() {
+    let model = Llama::<B>::from_pretrained(&fixture("llama2-mha"), &Default::default()).unwrap();
+    let prompt = reference_ids("prompt_ids");
+    let greedy = reference_ids("greedy_ids");
+    let text = std::fs::read_to_string(fixture("llama2-mha").join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let get = |k: &str| config[k].as_u64().unwrap() as usize;
+    let heads = get("num_attention_heads");
+    let kv_heads = config["num_key_value_heads"]
+        .as_u64()
+        .map_or(heads, |v| v as usize);
+    let per_position = 2 * get("num_hidden_layers") * kv_heads * (get("hidden_size") / heads) * 4;
+    let steps = 8;
+    let positions = prompt.len() + steps - 1;
+    let unused = (0..model.config().vocab_size as u32)
+        .find(|t| !prompt.contains(t) && !greedy.contains(t))
+        .unwrap();
+    let anchors = AnchorSet::new(AnchorMode::Ep, [unused]).unwrap();
+
+    let full = greedy_decode(&mut FullSession::new(&model), &prompt, steps).unwrap();
+    let cached = greedy_decode(
+        &mut AnchorSession::new(&model, anchors.clone(), PositionMode::Compacted),
+        &prompt,
+        steps,
+    )
+    .unwrap();
+    let none = greedy_decode(
+        &mut MaskedSession::new(&model, Some(anchors)),
+        &prompt,
+        steps,
+    )
+    .unwrap();
+    for r in [&full, &cached, &none] {
+        assert_eq!(r.tokens, greedy[..steps]);
+    }
+    for r in [&full, &cached] {
+        assert_eq!(r.cache_len, positions);
+        assert_eq!(r.kv_bytes, per_position * positions);
+    }
+    assert_eq!((none.cache_len, none.kv_bytes), (0, 0));
 }
