@@ -577,22 +577,14 @@ pub fn anchor_generate_batch<B: Backend, R: StreamControl>(
             config.process_logits(row_logits, &contexts[row], outputs[row].tokens.len());
             let token = samplers[row].sample(row_logits, &contexts[row]);
             contexts[row].push(token);
-            let mut text = String::new();
-            let finished =
-                outputs[row].accept(token, config, tokenizer, &mut streams[row], |piece| {
-                    text.push_str(piece);
-                    true
-                })?;
-            let go_on = on_token(TokenEvent {
+            done[row] = outputs[row].step(
                 row,
-                id: Some(token),
-                text: &text,
-            })
-            .proceed();
-            if !finished && !go_on {
-                outputs[row].finish = FinishReason::Cancelled;
-            }
-            done[row] = finished || !go_on;
+                token,
+                config,
+                tokenizer,
+                &mut streams[row],
+                &mut on_token,
+            )?;
             if !done[row] {
                 chunks[row].push(token);
             }
@@ -602,16 +594,8 @@ pub fn anchor_generate_batch<B: Backend, R: StreamControl>(
         }
         logits = last_rows(session.feed(&chunks)?, &chunks)?;
     }
-    if let Some(tokenizer) = tokenizer {
-        for (row, out) in outputs.iter_mut().enumerate() {
-            out.flush(tokenizer, &mut streams[row], |rest| {
-                let _ = on_token(TokenEvent {
-                    row,
-                    id: None,
-                    text: rest,
-                });
-            })?;
-        }
+    for (row, out) in outputs.iter_mut().enumerate() {
+        out.flush_events(row, tokenizer, &mut streams[row], &mut on_token)?;
     }
     Ok(outputs
         .into_iter()

@@ -429,6 +429,57 @@ impl Generation {
         }
         Ok(())
     }
+
+    /// [`Self::accept`] for a loop that reports [`TokenEvent`]s: takes the token, then calls
+    /// `on_token` with its id and the text it makes final. A `Break` (or `false`) from
+    /// `on_token` ends the sequence ([`FinishReason::Cancelled`]) unless the token already
+    /// ended it. Returns whether the sequence has ended.
+    pub fn step<R: StreamControl>(
+        &mut self,
+        row: usize,
+        token: u32,
+        config: &GenerationConfig,
+        tokenizer: Option<&Tokenizer>,
+        stream: &mut TokenStream,
+        on_token: &mut impl FnMut(TokenEvent<'_>) -> R,
+    ) -> Result<bool> {
+        let mut text = String::new();
+        let finished = self.accept(token, config, tokenizer, stream, |piece| {
+            text.push_str(piece);
+            true
+        })?;
+        let go_on = on_token(TokenEvent {
+            row,
+            id: Some(token),
+            text: &text,
+        })
+        .proceed();
+        if !finished && !go_on {
+            self.finish = FinishReason::Cancelled;
+        }
+        Ok(finished || !go_on)
+    }
+
+    /// [`Self::flush`] for a loop that reports [`TokenEvent`]s: the held-back text, if any, as
+    /// a last event with `id: None`. Nothing without a tokenizer.
+    pub fn flush_events<R: StreamControl>(
+        &mut self,
+        row: usize,
+        tokenizer: Option<&Tokenizer>,
+        stream: &mut TokenStream,
+        on_token: &mut impl FnMut(TokenEvent<'_>) -> R,
+    ) -> Result<()> {
+        let Some(tokenizer) = tokenizer else {
+            return Ok(());
+        };
+        self.flush(tokenizer, stream, |rest| {
+            let _ = on_token(TokenEvent {
+                row,
+                id: None,
+                text: rest,
+            });
+        })
+    }
 }
 
 /// Generates continuations of `prompts` in one batch.
@@ -535,38 +586,22 @@ pub fn generate_tokens<B: Backend, M: CausalLm<B>, R: StreamControl>(
             let token = samplers[row].sample(row_logits, &contexts[row]);
             contexts[row].push(token);
             next.push(token as i64);
-            let mut text = String::new();
-            let finished =
-                outputs[row].accept(token, config, tokenizer, &mut streams[row], |piece| {
-                    text.push_str(piece);
-                    true
-                })?;
-            let go_on = on_token(TokenEvent {
+            done[row] = outputs[row].step(
                 row,
-                id: Some(token),
-                text: &text,
-            })
-            .proceed();
-            if !finished && !go_on {
-                outputs[row].finish = FinishReason::Cancelled;
-            }
-            done[row] = finished || !go_on;
+                token,
+                config,
+                tokenizer,
+                &mut streams[row],
+                &mut on_token,
+            )?;
         }
         if done.iter().all(|&d| d) {
             break;
         }
         tokens = Tensor::from_data(TensorData::new(next, [batch, 1]), &device);
     }
-    if let Some(tokenizer) = tokenizer {
-        for (row, out) in outputs.iter_mut().enumerate() {
-            out.flush(tokenizer, &mut streams[row], |rest| {
-                let _ = on_token(TokenEvent {
-                    row,
-                    id: None,
-                    text: rest,
-                });
-            })?;
-        }
+    for (row, out) in outputs.iter_mut().enumerate() {
+        out.flush_events(row, tokenizer, &mut streams[row], &mut on_token)?;
     }
     Ok(outputs)
 }

@@ -311,6 +311,7 @@ fn run<B: Backend, M: Seq2SeqLm<B>>(
         .collect();
     let mut streams = vec![TokenStream::new(); batch];
     let mut done = vec![false; batch];
+    let mut report = |event: TokenEvent<'_>| on_token.as_mut().is_none_or(|f| f(event));
     for step in 0..config.max_new_tokens {
         let last: Vec<i64> = seqs.iter().map(|s| *s.last().unwrap() as i64).collect();
         let tokens = Tensor::from_data(TensorData::new(last, [batch, 1]), &device);
@@ -327,40 +328,21 @@ fn run<B: Backend, M: Seq2SeqLm<B>>(
                 _ => samplers[row].sample(&mut logits, &seqs[row]),
             };
             seqs[row].push(token);
-            let mut text = String::new();
-            let finished =
-                outputs[row].accept(token, config, tokenizer, &mut streams[row], |piece| {
-                    text.push_str(piece);
-                    true
-                })?;
-            let go_on = on_token.as_mut().is_none_or(|f| {
-                f(TokenEvent {
-                    row,
-                    id: Some(token),
-                    text: &text,
-                })
-            });
-            if !finished && !go_on {
-                outputs[row].finish = FinishReason::Cancelled;
-            }
-            done[row] = finished || !go_on;
+            done[row] = outputs[row].step(
+                row,
+                token,
+                config,
+                tokenizer,
+                &mut streams[row],
+                &mut report,
+            )?;
         }
         if done.iter().all(|&d| d) {
             break;
         }
     }
-    if let Some(tokenizer) = tokenizer {
-        for (row, out) in outputs.iter_mut().enumerate() {
-            out.flush(tokenizer, &mut streams[row], |rest| {
-                if let Some(f) = on_token.as_mut() {
-                    f(TokenEvent {
-                        row,
-                        id: None,
-                        text: rest,
-                    });
-                }
-            })?;
-        }
+    for (row, out) in outputs.iter_mut().enumerate() {
+        out.flush_events(row, tokenizer, &mut streams[row], &mut report)?;
     }
     Ok(outputs
         .into_iter()
