@@ -378,3 +378,47 @@ fn streaming_and_break_per_row() {
     let err = generate_seq2seq_streaming(&model, &inputs, &beams, None, |_| {}).unwrap_err();
     assert!(err.to_string().contains("num_beams"), "{err}");
 }
+
+/// With `--dtype f16` on a GPU backend (matrices held and multiplied in f16, the rest f32):
+/// encoder states and teacher-forced logits at least as close to HF's f32 reference as HF's own f16 forward ([`hf_f16_deviation`]), and
+/// HF's greedy translation. Nothing to check where the backend has no f16 compute (the CPU
+/// backends keep f16 rows packed and compute in f32: `llama_parity`).
+#[test]
+fn half_precision_on_gpu() {
+    use kiln::core::loading::{LoadOptions, WeightDtype};
+    if !gpu_f16() {
+        return;
+    }
+    let reference = Reference::load(NAME);
+    let options = LoadOptions::default().with_dtype(WeightDtype::F16);
+    let model = M2M100::<B>::from_pretrained_with(&fixture(NAME), &device(), &options).unwrap();
+    let (_, input) = reference.ids("input_ids");
+    let (_, expected_hidden) = reference.f32("encoder_hidden");
+    let (_, dec_in) = reference.ids("decoder_input_ids");
+    let (lshape, expected_logits) = reference.f32("decoder_logits");
+    let vocab = lshape[1];
+
+    let encoded = model.encode(tokens(&input, 1), None);
+    let hidden = max_abs_diff(&host(encoded.hidden.clone()), &expected_hidden);
+    let mut cache = model.new_decoder_cache(&encoded);
+    let mut worst: f32 = 0.0;
+    for (i, expected) in expected_logits.chunks_exact(vocab).enumerate() {
+        let step = host(model.decode_step(tokens(&dec_in[i..i + 1], 1), &mut cache));
+        worst = worst.max(max_abs_diff(&step, expected));
+    }
+    eprintln!("{NAME} f16: encoder max |Δ| {hidden:.2e}, cached logits max |Δ| {worst:.2e}");
+    let hf = hf_f16_deviation(NAME);
+    assert!(
+        hidden <= hf.encoder.unwrap(),
+        "encoder hidden differs by {hidden}"
+    );
+    assert!(worst <= hf.logits, "cached logits differ by {worst}");
+
+    let (_, greedy) = reference.ids("greedy_ids");
+    let config = GenerationConfig::default()
+        .with_max_new_tokens(12)
+        .with_forced_bos_token_id(Some(DEU));
+    let out = generate_seq2seq(&model, std::slice::from_ref(&input), &config).unwrap();
+    let start = model.decoder_start_token_id();
+    assert_eq!([&[start], &out[0].tokens[..]].concat(), greedy, "greedy");
+}

@@ -9,12 +9,15 @@ use kiln::core::packed::ActivationPrecision;
 pub struct PrecisionArgs {
     /// Weight precision: `auto` keeps what the file holds where this backend computes with it
     /// (on the CPU a GGUF's Q8_0/Q4_0/Q4_1 blocks and f16/bf16 tensors stay as stored, other
-    /// block types become q8_0, safetensors f32; on a GPU the backend's float type), or `f32`,
-    /// `f16`, `bf16` (f16/bf16 halve the memory of f32 on the CPU backends).
+    /// block types become q8_0, safetensors f32; on a GPU f16/bf16 matrices stay half where the
+    /// GPU computes in that type, the rest f32), or `f32`, `f16`, `bf16` (half the memory of
+    /// f32; on a GPU the matrices are multiplied in f16/bf16, activations stay f32; wgpu has
+    /// f16 but no bf16).
     #[arg(long, default_value = "auto")]
     pub dtype: WeightDtype,
     /// Quantise the Linear and embedding matrices at load: `none`, `q8_0` (8.5 bits a weight),
-    /// `q4_0` (4.5 bits) or `q4_1` (5 bits), ggml's block formats. CPU backends only.
+    /// `q4_0` (4.5 bits) or `q4_1` (5 bits), ggml's block formats. CPU backends only (on a GPU
+    /// use `--dtype f16`).
     #[arg(long, default_value = "none")]
     pub quant: Quantization,
     /// Activations of Q8_0/Q4_0/Q4_1 weights in decode steps (CPU backends): `f32` keeps the

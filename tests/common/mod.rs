@@ -88,3 +88,48 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Logits tolerance against HF in f32.
 pub const TOL: f32 = 1e-4;
+
+/// Whether this backend holds matrices as Burn tensors (a GPU backend) and computes in f16:
+/// where `--dtype f16` keeps the matrices in f16 and the half-precision parity checks run.
+#[allow(dead_code)]
+pub fn gpu_f16() -> bool {
+    !matches!(kiln::backend::NAME, "flex" | "ndarray")
+        && <B as burn::tensor::backend::Backend>::supports_dtype(
+            &device(),
+            burn::tensor::DType::F16,
+        )
+}
+
+/// How far HF transformers' own f16 forward is from its f32 reference on a fixture: max |Δ| of
+/// the logits (prefill and cached steps for decoder-only models, teacher-forced for
+/// encoder-decoders) and of the encoder states. Measured with `tools/hf_half_precision.py`
+/// (transformers 5.23, torch 2.15, CPU). kiln with `--dtype f16` on a GPU backend (matrices in
+/// f16, activations in f32) must be at least as close to the f32 reference as this.
+#[allow(dead_code)]
+pub fn hf_f16_deviation(name: &str) -> HalfDeviation {
+    let (logits, encoder) = match name {
+        "llama2-mha" => (2.636e-2, None),
+        "llama3-gqa" | "llama3-gqa-oldconfig" => (3.679e-2, None),
+        "llama-tied" => (4.094e-2, None),
+        "yi" => (2.806e-2, None),
+        "mistral-sw" => (2.590e-2, None),
+        "llama2-bf16" => (2.569e-2, None),
+        "llama3-sharded" => (2.691e-2, None),
+        "nllb-tiny" => (9.030e-2, Some(1.246e-2)),
+        "t5-relu-tied" => (3.820e-1, Some(6.686e-2)),
+        "t5v11-gated-untied" => (9.064e-2, Some(1.095e-2)),
+        "t5v11-gated-tied-noscale" => (4.833e-1, Some(1.516e-2)),
+        "flan-t5-current" => (1.141e-1, Some(1.152e-2)),
+        other => panic!("no f16 measurement for fixture {other}"),
+    };
+    HalfDeviation { logits, encoder }
+}
+
+/// See [`hf_f16_deviation`].
+#[allow(dead_code)]
+pub struct HalfDeviation {
+    /// Max |Δlogit|.
+    pub logits: f32,
+    /// Max |Δ| of the encoder's last hidden states (encoder-decoders).
+    pub encoder: Option<f32>,
+}

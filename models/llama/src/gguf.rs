@@ -164,6 +164,15 @@ impl WeightSource for GgufWeights {
             .collect()
     }
 
+    fn stored_dtype(&self, name: &str) -> Option<burn::tensor::DType> {
+        let info = self.file.tensor_info(self.gguf_name(name).ok()?)?;
+        match info.ggml_type() {
+            GgmlType::F16 => Some(burn::tensor::DType::F16),
+            GgmlType::BF16 => Some(burn::tensor::DType::BF16),
+            _ => None,
+        }
+    }
+
     fn read_f32(&self, name: &str) -> Result<TensorData> {
         let gguf = self.gguf_name(name)?;
         let (shape, mut values) = self

@@ -1,19 +1,21 @@
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use burn::module::{Module, ParamId};
 use burn::prelude::Backend;
+use burn::tensor::DType;
 use burn::tensor::TensorData;
-use burn::tensor::{DType, Tensor};
 use burn_store::{
     ApplyError, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot,
     TensorSnapshotError,
 };
 
 use super::WeightSource;
-use super::precision::{HostKernels, PackSlots, Quantization, WeightDtype, pack_module};
+use super::precision::{
+    DenseDtype, HostKernels, PackSlots, Quantization, WeightDtype, pack_module,
+};
 use crate::packed::ActivationPrecision;
 use crate::{Error, Result};
 
@@ -97,6 +99,28 @@ pub fn load_packed<B: Backend, M: Module<B> + PackSlots<B>>(
             prefix: options.key_prefix.clone(),
         })
     };
+    if options.pack_request::<B>(device)?.is_none() {
+        // Matrices stay Burn tensors: in the backend's float type, or half where asked.
+        let dense = options.dense_dtype::<B>(device)?;
+        if dense == DenseDtype::Float {
+            return load_module(module, source, device, options);
+        }
+        let matrices: HashSet<String> = module
+            .pack_slots()
+            .into_iter()
+            .map(|(path, _)| format!("{path}.weight"))
+            .collect();
+        let float = crate::nn::float_dtype::<B>(device);
+        let typed = source.clone();
+        let dtype_of = move |name: &str| {
+            if matrices.contains(name) {
+                dense.of(typed.stored_dtype(name), float)
+            } else {
+                float
+            }
+        };
+        return load_module_as(module, source, options, &dtype_of);
+    }
     let packed = pack_module(&mut module, source.as_ref(), device, options)?;
     if packed.is_empty() {
         return load_module(module, source, device, options);
@@ -139,6 +163,9 @@ impl WeightSource for Prefixed {
         self.source
             .read_packed(&format!("{}{name}", self.prefix), request)
     }
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.source.stored_dtype(&format!("{}{name}", self.prefix))
+    }
     fn file_of(&self, name: &str) -> &std::path::Path {
         self.source.file_of(&format!("{}{name}", self.prefix))
     }
@@ -162,6 +189,9 @@ impl WeightSource for Skipping {
     fn read_f32(&self, name: &str) -> Result<TensorData> {
         self.source.read_f32(name)
     }
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.source.stored_dtype(name)
+    }
     fn file_of(&self, name: &str) -> &std::path::Path {
         self.source.file_of(name)
     }
@@ -177,12 +207,22 @@ impl WeightSource for Skipping {
 /// wrong shape or one holding NaN is an error naming the tensor and its file. Tensors the module
 /// doesn't use (e.g. `rotary_emb.inv_freq` in older checkpoints) are ignored.
 pub fn load_module<B: Backend, M: Module<B>>(
-    mut module: M,
+    module: M,
     source: Arc<dyn WeightSource>,
     device: &B::Device,
     options: &LoadOptions,
 ) -> Result<M> {
-    let float_dtype = Tensor::<B, 1>::zeros([1], device).dtype();
+    let float = crate::nn::float_dtype::<B>(device);
+    load_module_as(module, source, options, &|_| float)
+}
+
+/// [`load_module`] with each tensor converted to `dtype_of(name)`.
+fn load_module_as<B: Backend, M: Module<B>>(
+    mut module: M,
+    source: Arc<dyn WeightSource>,
+    options: &LoadOptions,
+    dtype_of: &dyn Fn(&str) -> DType,
+) -> Result<M> {
     // Snapshot closures can only report strings; keep the first structured error here.
     let first_error: Rc<RefCell<Option<Error>>> = Rc::default();
     let stored_shapes: HashMap<String, Vec<usize>> = source
@@ -198,6 +238,7 @@ pub fn load_module<B: Backend, M: Module<B>>(
             let source = source.clone();
             let name = info.name.clone();
             let first_error = first_error.clone();
+            let float_dtype = dtype_of(&name);
             let data_fn = Rc::new(move || {
                 let data = source.read_f32(&name).map_err(|e| {
                     let message = e.to_string();

@@ -76,6 +76,11 @@ pub trait WeightSource {
             })?;
         pack_f32(name, rows, cols, values, request)
     }
+    /// The float type a tensor is stored in, where the source knows it (f16/bf16 tensors stay
+    /// half on GPU backends under [`WeightDtype::Auto`]). `None`: treat it as f32.
+    fn stored_dtype(&self, _name: &str) -> Option<burn::tensor::DType> {
+        None
+    }
     /// The file a tensor lives in (for error messages).
     fn file_of(&self, name: &str) -> &Path;
     /// A short description of all files, for "missing tensor" errors.

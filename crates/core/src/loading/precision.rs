@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use burn::prelude::Backend;
+use burn::tensor::DType;
 
 use super::WeightSource;
 use crate::nn::{Embedding, TorchLinear};
@@ -15,14 +16,17 @@ use crate::{Error, Result};
 pub enum WeightDtype {
     /// What the file holds where kiln can compute with it: on the CPU backends a GGUF's
     /// quantised blocks and f16/bf16 tensors stay as they are, safetensors become f32; on the
-    /// GPU backends everything becomes the backend's float type.
+    /// GPU backends f16/bf16 matrices stay half where the backend computes in that type (wgpu:
+    /// f16; cuda: f16 and bf16), everything else becomes the backend's float type.
     #[default]
     Auto,
     /// 32-bit floats.
     F32,
-    /// IEEE half precision (CPU backends: stored as f16, computed in f32).
+    /// IEEE half precision. CPU backends: stored as f16, computed in f32. GPU backends: Linear
+    /// and embedding matrices held and multiplied in f16; norms, softmax, the residual stream
+    /// and the KV cache stay in the backend's float type.
     F16,
-    /// bfloat16 (CPU backends: stored as bf16, computed in f32).
+    /// bfloat16, as [`Self::F16`] (on GPU backends that compute in bf16: cuda, not wgpu).
     BF16,
 }
 
@@ -136,7 +140,7 @@ impl super::LoadOptions {
     /// this backend. Errors for a precision the backend cannot hold.
     pub fn pack_request<B: Backend>(&self, device: &B::Device) -> Result<Option<PackRequest>> {
         let backend = B::name(device);
-        let cpu = !B::ad_enabled(device) && matches!(backend.as_str(), "flex" | "ndarray");
+        let cpu = !B::ad_enabled(device) && crate::nn::cpu_backend::<B>(device);
         let host = match self.host_kernels {
             HostKernels::Auto => cpu,
             HostKernels::Always => true,
@@ -149,10 +153,6 @@ impl super::LoadOptions {
             WeightDtype::BF16 => Some(PackedFormat::BF16),
         };
         if !host {
-            let wants = self
-                .quantization
-                .format()
-                .or(float.filter(|f| *f != PackedFormat::F32));
             if self.activations != crate::packed::ActivationPrecision::F32 {
                 return Err(Error::arg(
                     "activations",
@@ -163,22 +163,114 @@ impl super::LoadOptions {
                     ),
                 ));
             }
-            if let Some(format) = wants {
+            if let Some(format) = self.quantization.format() {
                 return Err(Error::arg(
-                    "dtype",
+                    "quant",
                     format!(
-                        "the {backend} backend holds weights in its own float type; kiln keeps \
-                         {format} weights only on the CPU backends (flex, ndarray) so far: \
-                         use --dtype auto or f32 here"
+                        "kiln keeps {format} weights only on the CPU backends (flex, ndarray) so \
+                         far; the {backend} backend holds Burn float tensors: use --quant none \
+                         (and --dtype f16 to halve the memory of f32)"
                     ),
                 ));
             }
+            // f16/bf16 are Burn tensors of that dtype here: see `dense_dtype`.
             return Ok(None);
         }
         Ok(Some(match self.quantization.format().or(float) {
             Some(format) => PackRequest::To(format),
             None => PackRequest::Stored,
         }))
+    }
+}
+
+/// The dtype of the matrices (Linear and embedding weights) a backend holds as Burn tensors,
+/// where they are not packed on the host. Everything else (norms, biases, activations, the KV
+/// cache) stays in the backend's float type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DenseDtype {
+    /// The backend's float type.
+    Float,
+    /// Each matrix in the half type it is stored in, where the backend computes in it.
+    Stored {
+        /// The backend computes in f16.
+        f16: bool,
+        /// The backend computes in bf16.
+        bf16: bool,
+    },
+    /// Every matrix in this half type.
+    Half(DType),
+}
+
+impl DenseDtype {
+    /// The dtype for one matrix, given what its source stores it in.
+    pub(crate) fn of(self, stored: Option<DType>, float: DType) -> DType {
+        match (self, stored) {
+            (Self::Half(dtype), _) => dtype,
+            (Self::Stored { f16: true, .. }, Some(DType::F16)) => DType::F16,
+            (Self::Stored { bf16: true, .. }, Some(DType::BF16)) => DType::BF16,
+            _ => float,
+        }
+    }
+}
+
+impl super::LoadOptions {
+    /// What [`DenseDtype`] the matrices get on a backend that holds them as Burn tensors.
+    /// `Auto` keeps a checkpoint's f16/bf16 matrices half on a GPU backend that computes in
+    /// that type; an explicit half dtype the backend cannot compute in, or one asked of an
+    /// autodiff backend (training keeps f32 weights), is an error naming the backend.
+    pub(crate) fn dense_dtype<B: Backend>(&self, device: &B::Device) -> Result<DenseDtype> {
+        let backend = B::name(device);
+        let cpu = crate::nn::cpu_backend::<B>(device);
+        let training = B::ad_enabled(device);
+        let wanted = match self.dtype {
+            WeightDtype::F32 => return Ok(DenseDtype::Float),
+            WeightDtype::Auto if cpu || training => return Ok(DenseDtype::Float),
+            WeightDtype::Auto => {
+                return Ok(DenseDtype::Stored {
+                    f16: B::supports_dtype(device, DType::F16),
+                    bf16: B::supports_dtype(device, DType::BF16),
+                });
+            }
+            WeightDtype::F16 => DType::F16,
+            WeightDtype::BF16 => DType::BF16,
+        };
+        if training {
+            return Err(Error::arg(
+                "dtype",
+                format!(
+                    "training (the autodiff {backend} backend) keeps weights in f32; \
+                     half-precision weights are for inference: use --dtype auto or f32"
+                ),
+            ));
+        }
+        if !B::supports_dtype(device, wanted) {
+            let supported: Vec<&str> = [
+                (DType::F32, "f32"),
+                (DType::F16, "f16"),
+                (DType::BF16, "bf16"),
+            ]
+            .into_iter()
+            .filter(|(dtype, _)| B::supports_dtype(device, *dtype))
+            .map(|(_, name)| name)
+            .collect();
+            return Err(Error::arg(
+                "dtype",
+                format!(
+                    "the {backend} backend cannot compute in {} on this device; it computes in {}",
+                    dtype_name(wanted),
+                    supported.join(", ")
+                ),
+            ));
+        }
+        Ok(DenseDtype::Half(wanted))
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
     }
 }
 
@@ -273,6 +365,21 @@ mod tests {
     use crate::loading::LoadOptions;
     use crate::packed::ActivationPrecision;
 
+    /// `Stored` keeps a matrix half only in a half type the backend computes in.
+    #[test]
+    fn stored_half_needs_the_backend() {
+        use burn::tensor::DType::{BF16, F16, F32};
+        let wgpu_like = DenseDtype::Stored {
+            f16: true,
+            bf16: false,
+        };
+        assert_eq!(wgpu_like.of(Some(F16), F32), F16);
+        assert_eq!(wgpu_like.of(Some(BF16), F32), F32);
+        assert_eq!(wgpu_like.of(None, F32), F32);
+        assert_eq!(DenseDtype::Half(BF16).of(Some(F16), F32), BF16);
+        assert_eq!(DenseDtype::Float.of(Some(F16), F32), F32);
+    }
+
     /// Where weights stay Burn parameters (a GPU backend, or host kernels off), asking for a
     /// precision only the host kernels have is an error naming the option and the backend, not
     /// a silent no-op.
@@ -286,8 +393,7 @@ mod tests {
                 "activations",
                 off.clone().with_activations(ActivationPrecision::Q8),
             ),
-            ("dtype", off.clone().with_quantization(Quantization::Q4_0)),
-            ("dtype", off.clone().with_dtype(WeightDtype::F16)),
+            ("quant", off.clone().with_quantization(Quantization::Q4_0)),
         ];
         for (name, options) in cases {
             let err = options
@@ -296,6 +402,27 @@ mod tests {
                 .to_string();
             assert!(err.contains(name) && err.contains("ndarray"), "{err}");
         }
+        // A half dtype is a Burn tensor dtype there: an error where the backend can't compute
+        // in it (ndarray computes in f32 and f64 only), naming what it can.
+        let half = off.clone().with_dtype(WeightDtype::F16);
+        assert_eq!(half.pack_request::<NdArray>(&device).unwrap(), None);
+        let err = half
+            .dense_dtype::<NdArray>(&device)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ndarray") && err.contains("cannot compute in f16") && err.contains("f32"),
+            "{err}"
+        );
+        // Training keeps f32 whatever the file holds; asking for half is an error.
+        type Train = burn::backend::Autodiff<NdArray>;
+        let auto = LoadOptions::default();
+        assert_eq!(
+            auto.dense_dtype::<Train>(&device).unwrap(),
+            DenseDtype::Float
+        );
+        let err = half.dense_dtype::<Train>(&device).unwrap_err().to_string();
+        assert!(err.contains("training"), "{err}");
         // With host kernels (the CPU default) the same options are requests.
         let on = LoadOptions::default().with_activations(ActivationPrecision::Q8);
         assert_eq!(

@@ -142,6 +142,14 @@ impl WeightSource for SafetensorsWeights {
         Ok(TensorData::new(values, shape))
     }
 
+    fn stored_dtype(&self, name: &str) -> Option<burn::tensor::DType> {
+        match self.index.get(name)?.2 {
+            Dtype::F16 => Some(burn::tensor::DType::F16),
+            Dtype::BF16 => Some(burn::tensor::DType::BF16),
+            _ => None,
+        }
+    }
+
     fn file_of(&self, name: &str) -> &Path {
         match self.index.get(name) {
             Some((i, _, _)) => &self.files[*i].0,

@@ -52,7 +52,16 @@ impl<B: Backend> Embedding<B> {
     /// backend error (dense) or a panic with the id (packed); callers check ids first.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         match &self.packed {
-            None => burn::tensor::module::embedding(self.weight.val(), tokens),
+            None => {
+                let float = super::float_dtype::<B>(&tokens.device());
+                let rows = burn::tensor::module::embedding(self.weight.val(), tokens);
+                // A half-precision matrix gives rows in the activations' float type.
+                if rows.dtype() == float {
+                    rows
+                } else {
+                    rows.cast(float)
+                }
+            }
             Some(packed) => {
                 let device = tokens.device();
                 let [batch, seq] = tokens.dims();

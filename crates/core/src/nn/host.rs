@@ -53,13 +53,22 @@ pub(crate) fn empty_weight<B: Backend>(
     burn::module::Param::from_tensor(Tensor::zeros([0, cols], &weight.lazy_device()))
 }
 
-/// The weight as a tensor: the packed matrix dequantised when there is one, else the parameter.
+/// The weight as a tensor in the float type: the packed matrix dequantised when there is one,
+/// else the parameter (cast when it is held in half precision).
 pub(crate) fn dense_or_param<B: Backend>(
     packed: Option<&PackedMatrix>,
     weight: &burn::module::Param<Tensor<B, 2>>,
 ) -> Tensor<B, 2> {
     match packed {
         Some(packed) => dense(packed, &weight.lazy_device()),
-        None => weight.val(),
+        None => {
+            let weight = weight.val();
+            let float = super::float_dtype::<B>(&weight.device());
+            if weight.dtype() == float {
+                weight
+            } else {
+                weight.cast(float)
+            }
+        }
     }
 }

@@ -111,10 +111,18 @@ pub const ROWS_FOR_X_TIMES_WT: usize = 96;
 /// contiguous checkpoint matrix either way; only the order of the product changes with the
 /// number of rows (`ROWS_FOR_X_TIMES_WT`, 96). Backends take the transposed operand as a
 /// strided view (flex hands the strides to gemm), so neither form copies the weight.
+///
+/// A weight held in another dtype than `x` (f16 on a GPU backend) is multiplied in its own
+/// dtype: `x` is cast to it and the product back to `x`'s, so only the matrices are half and
+/// norms, softmax and the residual stream stay in the float type (as HF upcasts them).
 pub fn linear_out_in<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
 ) -> Tensor<B, D> {
+    let (x_dtype, w_dtype) = (x.dtype(), weight.dtype());
+    if x_dtype != w_dtype {
+        return linear_out_in(x.cast(w_dtype), weight).cast(x_dtype);
+    }
     let mut dims = x.dims();
     let d_in = dims[D - 1];
     let rows: usize = dims[..D - 1].iter().product();
