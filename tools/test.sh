@@ -34,12 +34,13 @@ if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/
   fi
 fi
 if ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
-  echo "== wgpu (Vulkan): kernel checks, parity tests and the generate/translate examples"
+  echo "== wgpu (Vulkan): kernel checks, parity tests (f32 and f16) and the generate/translate examples"
   # XDG_RUNTIME_DIR: lavapipe warns without one; any writable folder does.
   export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
   # tests/examples.rs runs the example binaries; `--test` alone does not build them.
   cargo build --locked --no-default-features --features wgpu --example generate --example translate
-  cargo test --locked --no-default-features --features wgpu --test backend_ops --test llama_parity --test examples
+  cargo test --locked --no-default-features --features wgpu --test backend_ops --test llama_parity --test t5_parity \
+    --test nllb_parity --test examples
 else
   echo "== wgpu: skipped (no Vulkan driver; install mesa-vulkan-drivers libvulkan1)"
 fi

@@ -43,7 +43,17 @@ pub fn attention_with_dropout<B: Backend>(
     let group = heads / kv_heads;
 
     let q = (q * scale).reshape([batch, kv_heads, group * q_len, head_dim]);
-    let mut scores = q.matmul(k.swap_dims(2, 3));
+    // One query row per head (a decode step without grouped heads) on CubeCL: cubecl 0.10's
+    // matmul autotune can pick a vector-matrix kernel that refuses the layout of the right-hand
+    // side and panics ("Vecmat plane parallel only supports col major rhs", seen on wgpu in
+    // NLLB's batch-2 decode, both products; tracel-ai/cubecl#1611). Broadcast products summed
+    // over the shared axis are the same sums and never reach that kernel.
+    let vector_rows = group * q_len == 1 && !super::cpu_backend::<B>(&q.device());
+    let mut scores = if vector_rows {
+        (q * k).sum_dim(3).swap_dims(2, 3)
+    } else {
+        q.matmul(k.swap_dims(2, 3))
+    };
     if let Some(bias) = bias {
         let bias_batch = bias.dims()[0];
         scores = scores + bias.reshape([bias_batch, kv_heads, group * q_len, k_len]);
@@ -61,5 +71,10 @@ pub fn attention_with_dropout<B: Backend>(
     if let Some(dropout) = dropout {
         probs = dropout.forward(probs);
     }
-    probs.matmul(v).reshape([batch, heads, q_len, v_dim])
+    let out = if vector_rows {
+        (probs.swap_dims(2, 3) * v).sum_dim(2)
+    } else {
+        probs.matmul(v)
+    };
+    out.reshape([batch, heads, q_len, v_dim])
 }
