@@ -509,11 +509,30 @@ unsafe fn group_k<const F: u8, const M: usize>(w: &[u8], acts: &Q16, cols: usize
 
 /// Sub-block `s` (values `32s..32s + 32`) of the K-quant super-block at `p` as two vectors of
 /// 16 i16: the quants (Q4_K 0..15, Q5_K 0..31), or for Q6_K `(q − 32)·sc` with each group of
-/// 16's own i8 scale. Layouts as in [`super::kquant`].
+/// 16's own i8 scale.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn k_weights<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
+    unsafe {
+        let (q0, q1) = k_quants::<F>(p, s);
+        if F != Q6_K {
+            return (q0, q1);
+        }
+        let sc = p.add(192 + 2 * s).cast::<i8>();
+        (
+            _mm256_mullo_epi16(q0, _mm256_set1_epi16(*sc as i16)),
+            _mm256_mullo_epi16(q1, _mm256_set1_epi16(*sc.add(1) as i16)),
+        )
+    }
+}
+
+/// Sub-block `s` of the K-quant super-block at `p` as two vectors of 16 i16 quants: Q4_K
+/// 0..15, Q5_K 0..31, Q6_K `q − 32`. Layouts as in [`super::kquant`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
     let low4 = _mm256_set1_epi8(0x0F);
     let halves = |q: __m256i| {
         (
@@ -555,16 +574,9 @@ unsafe fn k_weights<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
                     _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi)),
                     _mm256_set1_epi8(32),
                 );
-                let sc = p.add(192 + 2 * s).cast::<i8>();
                 (
-                    _mm256_mullo_epi16(
-                        _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                        _mm256_set1_epi16(*sc as i16),
-                    ),
-                    _mm256_mullo_epi16(
-                        _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
-                        _mm256_set1_epi16(*sc.add(1) as i16),
-                    ),
+                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
                 )
             }
         }
@@ -717,7 +729,8 @@ unsafe fn i8x8(p: *const u8) -> __m256 {
 #[cfg(target_arch = "x86_64")]
 pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) -> bool {
     let blocks = dst.len() / 32;
-    if !dst.len().is_multiple_of(32) || src.len() != format.row_bytes(dst.len()) {
+    let whole = if format.is_k_quant() { 256 } else { 32 };
+    if !dst.len().is_multiple_of(whole) || src.len() != format.row_bytes(dst.len()) {
         return false;
     }
     // Safety: `available()` was checked by the caller; lengths checked above.
@@ -729,11 +742,58 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q8_0 => dequant::<Q8_0>(src, dst, blocks),
             PackedFormat::Q4_0 => dequant::<Q4_0>(src, dst, blocks),
             PackedFormat::Q4_1 => dequant::<Q4_1>(src, dst, blocks),
-            // The K-quants dequantise with the portable loop (prefill tiles only).
-            PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => return false,
+            PackedFormat::Q4_K => dequant_k::<Q4_K>(src, dst, blocks / 8),
+            PackedFormat::Q5_K => dequant_k::<Q5_K>(src, dst, blocks / 8),
+            PackedFormat::Q6_K => dequant_k::<Q6_K>(src, dst, blocks / 8),
         }
     }
     true
+}
+
+/// K-quant super-blocks to f32 (prefill tiles), with [`super::kquant`]'s arithmetic: `d·sc`
+/// and `dmin·m` in f32, then `d·sc · q − dmin·m` (Q4_K, Q5_K) or `(d·sc) · q` (Q6_K), each
+/// rounded as the scalar code rounds it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_k<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
+    // 16 i16 as two vectors of 8 f32.
+    let f32x16 = |q: __m256i| {
+        (
+            _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q))),
+            _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(q))),
+        )
+    };
+    for b in 0..blocks {
+        unsafe {
+            let p = src.as_ptr().add(b * block_bytes::<F>());
+            let out = dst.as_mut_ptr().add(b * 256);
+            if F == Q6_K {
+                let d = h2f(p.add(208));
+                for s in 0..8 {
+                    let (q0, q1) = k_quants::<F>(p, s);
+                    for (h, q) in [q0, q1].into_iter().enumerate() {
+                        let g = 2 * s + h;
+                        let dsc = _mm256_set1_ps(d * (*p.add(192 + g) as i8) as f32);
+                        let (a, c) = f32x16(q);
+                        _mm256_storeu_ps(out.add(16 * g), _mm256_mul_ps(dsc, a));
+                        _mm256_storeu_ps(out.add(16 * g + 8), _mm256_mul_ps(dsc, c));
+                    }
+                }
+            } else {
+                let (sc, mn) = super::kquant::sub_scales(std::slice::from_raw_parts(p, 16));
+                for s in 0..8 {
+                    let (q0, q1) = k_quants::<F>(p, s);
+                    let (scv, mnv) = (_mm256_set1_ps(sc[s]), _mm256_set1_ps(mn[s]));
+                    for (h, q) in [q0, q1].into_iter().enumerate() {
+                        let (a, c) = f32x16(q);
+                        let at = out.add(32 * s + 16 * h);
+                        _mm256_storeu_ps(at, _mm256_sub_ps(_mm256_mul_ps(scv, a), mnv));
+                        _mm256_storeu_ps(at.add(8), _mm256_sub_ps(_mm256_mul_ps(scv, c), mnv));
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -440,6 +440,9 @@ fn k_quant_dequantisation_is_ggml_bit_for_bit() {
         let packed = PackedMatrix::from_bytes(1, blocks * 256, format, &bytes).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&packed.to_f32()), bits(&want), "{format} vs gguf-py");
+        let mut slow = vec![0f32; want.len()];
+        kernels::dequantize_row_scalar(format, &bytes, &mut slow);
+        assert_eq!(bits(&slow), bits(&want), "{format}: scalar vs gguf-py");
         // And kiln-gguf's dequantiser on blocks quantised here.
         let w = values(3 * 512, 21);
         let packed = PackedMatrix::from_f32(3, 512, &w, format).unwrap();
