@@ -115,7 +115,8 @@ pub fn q4_k_m_type(name: &str, cols: usize, n_layers: usize) -> Option<GgmlType>
     let more_bits = |i: usize| {
         i < n_layers / 8
             || i >= 7 * n_layers / 8
-            || (i >= n_layers / 8 && (i - n_layers / 8) % 3 == 2)
+            // i ≥ n_layers/8 here, as `||` got this far.
+            || (i - n_layers / 8) % 3 == 2
     };
     match layer {
         Some(i) if (name.contains(".attn_v.") || name.contains(".ffn_down.")) && more_bits(i) => {
