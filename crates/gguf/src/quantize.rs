@@ -392,7 +392,11 @@ mod tests {
                 let u = (s >> 40) as f32 / (1u64 << 24) as f32;
                 // Mostly small, some outliers, as trained weights are.
                 let v = u * 2.0 - 1.0;
-                if s.is_multiple_of(97) { v * 8.0 } else { v * 0.05 }
+                if s.is_multiple_of(97) {
+                    v * 8.0
+                } else {
+                    v * 0.05
+                }
             })
             .collect()
     }
