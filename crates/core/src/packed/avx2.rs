@@ -496,10 +496,15 @@ unsafe fn group_k<const F: u8, const M: usize>(w: &[u8], acts: &Q16, cols: usize
             } else {
                 super::kquant::sub_scales(std::slice::from_raw_parts(p, 16))
             };
-            for s in (0..8).step_by(2) {
-                sub!(p, b, s, sc, mn, acc0, off0);
-                sub!(p, b, s + 1, sc, mn, acc1, off1);
-            }
+            // Written out, so that each sub-block's shifts and offsets are constants.
+            sub!(p, b, 0, sc, mn, acc0, off0);
+            sub!(p, b, 1, sc, mn, acc1, off1);
+            sub!(p, b, 2, sc, mn, acc0, off0);
+            sub!(p, b, 3, sc, mn, acc1, off1);
+            sub!(p, b, 4, sc, mn, acc0, off0);
+            sub!(p, b, 5, sc, mn, acc1, off1);
+            sub!(p, b, 6, sc, mn, acc0, off0);
+            sub!(p, b, 7, sc, mn, acc1, off1);
         }
     }
     for j in 0..M {
