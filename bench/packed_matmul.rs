@@ -18,7 +18,7 @@ struct Args {
     /// Output features (weight rows).
     #[arg(long, default_value_t = 5632)]
     rows: usize,
-    /// Input features (weight columns, a multiple of 32).
+    /// Input features (weight columns, a multiple of 32; of 256 for the K-quants).
     #[arg(long, default_value_t = 2048)]
     cols: usize,
     /// Activation row counts to time.
@@ -47,13 +47,17 @@ fn main() {
         PackedFormat::Q8_0,
         PackedFormat::Q4_1,
         PackedFormat::Q4_0,
+        PackedFormat::Q4_K,
+        PackedFormat::Q5_K,
+        PackedFormat::Q6_K,
     ] {
         if !args.formats.is_empty() && !args.formats.iter().any(|f| f == format.name()) {
             continue;
         }
         let block = format.block_len() > 1;
         for &act in &args.activations {
-            if !block && act != ActivationPrecision::F32 {
+            // Float and K-quant weights always take f32 activations.
+            if (!block || format.is_k_quant()) && act != ActivationPrecision::F32 {
                 continue;
             }
             let w = PackedMatrix::from_f32(args.rows, args.cols, &values, format)

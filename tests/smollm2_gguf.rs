@@ -239,3 +239,81 @@ fn eight_bit_activations_keep_the_greedy_tokens() {
     assert!(worst > 1e-3, "the 8-bit kernels were not used");
     assert!(worst < 2.0, "max |Δlogit| {worst}");
 }
+
+/// The same file requantised to llama.cpp's Q4_K_M mix by kiln-gguf's writer (only `ffn_down`,
+/// 1536 wide, is a whole number of 256-value super-blocks in SmolLM2-135M: Q6_K in the layers
+/// llama.cpp gives more bits, Q4_K in the others; the 576-wide matrices keep their Q4_1/Q8_0):
+/// the K-quant blocks stay packed, and their kernels give the logits of the same file
+/// dequantised to f32, and its greedy tokens.
+#[test]
+fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
+    use burn::prelude::*;
+    use kiln::core::CausalLm;
+    use kiln::core::loading::{HostKernels, LoadOptions};
+    use kiln::core::packed::PackedFormat;
+    use kiln::llama::Llama;
+
+    let Some(path) = smollm2_gguf() else { return };
+    let file = kiln_gguf::GgufFile::open(&path).unwrap();
+    let layers = file.llama_metadata().unwrap().block_count;
+    let bytes = kiln_gguf::writer::requantize(&file, |name, [_, cols], _| {
+        kiln_gguf::writer::q4_k_m_type(name, cols, layers)
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kpath = dir.path().join("smollm2-q4_k_m.gguf");
+    std::fs::write(&kpath, bytes).unwrap();
+
+    let device = device();
+    let (packed, _) = Llama::<B>::from_gguf_with(&kpath, &device, &LoadOptions::default()).unwrap();
+    let dense_options = LoadOptions::default().with_host_kernels(HostKernels::Never);
+    let (dense, _) = Llama::<B>::from_gguf_with(&kpath, &device, &dense_options).unwrap();
+    let format = |p: &Option<std::sync::Arc<kiln::core::packed::PackedMatrix>>| {
+        p.as_ref().map(|p| p.format())
+    };
+    let mlp = |i: usize| &packed.model.layers[i].mlp;
+    assert_eq!(format(&mlp(0).down_proj.packed), Some(PackedFormat::Q6_K));
+    assert_eq!(format(&mlp(3).down_proj.packed), Some(PackedFormat::Q4_K));
+    assert_eq!(format(&mlp(3).up_proj.packed), Some(PackedFormat::Q4_1));
+
+    let reference = reference();
+    let prompt = ids(&reference["prompt_ids"]);
+    let tokens = |ids: &[u32]| {
+        let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device)
+    };
+    let (mut cp, mut cd) = (packed.new_cache(vec![0]), dense.new_cache(vec![0]));
+    let mut input = prompt.clone();
+    let mut worst = 0f32;
+    for step in 0..9 {
+        let lp = packed.forward(tokens(&input), &mut cp, true);
+        let ld = dense.forward(tokens(&input), &mut cd, true);
+        let (lp, ld) = (
+            lp.into_data().into_vec::<f32>().unwrap(),
+            ld.into_data().into_vec::<f32>().unwrap(),
+        );
+        let diff = max_abs_diff(&lp, &ld);
+        worst = worst.max(diff);
+        assert!(diff < 1e-3, "step {step}: max |Δlogit| {diff}");
+        let vocab = packed.vocab_size();
+        let row = &lp[lp.len() - vocab..];
+        input = vec![
+            (0..vocab)
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                .unwrap() as u32,
+        ];
+    }
+    let config = GenerationConfig::default().with_max_new_tokens(32);
+    let run = |m: &Llama<B>| {
+        generate(m, std::slice::from_ref(&prompt), &config, None, |_, _| {}).unwrap()[0]
+            .tokens
+            .clone()
+    };
+    let (tp, td) = (run(&packed), run(&dense));
+    let same = tp.iter().zip(&td).take_while(|(a, b)| a == b).count();
+    eprintln!(
+        "Q4_K_M (K-quants packed) vs dequantised f32: max |Δlogit| {worst:e}, greedy {same} of {} tokens the same",
+        td.len()
+    );
+    assert_eq!(tp, td);
+}

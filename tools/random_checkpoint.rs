@@ -15,8 +15,10 @@
 //! are generated one at a time while the file is written, so memory stays at about one tensor
 //! (a 7B f32 checkpoint is 27 GB on disk, not in RAM).
 //!
-//! With `--gguf q4_0|q8_0` it writes `model.gguf` instead, the same random weights quantised by
-//! ggml's reference quantiser (kiln's `PackedMatrix::from_f32`), llama.cpp's tensor names, and a
+//! With `--gguf q4_0|q8_0|q4_k_m` it writes `model.gguf` instead, the same random weights
+//! quantised by ggml's reference quantisers (kiln's `PackedMatrix::from_f32`; `q4_k_m` picks
+//! Q4_K/Q6_K per matrix as llama.cpp's Q4_K_M does, Q8_0 where a width is not a whole number of
+//! 256-value super-blocks), llama.cpp's tensor names, and a
 //! synthetic SentencePiece vocabulary (`<unk>`, `<s>`, `</s>`, the 256 byte tokens, then
 //! `t<i>`), so that kiln, candle and llama.cpp can all load it. Q/K rows are not permuted:
 //! the weights are random, so no reader can tell.
@@ -95,6 +97,9 @@ enum GgufType {
     /// ggml Q8_0 (8.5 bits a weight).
     #[value(name = "q8_0")]
     Q8_0,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the embedding and some `attn_v`/`ffn_down`.
+    #[value(name = "q4_k_m")]
+    Q4KM,
 }
 
 /// The hyper-parameters written to config.json.
@@ -448,12 +453,20 @@ fn write_gguf(shape: &Shape, args: &Args, kind: GgufType) -> Result<()> {
     use kiln_gguf::writer::{TensorSpec, write_gguf};
     use kiln_gguf::{GgmlType, Value, ValueType};
 
-    let (format, ggml_type) = match kind {
-        GgufType::Q4_0 => (PackedFormat::Q4_0, GgmlType::Q4_0),
-        GgufType::Q8_0 => (PackedFormat::Q8_0, GgmlType::Q8_0),
-    };
     let mut specs = Vec::new();
     for (name, t) in tensors(shape, args) {
+        let cols = t.shape.last().copied().unwrap_or(0);
+        let (format, ggml_type) = match kind {
+            GgufType::Q4_0 => (PackedFormat::Q4_0, GgmlType::Q4_0),
+            GgufType::Q8_0 => (PackedFormat::Q8_0, GgmlType::Q8_0),
+            GgufType::Q4KM => {
+                match kiln_gguf::writer::q4_k_m_type(&gguf_name(&name), cols, shape.layers) {
+                    Some(GgmlType::Q6_K) => (PackedFormat::Q6_K, GgmlType::Q6_K),
+                    Some(_) => (PackedFormat::Q4_K, GgmlType::Q4_K),
+                    None => (PackedFormat::Q8_0, GgmlType::Q8_0),
+                }
+            }
+        };
         let values: Vec<f32> = generate(t.numel(), StoreDtype::F32, t.init)
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))

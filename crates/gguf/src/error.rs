@@ -147,6 +147,10 @@ pub enum GgufError {
         detail: String,
     },
 
+    /// [`quantize`](crate::quantize) has no quantiser for this type.
+    #[error("quantising to {0} is not supported (Q8_0, Q4_K, Q5_K and Q6_K are)")]
+    CannotQuantize(GgmlType),
+
     /// Buffer sizes or a shape do not fit together (free functions such as
     /// [`dequantize`](crate::dequantize) and [`unpermute_qk`](crate::unpermute_qk)).
     #[error("invalid shape: {0}")]

@@ -13,8 +13,10 @@
 //!   [`hf_tensor_name`] maps tensor names to Hugging Face's and [`unpermute_qk`] undoes
 //!   llama.cpp's row permutation of the Q/K weights.
 //! * [`GgufFile::tensor_bytes`] hands over a tensor's stored bytes (kiln keeps Q8_0/Q4_0/Q4_1
-//!   blocks as they are) and [`GgufFile::release_tensor`] drops its mapped pages afterwards;
-//!   [`writer::write_gguf`] writes files (tests, random-weight benchmark checkpoints).
+//!   and Q4_K/Q5_K/Q6_K blocks as they are) and [`GgufFile::release_tensor`] drops its mapped
+//!   pages afterwards; [`writer::write_gguf`] writes files (tests, random-weight benchmark
+//!   checkpoints), [`quantize`] makes Q8_0 and K-quant blocks as ggml's reference quantisers
+//!   do, and [`writer::requantize`] rewrites a file's matrices in other block types.
 //! * [`GgufFile::tokenizer`] rebuilds the embedded vocabulary as a [`tokenizers::Tokenizer`];
 //!   [`GgufFile::chat_template`] returns the Jinja chat template.
 //!
@@ -46,6 +48,7 @@ mod error;
 mod file;
 mod llama;
 mod quant;
+mod quantize;
 pub mod tokenizer;
 mod types;
 pub mod writer;
@@ -54,4 +57,5 @@ pub use error::{GgufError, Result};
 pub use file::{DEFAULT_ALIGNMENT, GgufFile, TensorInfo};
 pub use llama::{LlamaMetadata, RopeScaling, hf_tensor_name, permute_qk, unpermute_qk};
 pub use quant::{dequantize, dequantize_into};
+pub use quantize::{can_quantize, quantize, quantize_into};
 pub use types::{GgmlType, Value, ValueType};

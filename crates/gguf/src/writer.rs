@@ -92,3 +92,127 @@ fn put_value(b: &mut Vec<u8>, v: &Value) {
         }
     }
 }
+
+/// What llama.cpp's `llama-quantize … Q4_K_M` (without an importance matrix) picks for a 2-D
+/// tensor of `cols` columns in a model of `n_layers` blocks: Q6_K for the output and
+/// embedding matrices and for `attn_v`/`ffn_down` in the layers its `use_more_bits` names (the
+/// first and last eighth, and every third between), Q4_K for the other matrices. (llama.cpp
+/// gives the embedding Q6_K only when it is also the output, tied, as in SmolLM2; a decode step
+/// reads one row of it either way.) `None` where `cols` is not a whole
+/// number of 256-value super-blocks (llama.cpp falls back to another type there; kiln's
+/// [`requantize`] keeps the stored one).
+pub fn q4_k_m_type(name: &str, cols: usize, n_layers: usize) -> Option<GgmlType> {
+    if !cols.is_multiple_of(256) {
+        return None;
+    }
+    if name == "token_embd.weight" || name == "output.weight" {
+        return Some(GgmlType::Q6_K);
+    }
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse::<usize>().ok());
+    let more_bits = |i: usize| {
+        i < n_layers / 8
+            || i >= 7 * n_layers / 8
+            // i ≥ n_layers/8 here, as `||` got this far.
+            || (i - n_layers / 8) % 3 == 2
+    };
+    match layer {
+        Some(i) if (name.contains(".attn_v.") || name.contains(".ffn_down.")) && more_bits(i) => {
+            Some(GgmlType::Q6_K)
+        }
+        _ => Some(GgmlType::Q4_K),
+    }
+}
+
+/// Rewrites `file` with the 2-D tensors `pick` names a type for dequantised and quantised to
+/// it ([`crate::quantize`]); the metadata and every other tensor are copied as stored.
+/// `pick` gets the GGUF tensor name, `[rows, cols]` and the stored type.
+pub fn requantize(
+    file: &crate::GgufFile,
+    pick: impl Fn(&str, [usize; 2], GgmlType) -> Option<GgmlType>,
+) -> crate::Result<Vec<u8>> {
+    let mut specs = Vec::new();
+    for info in file.tensors() {
+        let name = info.name();
+        let stored = file.tensor_bytes(name)?;
+        let target = match info.shape().as_slice() {
+            [rows, cols] => pick(name, [*rows, *cols], info.ggml_type()),
+            _ => None,
+        };
+        let (ggml_type, data) = match target {
+            Some(t) if t != info.ggml_type() => {
+                let (_, values) = file.tensor_f32(name)?;
+                (t, crate::quantize(t, &values)?)
+            }
+            _ => (info.ggml_type(), stored.to_vec()),
+        };
+        file.release_tensor(name);
+        specs.push(TensorSpec {
+            name: name.to_string(),
+            dims: info.dims().to_vec(),
+            ggml_type,
+            data,
+        });
+    }
+    let kvs: Vec<(&str, Value)> = file
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    Ok(write_gguf(file.version(), &kvs, &specs, file.alignment()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GgufFile;
+
+    #[test]
+    fn q4_k_m_picks_as_llama_cpp_does() {
+        // 24 layers: more bits in 0..3, 21..24, and 3 + 2, 3 + 5, ...
+        let t = |name: &str| q4_k_m_type(name, 512, 24);
+        assert_eq!(t("token_embd.weight"), Some(GgmlType::Q6_K));
+        assert_eq!(t("blk.0.ffn_down.weight"), Some(GgmlType::Q6_K));
+        assert_eq!(t("blk.3.ffn_down.weight"), Some(GgmlType::Q4_K));
+        assert_eq!(t("blk.5.attn_v.weight"), Some(GgmlType::Q6_K));
+        assert_eq!(t("blk.5.attn_q.weight"), Some(GgmlType::Q4_K));
+        assert_eq!(t("blk.22.ffn_down.weight"), Some(GgmlType::Q6_K));
+        assert_eq!(q4_k_m_type("blk.0.ffn_down.weight", 576, 24), None);
+    }
+
+    #[test]
+    fn requantize_rewrites_the_picked_matrices_and_copies_the_rest() {
+        let w: Vec<f32> = (0..2 * 256)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let tensors = [
+            TensorSpec {
+                name: "blk.0.ffn_up.weight".into(),
+                dims: vec![256, 2],
+                ggml_type: GgmlType::F32,
+                data: f32_bytes(&w),
+            },
+            TensorSpec {
+                name: "blk.0.ffn_norm.weight".into(),
+                dims: vec![256],
+                ggml_type: GgmlType::F32,
+                data: f32_bytes(&w[..256]),
+            },
+        ];
+        let kvs = [("general.name", Value::String("t".into()))];
+        let file = GgufFile::from_bytes("t.gguf", write_gguf(3, &kvs, &tensors, 32)).unwrap();
+        let out = requantize(&file, |_, [_, cols], _| q4_k_m_type("x", cols, 1)).unwrap();
+        let out = GgufFile::from_bytes("out.gguf", out).unwrap();
+        let up = out.tensor_info("blk.0.ffn_up.weight").unwrap();
+        assert_eq!((up.ggml_type(), up.shape()), (GgmlType::Q4_K, vec![2, 256]));
+        let (_, back) = out.tensor_f32("blk.0.ffn_up.weight").unwrap();
+        assert!(w.iter().zip(&back).all(|(a, b)| (a - b).abs() < 0.1));
+        let norm = out.tensor_info("blk.0.ffn_norm.weight").unwrap();
+        assert_eq!(norm.ggml_type(), GgmlType::F32);
+        assert_eq!(out.tensor_f32("blk.0.ffn_norm.weight").unwrap().1, w[..256]);
+        assert_eq!(out.metadata(), file.metadata());
+    }
+}

@@ -1,6 +1,6 @@
 //! Llama-family models from GGUF files (llama.cpp's format): SmolLM2, TinyLlama, Llama 2/3,
-//! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1) or
-//! floats; elsewhere tensors are dequantised one at a time as they load.
+//! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1, Q4_K,
+//! Q5_K, Q6_K) or floats; elsewhere tensors are dequantised one at a time as they load.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -193,9 +193,9 @@ impl WeightSource for GgufWeights {
         Ok(TensorData::new(values, shape))
     }
 
-    /// Q8_0, Q4_0, Q4_1, F16, BF16 and F32 tensors are handed over as their bytes (with the Q/K
-    /// rows unpermuted); other block types (the K-quants, Q5_*) are dequantised and, when the
-    /// stored format is asked for, requantised to Q8_0, with a note.
+    /// Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, F16, BF16 and F32 tensors are handed over as their
+    /// bytes (with the Q/K rows unpermuted); other block types (Q2_K, Q3_K, Q5_0, Q5_1) are
+    /// dequantised and, when the stored format is asked for, requantised to Q8_0, with a note.
     fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
         let gguf = self.gguf_name(name)?;
         let info = self
@@ -212,6 +212,9 @@ impl WeightSource for GgufWeights {
             GgmlType::Q8_0 => Some(PackedFormat::Q8_0),
             GgmlType::Q4_0 => Some(PackedFormat::Q4_0),
             GgmlType::Q4_1 => Some(PackedFormat::Q4_1),
+            GgmlType::Q4_K => Some(PackedFormat::Q4_K),
+            GgmlType::Q5_K => Some(PackedFormat::Q5_K),
+            GgmlType::Q6_K => Some(PackedFormat::Q6_K),
             _ => None,
         };
         let shape = info.shape();
@@ -278,7 +281,7 @@ impl WeightSource for GgufWeights {
 impl<B: Backend> Llama<B> {
     /// Loads a Llama-family GGUF file; returns the model and its embedded tokenizer.
     ///
-    /// On the CPU backends the Q8_0, Q4_0, Q4_1 and float tensors stay as the file stores them
+    /// On the CPU backends the Q8_0, Q4_0, Q4_1, K-quant and float tensors stay as the file stores them
     /// (see [`LoadOptions`]); elsewhere they are dequantised to the backend's float type.
     pub fn from_gguf(path: &Path, device: &B::Device) -> Result<(Self, Tokenizer)> {
         Self::from_gguf_with(path, device, &LoadOptions::default())

@@ -3,7 +3,8 @@
 //! Each 32-value block is dequantised into four 8-lane registers exactly as ggml dequantises
 //! it, then multiplied into four independent accumulators per activation row (so FMA latency
 //! overlaps across blocks). Activation rows go through in groups of up to four, so a weight
-//! block is loaded and unpacked once per group.
+//! block is loaded and unpacked once per group. The K-quants ([`group_k`]) go 32 values (one
+//! sub-block) at a time, as the 4-bit formats do.
 
 use super::PackedFormat;
 use super::kernels::{Acts, DotKernel};
@@ -29,6 +30,9 @@ const BF16: u8 = 2;
 const Q8_0: u8 = 3;
 const Q4_0: u8 = 4;
 const Q4_1: u8 = 5;
+const Q4_K: u8 = 6;
+const Q5_K: u8 = 7;
+const Q6_K: u8 = 8;
 
 /// The AVX2 kernel for `format`. Only call after [`available`] returned true.
 #[cfg(target_arch = "x86_64")]
@@ -40,6 +44,9 @@ pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
         PackedFormat::Q8_0 => entry::<Q8_0>,
         PackedFormat::Q4_0 => entry::<Q4_0>,
         PackedFormat::Q4_1 => entry::<Q4_1>,
+        PackedFormat::Q4_K => entry::<Q4_K>,
+        PackedFormat::Q5_K => entry::<Q5_K>,
+        PackedFormat::Q6_K => entry::<Q6_K>,
     }
 }
 
@@ -49,7 +56,7 @@ fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f3
     assert!(m > 0 && out.len().is_multiple_of(m));
     assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
     assert!(acts.x.len() >= m * cols);
-    if matches!(F, Q4_0 | Q4_1) {
+    if matches!(F, Q4_0 | Q4_1 | Q4_K | Q5_K | Q6_K) {
         let blocks = m * (cols / 32);
         assert!(acts.sum.len() >= blocks && acts.scale.len() >= blocks);
         assert!(acts.q16.len() >= m * cols && acts.q16_lo.len() >= m * cols);
@@ -207,13 +214,16 @@ unsafe fn load8<const F: u8>(p: *const u8, k: usize) -> __m256 {
     }
 }
 
-/// Bytes of one 32-value block.
+/// Bytes of one 32-value block (of one 256-value super-block for the K-quants).
 const fn block_bytes<const F: u8>() -> usize {
     match F {
         F32 => 128,
         F16 | BF16 => 64,
         Q8_0 => 34,
         Q4_0 => 18,
+        Q4_K => 144,
+        Q5_K => 176,
+        Q6_K => 210,
         _ => 20,
     }
 }
@@ -231,18 +241,27 @@ unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out
         let xs = &x[j * cols..];
         let o = &mut out[j..j + n];
         unsafe {
-            if matches!(F, Q4_0 | Q4_1) {
+            if matches!(F, Q4_0 | Q4_1 | Q4_K | Q5_K | Q6_K) {
                 let q = Q16 {
                     q: &acts.q16[j * cols..],
                     lo: &acts.q16_lo[j * cols..],
                     sum: &acts.sum[j * blocks..],
                     scale: &acts.scale[j * blocks..],
                 };
-                match n {
-                    4 => group_q4::<F, 4>(w, &q, cols, o),
-                    3 => group_q4::<F, 3>(w, &q, cols, o),
-                    2 => group_q4::<F, 2>(w, &q, cols, o),
-                    _ => group_q4::<F, 1>(w, &q, cols, o),
+                if matches!(F, Q4_K | Q5_K | Q6_K) {
+                    match n {
+                        4 => group_k::<F, 4>(w, &q, cols, o),
+                        3 => group_k::<F, 3>(w, &q, cols, o),
+                        2 => group_k::<F, 2>(w, &q, cols, o),
+                        _ => group_k::<F, 1>(w, &q, cols, o),
+                    }
+                } else {
+                    match n {
+                        4 => group_q4::<F, 4>(w, &q, cols, o),
+                        3 => group_q4::<F, 3>(w, &q, cols, o),
+                        2 => group_q4::<F, 2>(w, &q, cols, o),
+                        _ => group_q4::<F, 1>(w, &q, cols, o),
+                    }
                 }
             } else if F == Q8_0 {
                 match n {
@@ -429,6 +448,146 @@ unsafe fn group_q4<const F: u8, const M: usize>(
     }
 }
 
+/// `M` rows of i16 activations against one row of K-quant super-blocks, one 32-value
+/// sub-block at a time: the sub-block's integer weights ([`k_weights`]) times both i16 parts of
+/// the activations by `vpmaddwd` (exact), scaled once by the sub-block's `d·sc` and the
+/// activations' `s`; Q4_K/Q5_K's offset `−dmin·m` multiplies the sub-block's exact f32 sum.
+/// Q6_K's per-16 scales are folded into its integer weights, so its sub-block scale is `d`.
+/// Even and odd sub-blocks go to separate local accumulators (see [`group_q4`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn group_k<const F: u8, const M: usize>(w: &[u8], acts: &Q16, cols: usize, out: &mut [f32]) {
+    let (blocks, subs) = (cols / 256, cols / 32);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+    let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
+    let inv = _mm256_set1_ps(1.0 / 65536.0);
+    macro_rules! sub {
+        ($p:expr, $b:expr, $s:expr, $sc:expr, $mn:expr, $acc:ident, $off:ident) => {{
+            let s = $s;
+            let (w0, w1) = k_weights::<F>($p, s);
+            for j in 0..M {
+                let at = j * cols + $b * 256 + s * 32;
+                let (xq, xl) = (acts.q.as_ptr().add(at), acts.lo.as_ptr().add(at));
+                // Integer sums, exact: |w·x| < 2²⁹ per lane (Q6_K's |w| ≤ 32·128).
+                let si = _mm256_add_epi32(
+                    _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.cast())),
+                    _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(16).cast())),
+                );
+                let r = _mm256_add_epi32(
+                    _mm256_madd_epi16(w0, _mm256_loadu_si256(xl.cast())),
+                    _mm256_madd_epi16(w1, _mm256_loadu_si256(xl.add(16).cast())),
+                );
+                let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(si));
+                let k = j * subs + $b * 8 + s;
+                let scale = _mm256_set1_ps($sc[s] * *acts.scale.get_unchecked(k));
+                $acc[j] = _mm256_fmadd_ps(t, scale, $acc[j]);
+                if F != Q6_K {
+                    $off[j] -= $mn[s] * *acts.sum.get_unchecked(k);
+                }
+            }
+        }};
+    }
+    for b in 0..blocks {
+        unsafe {
+            let p = w.as_ptr().add(b * block_bytes::<F>());
+            let (sc, mn) = if F == Q6_K {
+                ([h2f(p.add(208)); 8], [0f32; 8])
+            } else {
+                super::kquant::sub_scales(std::slice::from_raw_parts(p, 16))
+            };
+            // Written out, so that each sub-block's shifts and offsets are constants.
+            sub!(p, b, 0, sc, mn, acc0, off0);
+            sub!(p, b, 1, sc, mn, acc1, off1);
+            sub!(p, b, 2, sc, mn, acc0, off0);
+            sub!(p, b, 3, sc, mn, acc1, off1);
+            sub!(p, b, 4, sc, mn, acc0, off0);
+            sub!(p, b, 5, sc, mn, acc1, off1);
+            sub!(p, b, 6, sc, mn, acc0, off0);
+            sub!(p, b, 7, sc, mn, acc1, off1);
+        }
+    }
+    for j in 0..M {
+        out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+    }
+}
+
+/// Sub-block `s` (values `32s..32s + 32`) of the K-quant super-block at `p` as two vectors of
+/// 16 i16: the quants (Q4_K 0..15, Q5_K 0..31), or for Q6_K `(q − 32)·sc` with each group of
+/// 16's own i8 scale.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k_weights<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
+    unsafe {
+        let (q0, q1) = k_quants::<F>(p, s);
+        if F != Q6_K {
+            return (q0, q1);
+        }
+        let sc = p.add(192 + 2 * s).cast::<i8>();
+        (
+            _mm256_mullo_epi16(q0, _mm256_set1_epi16(*sc as i16)),
+            _mm256_mullo_epi16(q1, _mm256_set1_epi16(*sc.add(1) as i16)),
+        )
+    }
+}
+
+/// Sub-block `s` of the K-quant super-block at `p` as two vectors of 16 i16 quants: Q4_K
+/// 0..15, Q5_K 0..31, Q6_K `q − 32`. Layouts as in [`super::kquant`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let halves = |q: __m256i| {
+        (
+            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+            _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
+        )
+    };
+    unsafe {
+        match F {
+            Q4_K | Q5_K => {
+                // Byte l of the 32 at `qs + 32·(s/2)`: low nibble for even s, high for odd.
+                let qs = if F == Q4_K { 16 } else { 48 };
+                let bytes = _mm256_loadu_si256(p.add(qs + 32 * (s / 2)).cast());
+                let shift = _mm_cvtsi32_si128(4 * (s as i32 & 1));
+                let mut q = _mm256_and_si256(_mm256_srl_epi16(bytes, shift), low4);
+                if F == Q5_K {
+                    let bit = _mm256_set1_epi8((1u8 << s) as i8);
+                    let qh = _mm256_loadu_si256(p.add(16).cast());
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                    q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                }
+                halves(q)
+            }
+            _ => {
+                // s = 4n + k: low 4 bits in ql[64n + 32(k & 1)..] (high nibble for k ≥ 2),
+                // high 2 bits at bit 2k of qh[32n..].
+                let (n, k) = (s / 4, s % 4);
+                let ql = _mm256_loadu_si256(p.add(64 * n + 32 * (k & 1)).cast());
+                let qh = _mm256_loadu_si256(p.add(128 + 32 * n).cast());
+                let lo = _mm256_and_si256(
+                    _mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (k as i32 / 2))),
+                    low4,
+                );
+                let hi = _mm256_and_si256(
+                    _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k as i32)),
+                    _mm256_set1_epi8(3),
+                );
+                let q = _mm256_sub_epi8(
+                    _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi)),
+                    _mm256_set1_epi8(32),
+                );
+                (
+                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
+                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
+                )
+            }
+        }
+    }
+}
+
 /// `M` activation rows against one weight row: full 32-value blocks only.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -575,7 +734,8 @@ unsafe fn i8x8(p: *const u8) -> __m256 {
 #[cfg(target_arch = "x86_64")]
 pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) -> bool {
     let blocks = dst.len() / 32;
-    if !dst.len().is_multiple_of(32) || src.len() != format.row_bytes(dst.len()) {
+    let whole = if format.is_k_quant() { 256 } else { 32 };
+    if !dst.len().is_multiple_of(whole) || src.len() != format.row_bytes(dst.len()) {
         return false;
     }
     // Safety: `available()` was checked by the caller; lengths checked above.
@@ -587,9 +747,58 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q8_0 => dequant::<Q8_0>(src, dst, blocks),
             PackedFormat::Q4_0 => dequant::<Q4_0>(src, dst, blocks),
             PackedFormat::Q4_1 => dequant::<Q4_1>(src, dst, blocks),
+            PackedFormat::Q4_K => dequant_k::<Q4_K>(src, dst, blocks / 8),
+            PackedFormat::Q5_K => dequant_k::<Q5_K>(src, dst, blocks / 8),
+            PackedFormat::Q6_K => dequant_k::<Q6_K>(src, dst, blocks / 8),
         }
     }
     true
+}
+
+/// K-quant super-blocks to f32 (prefill tiles), with [`super::kquant`]'s arithmetic: `d·sc`
+/// and `dmin·m` in f32, then `d·sc · q − dmin·m` (Q4_K, Q5_K) or `(d·sc) · q` (Q6_K), each
+/// rounded as the scalar code rounds it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_k<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
+    // 16 i16 as two vectors of 8 f32.
+    let f32x16 = |q: __m256i| {
+        (
+            _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(q))),
+            _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(q))),
+        )
+    };
+    for b in 0..blocks {
+        unsafe {
+            let p = src.as_ptr().add(b * block_bytes::<F>());
+            let out = dst.as_mut_ptr().add(b * 256);
+            if F == Q6_K {
+                let d = h2f(p.add(208));
+                for s in 0..8 {
+                    let (q0, q1) = k_quants::<F>(p, s);
+                    for (h, q) in [q0, q1].into_iter().enumerate() {
+                        let g = 2 * s + h;
+                        let dsc = _mm256_set1_ps(d * (*p.add(192 + g) as i8) as f32);
+                        let (a, c) = f32x16(q);
+                        _mm256_storeu_ps(out.add(16 * g), _mm256_mul_ps(dsc, a));
+                        _mm256_storeu_ps(out.add(16 * g + 8), _mm256_mul_ps(dsc, c));
+                    }
+                }
+            } else {
+                let (sc, mn) = super::kquant::sub_scales(std::slice::from_raw_parts(p, 16));
+                for s in 0..8 {
+                    let (q0, q1) = k_quants::<F>(p, s);
+                    let (scv, mnv) = (_mm256_set1_ps(sc[s]), _mm256_set1_ps(mn[s]));
+                    for (h, q) in [q0, q1].into_iter().enumerate() {
+                        let (a, c) = f32x16(q);
+                        let at = out.add(32 * s + 16 * h);
+                        _mm256_storeu_ps(at, _mm256_sub_ps(_mm256_mul_ps(scv, a), mnv));
+                        _mm256_storeu_ps(at.add(8), _mm256_sub_ps(_mm256_mul_ps(scv, c), mnv));
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use half::{bf16, f16};
 
 use super::{ActivationPrecision, PackedFormat, bf16_at, f16_at};
+use crate::{Error, Result};
 
 /// The activation rows of one product, with what the 4-bit kernels precompute from them.
 pub(super) struct Acts<'a> {
@@ -68,7 +69,7 @@ impl<'a> Acts<'a> {
             super::int8::quantize(&x[..m * cols], &mut acts);
             return acts;
         }
-        if matches!(format, PackedFormat::Q4_0 | PackedFormat::Q4_1) {
+        if splits_i16(format) {
             let blocks = m * (cols / 32);
             #[cfg(target_arch = "x86_64")]
             if super::avx2::available() {
@@ -102,6 +103,13 @@ impl<'a> Acts<'a> {
         }
         acts
     }
+}
+
+/// Whether `format`'s AVX2 kernel takes the two-part i16 activations (the 4-bit formats, and
+/// the K-quants, whose small integer quants and per-32 (or per-16) scales fit the same
+/// integer multiply-adds).
+pub(super) fn splits_i16(format: PackedFormat) -> bool {
+    matches!(format, PackedFormat::Q4_0 | PackedFormat::Q4_1) || format.is_k_quant()
 }
 
 /// A dot-product kernel: `w` holds `n` whole packed weight rows and `out` is `[n, acts.m]`:
@@ -215,12 +223,16 @@ pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut 
                 }
             }
         }
+        PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
+            super::kquant::dequantize_row(format, src, dst)
+        }
     }
 }
 
 /// One row of f32 to `format`, as ggml's `quantize_row_*_ref` computes it (round half away
-/// from zero for Q8_0; `+ 8.5` / `+ 0.5` and truncation for the 4-bit types).
-pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) {
+/// from zero for Q8_0; `+ 8.5` / `+ 0.5` and truncation for the 4-bit types; kiln-gguf's port
+/// of the K-quant searches).
+pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) -> Result<()> {
     let put_f16 = |dst: &mut [u8], v: f32| dst.copy_from_slice(&f16::from_f32(v).to_le_bytes());
     match format {
         PackedFormat::F32 => {
@@ -283,5 +295,10 @@ pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) {
                 }
             }
         }
+        PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
+            kiln_gguf::quantize_into(super::kquant::ggml_type(format), src, dst)
+                .map_err(|e| Error::arg("packed matrix", e.to_string()))?;
+        }
     }
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! Weights held on the host in the precision they ship in (f32, f16, bf16, or ggml's Q8_0,
-//! Q4_0 and Q4_1 blocks), and the CPU kernels that multiply activations by them.
+//! Q4_0, Q4_1 blocks and its Q4_K, Q5_K, Q6_K super-blocks), and the CPU kernels that multiply
+//! activations by them.
 //!
 //! Why kiln has its own kernels here: a decode step is a matrix-vector product per weight, so
 //! its speed is the rate at which the weights stream from memory. Burn 0.21's CPU backends
@@ -15,13 +16,15 @@
 //! * more rows (prefill) dequantise the weight tile by tile into f32 and hand each tile to the
 //!   `gemm` crate, which Burn's flex backend uses for its own matmuls.
 //!
-//! The block layouts are ggml's (`block_q8_0`, `block_q4_0`, `block_q4_1`), so a GGUF file's
-//! tensor bytes are used as they are, and dequantisation follows ggml's arithmetic.
+//! The block layouts are ggml's (`block_q8_0`, `block_q4_0`, `block_q4_1`, `block_q4_K`,
+//! `block_q5_K`, `block_q6_K`), so a GGUF file's tensor bytes are used as they are, and
+//! dequantisation follows ggml's arithmetic.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod int8;
 mod kernels;
+mod kquant;
 mod pool;
 
 use half::{bf16, f16};
@@ -30,6 +33,7 @@ use rayon::prelude::*;
 use crate::{Error, Result};
 
 /// How a [`PackedMatrix`] stores its values.
+#[allow(non_camel_case_types)] // ggml's names
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PackedFormat {
     /// Plain `f32`.
@@ -46,6 +50,15 @@ pub enum PackedFormat {
     /// ggml `block_q4_1`: blocks of 32 4-bit values with an f16 scale and min
     /// (`y = q·d + m`), 5 bits a weight.
     Q4_1,
+    /// ggml `block_q4_K`: super-blocks of 256 4-bit values in eight sub-blocks of 32, each with
+    /// a 6-bit scale and min under f16 `d` and `dmin` (`y = d·sc·q − dmin·m`), 4.5 bits a
+    /// weight. Most of a Q4_K_M file.
+    Q4_K,
+    /// ggml `block_q5_K`: as Q4_K with a fifth bit per value, 5.5 bits a weight.
+    Q5_K,
+    /// ggml `block_q6_K`: 256 6-bit values in sixteen groups of 16 with i8 scales under one
+    /// f16 `d` (`y = d·sc·(q − 32)`), 6.5625 bits a weight.
+    Q6_K,
 }
 
 impl PackedFormat {
@@ -54,6 +67,7 @@ impl PackedFormat {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q8_0 | Self::Q4_0 | Self::Q4_1 => 32,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
         }
     }
 
@@ -65,6 +79,9 @@ impl PackedFormat {
             Self::Q8_0 => 34,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q4_K => 144,
+            Self::Q5_K => 176,
+            Self::Q6_K => 210,
         }
     }
 
@@ -77,7 +94,15 @@ impl PackedFormat {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
             Self::Q4_1 => "q4_1",
+            Self::Q4_K => "q4_k",
+            Self::Q5_K => "q5_k",
+            Self::Q6_K => "q6_k",
         }
+    }
+
+    /// Whether this is one of ggml's 256-value K-quant formats.
+    pub const fn is_k_quant(self) -> bool {
+        matches!(self, Self::Q4_K | Self::Q5_K | Self::Q6_K)
     }
 
     /// Bytes one row of `cols` values takes.
@@ -93,8 +118,8 @@ impl std::fmt::Display for PackedFormat {
 }
 
 /// What the matrix-vector kernels (decode steps, up to [`MATVEC_MAX_ROWS`] rows) do with the
-/// activations when the weights are Q8_0, Q4_0 or Q4_1 blocks. Float weights and prefill
-/// (more rows) always multiply f32 activations.
+/// activations when the weights are Q8_0, Q4_0 or Q4_1 blocks. Float and K-quant weights, and
+/// prefill (more rows), always multiply f32 activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ActivationPrecision {
     /// As precise as f32 (the 4-bit kernels split each value into two i16 parts, to 2⁻³² of
@@ -204,7 +229,7 @@ impl PackedMatrix {
             bytes
                 .par_chunks_mut(row_bytes)
                 .zip(values.par_chunks(cols.max(1)))
-                .for_each(|(dst, src)| kernels::quantize_row(format, src, dst));
+                .try_for_each(|(dst, src)| kernels::quantize_row(format, src, dst))?;
         }
         Self::from_bytes(rows, cols, format, &bytes)
     }
@@ -255,8 +280,8 @@ impl PackedMatrix {
     }
 
     /// The first row holding a non-finite value, if any. For the block formats only the f16
-    /// scales (and Q4_1's mins) are read: the quants are integers, so a block is finite exactly
-    /// when they are.
+    /// scales (and Q4_1's and the K-quants' mins) are read: the quants and the K-quants'
+    /// sub-block scales are small integers, so a block is finite exactly when they are.
     pub fn first_non_finite_row(&self) -> Option<usize> {
         let finite_f16 = |b: &[u8], i: usize| f16_at(b, i).is_finite();
         let row_ok = |r: usize| -> bool {
@@ -270,9 +295,10 @@ impl PackedMatrix {
                 PackedFormat::Q8_0 | PackedFormat::Q4_0 => row
                     .chunks_exact(self.format.block_bytes())
                     .all(|b| finite_f16(b, 0)),
-                PackedFormat::Q4_1 => row
-                    .chunks_exact(20)
+                PackedFormat::Q4_1 | PackedFormat::Q4_K | PackedFormat::Q5_K => row
+                    .chunks_exact(self.format.block_bytes())
                     .all(|b| finite_f16(b, 0) && finite_f16(b, 2)),
+                PackedFormat::Q6_K => row.chunks_exact(210).all(|b| finite_f16(b, 208)),
             }
         };
         (0..self.rows).into_par_iter().find_first(|&r| !row_ok(r))

@@ -25,7 +25,8 @@ const ALL: [PackedFormat; 6] = [
 fn reference(w: &PackedMatrix, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
     let dense = w.to_f32();
     let (rows, cols) = (w.rows(), w.cols());
-    let four_bit = matches!(w.format(), PackedFormat::Q4_0 | PackedFormat::Q4_1);
+    // The K-quants take the same two-part i16 activations.
+    let four_bit = kernels::splits_i16(w.format());
     let mut y = vec![0f32; m * rows];
     let mut bound = vec![0f32; m * rows];
     for j in 0..m {
@@ -400,4 +401,230 @@ fn eight_bit_activations_are_ggml_q8_0_blocks() {
         }
     }
     acts.x = &[];
+}
+
+// ---- K-quants (256-value super-blocks) ----
+
+const K_FORMATS: [PackedFormat; 3] = [PackedFormat::Q4_K, PackedFormat::Q5_K, PackedFormat::Q6_K];
+
+/// Raw K-quant blocks with random quants and scales, and what the `gguf` Python package
+/// dequantises them to (kiln-gguf's fixtures, `tools/gguf_reference.py`).
+fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
+    let (bin, f32s): (&[u8], &[u8]) = match format {
+        PackedFormat::Q4_K => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q4_K.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q4_K.f32"),
+        ),
+        PackedFormat::Q5_K => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.f32"),
+        ),
+        _ => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q6_K.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q6_K.f32"),
+        ),
+    };
+    let values = f32s
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (bin.to_vec(), values)
+}
+
+#[test]
+fn k_quant_dequantisation_is_ggml_bit_for_bit() {
+    for format in K_FORMATS {
+        let (bytes, want) = gguf_py_blocks(format);
+        let blocks = bytes.len() / format.block_bytes();
+        assert!(blocks >= 2, "{format}: fixture has {blocks} blocks");
+        let packed = PackedMatrix::from_bytes(1, blocks * 256, format, &bytes).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&packed.to_f32()), bits(&want), "{format} vs gguf-py");
+        let mut slow = vec![0f32; want.len()];
+        kernels::dequantize_row_scalar(format, &bytes, &mut slow);
+        assert_eq!(bits(&slow), bits(&want), "{format}: scalar vs gguf-py");
+        // And kiln-gguf's dequantiser on blocks quantised here.
+        let w = values(3 * 512, 21);
+        let packed = PackedMatrix::from_f32(3, 512, &w, format).unwrap();
+        let ggml = kiln_gguf::dequantize(kquant::ggml_type(format), packed.bytes()).unwrap();
+        assert_eq!(bits(&packed.to_f32()), bits(&ggml), "{format} vs kiln-gguf");
+    }
+}
+
+#[test]
+fn k_quant_matmul_matches_the_dequantised_product() {
+    // 37 rows (not a multiple of any chunk), two super-blocks a row; decode and prefill sizes.
+    let (rows, cols) = (37, 512);
+    let w = values(rows * cols, 22);
+    for format in K_FORMATS {
+        let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+        for m in [1, 2, 3, 4, 5, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1, 33] {
+            let x = values(m * cols, 23 + m as u32);
+            let got = packed.matmul_t(&x, m);
+            assert_close(&got, &reference(&packed, &x, m), &format!("{format} m={m}"));
+        }
+    }
+}
+
+/// Random bytes as quants and scales (gguf-py's fixture blocks: every scale and min bit
+/// pattern, negative Q6_K scales), repeated into rows of different blocks: the SIMD kernel
+/// against the portable one and against the f64 product.
+#[test]
+fn k_quant_simd_and_portable_kernels_agree_on_random_blocks() {
+    for format in K_FORMATS {
+        let (fixture, _) = gguf_py_blocks(format);
+        let bb = format.block_bytes();
+        let n_fix = fixture.len() / bb;
+        let (rows, per_row) = (7, 3);
+        let cols = per_row * 256;
+        let bytes: Vec<u8> = (0..rows * per_row)
+            .flat_map(|i| fixture[(i * 5 % n_fix) * bb..][..bb].to_vec())
+            .collect();
+        let packed = PackedMatrix::from_bytes(rows, cols, format, &bytes).unwrap();
+        for m in 1..=6 {
+            let x = values(m * cols, 30 + m as u32);
+            let acts = kernels::Acts::new(format, ActivationPrecision::F32, &x, m, cols);
+            let mut portable = vec![0f32; rows * m];
+            kernels::dot_portable(format, packed.bytes(), &acts, &mut portable);
+            let mut fast = vec![0f32; rows * m];
+            kernels::dot_kernel(format, ActivationPrecision::F32)(
+                format,
+                packed.bytes(),
+                &acts,
+                &mut fast,
+            );
+            // Random scales make large terms that cancel: allow f32 accumulation its rounding
+            // of Σ|w·x| (2⁻²⁰ of it) besides the activations' split.
+            let (want, bound) = reference(&packed, &x, m);
+            let dense = packed.to_f32();
+            let abs_sum = |r: usize, j: usize| -> f32 {
+                (0..cols)
+                    .map(|k| (dense[r * cols + k] * x[j * cols + k]).abs())
+                    .sum()
+            };
+            let bound: Vec<f32> = (0..rows * m)
+                .map(|i| bound[(i % m) * rows + i / m] + abs_sum(i / m, i % m) / 1048576.0)
+                .collect();
+            let want: Vec<f32> = (0..rows * m)
+                .map(|i| want[(i % m) * rows + i / m])
+                .collect();
+            assert_close(
+                &fast,
+                &(portable.clone(), bound.clone()),
+                &format!("{format} m={m}"),
+            );
+            assert_close(&fast, &(want, bound), &format!("{format} m={m} vs f64"));
+        }
+    }
+}
+
+#[test]
+fn hand_computed_q4_k_and_q6_k_blocks() {
+    // Q4_K: d = 0.5, dmin = 0.25; sub-block j has scale 40 + j and min j (scales ≥ 16 use the
+    // split 6-bit packing of sub-blocks 4..8); quant of value v is v % 16.
+    let (sc, mn): (Vec<u8>, Vec<u8>) = (0..8u8).map(|j| (40 + j, j)).unzip();
+    let mut packed_sc = [0u8; 12];
+    for j in 0..8 {
+        if j < 4 {
+            packed_sc[j] = sc[j];
+            packed_sc[j + 4] = mn[j];
+        } else {
+            packed_sc[j + 4] = (sc[j] & 0x0F) | ((mn[j] & 0x0F) << 4);
+            packed_sc[j - 4] |= (sc[j] >> 4) << 6;
+            packed_sc[j] |= (mn[j] >> 4) << 6;
+        }
+    }
+    let mut block = f16::from_f32(0.5).to_le_bytes().to_vec();
+    block.extend_from_slice(&f16::from_f32(0.25).to_le_bytes());
+    block.extend_from_slice(&packed_sc);
+    for j in 0..4 {
+        for l in 0..32 {
+            let (a, b) = ((64 * j + l) % 16, (64 * j + 32 + l) % 16);
+            block.push(a as u8 | ((b as u8) << 4));
+        }
+    }
+    let q4k = PackedMatrix::from_bytes(1, 256, PackedFormat::Q4_K, &block).unwrap();
+    let want: Vec<f32> = (0..256)
+        .map(|v| 0.5 * sc[v / 32] as f32 * (v % 16) as f32 - 0.25 * mn[v / 32] as f32)
+        .collect();
+    assert_eq!(q4k.to_f32(), want);
+    let x: Vec<f32> = (0..256).map(|i| ((i % 7) as f32 - 3.0) * 0.125).collect();
+    let dot: f64 = want
+        .iter()
+        .zip(&x)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    let got = q4k.matmul_t(&x, 1)[0];
+    assert!((got as f64 - dot).abs() < 1e-3, "{got} vs {dot}");
+
+    // Q6_K: d = 0.125, group g has scale g − 8 (negative ones too), quant q = (v·5) % 64 − 32.
+    let q = |v: usize| ((v * 5) % 64) as u8;
+    let mut block = vec![0u8; 210];
+    for n in 0..2 {
+        for l in 0..32 {
+            let v = |k: usize| q(128 * n + 32 * k + l);
+            block[64 * n + l] = (v(0) & 0x0F) | ((v(2) & 0x0F) << 4);
+            block[64 * n + 32 + l] = (v(1) & 0x0F) | ((v(3) & 0x0F) << 4);
+            block[128 + 32 * n + l] =
+                (v(0) >> 4) | ((v(1) >> 4) << 2) | ((v(2) >> 4) << 4) | ((v(3) >> 4) << 6);
+        }
+    }
+    for g in 0..16 {
+        block[192 + g] = (g as i8 - 8) as u8;
+    }
+    block[208..].copy_from_slice(&f16::from_f32(0.125).to_le_bytes());
+    let q6k = PackedMatrix::from_bytes(1, 256, PackedFormat::Q6_K, &block).unwrap();
+    let want: Vec<f32> = (0..256)
+        .map(|v| 0.125 * (v / 16) as f32 - 1.0)
+        .zip(0..256)
+        .map(|(s, v)| s * (q(v) as f32 - 32.0))
+        .collect();
+    assert_eq!(q6k.to_f32(), want);
+    let dot: f64 = want
+        .iter()
+        .zip(&x)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    let got = q6k.matmul_t(&x, 1)[0];
+    assert!((got as f64 - dot).abs() < 1e-3, "{got} vs {dot}");
+
+    // Not a whole number of super-blocks, or a byte short: errors, not panics.
+    assert!(PackedMatrix::from_bytes(1, 128, PackedFormat::Q6_K, &block).is_err());
+    assert!(PackedMatrix::from_bytes(1, 256, PackedFormat::Q6_K, &block[..209]).is_err());
+    assert!(PackedMatrix::from_f32(1, 32, &x[..32], PackedFormat::Q4_K).is_err());
+}
+
+#[test]
+fn k_quant_non_finite_scales_are_found_by_row() {
+    let (rows, cols) = (4, 512);
+    let w = values(rows * cols, 24);
+    for format in K_FORMATS {
+        let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+        assert_eq!(packed.first_non_finite_row(), None, "{format}");
+        // A NaN `d` (Q6_K) or `dmin` (Q4_K, Q5_K) in row 2's second super-block.
+        let at = 2 * format.row_bytes(cols)
+            + format.block_bytes()
+            + if format == PackedFormat::Q6_K { 208 } else { 2 };
+        let mut bytes = packed.bytes().to_vec();
+        bytes[at..at + 2].copy_from_slice(&[0x00, 0x7E]);
+        let bad = PackedMatrix::from_bytes(rows, cols, format, &bytes).unwrap();
+        assert_eq!(bad.first_non_finite_row(), Some(2), "{format}");
+    }
+}
+
+/// `--activations q8` has no K-quant kernels: those matrices keep f32 activations.
+#[test]
+fn k_quants_keep_f32_activations_when_q8_is_asked() {
+    let (rows, cols) = (5, 256);
+    let w = values(rows * cols, 25);
+    let x = values(2 * cols, 26);
+    for format in K_FORMATS {
+        let f32_acts = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+        let q8_acts = f32_acts.clone().with_activations(ActivationPrecision::Q8);
+        assert_eq!(
+            f32_acts.matmul_t(&x, 2),
+            q8_acts.matmul_t(&x, 2),
+            "{format}"
+        );
+    }
 }

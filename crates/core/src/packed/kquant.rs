@@ -1,0 +1,125 @@
+//! ggml's K-quant super-blocks (Q4_K, Q5_K, Q6_K): their layouts, the portable dequantisation
+//! (ggml's `dequantize_row_q*_K`, operation for operation, so bit-identical to it and to
+//! `kiln_gguf::dequantize`), and quantisation through kiln-gguf's port of ggml's reference
+//! quantisers.
+//!
+//! Every K-quant value is `scale · q + offset` with one scale and offset per 32 values (Q4_K,
+//! Q5_K: `d·sc` and `−dmin·m`) or per 16 (Q6_K: `d·sc`, no offset). The SIMD kernels
+//! ([`super::avx2`]) read the same fields through [`sub_scales`].
+
+use half::f16;
+
+use super::PackedFormat;
+
+/// Values per super-block.
+pub(super) const QK_K: usize = 256;
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K / Q5_K block, from its 12 packed
+/// bytes (`get_scale_min_k4`): sub-blocks 0..4 keep 6 bits in bytes 0..8, 4..8 split theirs
+/// between the nibbles of bytes 8..12 and the top two bits of bytes 0..8.
+#[inline(always)]
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Per 32-value sub-block of one Q4_K / Q5_K block: `d·sc` and `dmin·m` (what ggml's
+/// dequantisation multiplies and subtracts).
+#[inline(always)]
+pub(super) fn sub_scales(b: &[u8]) -> ([f32; 8], [f32; 8]) {
+    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+    let (mut sc, mut mn) = ([0f32; 8], [0f32; 8]);
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(j, &b[4..16]);
+        sc[j] = d * s as f32;
+        mn[j] = dmin * m as f32;
+    }
+    (sc, mn)
+}
+
+/// One row of K-quant blocks to f32 (`src` whole blocks, `dst` their values).
+pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) {
+    let bb = format.block_bytes();
+    for (b, y) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(QK_K)) {
+        match format {
+            PackedFormat::Q4_K => q4_k(b, y),
+            PackedFormat::Q5_K => q5_k(b, y),
+            PackedFormat::Q6_K => q6_k(b, y),
+            _ => unreachable!("{format} is not a K-quant"),
+        }
+    }
+}
+
+/// `block_q4_K { half d; half dmin; u8 scales[12]; u8 qs[128]; }`: byte `32j + l` of `qs`
+/// holds value `64j + l` (low nibble) and `64j + 32 + l` (high).
+fn q4_k(b: &[u8], y: &mut [f32]) {
+    let (sc, mn) = sub_scales(b);
+    for j in 0..4 {
+        let q = &b[16 + 32 * j..48 + 32 * j];
+        let (lo, hi) = y[64 * j..64 * j + 64].split_at_mut(32);
+        for l in 0..32 {
+            lo[l] = sc[2 * j] * (q[l] & 0x0F) as f32 - mn[2 * j];
+            hi[l] = sc[2 * j + 1] * (q[l] >> 4) as f32 - mn[2 * j + 1];
+        }
+    }
+}
+
+/// `block_q5_K { half d; half dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }`: as Q4_K, plus
+/// bit `s` of `qh[l]` as the fifth bit of value `32s + l`.
+fn q5_k(b: &[u8], y: &mut [f32]) {
+    let (sc, mn) = sub_scales(b);
+    let qh = &b[16..48];
+    for j in 0..4 {
+        let q = &b[48 + 32 * j..80 + 32 * j];
+        let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+        let (lo, hi) = y[64 * j..64 * j + 64].split_at_mut(32);
+        for l in 0..32 {
+            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+            lo[l] = sc[2 * j] * ((q[l] & 0x0F) + h1) as f32 - mn[2 * j];
+            hi[l] = sc[2 * j + 1] * ((q[l] >> 4) + h2) as f32 - mn[2 * j + 1];
+        }
+    }
+}
+
+/// `block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; half d; }`: the quant of value
+/// `128n + 32k + l` is [`q6_quant`]; group `v / 16` has scale `scales[v / 16]`.
+fn q6_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 208);
+    for (v, y) in y.iter_mut().enumerate() {
+        // ggml: d * sc (a float times an int8), then times the quant.
+        *y = d * (b[192 + v / 16] as i8) as f32 * q6_quant(b, v) as f32;
+    }
+}
+
+/// The signed 6-bit quant (`q − 32`) of value `v` of a Q6_K block: low 4 bits from `ql`
+/// (byte `64n + 32·(k&1) + l`, high nibble for k ≥ 2), high 2 bits from `qh[32n + l]` at
+/// bit `2k`, where `v = 128n + 32k + l`.
+#[inline(always)]
+pub(super) fn q6_quant(b: &[u8], v: usize) -> i32 {
+    let (n, k, l) = (v / 128, v % 128 / 32, v % 32);
+    let low = b[64 * n + 32 * (k & 1) + l] >> (4 * (k / 2)) & 0x0F;
+    let high = (b[128 + 32 * n + l] >> (2 * k)) & 3;
+    (low | (high << 4)) as i32 - 32
+}
+
+/// The ggml type of a K-quant format.
+pub(super) fn ggml_type(format: PackedFormat) -> kiln_gguf::GgmlType {
+    match format {
+        PackedFormat::Q4_K => kiln_gguf::GgmlType::Q4_K,
+        PackedFormat::Q5_K => kiln_gguf::GgmlType::Q5_K,
+        PackedFormat::Q6_K => kiln_gguf::GgmlType::Q6_K,
+        _ => unreachable!("{format} is not a K-quant"),
+    }
+}

@@ -1,0 +1,454 @@
+//! Quantisation of `f32` rows to ggml blocks: Q8_0 and the K-quants Q4_K, Q5_K and Q6_K, as
+//! ggml's reference quantisers (`quantize_row_*_ref` in `ggml-quants.c`, without an importance
+//! matrix) compute them, operation for operation in `f32`, so that kiln can write the files
+//! llama.cpp's `llama-quantize` writes without `--imatrix`.
+//!
+//! Why here: the K-quant block layouts and their dequantisation already live in this crate
+//! ([`crate::dequantize`]); the writer ([`crate::writer`]) and kiln's packed kernels (which
+//! keep these blocks in memory) both need the inverse.
+
+use half::f16;
+
+use crate::error::{GgufError, Result};
+use crate::types::GgmlType;
+
+/// Values per K-quant super-block.
+const QK_K: usize = 256;
+/// Below this, a group counts as all zero (ggml's `GROUP_MAX_EPS`).
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// Whether [`quantize`] handles this type.
+pub fn can_quantize(ggml_type: GgmlType) -> bool {
+    matches!(
+        ggml_type,
+        GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+    )
+}
+
+/// Quantises `values` (whole blocks of `ggml_type`) to a new buffer of its blocks.
+pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
+    let bs = ggml_type.block_size();
+    if !values.len().is_multiple_of(bs) {
+        return Err(GgufError::Shape(format!(
+            "{} values is not a whole number of {ggml_type} blocks of {bs}",
+            values.len()
+        )));
+    }
+    let mut out = vec![0u8; values.len() / bs * ggml_type.type_size()];
+    quantize_into(ggml_type, values, &mut out)?;
+    Ok(out)
+}
+
+/// Quantises `values` into `out`, which must hold exactly their blocks.
+pub fn quantize_into(ggml_type: GgmlType, values: &[f32], out: &mut [u8]) -> Result<()> {
+    let (bs, ts) = (ggml_type.block_size(), ggml_type.type_size());
+    if !values.len().is_multiple_of(bs) || values.len() / bs * ts != out.len() {
+        return Err(GgufError::Shape(format!(
+            "{} values do not make {} bytes of {ggml_type} ({ts} bytes per {bs} values)",
+            values.len(),
+            out.len()
+        )));
+    }
+    let block: fn(&[f32], &mut [u8]) = match ggml_type {
+        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4_K => q4_k,
+        GgmlType::Q5_K => q5_k,
+        GgmlType::Q6_K => q6_k,
+        other => return Err(GgufError::CannotQuantize(other)),
+    };
+    for (x, y) in values.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
+        block(x, y);
+    }
+    Ok(())
+}
+
+fn put_f16(dst: &mut [u8], v: f32) {
+    dst.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+}
+
+fn get_f16(src: &[u8]) -> f32 {
+    f16::from_bits(u16::from_le_bytes([src[0], src[1]])).to_f32()
+}
+
+/// ggml's `nearest_int`: round to nearest, ties to even, through the float's mantissa (exact
+/// for |v| < 2²²; ggml asserts that range).
+fn nearest_int(v: f32) -> i32 {
+    let t = v + 12582912.0;
+    (t.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// `block_q8_0`: `d = amax/127`, `q = round(x/d)` half away from zero.
+fn q8_0(x: &[f32], y: &mut [u8]) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(&mut y[..2], d);
+    for (q, v) in y[2..34].iter_mut().zip(x) {
+        *q = (v * id).round() as i8 as u8;
+    }
+}
+
+/// ggml's `make_qkx2_quants`: the scale and (negated) min of `n` values on `0..=nmax` that
+/// minimise the weighted error, searching `nstep + 1` scales around `nmax/(max − min)` and
+/// solving least squares for each. Returns `(scale, −min)` and fills `l`.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l: &mut [u8],
+    laux: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        min = min.min(x[i]);
+        max = max.max(x[i]);
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l[..n].fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..n {
+        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l[i] = q as u8;
+        let diff = scale * q as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = q as u8;
+            let (w, q) = (weights[i], q as f32);
+            sum_l += w * q;
+            sum_l2 += w * q * q;
+            sum_xl += w * q * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&laux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (weights `x²`): a
+/// signed scale for `n` values on `−nmax..nmax`, trying 18 scales around `−nmax/max`. `l` gets
+/// the quants offset by `nmax`.
+fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [u8]) -> f32 {
+    let n = x.len();
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l[..n].fill(0);
+        return 0.0;
+    }
+    let nm = nmax as f32;
+    let quant = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let mut iscale = -nm / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for i in 0..n {
+        let q = quant(iscale, x[i]);
+        l[i] = (q + nmax) as u8;
+        let w = x[i] * x[i];
+        sumlx += w * x[i] * q as f32;
+        suml2 += w * q as f32 * q as f32;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nm + 0.1 * is as f32) / max;
+        let (mut slx, mut sl2) = (0f32, 0f32);
+        for &v in x {
+            let q = quant(iscale, v) as f32;
+            let w = v * v;
+            slx += w * v * q;
+            sl2 += w * q * q;
+        }
+        if sl2 > 0.0 && slx * slx > best * sl2 {
+            for i in 0..n {
+                l[i] = (quant(iscale, x[i]) + nmax) as u8;
+            }
+            scale = slx / sl2;
+            best = scale * slx;
+        }
+    }
+    scale
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K / Q5_K block (`get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The shared part of Q4_K and Q5_K: per 32-value sub-block a scale and min (by
+/// `make_qkx2_quants` with `nmax`, weights `√(Σx²/32) + |x|`), both rounded to 6 bits of the
+/// block's largest, packed into `scales` (12 bytes) with `d`, `dmin` at `head[0..4]`; returns
+/// the final quants, recomputed with the rounded scales.
+fn k_scales(
+    x: &[f32],
+    head: &mut [u8],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> [u8; QK_K] {
+    let mut l = [0u8; QK_K];
+    let mut laux = [0u8; 32];
+    let mut weights = [0f32; 32];
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        let sum_x2: f32 = xs.iter().map(|v| v * v).sum();
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let (s, m) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            &mut laux,
+            rmin,
+            rdelta,
+            nstep,
+        );
+        scales[j] = s;
+        mins[j] = m;
+        max_scale = max_scale.max(s);
+        max_min = max_min.max(m);
+    }
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let sc = &mut head[4..16];
+    sc.fill(0);
+    for j in 0..8 {
+        // ggml stores nearest_int's result in a uint8_t before the MIN.
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (ls & 0x0F) | ((lm & 0x0F) << 4);
+            sc[j - 4] |= (ls >> 4) << 6;
+            sc[j] |= (lm >> 4) << 6;
+        }
+    }
+    put_f16(&mut head[0..2], max_scale / 63.0);
+    put_f16(&mut head[2..4], max_min / 63.0);
+    let (d_all, dmin_all) = (get_f16(&head[0..2]), get_f16(&head[2..4]));
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(j, &head[4..16]);
+        let d = d_all * s as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin_all * m as f32;
+        for i in 32 * j..32 * j + 32 {
+            l[i] = nearest_int((x[i] + dm) / d).clamp(0, nmax) as u8;
+        }
+    }
+    l
+}
+
+/// `block_q4_K { half d; half dmin; u8 scales[12]; u8 qs[128]; }` (`quantize_row_q4_K_ref`).
+fn q4_k(x: &[f32], y: &mut [u8]) {
+    let l = k_scales(x, &mut y[..16], 15, -1.0, 0.1, 20);
+    let qs = &mut y[16..144];
+    for j in 0..4 {
+        for i in 0..32 {
+            qs[32 * j + i] = l[64 * j + i] | (l[64 * j + 32 + i] << 4);
+        }
+    }
+}
+
+/// `block_q5_K { half d; half dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }`
+/// (`quantize_row_q5_K_ref`): bit 4 of the quant of value `32·s + i` is bit `s` of `qh[i]`.
+fn q5_k(x: &[f32], y: &mut [u8]) {
+    let l = k_scales(x, &mut y[..16], 31, -0.5, 0.1, 15);
+    let (qh, ql) = y[16..176].split_at_mut(32);
+    qh.fill(0);
+    for j in 0..4 {
+        for i in 0..32 {
+            let (l1, l2) = (l[64 * j + i], l[64 * j + 32 + i]);
+            qh[i] |= ((l1 >> 4) << (2 * j)) | ((l2 >> 4) << (2 * j + 1));
+            ql[32 * j + i] = (l1 & 0x0F) | ((l2 & 0x0F) << 4);
+        }
+    }
+}
+
+/// `block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; half d; }` (`quantize_row_q6_K_ref`):
+/// per 16 values a signed scale by `make_qx_quants`, rounded to i8 of the block's largest.
+fn q6_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+    for ib in 0..16 {
+        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+        scales[ib] = s;
+        if s.abs() > max_abs_scale {
+            max_abs_scale = s.abs();
+            max_scale = s;
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        y.fill(0);
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    put_f16(&mut y[208..210], 1.0 / iscale);
+    let d_all = get_f16(&y[208..210]);
+    for ib in 0..16 {
+        y[192 + ib] = nearest_int(iscale * scales[ib]).min(127) as i8 as u8;
+    }
+    for j in 0..16 {
+        let d = d_all * (y[192 + j] as i8) as f32;
+        if d == 0.0 {
+            continue;
+        }
+        for i in 16 * j..16 * j + 16 {
+            l[i] = (nearest_int(x[i] / d).clamp(-32, 31) + 32) as u8;
+        }
+    }
+    let (ql, rest) = y.split_at_mut(128);
+    let qh = &mut rest[..64];
+    for n in 0..2 {
+        let (l, ql, qh) = (&l[128 * n..], &mut ql[64 * n..], &mut qh[32 * n..]);
+        for i in 0..32 {
+            let (q1, q2, q3, q4) = (l[i], l[i + 32], l[i + 64], l[i + 96]);
+            ql[i] = (q1 & 0x0F) | ((q3 & 0x0F) << 4);
+            ql[i + 32] = (q2 & 0x0F) | ((q4 & 0x0F) << 4);
+            qh[i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dequantize;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                // Mostly small, some outliers, as trained weights are.
+                let v = u * 2.0 - 1.0;
+                if s.is_multiple_of(97) {
+                    v * 8.0
+                } else {
+                    v * 0.05
+                }
+            })
+            .collect()
+    }
+
+    /// Round trip error per type, relative to the data's RMS: each type within its bits.
+    #[test]
+    fn round_trips_within_the_step() {
+        let x = values(4096, 7);
+        let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
+        for (t, bound) in [
+            (GgmlType::Q8_0, 0.02),
+            (GgmlType::Q6_K, 0.05),
+            (GgmlType::Q5_K, 0.1),
+            (GgmlType::Q4_K, 0.2),
+        ] {
+            let y = dequantize(t, &quantize(t, &x).unwrap()).unwrap();
+            let err = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
+                / x.len() as f32)
+                .sqrt();
+            assert!(err / rms < bound, "{t}: rms error {} of {rms}", err);
+        }
+    }
+
+    /// Values already on a Q4_K / Q6_K grid come back exactly (the search finds the grid).
+    #[test]
+    fn zeros_and_exact_grids() {
+        for t in [
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+        ] {
+            let z = vec![0f32; 256];
+            assert_eq!(dequantize(t, &quantize(t, &z).unwrap()).unwrap(), z);
+        }
+        let grid: Vec<f32> = (0..256).map(|i| ((i * 7) % 16) as f32 - 8.0).collect();
+        let y = dequantize(GgmlType::Q6_K, &quantize(GgmlType::Q6_K, &grid).unwrap()).unwrap();
+        assert_eq!(y, grid);
+    }
+
+    #[test]
+    fn rejects_partial_blocks_and_other_types() {
+        assert!(quantize(GgmlType::Q4_K, &[0.0; 255]).is_err());
+        assert!(quantize(GgmlType::Q3_K, &[0.0; 256]).is_err());
+        assert!(quantize_into(GgmlType::Q6_K, &[0.0; 256], &mut [0u8; 209]).is_err());
+    }
+
+    #[test]
+    fn nearest_int_rounds_half_to_even() {
+        assert_eq!(
+            [0.5, 1.5, 2.5, -0.5, -1.5, 3.4, -3.6].map(nearest_int),
+            [0, 2, 2, 0, -2, 3, -4]
+        );
+    }
+}
