@@ -195,3 +195,55 @@ pub fn serve_orchestrator(port: u16) -> Result<(), DistillError> {
     runtime.block_on(burn_collective::start_global_orchestrator(port));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> NodeConfig {
+        NodeConfig::default()
+            .nodes(2)
+            .node_rank(1)
+            .node_address("10.0.0.2:29401")
+            .orchestrator("ws://10.0.0.1:29400")
+    }
+
+    fn field(c: NodeConfig) -> &'static str {
+        match c.validate() {
+            Err(DistillError::InvalidArgument { name, .. }) => name,
+            other => panic!("expected an invalid argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(ok().validate().is_ok());
+        assert!(ok().collective_config().unwrap().is_valid());
+        assert_eq!(field(ok().nodes(0)), "nodes");
+        assert_eq!(field(ok().node_rank(2)), "node_rank");
+        assert_eq!(field(ok().devices_per_node(0)), "devices_per_node");
+        assert_eq!(field(ok().node_address("")), "node_address");
+        assert_eq!(field(ok().node_address("10.0.0.2")), "node_address");
+        assert_eq!(field(ok().node_address("0.0.0.0:29401")), "node_address");
+        assert_eq!(
+            field(ok().node_address("http://10.0.0.2:1")),
+            "node_address"
+        );
+        assert_eq!(field(ok().orchestrator("10.0.0.1:99999")), "orchestrator");
+        assert_eq!(field(ok().orchestrator("ws://h:1/x")), "orchestrator");
+        assert_eq!(field(ok().data_service_port(Some(0))), "data_service_port");
+        assert_eq!(field(ok().join_timeout(Duration::ZERO)), "join_timeout");
+    }
+
+    #[test]
+    fn peers_and_addresses() {
+        let c = ok().devices_per_node(4);
+        assert_eq!(c.global_devices(), 8);
+        assert_eq!(c.global_peer(3), 7);
+        assert_eq!(
+            ws_address("[::1]:5", "x").unwrap(),
+            ("ws://[::1]:5".into(), "[::1]".into(), 5)
+        );
+        assert!(serve_orchestrator(0).is_err());
+    }
+}
