@@ -11,6 +11,7 @@ use kiln::core::loading::resolve_model;
 use kiln::distill::data::{DataSource, Split, Task};
 use kiln::distill::eval::{EvalOptions, evaluate};
 use kiln::distill::fit::{FitOptions, checkpoint_dir, fit};
+use kiln::distill::nodes::NodeConfig;
 use kiln::distill::train::{
     DataParallel, LabelSource, Mode, TrainConfig, Trainer, encode_examples, fresh_config,
     load_checkpoint,
@@ -41,7 +42,13 @@ Examples:
   # continue an interrupted run exactly where its last checkpoint left it
   kiln distill train --out runs/sbs --resume
   # test accuracy of a checkpoint
-  kiln distill eval --checkpoint runs/sbs/checkpoint";
+  kiln distill eval --checkpoint runs/sbs/checkpoint
+  # two machines (10.0.0.1 and 10.0.0.2), 4 GPUs each: an orchestrator, then one train per node
+  kiln distill orchestrator --port 29400                                # on 10.0.0.1
+  kiln distill train ... --devices 4 --grad-accum 8 --nodes 2 --node-rank 0 \\
+      --node-address 10.0.0.1:29401 --orchestrator 10.0.0.1:29400 --out runs/n0   # on 10.0.0.1
+  kiln distill train ... --devices 4 --grad-accum 8 --nodes 2 --node-rank 1 \\
+      --node-address 10.0.0.2:29401 --orchestrator 10.0.0.1:29400 --out runs/n1   # on 10.0.0.2";
 
 /// `kiln distill` arguments.
 #[derive(Args, Debug)]
@@ -56,6 +63,10 @@ enum DistillCommand {
     Train(Box<TrainArgs>),
     /// Test accuracy of a checkpoint (greedy `predict:` decoding).
     Eval(EvalArgs),
+    /// Run the global orchestrator of a multi-node `train --nodes N` until Ctrl-C: the nodes
+    /// register with it and learn each other's addresses (gradients then go node to node).
+    /// One per run; start it first, anywhere every node can reach.
+    Orchestrator(OrchestratorArgs),
     /// Write a checkpoint's student as an HF T5 folder (model.safetensors, config.json,
     /// generation_config.json, tokenizer) that transformers and `kiln generate` load.
     Export(ExportArgs),
@@ -69,6 +80,13 @@ struct ExportArgs {
     /// The HF folder to write.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct OrchestratorArgs {
+    /// Port to listen on (all interfaces); the nodes' --orchestrator names it.
+    #[arg(long)]
+    port: u16,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -199,6 +217,35 @@ struct TrainArgs {
     /// Resume from <out>/checkpoint (its saved settings win over the flags above).
     #[arg(long)]
     resume: bool,
+    /// Dropout rate of a --fresh model (default: T5's 0.1). 0 makes runs repeatable, e.g. to
+    /// compare a multi-node run with a single process.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Multi-node training: the number of nodes (processes, one per machine) in the run.
+    /// Each runs this command with the same flags but its own --node-rank, --node-address and
+    /// --out, over its --devices (default 1); gradients are all-reduced across all of them
+    /// through burn-collective, as --collective does locally. --grad-accum must be a multiple
+    /// of nodes × devices; rank 0's starting weights are copied to every node. Start
+    /// `kiln distill orchestrator` first.
+    #[arg(long, requires_all = ["node_rank", "node_address", "orchestrator"], help_heading = "Multi-node")]
+    nodes: Option<usize>,
+    /// This node's rank, 0..N (decides which micro-batches it trains on).
+    #[arg(long, requires = "nodes", help_heading = "Multi-node")]
+    node_rank: Option<usize>,
+    /// host:port where the other nodes reach this one (ws://host:port also accepted); the
+    /// port is this node's tensor data service and must be free and reachable.
+    #[arg(long, requires = "nodes", help_heading = "Multi-node")]
+    node_address: Option<String>,
+    /// host:port of the `kiln distill orchestrator` of this run.
+    #[arg(long, requires = "nodes", help_heading = "Multi-node")]
+    orchestrator: Option<String>,
+    /// Port the data service listens on when it differs from --node-address's (port
+    /// forwarding, containers).
+    #[arg(long, requires = "nodes", help_heading = "Multi-node")]
+    data_service_port: Option<u16>,
+    /// Seconds to wait for the orchestrator and all nodes to join.
+    #[arg(long, default_value_t = 300, help_heading = "Multi-node")]
+    join_timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -243,6 +290,11 @@ pub fn run(args: DistillArgs) -> anyhow::Result<()> {
             Ok(())
         }
         DistillCommand::Eval(a) => eval(a),
+        DistillCommand::Orchestrator(a) => {
+            eprintln!("orchestrator listening on port {} (Ctrl-C to stop)", a.port);
+            kiln::distill::nodes::serve_orchestrator(a.port)?;
+            Ok(())
+        }
     }
 }
 
@@ -362,7 +414,13 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
             .context("the T5 tokenizer (give --tokenizer <folder with tokenizer.json>)")?;
         // T5's padded vocabulary: 32100 pieces rounded up to 32128 as in the released models.
         let vocab = tok.vocab_size().div_ceil(128) * 128;
-        let cfg = fresh_config(preset, vocab)?;
+        let mut cfg = fresh_config(preset, vocab)?;
+        if let Some(p) = a.dropout {
+            if !(0.0..1.0).contains(&p) {
+                bail!("--dropout {p}: must be in [0, 1)");
+            }
+            cfg.dropout_rate = p;
+        }
         <Backend as burn::tensor::backend::Backend>::seed(&device, config.seed);
         (Some(cfg.init::<TrainB>(&device)), tok)
     };
@@ -401,20 +459,44 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         }
     };
 
-    if a.collective && a.devices < 2 {
+    if a.dropout.is_some() && a.fresh.is_none() && (a.model.is_some() || a.resume) {
+        bail!("--dropout applies to a --fresh model");
+    }
+    if a.collective && a.devices < 2 && a.nodes.is_none() {
         bail!("--collective shares training between devices: give --devices N with N >= 2");
     }
-    if a.devices > 1 {
+    let devices = || -> Vec<burn::tensor::Device<TrainB>> {
         use burn::tensor::backend::Device as _;
         #[allow(clippy::clone_on_copy)] // Copy on CPU backends, Clone only on GPU ones.
         let main = device.clone();
-        let devices = (0..a.devices)
+        (0..a.devices)
             .map(|i| {
                 let mut id = main.to_id();
                 id.index_id = i;
                 burn::tensor::Device::<TrainB>::from_id(id)
             })
-            .collect();
+            .collect()
+    };
+    if let Some(n) = a.nodes {
+        let nodes = NodeConfig::default()
+            .nodes(n)
+            .node_rank(a.node_rank.unwrap_or_default())
+            .node_address(a.node_address.clone().unwrap_or_default())
+            .orchestrator(a.orchestrator.clone().unwrap_or_default())
+            .data_service_port(a.data_service_port)
+            .devices_per_node(a.devices.into())
+            .join_timeout(std::time::Duration::from_secs(a.join_timeout));
+        eprintln!(
+            "node {} of {n}: joining through {} ...",
+            nodes.node_rank, nodes.orchestrator
+        );
+        trainer = trainer.with_nodes(devices(), nodes)?;
+        eprintln!(
+            "joined: data parallel over {n} nodes × {} devices",
+            a.devices
+        );
+    } else if a.devices > 1 {
+        let devices = devices();
         let parallel = if a.collective {
             DataParallel::Collective
         } else {
@@ -458,6 +540,9 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         _ => valid_split.examples.clone(),
     };
     let acc = fit(&mut trainer, &tokenizer, &eval_examples, task, &opts)?;
+    if let Err(e) = trainer.leave() {
+        eprintln!("warning: {e}");
+    }
     if let Some(acc) = acc {
         println!("{} accuracy: {acc:.4}", a.eval_split);
     }

@@ -14,6 +14,7 @@
 //!   accumulation, exact checkpoint/resume, periodic evaluation, metrics log).
 //! - [`eval`]: greedy `predict:` decoding and accuracy.
 //! - [`export`]: the trained student as an HF folder (transformers loads it).
+//! - [`nodes`]: training on several machines (burn-collective's global orchestrator).
 //!
 //! A few steps on SVAMP and an evaluation (`examples/distill.rs` is the full program):
 //!
@@ -53,12 +54,26 @@
 //! # Ok(()) }
 //! ```
 
+// Builder setters of the config structs (`TrainConfig`, `NodeConfig`).
+macro_rules! with {
+    ($($name:ident: $t:ty),*) => {
+        $(
+            #[doc = concat!("Sets `", stringify!($name), "`.")]
+            pub fn $name(mut self, v: $t) -> Self {
+                self.$name = v;
+                self
+            }
+        )*
+    };
+}
+
 pub mod arith;
 pub mod data;
 mod error;
 pub mod eval;
 pub mod export;
 pub mod fit;
+pub mod nodes;
 pub mod train;
 
 pub use error::{DistillError, Result};

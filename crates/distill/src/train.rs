@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
 use crate::data::Example;
+use crate::nodes::NodeConfig;
 
 /// What the student learns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,18 +126,6 @@ impl Default for TrainConfig {
             seed: 0,
         }
     }
-}
-
-macro_rules! with {
-    ($($name:ident: $t:ty),*) => {
-        $(
-            #[doc = concat!("Sets `", stringify!($name), "`.")]
-            pub fn $name(mut self, v: $t) -> Self {
-                self.$name = v;
-                self
-            }
-        )*
-    };
 }
 
 impl TrainConfig {
@@ -436,6 +425,9 @@ pub struct Trainer<B: AutodiffBackend> {
     parallel: DataParallel,
     /// Devices 1.. under [`DataParallel::Collective`]: their replicas and optimizers.
     replicas: Vec<(T5<B>, Adam<B>)>,
+    /// Set by [`Trainer::with_nodes`]: this node's part in a multi-node run, joined (its local
+    /// peers registered with burn-collective) until [`Trainer::leave`].
+    nodes: Option<Joined<B::InnerBackend>>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -467,6 +459,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             devices,
             parallel: DataParallel::MainDevice,
             replicas: Vec::new(),
+            nodes: None,
         })
     }
 
@@ -516,6 +509,116 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.devices = devices;
         self.parallel = parallel;
         Ok(self)
+    }
+
+    /// Distributed data parallel over several nodes (machines), each running this on its own
+    /// `devices`: burn-collective's [`DataParallel::Collective`] with its global level (see
+    /// [`crate::nodes`]). Blocks until every node has joined through the orchestrator (or
+    /// `nodes.join_timeout` passes), then copies rank 0's weights to every replica, as DDP
+    /// broadcasts rank 0's at the start. Every node must run the same configuration and data;
+    /// `grad_accum` must be a multiple of `nodes × devices_per_node`. Call it after
+    /// [`resume`](Self::resume) (every node resumes its own checkpoint of the same step).
+    ///
+    /// A timed-out join leaves its registering threads blocked: end the process.
+    pub fn with_nodes(
+        mut self,
+        devices: Vec<B::Device>,
+        nodes: NodeConfig,
+    ) -> Result<Self, DistillError> {
+        nodes.validate()?;
+        if devices.len() != nodes.devices_per_node {
+            return Err(DistillError::arg(
+                "devices",
+                format!(
+                    "{} devices given for devices_per_node = {}",
+                    devices.len(),
+                    nodes.devices_per_node
+                ),
+            ));
+        }
+        let global = nodes.global_devices();
+        if !self.config.grad_accum.is_multiple_of(global) {
+            return Err(DistillError::arg(
+                "grad_accum",
+                format!(
+                    "multi-node training needs grad_accum ({}) to be a multiple of the {global} \
+                     devices of all nodes ({} nodes × {})",
+                    self.config.grad_accum, nodes.nodes, nodes.devices_per_node
+                ),
+            ));
+        }
+        let config = nodes.collective_config()?;
+        self = self.with_parallel(devices, DataParallel::Collective)?;
+        join::<B>(&self.devices, &nodes, config)?;
+        self.nodes = Some(Joined {
+            nodes,
+            left: false,
+            _backend: std::marker::PhantomData,
+        });
+        self.broadcast_rank0_weights()?;
+        Ok(self)
+    }
+
+    /// Leaves a multi-node run (unregisters this node's peers; the last one closes the
+    /// connection to the orchestrator). Dropping the trainer does it too; a no-op otherwise.
+    pub fn leave(&mut self) -> Result<(), DistillError> {
+        match self.nodes.take() {
+            Some(mut joined) => joined.leave(),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets every replica on every node to rank 0's device-0 weights: one all-reduce in which
+    /// every other peer adds zeros, so the sum is exactly rank 0's values.
+    fn broadcast_rank0_weights(&mut self) -> Result<(), DistillError> {
+        let nodes = self
+            .nodes
+            .as_ref()
+            .expect("called after joining")
+            .nodes
+            .clone();
+        let mut replicas = vec![self.model.clone()];
+        replicas.extend(self.replicas.iter().map(|(m, _)| m.clone()));
+        let results: Vec<Result<T5<B>, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = replicas
+                .into_iter()
+                .zip(&self.devices)
+                .enumerate()
+                .map(|(d, (model, device))| {
+                    let peer = nodes.global_peer(d);
+                    s.spawn(move || {
+                        let mut flat = Flatten::<B>::new();
+                        model.visit(&mut flat);
+                        let values = flat.cat(device);
+                        let mine = if peer == 0 {
+                            values
+                        } else {
+                            values.zeros_like()
+                        };
+                        let sum = all_reduce_sum::<B>(peer, mine)
+                            .map_err(|e| format!("weights of device {d}: {e}"))?;
+                        Ok(model.map(&mut Unflatten::<B>::weights(sum)))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("training thread panicked".into()))
+                })
+                .collect()
+        });
+        let mut models = Vec::with_capacity(results.len());
+        for r in results {
+            models.push(r.map_err(|e| DistillError::Training(format!("joining: {e}")))?);
+        }
+        let mut models = models.into_iter();
+        self.model = models.next().expect("device 0");
+        for ((m, _), new) in self.replicas.iter_mut().zip(models) {
+            *m = new;
+        }
+        Ok(())
     }
 
     /// AdamW without Burn's per-tensor clipping: [`clip`] clips globally before each step.
@@ -624,13 +727,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         [loss_sum, label_sum, rat_sum]
     }
 
-    /// [`DataParallel::Collective`]: device `d` takes micro-batches `d, d + n, …`, accumulates
-    /// their gradients, all-reduces the sum with the other devices through burn-collective,
-    /// and steps its own replica. Returns the summed losses of all devices.
+    /// [`DataParallel::Collective`]: global peer `g` of `G` (the devices of all nodes) takes
+    /// micro-batches `g, g + G, …`, accumulates their gradients, sums them and its losses with
+    /// every other peer through burn-collective in one all-reduce, and steps its own replica.
+    /// Returns the losses summed over all peers.
     fn collective_step(&mut self, micro: &[Vec<usize>], lr: f64) -> Result<[f64; 3], DistillError> {
         use burn::collective::{
-            CollectiveConfig, PeerId, ReduceOperation, finish_collective, register,
-            reset_collective,
+            CollectiveConfig, PeerId, finish_collective, register, reset_collective,
         };
         // The collective server is one per backend type and process: one step at a time.
         static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -643,6 +746,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                     .into(),
             ));
         }
+        // Multi-node peers stay registered for the whole run (registering is a rendezvous of
+        // all nodes); a single node registers for each step.
+        let per_step = self.nodes.is_none();
+        let (global, peer_of) = match self.nodes.as_ref().map(|j| &j.nodes) {
+            Some(nodes) => (nodes.global_devices(), nodes.node_rank * n),
+            None => (n, 0),
+        };
         let (data, mode, alpha) = (&self.data[..], self.config.mode, self.config.alpha);
         let accum_n = self.config.grad_accum;
         let grad_clip = self.config.grad_clip;
@@ -656,13 +766,16 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .enumerate()
                 .map(|(d, ((model, mut optim), device))| {
                     let config = config.clone();
+                    let g = peer_of + d;
                     s.spawn(move || {
-                        let peer = PeerId(d as u32);
-                        register::<B::InnerBackend>(peer, device.clone(), config)
-                            .map_err(|e| format!("registering device {d}: {e:?}"))?;
+                        let peer = PeerId(g as u32);
+                        if per_step {
+                            register::<B::InnerBackend>(peer, device.clone(), config)
+                                .map_err(|e| format!("registering device {d}: {e:?}"))?;
+                        }
                         let mut accumulator = GradientsAccumulator::<T5<B>>::new();
                         let mut sums = [0.0; 3];
-                        for idx in micro.iter().skip(d).step_by(n) {
+                        for idx in micro.iter().skip(g).step_by(global) {
                             let (grads, values) =
                                 micro_step(model.clone(), data, idx, device, mode, alpha, accum_n);
                             accumulator.accumulate(&model, grads);
@@ -670,16 +783,18 @@ impl<B: AutodiffBackend> Trainer<B> {
                                 *s += v;
                             }
                         }
-                        let grads = accumulator
-                            .grads()
-                            .all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum)
-                            .map_err(|e| format!("all-reduce on device {d}: {e:?}"))?;
+                        let (grads, sums) =
+                            all_reduce_grads(&model, accumulator.grads(), sums, g, device)
+                                .map_err(|e| format!("all-reduce on device {d}: {e}"))?;
                         // After the all-reduce, so every replica clips the same summed
                         // gradients by the same factor (as DDP + clip_grad_norm_).
                         let grads = clip(&model, grads, grad_clip);
                         let model = optim.step(lr, model, grads);
-                        finish_collective::<B::InnerBackend>(peer)
-                            .map_err(|e| format!("leaving the collective on device {d}: {e:?}"))?;
+                        if per_step {
+                            finish_collective::<B::InnerBackend>(peer).map_err(|e| {
+                                format!("leaving the collective on device {d}: {e:?}")
+                            })?;
+                        }
                         Ok((model, optim, sums))
                     })
                 })
@@ -692,19 +807,20 @@ impl<B: AutodiffBackend> Trainer<B> {
                 })
                 .collect()
         });
-        let mut totals = [0.0; 3];
+        let mut totals = None;
         let mut replicas = Vec::with_capacity(n);
         for result in results {
             match result {
                 Ok((model, optim, sums)) => {
-                    for (t, s) in totals.iter_mut().zip(sums) {
-                        *t += s;
-                    }
+                    // Every peer holds the same all-reduced sums.
+                    totals.get_or_insert(sums);
                     replicas.push((model, optim));
                 }
                 Err(message) => {
-                    // Peers still registered would block the next step's registration.
-                    reset_collective::<B::InnerBackend>();
+                    if per_step {
+                        // Peers still registered would block the next step's registration.
+                        reset_collective::<B::InnerBackend>();
+                    }
                     return Err(DistillError::Training(format!(
                         "collective training: {message}"
                     )));
@@ -714,7 +830,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut replicas = replicas.into_iter();
         (self.model, self.optim) = replicas.next().expect("device 0");
         self.replicas = replicas.collect();
-        Ok(totals)
+        Ok(totals.expect("at least one device"))
     }
 
     /// Writes a checkpoint into `dir` (created; existing files replaced): `config.json`
@@ -833,6 +949,241 @@ fn micro_step<B: AutodiffBackend>(
     ];
     let grads = (loss.total / accum_n as f64).backward();
     (GradientsParams::from_grads(grads, &model), values)
+}
+
+/// Membership of a multi-node run: this node's local peers stay registered with
+/// burn-collective until [`Joined::leave`] or drop.
+struct Joined<IB: Backend> {
+    nodes: NodeConfig,
+    left: bool,
+    _backend: std::marker::PhantomData<fn() -> IB>,
+}
+
+impl<IB: Backend> Joined<IB> {
+    fn leave(&mut self) -> Result<(), DistillError> {
+        use burn::collective::{PeerId, finish_collective};
+        if std::mem::replace(&mut self.left, true) {
+            return Ok(());
+        }
+        let nodes = self.nodes.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // In a thread: finishing talks to the orchestrator, which may be gone.
+        std::thread::spawn(move || {
+            let result = (0..nodes.devices_per_node).try_for_each(|d| {
+                finish_collective::<IB>(PeerId(nodes.global_peer(d) as u32))
+                    .map_err(|e| format!("{e:?}"))
+            });
+            let _ = tx.send(result);
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(DistillError::Training(format!("leaving the run: {e}"))),
+            Err(_) => Err(DistillError::Training(
+                "leaving the run: no answer within 30 s".into(),
+            )),
+        }
+    }
+}
+
+impl<IB: Backend> Drop for Joined<IB> {
+    fn drop(&mut self) {
+        // Nothing to report to at this point.
+        let _ = self.leave();
+    }
+}
+
+/// Registers this node's local peers with burn-collective's global level: returns once every
+/// node has registered with the orchestrator, or fails after `nodes.join_timeout`.
+fn join<B: AutodiffBackend>(
+    devices: &[B::Device],
+    nodes: &NodeConfig,
+    config: burn::collective::CollectiveConfig,
+) -> Result<(), DistillError> {
+    use burn::collective::{PeerId, register};
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Plain threads, not scoped: a node that never comes would block a scope forever.
+    for (d, device) in devices.iter().enumerate() {
+        let (tx, device, config) = (tx.clone(), device.clone(), config.clone());
+        let peer = PeerId(nodes.global_peer(d) as u32);
+        std::thread::spawn(move || {
+            let _ = tx.send(register::<B::InnerBackend>(peer, device, config));
+        });
+    }
+    let deadline = std::time::Instant::now() + nodes.join_timeout;
+    for _ in devices {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(DistillError::Training(format!(
+                    "node {} could not join the run through {}: {e:?}",
+                    nodes.node_rank, nodes.orchestrator
+                )));
+            }
+            Err(_) => {
+                return Err(DistillError::Training(format!(
+                    "node {}: the {} nodes did not all join within {} s; is the orchestrator \
+                     running at {}, and were all nodes started with --nodes {} and distinct \
+                     --node-rank and --node-address?",
+                    nodes.node_rank,
+                    nodes.nodes,
+                    nodes.join_timeout.as_secs(),
+                    nodes.orchestrator,
+                    nodes.nodes
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sums `grads` and the loss `sums` over every peer in one all-reduce of one flat vector (the
+/// parameters in module order, then the three losses): one network round per step instead of
+/// one per parameter, and an order that does not depend on `ParamId`s, which differ between
+/// processes. A parameter without a gradient here counts as zeros.
+fn all_reduce_grads<B: AutodiffBackend>(
+    model: &T5<B>,
+    grads: GradientsParams,
+    sums: [f64; 3],
+    peer: usize,
+    device: &B::Device,
+) -> Result<(GradientsParams, [f64; 3]), String> {
+    let mut flat = Flatten::<B>::gradients(grads);
+    model.visit(&mut flat);
+    let losses = Tensor::<B::InnerBackend, 1>::from_floats(sums.map(|v| v as f32), device);
+    flat.pieces.push(losses);
+    let grads = flat.grads.take().expect("set by gradients()");
+    let sum = all_reduce_sum::<B>(peer, flat.cat(device))?;
+    let n = sum.dims()[0];
+    let losses = sum
+        .clone()
+        .slice(n - 3..n)
+        .into_data()
+        .to_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))?;
+    let mut unflatten = Unflatten::<B>::gradients(sum, grads);
+    model.visit(&mut unflatten);
+    let grads = unflatten.grads.take().expect("set by gradients()");
+    Ok((grads, [0, 1, 2].map(|i| losses[i] as f64)))
+}
+
+/// burn-collective's all-reduce (sum over all peers, local then global) of one vector.
+fn all_reduce_sum<B: AutodiffBackend>(
+    peer: usize,
+    values: Tensor<B::InnerBackend, 1>,
+) -> Result<Tensor<B::InnerBackend, 1>, String> {
+    use burn::collective::{PeerId, ReduceOperation, all_reduce};
+    use burn::tensor::TensorPrimitive;
+    let sum = all_reduce::<B::InnerBackend>(
+        PeerId(peer as u32),
+        values.into_primitive().tensor(),
+        ReduceOperation::Sum,
+    )
+    .map_err(|e| format!("{e:?}"))?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(sum)))
+}
+
+/// Collects a model's float parameters (or their gradients) in module order as flat pieces.
+struct Flatten<B: AutodiffBackend> {
+    /// `Some`: take gradients out of these instead of the parameter values.
+    grads: Option<GradientsParams>,
+    pieces: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> Flatten<B> {
+    fn new() -> Self {
+        Self {
+            grads: None,
+            pieces: Vec::new(),
+        }
+    }
+
+    fn gradients(grads: GradientsParams) -> Self {
+        Self {
+            grads: Some(grads),
+            pieces: Vec::new(),
+        }
+    }
+
+    fn cat(&mut self, device: &B::Device) -> Tensor<B::InnerBackend, 1> {
+        match self.pieces.len() {
+            0 => Tensor::zeros([0], device),
+            _ => Tensor::cat(std::mem::take(&mut self.pieces), 0),
+        }
+    }
+}
+
+impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Flatten<B> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        let value = param.val().inner();
+        let n = value.shape().num_elements();
+        let piece = match &mut self.grads {
+            Some(grads) => grads
+                .remove::<B::InnerBackend, D>(param.id)
+                .unwrap_or_else(|| value.zeros_like()),
+            None => value,
+        };
+        self.pieces.push(piece.reshape([n]));
+    }
+}
+
+/// Writes a flat vector from [`Flatten`] back: as gradients, or as the parameter values.
+struct Unflatten<B: AutodiffBackend> {
+    flat: Tensor<B::InnerBackend, 1>,
+    offset: usize,
+    /// `Some`: register gradients here; `None`: replace the parameter values.
+    grads: Option<GradientsParams>,
+}
+
+impl<B: AutodiffBackend> Unflatten<B> {
+    fn weights(flat: Tensor<B::InnerBackend, 1>) -> Self {
+        Self {
+            flat,
+            offset: 0,
+            grads: None,
+        }
+    }
+
+    fn gradients(flat: Tensor<B::InnerBackend, 1>, grads: GradientsParams) -> Self {
+        Self {
+            flat,
+            offset: 0,
+            grads: Some(grads),
+        }
+    }
+
+    fn next<const D: usize>(&mut self, shape: burn::tensor::Shape) -> Tensor<B::InnerBackend, D> {
+        let n = shape.num_elements();
+        let piece = self.flat.clone().slice(self.offset..self.offset + n);
+        self.offset += n;
+        piece.reshape(shape)
+    }
+}
+
+impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Unflatten<B> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        let value = self.next::<D>(param.val().shape());
+        if let Some(grads) = &mut self.grads {
+            grads.register::<B::InnerBackend, D>(param.id, value);
+        }
+    }
+}
+
+impl<B: AutodiffBackend> burn::module::ModuleMapper<B> for Unflatten<B> {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        let value = self.next::<D>(param.val().shape());
+        param.map(|old| {
+            let new = Tensor::from_inner(value);
+            if old.is_require_grad() {
+                new.require_grad()
+            } else {
+                new
+            }
+        })
+    }
 }
 
 /// Loads the model and state of a checkpoint written by [`Trainer::save`].
