@@ -48,15 +48,23 @@ fn encoder_and_teacher_forced_logits() {
     let reference = Reference::load(NAME);
     let model = load();
     let (_, input) = reference.ids("input_ids");
-    let (_, expected_hidden) = reference.f32("encoder_hidden");
     let (_, dec_in) = reference.ids("decoder_input_ids");
-    let (lshape, expected_logits) = reference.f32("decoder_logits");
-    let vocab = lshape[1];
+    let (_, expected_logits) = reference.f32("decoder_logits");
+
+    let deviation = seq2seq_deviation(&model, &reference);
+    println!("{NAME}: encoder max |Δ| = {:e}", deviation.encoder);
+    assert!(
+        deviation.encoder <= TOL,
+        "encoder hidden differs by {}",
+        deviation.encoder
+    );
+    assert!(
+        deviation.cached_logits <= TOL,
+        "cached step logits differ by {}",
+        deviation.cached_logits
+    );
 
     let encoded = model.encode(tokens(&input, 1), None);
-    let diff = max_abs_diff(&host(encoded.hidden.clone()), &expected_hidden);
-    println!("{NAME}: encoder max |Δ| = {diff:e}");
-    assert!(diff <= TOL, "encoder hidden differs by {diff}");
 
     let mut cache = model.new_decoder_cache(&encoded);
     let logits = host(model.decode_step(tokens(&dec_in, 1), &mut cache));
@@ -70,13 +78,6 @@ fn encoder_and_teacher_forced_logits() {
     assert_eq!(hidden.dims(), [1, dec_in.len(), model.config().d_model]);
     let diff = max_abs_diff(&host(model.logits(hidden)), &expected_logits);
     assert!(diff <= TOL, "logits(decode_hidden) differ by {diff}");
-
-    let mut cache = model.new_decoder_cache(&encoded);
-    for (i, expected) in expected_logits.chunks_exact(vocab).enumerate() {
-        let step = host(model.decode_step(tokens(&dec_in[i..i + 1], 1), &mut cache));
-        let diff = max_abs_diff(&step, expected);
-        assert!(diff <= TOL, "cached step {i} logits differ by {diff}");
-    }
 }
 
 #[test]
@@ -393,19 +394,8 @@ fn half_precision_on_gpu() {
     let options = LoadOptions::default().with_dtype(WeightDtype::F16);
     let model = M2M100::<B>::from_pretrained_with(&fixture(NAME), &device(), &options).unwrap();
     let (_, input) = reference.ids("input_ids");
-    let (_, expected_hidden) = reference.f32("encoder_hidden");
-    let (_, dec_in) = reference.ids("decoder_input_ids");
-    let (lshape, expected_logits) = reference.f32("decoder_logits");
-    let vocab = lshape[1];
-
-    let encoded = model.encode(tokens(&input, 1), None);
-    let hidden = max_abs_diff(&host(encoded.hidden.clone()), &expected_hidden);
-    let mut cache = model.new_decoder_cache(&encoded);
-    let mut worst: f32 = 0.0;
-    for (i, expected) in expected_logits.chunks_exact(vocab).enumerate() {
-        let step = host(model.decode_step(tokens(&dec_in[i..i + 1], 1), &mut cache));
-        worst = worst.max(max_abs_diff(&step, expected));
-    }
+    let deviation = seq2seq_deviation(&model, &reference);
+    let (hidden, worst) = (deviation.encoder, deviation.cached_logits);
     eprintln!("{NAME} f16: encoder max |Δ| {hidden:.2e}, cached logits max |Δ| {worst:.2e}");
     let hf = hf_f16_deviation(NAME);
     assert!(

@@ -128,8 +128,6 @@ fn chat_session_keeps_history_and_reuses_the_cache() {
 /// the prompt and of eight cached decode steps, and the greedy tokens.
 #[test]
 fn packed_blocks_give_the_dequantised_logits() {
-    use burn::prelude::*;
-    use kiln::core::CausalLm;
     use kiln::core::loading::{HostKernels, LoadOptions};
     use kiln::core::packed::PackedFormat;
     use kiln::llama::Llama;
@@ -153,15 +151,38 @@ fn packed_blocks_give_the_dequantised_logits() {
     );
     assert!(dense.model.layers[0].self_attn.q_proj.packed.is_none());
 
-    let prompt = ids(&reference()["prompt_ids"]);
+    let worst = compare_with_dense(&packed, &dense, &ids(&reference()["prompt_ids"]), 8);
+    eprintln!("packed vs dequantised: max |Δlogit| {worst:e}");
+}
+
+/// The prompt's logits and `steps` cached greedy steps of `packed` against `dense` (the same
+/// file dequantised to f32 Burn tensors): each within 1e-3 and with the same greedy token.
+/// Returns the largest |Δlogit| seen.
+fn compare_with_dense(
+    packed: &kiln::llama::Llama<B>,
+    dense: &kiln::llama::Llama<B>,
+    prompt: &[u32],
+    steps: usize,
+) -> f32 {
+    use burn::prelude::*;
+    use kiln::core::CausalLm;
+
+    let device = device();
     let tokens = |ids: &[u32]| {
         let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device)
     };
+    let vocab = packed.vocab_size();
+    let last = |l: &[f32]| {
+        let row = &l[l.len() - vocab..];
+        (0..vocab)
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap() as u32
+    };
     let (mut cp, mut cd) = (packed.new_cache(vec![0]), dense.new_cache(vec![0]));
-    let mut input = prompt.clone();
+    let mut input = prompt.to_vec();
     let mut worst = 0f32;
-    for step in 0..9 {
+    for step in 0..=steps {
         let lp = packed.forward(tokens(&input), &mut cp, true);
         let ld = dense.forward(tokens(&input), &mut cd, true);
         let (lp, ld) = (
@@ -171,17 +192,10 @@ fn packed_blocks_give_the_dequantised_logits() {
         let diff = max_abs_diff(&lp, &ld);
         worst = worst.max(diff);
         assert!(diff < 1e-3, "step {step}: max |Δlogit| {diff}");
-        let vocab = packed.vocab_size();
-        let last = |l: &[f32]| {
-            let row = &l[l.len() - vocab..];
-            (0..vocab)
-                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                .unwrap() as u32
-        };
         assert_eq!(last(&lp), last(&ld), "step {step}: greedy token");
         input = vec![last(&lp)];
     }
-    eprintln!("packed vs dequantised: max |Δlogit| {worst:e}");
+    worst
 }
 
 /// `--activations q8` (8-bit activation blocks in decode steps, as llama.cpp multiplies these
@@ -247,8 +261,6 @@ fn eight_bit_activations_keep_the_greedy_tokens() {
 /// dequantised to f32, and its greedy tokens.
 #[test]
 fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
-    use burn::prelude::*;
-    use kiln::core::CausalLm;
     use kiln::core::loading::{HostKernels, LoadOptions};
     use kiln::core::packed::PackedFormat;
     use kiln::llama::Llama;
@@ -276,33 +288,8 @@ fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
     assert_eq!(format(&mlp(3).down_proj.packed), Some(PackedFormat::Q4_K));
     assert_eq!(format(&mlp(3).up_proj.packed), Some(PackedFormat::Q4_1));
 
-    let reference = reference();
-    let prompt = ids(&reference["prompt_ids"]);
-    let tokens = |ids: &[u32]| {
-        let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-        Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device)
-    };
-    let (mut cp, mut cd) = (packed.new_cache(vec![0]), dense.new_cache(vec![0]));
-    let mut input = prompt.clone();
-    let mut worst = 0f32;
-    for step in 0..9 {
-        let lp = packed.forward(tokens(&input), &mut cp, true);
-        let ld = dense.forward(tokens(&input), &mut cd, true);
-        let (lp, ld) = (
-            lp.into_data().into_vec::<f32>().unwrap(),
-            ld.into_data().into_vec::<f32>().unwrap(),
-        );
-        let diff = max_abs_diff(&lp, &ld);
-        worst = worst.max(diff);
-        assert!(diff < 1e-3, "step {step}: max |Δlogit| {diff}");
-        let vocab = packed.vocab_size();
-        let row = &lp[lp.len() - vocab..];
-        input = vec![
-            (0..vocab)
-                .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-                .unwrap() as u32,
-        ];
-    }
+    let prompt = ids(&reference()["prompt_ids"]);
+    let worst = compare_with_dense(&packed, &dense, &prompt, 8);
     let config = GenerationConfig::default().with_max_new_tokens(32);
     let run = |m: &Llama<B>| {
         generate(m, std::slice::from_ref(&prompt), &config, None, |_, _| {}).unwrap()[0]

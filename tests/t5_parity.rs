@@ -65,15 +65,23 @@ fn forward_parity<D: Backend>(name: &str, device: &D::Device, tol: f32) {
     let model = T5::<D>::from_pretrained(&fixture(name), device).unwrap();
     let tokens = |ids: &[u32], batch| tokens::<D>(ids, batch, device);
     let (_, input) = reference.ids("input_ids");
-    let (_, expected_hidden) = reference.f32("encoder_hidden");
     let (_, dec_in) = reference.ids("decoder_input_ids");
-    let (lshape, expected_logits) = reference.f32("decoder_logits");
-    let vocab = lshape[1];
+    let (_, expected_logits) = reference.f32("decoder_logits");
+
+    let deviation = seq2seq_deviation(&model, &reference);
+    println!("{name}: encoder max |Δ| = {:e}", deviation.encoder);
+    assert!(
+        deviation.encoder <= TOL,
+        "{name}: encoder hidden differs by {}",
+        deviation.encoder
+    );
+    assert!(
+        deviation.cached_logits <= tol,
+        "{name}: cached step logits differ by {}",
+        deviation.cached_logits
+    );
 
     let encoded = model.encode(tokens(&input, 1), None);
-    let diff = max_abs_diff(&host(encoded.hidden.clone()), &expected_hidden);
-    println!("{name}: encoder max |Δ| = {diff:e}");
-    assert!(diff <= TOL, "{name}: encoder hidden differs by {diff}");
 
     let mut cache = model.new_decoder_cache(&encoded);
     let logits = host(model.decode_step(tokens(&dec_in, 1), &mut cache));
@@ -90,16 +98,6 @@ fn forward_parity<D: Backend>(name: &str, device: &D::Device, tol: f32) {
         diff <= tol,
         "{name}: logits(decode_hidden) differ by {diff}"
     );
-
-    let mut cache = model.new_decoder_cache(&encoded);
-    for (i, expected) in expected_logits.chunks_exact(vocab).enumerate() {
-        let step = host(model.decode_step(tokens(&dec_in[i..i + 1], 1), &mut cache));
-        let diff = max_abs_diff(&step, expected);
-        assert!(
-            diff <= tol,
-            "{name}: cached step {i} logits differ by {diff}"
-        );
-    }
 }
 
 /// Greedy and both beam settings equal HF's sequences (and beam scores).
@@ -510,21 +508,9 @@ fn half_precision_on_gpu() {
     ] {
         let reference = Reference::load(name);
         let model = T5::<B>::from_pretrained_with(&fixture(name), &device(), &options).unwrap();
-        let tokens = |ids: &[u32]| tokens::<B>(ids, 1, &device());
         let (_, input) = reference.ids("input_ids");
-        let (_, expected_hidden) = reference.f32("encoder_hidden");
-        let (_, dec_in) = reference.ids("decoder_input_ids");
-        let (lshape, expected_logits) = reference.f32("decoder_logits");
-        let vocab = lshape[1];
-
-        let encoded = model.encode(tokens(&input), None);
-        let hidden = max_abs_diff(&host(encoded.hidden.clone()), &expected_hidden);
-        let mut cache = model.new_decoder_cache(&encoded);
-        let mut worst: f32 = 0.0;
-        for (i, expected) in expected_logits.chunks_exact(vocab).enumerate() {
-            let step = host(model.decode_step(tokens(&dec_in[i..i + 1]), &mut cache));
-            worst = worst.max(max_abs_diff(&step, expected));
-        }
+        let deviation = seq2seq_deviation(&model, &reference);
+        let (hidden, worst) = (deviation.encoder, deviation.cached_logits);
         eprintln!("{name} f16: encoder max |Δ| {hidden:.2e}, cached logits max |Δ| {worst:.2e}");
         let hf = hf_f16_deviation(name);
         assert!(

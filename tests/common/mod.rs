@@ -133,3 +133,44 @@ pub struct HalfDeviation {
     /// Max |Δ| of the encoder's last hidden states (encoder-decoders).
     pub encoder: Option<f32>,
 }
+
+/// An encoder-decoder fixture's encoder states and its teacher-forced logits fed one cached
+/// step at a time, against HF's (`encoder_hidden`, `decoder_logits`): the max |Δ| of each.
+pub fn seq2seq_deviation<D, M>(model: &M, reference: &Reference) -> Seq2SeqDeviation
+where
+    D: burn::tensor::backend::Backend,
+    M: kiln::core::seq2seq::Seq2SeqLm<D>,
+{
+    use burn::tensor::{Int, Tensor, TensorData};
+    let device = model.device();
+    let tokens = |ids: &[u32]| {
+        let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+        Tensor::<D, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device)
+    };
+    let host = |t: Tensor<D, 3>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+    let (_, input) = reference.ids("input_ids");
+    let (_, expected_hidden) = reference.f32("encoder_hidden");
+    let (_, dec_in) = reference.ids("decoder_input_ids");
+    let (lshape, expected_logits) = reference.f32("decoder_logits");
+
+    let encoded = model.encode(tokens(&input), None);
+    let encoder = max_abs_diff(&host(encoded.hidden.clone()), &expected_hidden);
+    let mut cache = model.new_decoder_cache(&encoded);
+    let mut cached_logits: f32 = 0.0;
+    for (i, expected) in expected_logits.chunks_exact(lshape[1]).enumerate() {
+        let step = host(model.decode_step(tokens(&dec_in[i..i + 1]), &mut cache));
+        cached_logits = cached_logits.max(max_abs_diff(&step, expected));
+    }
+    Seq2SeqDeviation {
+        encoder,
+        cached_logits,
+    }
+}
+
+/// See [`seq2seq_deviation`].
+pub struct Seq2SeqDeviation {
+    /// Max |Δ| of the encoder's last hidden states.
+    pub encoder: f32,
+    /// Max |Δlogit| over the cached decode steps.
+    pub cached_logits: f32,
+}

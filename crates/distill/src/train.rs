@@ -601,13 +601,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("training thread panicked".into()))
-                })
-                .collect()
+            join_all(handles)
         });
         let mut models = Vec::with_capacity(results.len());
         for r in results {
@@ -799,13 +793,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("training thread panicked".into()))
-                })
-                .collect()
+            join_all(handles)
         });
         let mut totals = None;
         let mut replicas = Vec::with_capacity(n);
@@ -990,6 +978,19 @@ impl<IB: Backend> Drop for Joined<IB> {
         // Nothing to report to at this point.
         let _ = self.leave();
     }
+}
+
+/// Each scoped thread's result, in spawn order; a thread that panicked gives an error.
+fn join_all<T>(
+    handles: Vec<std::thread::ScopedJoinHandle<'_, std::result::Result<T, String>>>,
+) -> Vec<std::result::Result<T, String>> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err("training thread panicked".into()))
+        })
+        .collect()
 }
 
 /// Registers this node's local peers with burn-collective's global level: returns once every
