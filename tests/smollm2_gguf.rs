@@ -254,11 +254,12 @@ fn eight_bit_activations_keep_the_greedy_tokens() {
     assert!(worst < 2.0, "max |Δlogit| {worst}");
 }
 
-/// The same file requantised to llama.cpp's Q4_K_M mix by kiln-gguf's writer (only `ffn_down`,
+/// The same file requantised to llama.cpp's Q4_K_M mix by kiln-gguf's writer. Only `ffn_down`,
 /// 1536 wide, is a whole number of 256-value super-blocks in SmolLM2-135M: Q6_K in the layers
-/// llama.cpp gives more bits, Q4_K in the others; the 576-wide matrices keep their Q4_1/Q8_0):
-/// the K-quant blocks stay packed, and their kernels give the logits of the same file
-/// dequantised to f32, and its greedy tokens.
+/// llama.cpp gives more bits, Q4_K in the others. The 576-wide matrices get llama.cpp's
+/// fallbacks, Q5_0 for Q4_K and Q8_0 for Q6_K, as in the Q4_K_M files published for this
+/// model. Every block stays packed, and the kernels give the logits of the same file
+/// dequantised to f32 (by kiln-gguf, bit-exact with gguf-py), and its greedy tokens.
 #[test]
 fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
     use kiln::core::loading::{HostKernels, LoadOptions};
@@ -286,7 +287,10 @@ fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
     let mlp = |i: usize| &packed.model.layers[i].mlp;
     assert_eq!(format(&mlp(0).down_proj.packed), Some(PackedFormat::Q6_K));
     assert_eq!(format(&mlp(3).down_proj.packed), Some(PackedFormat::Q4_K));
-    assert_eq!(format(&mlp(3).up_proj.packed), Some(PackedFormat::Q4_1));
+    assert_eq!(format(&mlp(3).up_proj.packed), Some(PackedFormat::Q5_0));
+    let attn = |i: usize| &packed.model.layers[i].self_attn;
+    assert_eq!(format(&attn(0).v_proj.packed), Some(PackedFormat::Q8_0));
+    assert_eq!(format(&attn(3).v_proj.packed), Some(PackedFormat::Q5_0));
 
     let prompt = ids(&reference()["prompt_ids"]);
     let worst = compare_with_dense(&packed, &dense, &prompt, 8);

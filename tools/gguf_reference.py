@@ -9,6 +9,9 @@ Writes into crates/gguf/tests/fixtures/:
 * `quant/<TYPE>.bin`: random raw blocks of that ggml type (fixed seed), with sane f16 scales
   (finite, no NaN/inf), and `quant/<TYPE>.f32`: what `gguf.quants.dequantize` makes of them
   (little-endian f32). The Rust test must reproduce them bit for bit.
+* `quant/<TYPE>.in.f32` and `quant/<TYPE>.quantized`, for the types kiln-gguf quantises and
+  gguf-py's numpy quantiser rounds exactly as ggml does (Q5_0, Q5_1): values and the blocks
+  `gguf.quants.quantize` makes of them, which kiln-gguf's quantiser must reproduce byte for byte.
 * with `--smollm2`: `smollm2_q4_1.json`, a few whole rows of `token_embd.weight` (Q8_0),
   `blk.0.attn_q.weight` (Q4_1) and `output_norm.weight` (F32) as gguf-py dequantises them,
   plus, for every tensor, its shape and two float64 checksums of the dequantised values (sum
@@ -24,7 +27,7 @@ import sys
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "crates", "gguf", "tests", "fixtures")
@@ -87,6 +90,26 @@ def write_quant_fixtures() -> None:
         print(f"{qtype.name}: {raw.size} bytes -> {values.size} values")
 
 
+# Types whose gguf-py quantiser is ggml's reference arithmetic (trunc of x/d + 16.5 or + 0.5,
+# f32 throughout); gguf-py's Q8_0 rounds half to even where ggml rounds half away from zero.
+QUANTIZED = [T.Q5_0, T.Q5_1]
+
+
+def write_quantize_fixtures() -> None:
+    out_dir = os.path.join(FIXTURES, "quant")
+    rng = np.random.default_rng(20261205)
+    for qtype in QUANTIZED:
+        # Mostly small values with a few outliers, as trained weights are; one all-zero block.
+        values = (rng.standard_normal(N_ELEMENTS) * 0.05).astype("<f4")
+        outliers = rng.random(N_ELEMENTS) < 0.01
+        values[outliers] *= 40
+        values[:32] = 0
+        blocks = quantize(values.reshape(-1, 32), qtype).reshape(-1)
+        values.tofile(os.path.join(out_dir, f"{qtype.name}.in.f32"))
+        blocks.tofile(os.path.join(out_dir, f"{qtype.name}.quantized"))
+        print(f"{qtype.name}: {values.size} values -> {blocks.size} quantised bytes")
+
+
 def checksums(values: np.ndarray) -> tuple[float, float]:
     v = values.astype(np.float64).reshape(-1)
     w = (np.arange(v.size, dtype=np.int64) % 997 + 1).astype(np.float64)
@@ -131,8 +154,11 @@ def write_smollm2_fixture(path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm2", help="path to SmolLM2-135M-Instruct.Q4_1.gguf (tools/fetch_smollm2.sh)")
+    ap.add_argument("--quantize-only", action="store_true", help="only the quantiser fixtures")
     args = ap.parse_args()
-    write_quant_fixtures()
+    if not args.quantize_only:
+        write_quant_fixtures()
+    write_quantize_fixtures()
     if args.smollm2:
         write_smollm2_fixture(args.smollm2)
     return 0

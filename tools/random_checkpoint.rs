@@ -17,8 +17,8 @@
 //!
 //! With `--gguf q4_0|q8_0|q4_k_m` it writes `model.gguf` instead, the same random weights
 //! quantised by ggml's reference quantisers (kiln's `PackedMatrix::from_f32`; `q4_k_m` picks
-//! Q4_K/Q6_K per matrix as llama.cpp's Q4_K_M does, Q8_0 where a width is not a whole number of
-//! 256-value super-blocks), llama.cpp's tensor names, and a
+//! Q4_K/Q6_K per matrix as llama.cpp's Q4_K_M does, with its Q5_0/Q8_0 fallbacks where a width
+//! is not a whole number of 256-value super-blocks), llama.cpp's tensor names, and a
 //! synthetic SentencePiece vocabulary (`<unk>`, `<s>`, `</s>`, the 256 byte tokens, then
 //! `t<i>`), so that kiln, candle and llama.cpp can all load it. Q/K rows are not permuted:
 //! the weights are random, so no reader can tell.
@@ -462,8 +462,9 @@ fn write_gguf(shape: &Shape, args: &Args, kind: GgufType) -> Result<()> {
             GgufType::Q4KM => {
                 match kiln_gguf::writer::q4_k_m_type(&gguf_name(&name), cols, shape.layers) {
                     Some(GgmlType::Q6_K) => (PackedFormat::Q6_K, GgmlType::Q6_K),
-                    Some(_) => (PackedFormat::Q4_K, GgmlType::Q4_K),
-                    None => (PackedFormat::Q8_0, GgmlType::Q8_0),
+                    Some(GgmlType::Q8_0) => (PackedFormat::Q8_0, GgmlType::Q8_0),
+                    Some(GgmlType::Q5_0) => (PackedFormat::Q5_0, GgmlType::Q5_0),
+                    _ => (PackedFormat::Q4_K, GgmlType::Q4_K),
                 }
             }
         };

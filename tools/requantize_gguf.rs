@@ -7,11 +7,11 @@
 //! ```
 //!
 //! * `q4_k_m`: llama.cpp's Q4_K_M choice per matrix (Q4_K; Q6_K for the embedding/output and
-//!   for `attn_v`/`ffn_down` in some layers), where the width is a whole number of 256-value
-//!   super-blocks; other tensors are copied as stored.
-//! * `k-to-q8_0`: the K-quant matrices dequantised and quantised to Q8_0, everything else
-//!   copied: what kiln made of a K-quant file at load before it kept K-quants packed, as a
-//!   file, so the two can be compared with one binary.
+//!   for `attn_v`/`ffn_down` in some layers; where the width is not a whole number of 256-value
+//!   super-blocks, llama.cpp's fallbacks Q5_0 and Q8_0); other tensors are copied as stored.
+//! * `k-to-q8_0`: the K-quant, Q5_0 and Q5_1 matrices dequantised and quantised to Q8_0,
+//!   everything else copied: what kiln made of such a file at load before it kept these
+//!   blocks packed, as a file, so the two can be compared with one binary.
 
 use std::path::PathBuf;
 
@@ -21,10 +21,10 @@ use kiln_gguf::{GgmlType, GgufFile};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Recipe {
-    /// Q4_K with Q6_K where llama.cpp's Q4_K_M puts it.
+    /// Q4_K with Q6_K where llama.cpp's Q4_K_M puts it (Q5_0 / Q8_0 on other widths).
     #[value(name = "q4_k_m")]
     Q4KM,
-    /// Q4_K, Q5_K and Q6_K matrices to Q8_0.
+    /// Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 matrices to Q8_0.
     #[value(name = "k-to-q8_0")]
     KToQ8,
 }
@@ -45,8 +45,11 @@ fn main() -> Result<()> {
     let bytes =
         kiln_gguf::writer::requantize(&file, |name, [_, cols], stored| match args.recipe {
             Recipe::Q4KM => kiln_gguf::writer::q4_k_m_type(name, cols, layers),
-            Recipe::KToQ8 => matches!(stored, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
-                .then_some(GgmlType::Q8_0),
+            Recipe::KToQ8 => matches!(
+                stored,
+                GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q5_1
+            )
+            .then_some(GgmlType::Q8_0),
         })?;
     std::fs::write(&args.output, &bytes)
         .with_context(|| format!("writing {}", args.output.display()))?;

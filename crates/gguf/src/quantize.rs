@@ -1,4 +1,5 @@
-//! Quantisation of `f32` rows to ggml blocks: Q8_0 and the K-quants Q4_K, Q5_K and Q6_K, as
+//! Quantisation of `f32` rows to ggml blocks: Q8_0, Q5_0, Q5_1 and the K-quants Q4_K, Q5_K and
+//! Q6_K, as
 //! ggml's reference quantisers (`quantize_row_*_ref` in `ggml-quants.c`, without an importance
 //! matrix) compute them, operation for operation in `f32`, so that kiln can write the files
 //! llama.cpp's `llama-quantize` writes without `--imatrix`.
@@ -21,7 +22,12 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 pub fn can_quantize(ggml_type: GgmlType) -> bool {
     matches!(
         ggml_type,
-        GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+        GgmlType::Q8_0
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
     )
 }
 
@@ -51,6 +57,8 @@ pub fn quantize_into(ggml_type: GgmlType, values: &[f32], out: &mut [u8]) -> Res
     }
     let block: fn(&[f32], &mut [u8]) = match ggml_type {
         GgmlType::Q8_0 => q8_0,
+        GgmlType::Q5_0 => q5_0,
+        GgmlType::Q5_1 => q5_1,
         GgmlType::Q4_K => q4_k,
         GgmlType::Q5_K => q5_k,
         GgmlType::Q6_K => q6_k,
@@ -86,6 +94,49 @@ fn q8_0(x: &[f32], y: &mut [u8]) {
     for (q, v) in y[2..34].iter_mut().zip(x) {
         *q = (v * id).round() as i8 as u8;
     }
+}
+
+/// `block_q5_0 { half d; u8 qh[4]; u8 qs[16]; }`: `d = max/−16` (`max` the value of largest
+/// magnitude), `q = min(31, trunc(x/d + 16.5))`; the low four bits of values `j` and `j + 16`
+/// share `qs[j]`, their fifth bits are bits `j` and `j + 16` of `qh`.
+fn q5_0(x: &[f32], y: &mut [u8]) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(&mut y[..2], d);
+    let q = |v: f32| ((v * id + 16.5) as i8).min(31) as u8;
+    put_q5(|j| q(x[j]), &mut y[2..22]);
+}
+
+/// `block_q5_1 { half d; half m; u8 qh[4]; u8 qs[16]; }`: `d = (max − min)/31`, `m = min`,
+/// `q = trunc((x − min)/d + 0.5)`; bits laid out as in [`q5_0`].
+fn q5_1(x: &[f32], y: &mut [u8]) {
+    let min = x.iter().fold(f32::MAX, |a, &v| if v < a { v } else { a });
+    let max = x.iter().fold(-f32::MAX, |a, &v| if v > a { v } else { a });
+    let d = (max - min) / 31.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(&mut y[..2], d);
+    put_f16(&mut y[2..4], min);
+    let q = |v: f32| ((v - min) * id + 0.5) as u8;
+    put_q5(|j| q(x[j]), &mut y[4..24]);
+}
+
+/// The 32 five-bit quants `q(0..32)` as `qh[4]` then `qs[16]`.
+fn put_q5(q: impl Fn(usize) -> u8, y: &mut [u8]) {
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let (a, b) = (q(j), q(j + 16));
+        y[4 + j] = (a & 0x0F) | ((b & 0x0F) << 4);
+        qh |= (((a & 0x10) >> 4) as u32) << j;
+        qh |= (((b & 0x10) >> 4) as u32) << (j + 16);
+    }
+    y[..4].copy_from_slice(&qh.to_le_bytes());
 }
 
 /// ggml's `make_qkx2_quants`: the scale and (negated) min of `n` values on `0..=nmax` that
@@ -409,6 +460,8 @@ mod tests {
         for (t, bound) in [
             (GgmlType::Q8_0, 0.02),
             (GgmlType::Q6_K, 0.05),
+            (GgmlType::Q5_0, 0.1),
+            (GgmlType::Q5_1, 0.1),
             (GgmlType::Q5_K, 0.1),
             (GgmlType::Q4_K, 0.2),
         ] {
@@ -428,6 +481,8 @@ mod tests {
             GgmlType::Q5_K,
             GgmlType::Q6_K,
             GgmlType::Q8_0,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
         ] {
             let z = vec![0f32; 256];
             assert_eq!(dequantize(t, &quantize(t, &z).unwrap()).unwrap(), z);

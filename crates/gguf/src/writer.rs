@@ -98,15 +98,24 @@ fn put_value(b: &mut Vec<u8>, v: &Value) {
 /// embedding matrices and for `attn_v`/`ffn_down` in the layers its `use_more_bits` names (the
 /// first and last eighth, and every third between), Q4_K for the other matrices. (llama.cpp
 /// gives the embedding Q6_K only when it is also the output, tied, as in SmolLM2; a decode step
-/// reads one row of it either way.) `None` where `cols` is not a whole
-/// number of 256-value super-blocks (llama.cpp falls back to another type there; kiln's
-/// [`requantize`] keeps the stored one).
+/// reads one row of it either way.) Where `cols` is not a whole number of 256-value
+/// super-blocks, llama.cpp's fallback (`convert_incompatible_tensor`): Q5_0 for Q4_K, Q8_0
+/// for Q6_K. Always `Some` (an `Option` for [`requantize`]'s `pick`).
 pub fn q4_k_m_type(name: &str, cols: usize, n_layers: usize) -> Option<GgmlType> {
-    if !cols.is_multiple_of(256) {
-        return None;
+    let k_type = q4_k_m_k_type(name, n_layers);
+    if cols.is_multiple_of(256) {
+        return Some(k_type);
     }
+    Some(match k_type {
+        GgmlType::Q6_K => GgmlType::Q8_0,
+        _ => GgmlType::Q5_0,
+    })
+}
+
+/// [`q4_k_m_type`] before the fallback for widths that are not whole super-blocks.
+fn q4_k_m_k_type(name: &str, n_layers: usize) -> GgmlType {
     if name == "token_embd.weight" || name == "output.weight" {
-        return Some(GgmlType::Q6_K);
+        return GgmlType::Q6_K;
     }
     let layer = name
         .strip_prefix("blk.")
@@ -120,9 +129,9 @@ pub fn q4_k_m_type(name: &str, cols: usize, n_layers: usize) -> Option<GgmlType>
     };
     match layer {
         Some(i) if (name.contains(".attn_v.") || name.contains(".ffn_down.")) && more_bits(i) => {
-            Some(GgmlType::Q6_K)
+            GgmlType::Q6_K
         }
-        _ => Some(GgmlType::Q4_K),
+        _ => GgmlType::Q4_K,
     }
 }
 
@@ -179,7 +188,11 @@ mod tests {
         assert_eq!(t("blk.5.attn_v.weight"), Some(GgmlType::Q6_K));
         assert_eq!(t("blk.5.attn_q.weight"), Some(GgmlType::Q4_K));
         assert_eq!(t("blk.22.ffn_down.weight"), Some(GgmlType::Q6_K));
-        assert_eq!(q4_k_m_type("blk.0.ffn_down.weight", 576, 24), None);
+        // Widths that are not whole super-blocks: llama.cpp's fallbacks.
+        let t = |name: &str| q4_k_m_type(name, 576, 24);
+        assert_eq!(t("blk.0.ffn_down.weight"), Some(GgmlType::Q8_0));
+        assert_eq!(t("blk.3.ffn_down.weight"), Some(GgmlType::Q5_0));
+        assert_eq!(t("token_embd.weight"), Some(GgmlType::Q8_0));
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! Dequantisation is bit-exact against the `gguf` Python package (fixtures made by
-//! `tools/gguf_reference.py`).
+//! Dequantisation is bit-exact against the `gguf` Python package, and so is quantisation where
+//! gguf-py's quantiser is ggml's arithmetic (fixtures made by `tools/gguf_reference.py`).
 
 mod common;
 
-use kiln_gguf::{GgmlType, GgufError, dequantize, dequantize_into};
+use kiln_gguf::{GgmlType, GgufError, dequantize, dequantize_into, quantize};
 
 const TYPES: &[GgmlType] = &[
     GgmlType::F32,
@@ -41,6 +41,21 @@ fn fixtures_are_bit_exact() {
             "{t}: first mismatches (index, (ours, gguf-py)): {mismatches:?}"
         );
         eprintln!("{t}: {} values bit-exact", got.len());
+    }
+}
+
+/// Q5_0 and Q5_1 blocks quantised by gguf-py from the same values (an all-zero block, small
+/// values and outliers), byte for byte.
+#[test]
+fn five_bit_quantisation_matches_gguf_py() {
+    let dir = common::fixtures().join("quant");
+    for t in [GgmlType::Q5_0, GgmlType::Q5_1] {
+        let values = common::read_f32(&dir.join(format!("{t}.in.f32")));
+        let expected = std::fs::read(dir.join(format!("{t}.quantized"))).expect("fixture");
+        let got = quantize(t, &values).unwrap();
+        assert_eq!(got.len(), expected.len(), "{t}: byte count");
+        let first = got.iter().zip(&expected).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{t}: first differing byte");
     }
 }
 

@@ -193,9 +193,10 @@ impl WeightSource for GgufWeights {
         Ok(TensorData::new(values, shape))
     }
 
-    /// Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, F16, BF16 and F32 tensors are handed over as their
-    /// bytes (with the Q/K rows unpermuted); other block types (Q2_K, Q3_K, Q5_0, Q5_1) are
-    /// dequantised and, when the stored format is asked for, requantised to Q8_0, with a note.
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16 and F32 tensors are handed
+    /// over as their bytes (with the Q/K rows unpermuted); other block types (Q2_K, Q3_K, the
+    /// IQ types) are dequantised and, when the stored format is asked for, requantised to Q8_0,
+    /// with a note.
     fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
         let gguf = self.gguf_name(name)?;
         let info = self
@@ -212,6 +213,8 @@ impl WeightSource for GgufWeights {
             GgmlType::Q8_0 => Some(PackedFormat::Q8_0),
             GgmlType::Q4_0 => Some(PackedFormat::Q4_0),
             GgmlType::Q4_1 => Some(PackedFormat::Q4_1),
+            GgmlType::Q5_0 => Some(PackedFormat::Q5_0),
+            GgmlType::Q5_1 => Some(PackedFormat::Q5_1),
             GgmlType::Q4_K => Some(PackedFormat::Q4_K),
             GgmlType::Q5_K => Some(PackedFormat::Q5_K),
             GgmlType::Q6_K => Some(PackedFormat::Q6_K),

@@ -33,6 +33,8 @@ const Q4_1: u8 = 5;
 const Q4_K: u8 = 6;
 const Q5_K: u8 = 7;
 const Q6_K: u8 = 8;
+const Q5_0: u8 = 9;
+const Q5_1: u8 = 10;
 
 /// The AVX2 kernel for `format`. Only call after [`available`] returned true.
 #[cfg(target_arch = "x86_64")]
@@ -44,6 +46,8 @@ pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
         PackedFormat::Q8_0 => entry::<Q8_0>,
         PackedFormat::Q4_0 => entry::<Q4_0>,
         PackedFormat::Q4_1 => entry::<Q4_1>,
+        PackedFormat::Q5_0 => entry::<Q5_0>,
+        PackedFormat::Q5_1 => entry::<Q5_1>,
         PackedFormat::Q4_K => entry::<Q4_K>,
         PackedFormat::Q5_K => entry::<Q5_K>,
         PackedFormat::Q6_K => entry::<Q6_K>,
@@ -56,7 +60,7 @@ fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f3
     assert!(m > 0 && out.len().is_multiple_of(m));
     assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
     assert!(acts.x.len() >= m * cols);
-    if matches!(F, Q4_0 | Q4_1 | Q4_K | Q5_K | Q6_K) {
+    if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K) {
         let blocks = m * (cols / 32);
         assert!(acts.sum.len() >= blocks && acts.scale.len() >= blocks);
         assert!(acts.q16.len() >= m * cols && acts.q16_lo.len() >= m * cols);
@@ -221,6 +225,8 @@ const fn block_bytes<const F: u8>() -> usize {
         F16 | BF16 => 64,
         Q8_0 => 34,
         Q4_0 => 18,
+        Q5_0 => 22,
+        Q5_1 => 24,
         Q4_K => 144,
         Q5_K => 176,
         Q6_K => 210,
@@ -241,7 +247,7 @@ unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out
         let xs = &x[j * cols..];
         let o = &mut out[j..j + n];
         unsafe {
-            if matches!(F, Q4_0 | Q4_1 | Q4_K | Q5_K | Q6_K) {
+            if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K) {
                 let q = Q16 {
                     q: &acts.q16[j * cols..],
                     lo: &acts.q16_lo[j * cols..],
@@ -378,10 +384,11 @@ struct Q16<'a> {
     scale: &'a [f32],
 }
 
-/// `M` rows of i16 activations against one row of 4-bit blocks: per block, `vpmaddwd` of the
-/// quants (0..15) with both i16 parts of the activations gives exact i32 partial sums, scaled
-/// once by `d·s` (s the activations' scale); the offset (`m` for Q4_1, `−8·d` for Q4_0)
-/// multiplies the block's exact f32 sum. Even and odd blocks go to separate accumulators so the
+/// `M` rows of i16 activations against one row of 4- or 5-bit blocks: per block, `vpmaddwd`
+/// of the quants (0..15, or 0..31 for Q5_0/Q5_1: [`small_quants`]) with both i16 parts of the
+/// activations gives exact i32 partial sums, scaled once by `d·s` (s the activations' scale);
+/// the offset (`m` for Q4_1 and Q5_1, `−8·d` for Q4_0, `−16·d` for Q5_0) multiplies the
+/// block's exact f32 sum. Even and odd blocks go to separate accumulators so the
 /// loop-carried adds overlap; all of them are locals (an accumulator behind a reference or a
 /// run-time index stayed in memory, and the store-to-load chain was a third of the time).
 #[cfg(target_arch = "x86_64")]
@@ -397,25 +404,22 @@ unsafe fn group_q4<const F: u8, const M: usize>(
     let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
     let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
     let wp = w.as_ptr();
-    let mask = _mm_set1_epi8(0x0F);
     let inv = _mm256_set1_ps(1.0 / 65536.0);
     macro_rules! block {
         ($b:expr, $acc:ident, $off:ident) => {{
             let b = $b;
             let p = wp.add(b * block_bytes::<F>());
             let d = h2f(p);
-            let (off, qs) = if F == Q4_0 {
-                (-8.0 * d, _mm_loadu_si128(p.add(2).cast()))
-            } else {
-                (h2f(p.add(2)), _mm_loadu_si128(p.add(4).cast()))
+            let off = match F {
+                Q4_0 => -8.0 * d,
+                Q5_0 => -16.0 * d,
+                _ => h2f(p.add(2)),
             };
-            // Elements 0..16 are the low nibbles, 16..32 the high ones (ggml's order).
-            let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, mask));
-            let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), mask));
+            let (lo, hi) = small_quants::<F>(p);
             for j in 0..M {
                 let xq = acts.q.as_ptr().add(j * cols + b * 32);
                 let xl = acts.lo.as_ptr().add(j * cols + b * 32);
-                // Integer sums, exact: |q·x| < 2²⁰ per lane.
+                // Integer sums, exact: |q·x| < 2²² per lane.
                 let s = _mm256_add_epi32(
                     _mm256_madd_epi16(lo, _mm256_loadu_si256(xq.cast())),
                     _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(16).cast())),
@@ -445,6 +449,59 @@ unsafe fn group_q4<const F: u8, const M: usize>(
     }
     for j in 0..M {
         out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+    }
+}
+
+/// The 32 quants of a Q4_0, Q4_1, Q5_0 or Q5_1 block at `p` as two vectors of 16 i16: values
+/// 0..16 (the low nibbles) and 16..32 (the high ones), ggml's order. The 5-bit formats add
+/// bit `v` of their 32-bit mask `qh` as bit 4 of value `v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
+    let (qs, qh) = match F {
+        Q4_0 => (2, None),
+        Q4_1 => (4, None),
+        Q5_0 => (6, Some(2)),
+        _ => (8, Some(4)),
+    };
+    let mask = _mm_set1_epi8(0x0F);
+    unsafe {
+        let qs = _mm_loadu_si128(p.add(qs).cast());
+        let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, mask));
+        let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), mask));
+        let Some(h) = qh else {
+            return (lo, hi);
+        };
+        let bits = u32::from_le(p.add(h).cast::<u32>().read_unaligned());
+        // Lane i of `sel` has bit i set: lanes whose bit is set in `bits` get 16.
+        let sel = _mm256_setr_epi16(
+            1,
+            2,
+            4,
+            8,
+            16,
+            32,
+            64,
+            128,
+            256,
+            512,
+            1024,
+            2048,
+            4096,
+            8192,
+            16384,
+            i16::MIN,
+        );
+        let sixteen = _mm256_set1_epi16(16);
+        let fifth = |half: u32| {
+            let b = _mm256_set1_epi16(half as u16 as i16);
+            _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(b, sel), sel), sixteen)
+        };
+        (
+            _mm256_or_si256(lo, fifth(bits & 0xFFFF)),
+            _mm256_or_si256(hi, fifth(bits >> 16)),
+        )
     }
 }
 
@@ -747,6 +804,8 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q8_0 => dequant::<Q8_0>(src, dst, blocks),
             PackedFormat::Q4_0 => dequant::<Q4_0>(src, dst, blocks),
             PackedFormat::Q4_1 => dequant::<Q4_1>(src, dst, blocks),
+            PackedFormat::Q5_0 => dequant::<Q5_0>(src, dst, blocks),
+            PackedFormat::Q5_1 => dequant::<Q5_1>(src, dst, blocks),
             PackedFormat::Q4_K => dequant_k::<Q4_K>(src, dst, blocks / 8),
             PackedFormat::Q5_K => dequant_k::<Q5_K>(src, dst, blocks / 8),
             PackedFormat::Q6_K => dequant_k::<Q6_K>(src, dst, blocks / 8),
@@ -845,6 +904,25 @@ unsafe fn dequant<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
                             _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[2]), d), m),
                             _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[3]), d), m),
                         ]
+                    }
+                }
+                Q5_0 | Q5_1 => {
+                    let d = _mm256_set1_ps(h2f(p));
+                    let (lo, hi) = small_quants::<F>(p);
+                    let widen = |v: __m256i| {
+                        [
+                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)),
+                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v)),
+                        ]
+                    };
+                    let ([a, b], [c, e]) = (widen(lo), widen(hi));
+                    let q = [a, b, c, e];
+                    if F == Q5_0 {
+                        let s = _mm256_set1_epi32(16);
+                        q.map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, s)), d))
+                    } else {
+                        let m = _mm256_set1_ps(h2f(p.add(2)));
+                        q.map(|q| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m))
                     }
                 }
                 _ => load::<F>(p),

@@ -109,7 +109,10 @@ impl<'a> Acts<'a> {
 /// the K-quants, whose small integer quants and per-32 (or per-16) scales fit the same
 /// integer multiply-adds).
 pub(super) fn splits_i16(format: PackedFormat) -> bool {
-    matches!(format, PackedFormat::Q4_0 | PackedFormat::Q4_1) || format.is_k_quant()
+    matches!(
+        format,
+        PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q5_0 | PackedFormat::Q5_1
+    ) || format.is_k_quant()
 }
 
 /// A dot-product kernel: `w` holds `n` whole packed weight rows and `out` is `[n, acts.m]`:
@@ -223,6 +226,29 @@ pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut 
                 }
             }
         }
+        PackedFormat::Q5_0 | PackedFormat::Q5_1 => {
+            let bb = format.block_bytes();
+            for (b, y) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                // Q5_0: (q − 16)·d; Q5_1: q·d + m, as two roundings (no fused multiply-add).
+                let (m, h) = if format == PackedFormat::Q5_0 {
+                    (None, 2)
+                } else {
+                    (Some(f16_at(b, 2)), 4)
+                };
+                let qh = u32::from_le_bytes([b[h], b[h + 1], b[h + 2], b[h + 3]]);
+                let qs = &b[h + 4..h + 20];
+                let (lo, hi) = y.split_at_mut(16);
+                for j in 0..16 {
+                    let q0 = (qs[j] & 0x0F) as u32 | ((qh >> j) & 1) << 4;
+                    let q1 = (qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                    (lo[j], hi[j]) = match m {
+                        None => ((q0 as i32 - 16) as f32 * d, (q1 as i32 - 16) as f32 * d),
+                        Some(m) => (q0 as f32 * d + m, q1 as f32 * d + m),
+                    };
+                }
+            }
+        }
         PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
             super::kquant::dequantize_row(format, src, dst)
         }
@@ -230,8 +256,8 @@ pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut 
 }
 
 /// One row of f32 to `format`, as ggml's `quantize_row_*_ref` computes it (round half away
-/// from zero for Q8_0; `+ 8.5` / `+ 0.5` and truncation for the 4-bit types; kiln-gguf's port
-/// of the K-quant searches).
+/// from zero for Q8_0; `+ 8.5` / `+ 0.5` and truncation for the 4-bit types; kiln-gguf's ports
+/// of the 5-bit types and of the K-quant searches).
 pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) -> Result<()> {
     let put_f16 = |dst: &mut [u8], v: f32| dst.copy_from_slice(&f16::from_f32(v).to_le_bytes());
     match format {
@@ -295,7 +321,11 @@ pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) ->
                 }
             }
         }
-        PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
+        PackedFormat::Q5_0
+        | PackedFormat::Q5_1
+        | PackedFormat::Q4_K
+        | PackedFormat::Q5_K
+        | PackedFormat::Q6_K => {
             kiln_gguf::quantize_into(super::kquant::ggml_type(format), src, dst)
                 .map_err(|e| Error::arg("packed matrix", e.to_string()))?;
         }

@@ -114,12 +114,14 @@ pub(super) fn q6_quant(b: &[u8], v: usize) -> i32 {
     (low | (high << 4)) as i32 - 32
 }
 
-/// The ggml type of a K-quant format.
+/// The ggml type of a format kiln-gguf quantises (the K-quants, Q5_0, Q5_1).
 pub(super) fn ggml_type(format: PackedFormat) -> kiln_gguf::GgmlType {
     match format {
+        PackedFormat::Q5_0 => kiln_gguf::GgmlType::Q5_0,
+        PackedFormat::Q5_1 => kiln_gguf::GgmlType::Q5_1,
         PackedFormat::Q4_K => kiln_gguf::GgmlType::Q4_K,
         PackedFormat::Q5_K => kiln_gguf::GgmlType::Q5_K,
         PackedFormat::Q6_K => kiln_gguf::GgmlType::Q6_K,
-        _ => unreachable!("{format} is not a K-quant"),
+        _ => unreachable!("kiln-gguf does not quantise {format} for kiln"),
     }
 }

@@ -50,6 +50,14 @@ pub enum PackedFormat {
     /// ggml `block_q4_1`: blocks of 32 4-bit values with an f16 scale and min
     /// (`y = q·d + m`), 5 bits a weight.
     Q4_1,
+    /// ggml `block_q5_0`: blocks of 32 5-bit values (low four bits in nibbles, fifth bits in a
+    /// 32-bit mask) with one f16 scale (`y = (q − 16)·d`), 5.5 bits a weight. Where a Q4_K_M
+    /// file's Q4_K matrices are not a whole number of 256-value super-blocks, llama.cpp writes
+    /// this instead.
+    Q5_0,
+    /// ggml `block_q5_1`: as Q5_0 with an f16 min (`y = q·d + m`), 6 bits a weight (llama.cpp's
+    /// stand-in for Q5_K on such widths).
+    Q5_1,
     /// ggml `block_q4_K`: super-blocks of 256 4-bit values in eight sub-blocks of 32, each with
     /// a 6-bit scale and min under f16 `d` and `dmin` (`y = d·sc·q − dmin·m`), 4.5 bits a
     /// weight. Most of a Q4_K_M file.
@@ -66,7 +74,7 @@ impl PackedFormat {
     pub const fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 => 32,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => 32,
             Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
         }
     }
@@ -79,6 +87,8 @@ impl PackedFormat {
             Self::Q8_0 => 34,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q4_K => 144,
             Self::Q5_K => 176,
             Self::Q6_K => 210,
@@ -94,6 +104,8 @@ impl PackedFormat {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
             Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
             Self::Q4_K => "q4_k",
             Self::Q5_K => "q5_k",
             Self::Q6_K => "q6_k",
@@ -292,10 +304,13 @@ impl PackedMatrix {
                     .all(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]]).is_finite()),
                 PackedFormat::F16 => (0..self.cols).all(|i| finite_f16(row, 2 * i)),
                 PackedFormat::BF16 => (0..self.cols).all(|i| bf16_at(row, 2 * i).is_finite()),
-                PackedFormat::Q8_0 | PackedFormat::Q4_0 => row
+                PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q5_0 => row
                     .chunks_exact(self.format.block_bytes())
                     .all(|b| finite_f16(b, 0)),
-                PackedFormat::Q4_1 | PackedFormat::Q4_K | PackedFormat::Q5_K => row
+                PackedFormat::Q4_1
+                | PackedFormat::Q5_1
+                | PackedFormat::Q4_K
+                | PackedFormat::Q5_K => row
                     .chunks_exact(self.format.block_bytes())
                     .all(|b| finite_f16(b, 0) && finite_f16(b, 2)),
                 PackedFormat::Q6_K => row.chunks_exact(210).all(|b| finite_f16(b, 208)),

@@ -10,13 +10,15 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-const ALL: [PackedFormat; 6] = [
+const ALL: [PackedFormat; 8] = [
     PackedFormat::F32,
     PackedFormat::F16,
     PackedFormat::BF16,
     PackedFormat::Q8_0,
     PackedFormat::Q4_0,
     PackedFormat::Q4_1,
+    PackedFormat::Q5_0,
+    PackedFormat::Q5_1,
 ];
 
 /// The oracle: dequantise every row (ggml's arithmetic), multiply in f64. Also returns, per
@@ -407,7 +409,7 @@ fn eight_bit_activations_are_ggml_q8_0_blocks() {
 
 const K_FORMATS: [PackedFormat; 3] = [PackedFormat::Q4_K, PackedFormat::Q5_K, PackedFormat::Q6_K];
 
-/// Raw K-quant blocks with random quants and scales, and what the `gguf` Python package
+/// Raw K-quant (or Q5_0/Q5_1) blocks with random quants and scales, and what the `gguf` Python package
 /// dequantises them to (kiln-gguf's fixtures, `tools/gguf_reference.py`).
 fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
     let (bin, f32s): (&[u8], &[u8]) = match format {
@@ -419,10 +421,19 @@ fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.bin"),
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.f32"),
         ),
-        _ => (
+        PackedFormat::Q6_K => (
             include_bytes!("../../../gguf/tests/fixtures/quant/Q6_K.bin"),
             include_bytes!("../../../gguf/tests/fixtures/quant/Q6_K.f32"),
         ),
+        PackedFormat::Q5_0 => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q5_0.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q5_0.f32"),
+        ),
+        PackedFormat::Q5_1 => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q5_1.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q5_1.f32"),
+        ),
+        other => panic!("no gguf-py fixture for {other}"),
     };
     let values = f32s
         .chunks_exact(4)
@@ -448,6 +459,21 @@ fn k_quant_dequantisation_is_ggml_bit_for_bit() {
         let packed = PackedMatrix::from_f32(3, 512, &w, format).unwrap();
         let ggml = kiln_gguf::dequantize(kquant::ggml_type(format), packed.bytes()).unwrap();
         assert_eq!(bits(&packed.to_f32()), bits(&ggml), "{format} vs kiln-gguf");
+    }
+}
+
+/// The 5-bit formats' fifth bits and offsets, against gguf-py's dequantisation of random
+/// blocks: the scalar and SIMD paths, bit for bit.
+#[test]
+fn five_bit_dequantisation_is_ggml_bit_for_bit() {
+    for format in [PackedFormat::Q5_0, PackedFormat::Q5_1] {
+        let (bytes, want) = gguf_py_blocks(format);
+        let packed = PackedMatrix::from_bytes(2, want.len() / 2, format, &bytes).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&packed.to_f32()), bits(&want), "{format} vs gguf-py");
+        let mut slow = vec![0f32; want.len()];
+        kernels::dequantize_row_scalar(format, &bytes, &mut slow);
+        assert_eq!(bits(&slow), bits(&want), "{format}: scalar vs gguf-py");
     }
 }
 
