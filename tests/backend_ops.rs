@@ -71,6 +71,18 @@ fn host_attention(
 }
 
 fn check(batch: usize, heads: usize, kv_heads: usize, q_len: usize, k_len: usize) {
+    check_scaled(batch, heads, kv_heads, q_len, k_len, 0.5);
+}
+
+/// With `scale` 1/√head_dim, prompts on the GPU backends take Burn's fused attention.
+fn check_scaled(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    k_len: usize,
+    scale: f32,
+) {
     let dim = 8;
     let device = device();
     let q = values(batch * heads * q_len * dim, 1);
@@ -97,7 +109,7 @@ fn check(batch: usize, heads: usize, kv_heads: usize, q_len: usize, k_len: usize
         t(v.clone(), [batch, kv_heads, k_len, dim]),
         Some(&mask),
         None,
-        0.5,
+        scale as f64,
     );
     let got = out.into_data().convert::<f32>().to_vec::<f32>().unwrap();
     let want = host_attention(
@@ -108,7 +120,7 @@ fn check(batch: usize, heads: usize, kv_heads: usize, q_len: usize, k_len: usize
         [batch, heads, q_len, dim],
         kv_heads,
         k_len,
-        0.5,
+        scale,
     );
     let diff = got
         .iter()
@@ -129,6 +141,16 @@ fn masked_prefill_mha() {
 #[test]
 fn masked_prefill_gqa() {
     check(2, 4, 2, 5, 7);
+}
+
+/// The default scale, so on a GPU backend this runs `burn::tensor::module::attention` (K and V
+/// repeated per query head for GQA, the mask expanded to every head).
+#[test]
+fn masked_prefill_default_scale() {
+    let scale = 1.0 / 8f32.sqrt();
+    check_scaled(2, 4, 4, 5, 7, scale);
+    check_scaled(2, 4, 2, 5, 7, scale);
+    check_scaled(3, 6, 2, 9, 9, scale);
 }
 
 #[test]

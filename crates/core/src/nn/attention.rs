@@ -42,6 +42,39 @@ pub fn attention_with_dropout<B: Backend>(
     let v_dim = v.dims()[3];
     let group = heads / kv_heads;
 
+    // Prompts and encoders on CubeCL, in inference, with the default scale and no bias (T5's
+    // position bias keeps the explicit form): Burn's fused attention. Its autotune picks a flash
+    // kernel where one runs and is faster, which never holds the `[batch, heads, q_len, k_len]`
+    // scores (gigabytes for a long prompt), and its explicit form otherwise. Decode steps (one
+    // query row) keep the grouped form below: the fused op wants K and V repeated per query
+    // head, a copy of the cache every step.
+    let default_scale = (scale * (head_dim as f64).sqrt() - 1.0).abs() < 1e-9;
+    if q_len > 1
+        && bias.is_none()
+        && dropout.is_none()
+        && default_scale
+        && !B::ad_enabled(&q.device())
+        && !super::cpu_backend::<B>(&q.device())
+    {
+        let repeat = |t: Tensor<B, 4>| {
+            if group == 1 {
+                return t;
+            }
+            let [b, h, n, d] = t.dims();
+            t.unsqueeze_dim::<5>(2)
+                .expand([b, h, group, n, d])
+                .reshape([b, heads, n, d])
+        };
+        let mask = mask.map(|m| m.clone().expand([batch, heads, q_len, k_len]));
+        return burn::tensor::module::attention(
+            q,
+            repeat(k),
+            repeat(v),
+            mask,
+            None,
+            burn::tensor::ops::AttentionModuleOptions::default(),
+        );
+    }
     let q = (q * scale).reshape([batch, kv_heads, group * q_len, head_dim]);
     // One query row per head (a decode step without grouped heads) on CubeCL: cubecl 0.10's
     // matmul autotune can pick a vector-matrix kernel that refuses the layout of the right-hand
