@@ -277,6 +277,10 @@ struct EvalArgs {
     /// Print every prediction.
     #[arg(long)]
     show: bool,
+    /// Also print the gold labels' teacher-forced cross-entropy (nats per token), which still
+    /// ranks checkpoints whose greedy answers are all wrong.
+    #[arg(long)]
+    label_loss: bool,
 }
 
 type TrainB = Autodiff<Backend>;
@@ -594,17 +598,18 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         split.examples.truncate(a.limit);
     }
     let bar = indicatif_bar(split.examples.len());
+    let options = EvalOptions {
+        mode: state.config.mode,
+        batch_size: a.batch_size,
+        max_new_tokens: a.max_new_tokens,
+        max_input_len: state.config.max_input_len,
+    };
     let r = evaluate(
         &model,
         &tokenizer,
         &split.examples,
         split.task,
-        &EvalOptions {
-            mode: state.config.mode,
-            batch_size: a.batch_size,
-            max_new_tokens: a.max_new_tokens,
-            max_input_len: state.config.max_input_len,
-        },
+        &options,
         bar,
     )?;
     if a.show {
@@ -622,6 +627,16 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         state.config.mode,
         state.config.label_source
     );
+    if a.label_loss {
+        let ce = kiln::distill::eval::label_cross_entropy(
+            &model,
+            &tokenizer,
+            &split.examples,
+            &options,
+            state.config.max_target_len,
+        )?;
+        println!("gold-label cross-entropy: {ce:.4} nats/token");
+    }
     Ok(())
 }
 

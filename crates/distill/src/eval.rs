@@ -8,7 +8,7 @@ use kiln_t5::T5;
 use crate::DistillError;
 use crate::arith::same_value;
 use crate::data::{Example, Task};
-use crate::train::{Mode, predict_input};
+use crate::train::{Mode, encode_text, make_batch, predict_input, task_loss};
 
 /// Accuracy over a set of examples, with the predictions.
 #[derive(Debug, Clone)]
@@ -98,5 +98,57 @@ pub fn evaluate<B: Backend>(
             correct as f64 / total as f64
         },
         predictions,
+    })
+}
+
+/// Teacher-forced cross-entropy of the gold labels, in nats per label token (EOS included),
+/// over all of `examples`: the `predict:` input, truncated as in training, then the label cut
+/// to `max_target_len` tokens. Not in the reference, which scores only accuracy; it still ranks
+/// models whose greedy answers are all wrong (a fresh small T5 early in training).
+pub fn label_cross_entropy<B: Backend>(
+    model: &T5<B>,
+    tokenizer: &Tokenizer,
+    examples: &[Example],
+    opts: &EvalOptions,
+    max_target_len: usize,
+) -> Result<f64, DistillError> {
+    let eos = *model
+        .eos_token_ids()
+        .first()
+        .ok_or_else(|| DistillError::arg("model", "the model's config names no EOS token"))?;
+    let (max_input, max_target) = (opts.max_input_len.max(2), max_target_len.max(2));
+    let (mut nats, mut tokens) = (0f64, 0usize);
+    for chunk in examples.chunks(opts.batch_size.max(1)) {
+        let pairs = chunk
+            .iter()
+            .map(|e| {
+                let input = encode_text(
+                    tokenizer,
+                    &predict_input(opts.mode, &e.input),
+                    max_input,
+                    eos,
+                )?;
+                Ok((input, encode_text(tokenizer, &e.label, max_target, eos)?))
+            })
+            .collect::<Result<Vec<_>, DistillError>>()?;
+        let refs: Vec<(&[u32], &[u32])> = pairs
+            .iter()
+            .map(|(i, l)| (i.as_slice(), l.as_slice()))
+            .collect();
+        let n: usize = pairs.iter().map(|(_, l)| l.len()).sum();
+        let batch = make_batch(
+            &refs,
+            model.pad_token_id(),
+            model.decoder_start_token_id(),
+            &model.device(),
+        );
+        let mean = task_loss(model, &batch).into_scalar().elem::<f64>();
+        nats += mean * n as f64;
+        tokens += n;
+    }
+    Ok(if tokens == 0 {
+        0.0
+    } else {
+        nats / tokens as f64
     })
 }

@@ -177,7 +177,7 @@ pub struct Encoded {
     pub rationale: Vec<u32>,
 }
 
-fn encode_text(
+pub(crate) fn encode_text(
     tokenizer: &Tokenizer,
     text: &str,
     max: usize,
