@@ -1,8 +1,8 @@
 //! The opt-in 8-bit activation path ([`ActivationPrecision::Q8`](super::ActivationPrecision)):
-//! for Q8_0, Q4_0 and Q4_1 weights, each 32-value block of an activation row is rounded to i8
-//! with one f32 scale (ggml's `quantize_row_q8_0` rule: `d = amax/127`, `q = round(x/d)`), and
-//! the dot products run on integers: `vpmaddubsw` + `vpmaddwd` per block, one f32 multiply-add
-//! by `d_w·d_x`. This is what llama.cpp does for these formats (`ggml_vec_dot_q4_1_q8_1` and
+//! for Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights, each 32-value block of an activation row is
+//! rounded to i8 with one f32 scale (ggml's `quantize_row_q8_0` rule: `d = amax/127`,
+//! `q = round(x/d)`), and the dot products run on integers: `vpmaddubsw` + `vpmaddwd` per
+//! block, one f32 multiply-add by `d_w·d_x`. This is what llama.cpp does for these formats (`ggml_vec_dot_q4_1_q8_1` and
 //! its siblings). It does a third of the integer work of the default path's two i16 parts, and
 //! the Q8_0 kernel skips the widening to f32; the price is activations held to half a step of
 //! `amax/127` instead of f32 precision.
@@ -18,7 +18,11 @@ use super::kernels::{Acts, DotKernel, dequantize_row};
 pub(super) fn applies(format: PackedFormat) -> bool {
     matches!(
         format,
-        PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q4_1
+        PackedFormat::Q8_0
+            | PackedFormat::Q4_0
+            | PackedFormat::Q4_1
+            | PackedFormat::Q5_0
+            | PackedFormat::Q5_1
     )
 }
 
@@ -117,9 +121,13 @@ fn simd_kernel(format: PackedFormat, vnni: bool) -> DotKernel {
     match (format, vnni) {
         (PackedFormat::Q8_0, true) => avx2::entry::<{ avx2::Q8_0 }, true>,
         (PackedFormat::Q4_0, true) => avx2::entry::<{ avx2::Q4_0 }, true>,
+        (PackedFormat::Q5_0, true) => avx2::entry::<{ avx2::Q5_0 }, true>,
+        (PackedFormat::Q5_1, true) => avx2::entry::<{ avx2::Q5_1 }, true>,
         (_, true) => avx2::entry::<{ avx2::Q4_1 }, true>,
         (PackedFormat::Q8_0, false) => avx2::entry::<{ avx2::Q8_0 }, false>,
         (PackedFormat::Q4_0, false) => avx2::entry::<{ avx2::Q4_0 }, false>,
+        (PackedFormat::Q5_0, false) => avx2::entry::<{ avx2::Q5_0 }, false>,
+        (PackedFormat::Q5_1, false) => avx2::entry::<{ avx2::Q5_1 }, false>,
         (_, false) => avx2::entry::<{ avx2::Q4_1 }, false>,
     }
 }
@@ -135,6 +143,8 @@ mod avx2 {
     pub(super) const Q8_0: u8 = 0;
     pub(super) const Q4_0: u8 = 1;
     pub(super) const Q4_1: u8 = 2;
+    pub(super) const Q5_0: u8 = 3;
+    pub(super) const Q5_1: u8 = 4;
 
     /// Whether the CPU has AVX512-VNNI with 256-bit forms (checked once; `KILN_NO_VNNI` turns it
     /// off, for comparing the two kernels).
@@ -151,6 +161,8 @@ mod avx2 {
         match F {
             Q8_0 => 34,
             Q4_0 => 18,
+            Q5_0 => 22,
+            Q5_1 => 24,
             _ => 20,
         }
     }
@@ -209,8 +221,9 @@ mod avx2 {
     /// `M` activation rows against one weight row. Per block and row: the 32 products summed
     /// in pairs by `vpmaddubsw` (u8 × i8 → i16; at most 2·128·127 < 2¹⁵, so it never
     /// saturates), in fours by `vpmaddwd`, converted once and multiplied by `d_w·d_x`. Q8_0's
-    /// signed weights go through the sign trick (`|w|` × `x·sign(w)`); the 4-bit quants are
-    /// already unsigned and their offset multiplies the block's `d_x·Σq`. Even and odd blocks
+    /// signed weights go through the sign trick (`|w|` × `x·sign(w)`); the 4- and 5-bit quants
+    /// are already unsigned (0..31: at most 2·31·127 per pair) and their offset multiplies the
+    /// block's `d_x·Σq`. Even and odd blocks
     /// use separate accumulators so the adds overlap.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group<const F: u8, const M: usize>(w: &[u8], a: &Rows, cols: usize, out: &mut [f32]) {
@@ -257,15 +270,39 @@ mod avx2 {
                         let q = _mm256_loadu_si256(p.add(2).cast());
                         (_mm256_sign_epi8(q, q), Some(q), 0.0)
                     } else {
-                        let (off, qs) = if F == Q4_0 {
-                            (-8.0 * d, _mm_loadu_si128(p.add(2).cast()))
-                        } else {
-                            (h2f(p.add(2)), _mm_loadu_si128(p.add(4).cast()))
+                        // (offset, quants at, fifth bits at)
+                        let (off, at, qh) = match F {
+                            Q4_0 => (-8.0 * d, 2, None),
+                            Q5_0 => (-16.0 * d, 6, Some(2)),
+                            Q5_1 => (h2f(p.add(2)), 8, Some(4)),
+                            _ => (h2f(p.add(2)), 4, None),
                         };
+                        let qs = _mm_loadu_si128(p.add(at).cast());
                         // Values 0..16 are the low nibbles, 16..32 the high ones (ggml's order).
                         let lo = _mm_and_si128(qs, mask);
                         let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                        (_mm256_set_m128i(hi, lo), None, off)
+                        let u = _mm256_set_m128i(hi, lo);
+                        let u = match qh {
+                            // Bit v of `qh` is bit 4 of value v (ggml's `bytes_from_bits_32`).
+                            Some(h) => {
+                                let bits = p.add(h).cast::<i32>().read_unaligned();
+                                let shuf = _mm256_setr_epi64x(
+                                    0,
+                                    0x0101_0101_0101_0101,
+                                    0x0202_0202_0202_0202,
+                                    0x0303_0303_0303_0303,
+                                );
+                                let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), shuf);
+                                let bytes = _mm256_or_si256(
+                                    bytes,
+                                    _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe),
+                                );
+                                let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+                                _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(16)))
+                            }
+                            None => u,
+                        };
+                        (u, None, off)
                     };
                     for j in 0..M {
                         let x = _mm256_loadu_si256(a.q.as_ptr().add(j * cols + b * 32).cast());

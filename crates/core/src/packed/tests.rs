@@ -304,7 +304,13 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
     // and differ from it (the 8-bit path is in use).
     let (rows, cols) = (37, 160);
     let w = values(rows * cols, 21);
-    for format in [PackedFormat::Q8_0, PackedFormat::Q4_0, PackedFormat::Q4_1] {
+    for format in [
+        PackedFormat::Q8_0,
+        PackedFormat::Q4_0,
+        PackedFormat::Q4_1,
+        PackedFormat::Q5_0,
+        PackedFormat::Q5_1,
+    ] {
         let packed = PackedMatrix::from_f32(rows, cols, &w, format)
             .unwrap()
             .with_activations(ActivationPrecision::Q8);
@@ -409,8 +415,8 @@ fn eight_bit_activations_are_ggml_q8_0_blocks() {
 
 const K_FORMATS: [PackedFormat; 3] = [PackedFormat::Q4_K, PackedFormat::Q5_K, PackedFormat::Q6_K];
 
-/// Raw K-quant (or Q5_0/Q5_1) blocks with random quants and scales, and what the `gguf` Python package
-/// dequantises them to (kiln-gguf's fixtures, `tools/gguf_reference.py`).
+/// Raw K-quant (or Q5_0/Q5_1) blocks with random quants and scales, and what the `gguf` Python
+/// package dequantises them to (kiln-gguf's fixtures, `tools/gguf_reference.py`).
 fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
     let (bin, f32s): (&[u8], &[u8]) = match format {
         PackedFormat::Q4_K => (
