@@ -2,8 +2,8 @@
 //! for Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights, each 32-value block of an activation row is
 //! rounded to i8 with one f32 scale (ggml's `quantize_row_q8_0` rule: `d = amax/127`,
 //! `q = round(x/d)`), and the dot products run on integers: `vpmaddubsw` + `vpmaddwd` per
-//! block, one f32 multiply-add by `d_w·d_x`. This is what llama.cpp does for these formats (`ggml_vec_dot_q4_1_q8_1` and
-//! its siblings). It does a third of the integer work of the default path's two i16 parts, and
+//! block, one f32 multiply-add by `d_w·d_x`. This is what llama.cpp does for these formats
+//! (`ggml_vec_dot_q4_1_q8_1` and its siblings). It does a third of the integer work of the default path's two i16 parts, and
 //! the Q8_0 kernel skips the widening to f32; the price is activations held to half a step of
 //! `amax/127` instead of f32 precision.
 //!
