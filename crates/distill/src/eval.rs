@@ -44,6 +44,15 @@ pub struct EvalOptions {
     pub max_input_len: usize,
 }
 
+/// The EOS id inputs and labels end with: the model config's first.
+fn first_eos<B: Backend>(model: &T5<B>) -> Result<u32, DistillError> {
+    model
+        .eos_token_ids()
+        .first()
+        .copied()
+        .ok_or_else(|| DistillError::arg("model", "the model's config names no EOS token"))
+}
+
 /// Greedy-decodes the label for each example and scores it against the gold label.
 pub fn evaluate<B: Backend>(
     model: &T5<B>,
@@ -53,10 +62,7 @@ pub fn evaluate<B: Backend>(
     opts: &EvalOptions,
     mut progress: impl FnMut(usize),
 ) -> Result<EvalResult, DistillError> {
-    let eos = *model
-        .eos_token_ids()
-        .first()
-        .ok_or_else(|| DistillError::arg("model", "the model's config names no EOS token"))?;
+    let eos = first_eos(model)?;
     let generation = GenerationConfig::default().with_max_new_tokens(opts.max_new_tokens);
     let mut predictions = Vec::with_capacity(examples.len());
     let mut correct = 0;
@@ -112,10 +118,7 @@ pub fn label_cross_entropy<B: Backend>(
     opts: &EvalOptions,
     max_target_len: usize,
 ) -> Result<f64, DistillError> {
-    let eos = *model
-        .eos_token_ids()
-        .first()
-        .ok_or_else(|| DistillError::arg("model", "the model's config names no EOS token"))?;
+    let eos = first_eos(model)?;
     let (max_input, max_target) = (opts.max_input_len.max(2), max_target_len.max(2));
     let (mut nats, mut tokens) = (0f64, 0usize);
     for chunk in examples.chunks(opts.batch_size.max(1)) {
