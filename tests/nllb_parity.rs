@@ -51,18 +51,7 @@ fn encoder_and_teacher_forced_logits() {
     let (_, dec_in) = reference.ids("decoder_input_ids");
     let (_, expected_logits) = reference.f32("decoder_logits");
 
-    let deviation = seq2seq_deviation(&model, &reference);
-    println!("{NAME}: encoder max |Δ| = {:e}", deviation.encoder);
-    assert!(
-        deviation.encoder <= TOL,
-        "encoder hidden differs by {}",
-        deviation.encoder
-    );
-    assert!(
-        deviation.cached_logits <= TOL,
-        "cached step logits differ by {}",
-        deviation.cached_logits
-    );
+    seq2seq_deviation(&model, &reference).assert_within(NAME, TOL, TOL);
 
     let encoded = model.encode(tokens(&input, 1), None);
 

@@ -68,18 +68,7 @@ fn forward_parity<D: Backend>(name: &str, device: &D::Device, tol: f32) {
     let (_, dec_in) = reference.ids("decoder_input_ids");
     let (_, expected_logits) = reference.f32("decoder_logits");
 
-    let deviation = seq2seq_deviation(&model, &reference);
-    println!("{name}: encoder max |Δ| = {:e}", deviation.encoder);
-    assert!(
-        deviation.encoder <= TOL,
-        "{name}: encoder hidden differs by {}",
-        deviation.encoder
-    );
-    assert!(
-        deviation.cached_logits <= tol,
-        "{name}: cached step logits differ by {}",
-        deviation.cached_logits
-    );
+    seq2seq_deviation(&model, &reference).assert_within(name, TOL, tol);
 
     let encoded = model.encode(tokens(&input, 1), None);
 

@@ -174,3 +174,20 @@ pub struct Seq2SeqDeviation {
     /// Max |Δlogit| over the cached decode steps.
     pub cached_logits: f32,
 }
+
+impl Seq2SeqDeviation {
+    /// Prints the encoder deviation and asserts both bounds, naming `fixture`.
+    pub fn assert_within(&self, fixture: &str, encoder: f32, cached_logits: f32) {
+        println!("{fixture}: encoder max |Δ| = {:e}", self.encoder);
+        assert!(
+            self.encoder <= encoder,
+            "{fixture}: encoder hidden differs by {}",
+            self.encoder
+        );
+        assert!(
+            self.cached_logits <= cached_logits,
+            "{fixture}: cached step logits differ by {}",
+            self.cached_logits
+        );
+    }
+}

@@ -70,10 +70,8 @@ pub fn evaluate<B: Backend>(
         let inputs = chunk
             .iter()
             .map(|e| {
-                let mut ids = tokenizer.encode(&predict_input(opts.mode, &e.input), false)?;
-                ids.truncate(opts.max_input_len.max(2) - 1);
-                ids.push(eos);
-                Ok(ids)
+                let input = predict_input(opts.mode, &e.input);
+                encode_text(tokenizer, &input, opts.max_input_len.max(2), eos)
             })
             .collect::<Result<Vec<_>, DistillError>>()?;
         let outs = generate_seq2seq(model, &inputs, &generation)?;

@@ -9,12 +9,17 @@ use kiln_distill::eval::{EvalOptions, evaluate, label_cross_entropy};
 use kiln_distill::train::Mode;
 use kiln_t5::T5;
 
-#[test]
-fn padding_rows_in_predictions_are_not_an_error() {
+/// The `t5v11-gated-untied` fixture (HF parity tests) and its tokenizer.
+fn fixture() -> (T5<NdArray>, Tokenizer) {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/t5v11-gated-untied");
     let model = T5::<NdArray>::from_pretrained(&dir, &Default::default()).unwrap();
-    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    (model, Tokenizer::from_dir(&dir).unwrap())
+}
+
+#[test]
+fn padding_rows_in_predictions_are_not_an_error() {
+    let (model, tokenizer) = fixture();
     assert!(model.config().vocab_size > tokenizer.vocab_size());
     // This fixture's greedy output for the HF reference input reaches rows past the tokenizer.
     let example = Example {
@@ -37,10 +42,7 @@ fn padding_rows_in_predictions_are_not_an_error() {
 /// token would make batches of one and a batch of three disagree.
 #[test]
 fn label_cross_entropy_is_per_token_whatever_the_batch() {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/t5v11-gated-untied");
-    let model = T5::<NdArray>::from_pretrained(&dir, &Default::default()).unwrap();
-    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let (model, tokenizer) = fixture();
     let example = |input: &str, label: &str| Example {
         input: input.into(),
         label: label.into(),
