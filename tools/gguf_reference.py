@@ -92,7 +92,7 @@ def write_quant_fixtures() -> None:
 
 # Types whose gguf-py quantiser is ggml's reference arithmetic (trunc of x/d + 16.5 or + 0.5,
 # f32 throughout); gguf-py's Q8_0 rounds half to even where ggml rounds half away from zero.
-QUANTIZED = [T.Q5_0, T.Q5_1]
+QUANTIZED = [T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1]
 
 
 def write_quantize_fixtures() -> None:

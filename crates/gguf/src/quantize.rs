@@ -1,5 +1,5 @@
-//! Quantisation of `f32` rows to ggml blocks: Q8_0, Q5_0, Q5_1 and the K-quants Q4_K, Q5_K and
-//! Q6_K, as
+//! Quantisation of `f32` rows to ggml blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants
+//! Q4_K, Q5_K and Q6_K, as
 //! ggml's reference quantisers (`quantize_row_*_ref` in `ggml-quants.c`, without an importance
 //! matrix) compute them, operation for operation in `f32`, so that kiln can write the files
 //! llama.cpp's `llama-quantize` writes without `--imatrix`.
@@ -23,6 +23,8 @@ pub fn can_quantize(ggml_type: GgmlType) -> bool {
     matches!(
         ggml_type,
         GgmlType::Q8_0
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
             | GgmlType::Q5_0
             | GgmlType::Q5_1
             | GgmlType::Q4_K
@@ -57,6 +59,8 @@ pub fn quantize_into(ggml_type: GgmlType, values: &[f32], out: &mut [u8]) -> Res
     }
     let block: fn(&[f32], &mut [u8]) = match ggml_type {
         GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4_0 => q4_0,
+        GgmlType::Q4_1 => q4_1,
         GgmlType::Q5_0 => q5_0,
         GgmlType::Q5_1 => q5_1,
         GgmlType::Q4_K => q4_k,
@@ -93,6 +97,42 @@ fn q8_0(x: &[f32], y: &mut [u8]) {
     put_f16(&mut y[..2], d);
     for (q, v) in y[2..34].iter_mut().zip(x) {
         *q = (v * id).round() as i8 as u8;
+    }
+}
+
+/// `block_q4_0 { half d; u8 qs[16]; }`: `d = max/−8` (`max` the value of largest magnitude),
+/// `q = min(15, trunc(x/d + 8.5))`; values `j` and `j + 16` share `qs[j]` (low, high nibble).
+fn q4_0(x: &[f32], y: &mut [u8]) {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(&mut y[..2], d);
+    for j in 0..16 {
+        let q0 = ((x[j] * id + 8.5) as i8).min(15) as u8;
+        let q1 = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
+        y[2 + j] = q0 | (q1 << 4);
+    }
+}
+
+/// `block_q4_1 { half d; half m; u8 qs[16]; }`: `d = (max − min)/15`, `m = min`,
+/// `q = min(15, trunc((x − min)/d + 0.5))`, nibbles as Q4_0.
+fn q4_1(x: &[f32], y: &mut [u8]) {
+    let min = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+    let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(&mut y[..2], d);
+    put_f16(&mut y[2..4], min);
+    for j in 0..16 {
+        let q0 = (((x[j] - min) * id + 0.5) as i8).min(15) as u8;
+        let q1 = (((x[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
+        y[4 + j] = q0 | (q1 << 4);
     }
 }
 

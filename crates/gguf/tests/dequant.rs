@@ -44,12 +44,18 @@ fn fixtures_are_bit_exact() {
     }
 }
 
-/// Q5_0 and Q5_1 blocks quantised by gguf-py from the same values (an all-zero block, small
-/// values and outliers), byte for byte.
+/// Q4_0, Q4_1, Q5_0 and Q5_1 blocks quantised by gguf-py from the same values (an all-zero
+/// block, small values and outliers), byte for byte. (gguf-py's Q8_0 rounds half to even where
+/// ggml rounds half away from zero, so Q8_0 has no such fixture.)
 #[test]
-fn five_bit_quantisation_matches_gguf_py() {
+fn four_and_five_bit_quantisation_matches_gguf_py() {
     let dir = common::fixtures().join("quant");
-    for t in [GgmlType::Q5_0, GgmlType::Q5_1] {
+    for t in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+    ] {
         let values = common::read_f32(&dir.join(format!("{t}.in.f32")));
         let expected = std::fs::read(dir.join(format!("{t}.quantized"))).expect("fixture");
         let got = quantize(t, &values).unwrap();

@@ -814,6 +814,13 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
     true
 }
 
+/// [`super::kernels::axpy`] compiled for AVX2: the same loop, eight lanes wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    super::kernels::axpy_portable(a, x, y);
+}
+
 /// K-quant super-blocks to f32 (prefill tiles), with [`super::kquant`]'s arithmetic: `d·sc`
 /// and `dmin·m` in f32, then `d·sc · q − dmin·m` (Q4_K, Q5_K) or `(d·sc) · q` (Q6_K), each
 /// rounded as the scalar code rounds it.

@@ -180,6 +180,25 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
     dequantize_row_scalar(format, src, dst);
 }
 
+/// `y += a · x`, in whatever SIMD the compiler finds for the target (the loop vectorises at
+/// opt-level ≥ 1; separate mul and add, so the result does not depend on FMA being present).
+pub(super) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        // Safety: AVX2 is present (checked above).
+        unsafe { super::avx2::axpy(a, x, y) };
+        return;
+    }
+    axpy_portable(a, x, y);
+}
+
+#[inline(always)]
+pub(super) fn axpy_portable(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
 /// [`dequantize_row`] one value at a time: the reference.
 pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut [f32]) {
     match format {
@@ -255,11 +274,10 @@ pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut 
     }
 }
 
-/// One row of f32 to `format`, as ggml's `quantize_row_*_ref` computes it (round half away
-/// from zero for Q8_0; `+ 8.5` / `+ 0.5` and truncation for the 4-bit types; kiln-gguf's ports
-/// of the 5-bit types and of the K-quant searches).
+/// One row of f32 to `format`: the float formats converted, the block formats quantised by
+/// kiln-gguf's ports of ggml's `quantize_row_*_ref` (written once there, checked byte for byte
+/// against gguf-py).
 pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) -> Result<()> {
-    let put_f16 = |dst: &mut [u8], v: f32| dst.copy_from_slice(&f16::from_f32(v).to_le_bytes());
     match format {
         PackedFormat::F32 => {
             for (v, b) in src.iter().zip(dst.chunks_exact_mut(4)) {
@@ -268,7 +286,7 @@ pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) ->
         }
         PackedFormat::F16 => {
             for (v, b) in src.iter().zip(dst.chunks_exact_mut(2)) {
-                put_f16(b, *v);
+                b.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
             }
         }
         PackedFormat::BF16 => {
@@ -276,52 +294,10 @@ pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) ->
                 b.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
             }
         }
-        PackedFormat::Q8_0 => {
-            for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(34)) {
-                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                put_f16(&mut b[..2], d);
-                for (q, v) in b[2..].iter_mut().zip(x) {
-                    *q = (v * id).round() as i8 as u8;
-                }
-            }
-        }
-        PackedFormat::Q4_0 => {
-            for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(18)) {
-                let (mut amax, mut max) = (0f32, 0f32);
-                for &v in x {
-                    if amax < v.abs() {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                let d = max / -8.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                put_f16(&mut b[..2], d);
-                for j in 0..16 {
-                    let q0 = ((x[j] * id + 8.5) as i8).min(15) as u8;
-                    let q1 = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
-                    b[2 + j] = q0 | (q1 << 4);
-                }
-            }
-        }
-        PackedFormat::Q4_1 => {
-            for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(20)) {
-                let min = x.iter().fold(f32::INFINITY, |a, &v| a.min(v));
-                let max = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let d = (max - min) / 15.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                put_f16(&mut b[..2], d);
-                put_f16(&mut b[2..4], min);
-                for j in 0..16 {
-                    let q0 = (((x[j] - min) * id + 0.5) as i8).min(15) as u8;
-                    let q1 = (((x[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
-                    b[4 + j] = q0 | (q1 << 4);
-                }
-            }
-        }
-        PackedFormat::Q5_0
+        PackedFormat::Q8_0
+        | PackedFormat::Q4_0
+        | PackedFormat::Q4_1
+        | PackedFormat::Q5_0
         | PackedFormat::Q5_1
         | PackedFormat::Q4_K
         | PackedFormat::Q5_K

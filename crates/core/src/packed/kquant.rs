@@ -114,14 +114,19 @@ pub(super) fn q6_quant(b: &[u8], v: usize) -> i32 {
     (low | (high << 4)) as i32 - 32
 }
 
-/// The ggml type of a format kiln-gguf quantises (the K-quants, Q5_0, Q5_1).
+/// The ggml type of a format (kiln-gguf quantises and dequantises the block formats).
 pub(super) fn ggml_type(format: PackedFormat) -> kiln_gguf::GgmlType {
     match format {
+        PackedFormat::F32 => kiln_gguf::GgmlType::F32,
+        PackedFormat::F16 => kiln_gguf::GgmlType::F16,
+        PackedFormat::BF16 => kiln_gguf::GgmlType::BF16,
+        PackedFormat::Q8_0 => kiln_gguf::GgmlType::Q8_0,
+        PackedFormat::Q4_0 => kiln_gguf::GgmlType::Q4_0,
+        PackedFormat::Q4_1 => kiln_gguf::GgmlType::Q4_1,
         PackedFormat::Q5_0 => kiln_gguf::GgmlType::Q5_0,
         PackedFormat::Q5_1 => kiln_gguf::GgmlType::Q5_1,
         PackedFormat::Q4_K => kiln_gguf::GgmlType::Q4_K,
         PackedFormat::Q5_K => kiln_gguf::GgmlType::Q5_K,
         PackedFormat::Q6_K => kiln_gguf::GgmlType::Q6_K,
-        _ => unreachable!("kiln-gguf does not quantise {format} for kiln"),
     }
 }

@@ -123,6 +123,39 @@ impl PackedFormat {
     }
 }
 
+impl PackedFormat {
+    /// Every format, in declaration order.
+    pub const ALL: [PackedFormat; 11] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+    ];
+}
+
+impl std::str::FromStr for PackedFormat {
+    type Err = String;
+
+    /// A [`name`](Self::name), in any case.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == lower)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown format `{s}` ({})", names.join(", "))
+            })
+    }
+}
+
 impl std::fmt::Display for PackedFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -244,6 +277,44 @@ impl PackedMatrix {
                 .try_for_each(|(dst, src)| kernels::quantize_row(format, src, dst))?;
         }
         Self::from_bytes(rows, cols, format, &bytes)
+    }
+
+    /// A `[rows, cols]` matrix of zero bytes (zeros in every format), to be filled with
+    /// [`set_rows_f32`](Self::set_rows_f32): builds a large matrix chunk by chunk without holding
+    /// its f32 values or a second copy of its bytes.
+    pub fn zeros(rows: usize, cols: usize, format: PackedFormat) -> Result<Self> {
+        Self::from_bytes(
+            rows,
+            cols,
+            format,
+            &vec![0u8; rows.saturating_mul(format.row_bytes(cols))],
+        )
+    }
+
+    /// Converts (as [`from_f32`](Self::from_f32)) row-major `values` into the rows from `r0` on.
+    pub fn set_rows_f32(&mut self, r0: usize, values: &[f32]) -> Result<()> {
+        let cols = self.cols.max(1);
+        let n = values.len() / cols;
+        if !values.len().is_multiple_of(cols) || r0 + n > self.rows {
+            return Err(Error::arg(
+                "packed matrix",
+                format!(
+                    "{} values from row {r0} are not whole rows inside {}x{}",
+                    values.len(),
+                    self.rows,
+                    self.cols
+                ),
+            ));
+        }
+        let row_bytes = self.row_bytes();
+        if row_bytes == 0 {
+            return Ok(());
+        }
+        let format = self.format;
+        bytemuck_bytes_mut(&mut self.words)[r0 * row_bytes..(r0 + n) * row_bytes]
+            .par_chunks_mut(row_bytes)
+            .zip(values.par_chunks(cols))
+            .try_for_each(|(dst, src)| kernels::quantize_row(format, src, dst))
     }
 
     /// Sets what the decode kernels do with the activations (see [`ActivationPrecision`]).
@@ -369,6 +440,61 @@ impl PackedMatrix {
         } else {
             self.tiled_gemm(x, m)
         }
+    }
+
+    /// `x · W` for one vector `x` over the rows: returns `[cols]`, the sum of the rows each
+    /// scaled by its entry of `x` (rows whose entry is 0 are skipped). This is the product
+    /// [`matmul_t`](Self::matmul_t) transposes, on the same bytes, so a matrix needed both ways
+    /// (DeePEn's relative matrix: `p · R` and `R · g`) is held once. Rows are split into two
+    /// runs per kernel thread, each run dequantised row by row into a scratch row (f32 rows
+    /// used in place) and accumulated into its own sum; the sums are added at the end.
+    ///
+    /// Panics if `x.len() != rows`.
+    pub fn vecmat(&self, x: &[f32]) -> Vec<f32> {
+        assert_eq!(x.len(), self.rows, "vector is not [{}]", self.rows);
+        let (rows, cols) = (self.rows, self.cols);
+        if rows == 0 || cols == 0 {
+            return vec![0f32; cols];
+        }
+        let runs = (2 * pool::threads()).min(rows);
+        let run_rows = rows.div_ceil(runs);
+        let runs = rows.div_ceil(run_rows);
+        let mut sums = vec![0f32; runs * cols];
+        let out = SendPtr(sums.as_mut_ptr());
+        pool::for_each(runs, &|t| {
+            let r0 = t * run_rows;
+            let r1 = (r0 + run_rows).min(rows);
+            // Safety: each task writes its own `cols` values of `sums`, which outlives the call.
+            let acc = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(t * cols), cols) };
+            let mut scratch = vec![
+                0f32;
+                if self.format == PackedFormat::F32 {
+                    0
+                } else {
+                    cols
+                }
+            ];
+            for (r, &xr) in x.iter().enumerate().take(r1).skip(r0) {
+                if xr == 0.0 {
+                    continue;
+                }
+                let row: &[f32] = if self.format == PackedFormat::F32 {
+                    let bytes = self.row(r);
+                    // Safety: f32 rows start at multiples of 4 bytes in 8-byte-aligned storage.
+                    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), cols) }
+                } else {
+                    self.dequantize_row(r, &mut scratch);
+                    &scratch
+                };
+                kernels::axpy(xr, row, acc);
+            }
+        });
+        let (first, rest) = sums.split_at_mut(cols);
+        for part in rest.chunks_exact(cols) {
+            kernels::axpy(1.0, part, first);
+        }
+        sums.truncate(cols);
+        sums
     }
 
     /// The matrix-vector kernels: output rows split into chunks over the kernel threads

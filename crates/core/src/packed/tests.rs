@@ -660,3 +660,70 @@ fn k_quants_keep_f32_activations_when_q8_is_asked() {
         );
     }
 }
+
+#[test]
+fn vecmat_is_the_transposed_product_for_every_format() {
+    // x · W against the dequantised rows summed in f64, for row counts that split unevenly over
+    // the runs, with zero entries (skipped rows) and entries of both signs.
+    let cols = 96;
+    for format in ALL {
+        for rows in [1, 3, 37, 1000] {
+            let w = values(rows * cols, 5);
+            let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
+            let dense = packed.to_f32();
+            let mut x = values(rows, 9);
+            x.iter_mut().step_by(4).for_each(|v| *v = 0.0);
+            let got = packed.vecmat(&x);
+            for (c, g) in got.iter().enumerate() {
+                let want: f64 = (0..rows)
+                    .map(|r| x[r] as f64 * dense[r * cols + c] as f64)
+                    .sum();
+                let scale: f64 = (0..rows)
+                    .map(|r| (x[r] as f64 * dense[r * cols + c] as f64).abs())
+                    .sum();
+                assert!(
+                    (*g as f64 - want).abs() <= 1e-5 * (1.0 + scale),
+                    "{format} rows={rows} col {c}: {g} vs {want}"
+                );
+            }
+        }
+    }
+    // K-quants too (256-value rows).
+    let (rows, cols) = (11, 256);
+    let packed =
+        PackedMatrix::from_f32(rows, cols, &values(rows * cols, 3), PackedFormat::Q4_K).unwrap();
+    let dense = packed.to_f32();
+    let x = values(rows, 4);
+    for (c, g) in packed.vecmat(&x).iter().enumerate() {
+        let want: f64 = (0..rows)
+            .map(|r| x[r] as f64 * dense[r * cols + c] as f64)
+            .sum();
+        assert!(
+            (*g as f64 - want).abs() <= 1e-4,
+            "q4_k col {c}: {g} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn formats_parse_from_their_names() {
+    for f in PackedFormat::ALL {
+        assert_eq!(f.name().parse::<PackedFormat>(), Ok(f));
+        assert_eq!(f.name().to_uppercase().parse::<PackedFormat>(), Ok(f));
+    }
+    let err = "q3_k".parse::<PackedFormat>().unwrap_err();
+    assert!(err.contains("q3_k") && err.contains("q8_0"), "{err}");
+}
+
+#[test]
+fn rows_set_in_chunks_equal_the_whole_conversion() {
+    let (rows, cols) = (10, 64);
+    let w = values(rows * cols, 8);
+    let whole = PackedMatrix::from_f32(rows, cols, &w, PackedFormat::Q8_0).unwrap();
+    let mut parts = PackedMatrix::zeros(rows, cols, PackedFormat::Q8_0).unwrap();
+    parts.set_rows_f32(0, &w[..3 * cols]).unwrap();
+    parts.set_rows_f32(3, &w[3 * cols..]).unwrap();
+    assert_eq!(parts.bytes(), whole.bytes());
+    assert!(parts.set_rows_f32(8, &w[..3 * cols]).is_err());
+    assert!(parts.set_rows_f32(0, &w[..cols + 1]).is_err());
+}
