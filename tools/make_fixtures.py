@@ -1418,6 +1418,41 @@ def fx_t5_distill_export():
     shutil.rmtree(work)
 
 
+# The examples of crates/distill/tests/eval_padded_vocab.rs: labels of different lengths (EOS
+# alone, a few tokens, many), so a per-batch mean would differ from the per-token one.
+DISTILL_LABEL_EXAMPLES = [
+    ("The robot walked into the old library.", ""),
+    ("How many apples are left?", "( 5.0 - 2.0 )"),
+    ("Where do birds sleep?", "in a nest made of small sticks and grass"),
+]
+
+
+@torch.no_grad()
+def fx_distill_label_loss():
+    """The oracle of `kiln_distill::eval::label_cross_entropy`: HF's own teacher-forced loss
+    (`labels=`, -100 on padding, the mean over every label token of the batch) of the
+    t5v11-gated-untied fixture on DISTILL_LABEL_EXAMPLES with the step-by-step `predict: `
+    prefix, all three in one padded batch. Reads the committed fixture; writes only reference.json."""
+    src = os.path.join(FIXTURES, "t5v11-gated-untied")
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForSeq2SeqLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
+    enc = tok(["predict: " + x for x, _ in DISTILL_LABEL_EXAMPLES], padding=True, return_tensors="pt")
+    labels = tok([y for _, y in DISTILL_LABEL_EXAMPLES], padding=True, return_tensors="pt")
+    ids = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
+    loss = model(**enc, labels=ids).loss.item()
+    out = fresh_dir("distill-label-loss")
+    write_json(os.path.join(out, "reference.json"), {
+        "transformers_version": TF_VERSION,
+        "description": "HF's teacher-forced label loss of t5v11-gated-untied, one padded batch",
+        "model": "t5v11-gated-untied",
+        "inputs": ["predict: " + x for x, _ in DISTILL_LABEL_EXAMPLES],
+        "labels": [y for _, y in DISTILL_LABEL_EXAMPLES],
+        "label_ids": [[t for t in row if t != -100] for row in ids.tolist()],
+        "mean_nats_per_token": loss,
+        "stats": {"label_lens": [sum(t != -100 for t in row) for row in ids.tolist()]},
+    })
+
+
 ANCHOR_PROMPT = "The little robot walked slowly into the old library.<AC> It was looking for a book about the"
 
 
@@ -1510,6 +1545,7 @@ FIXTURE_FUNCS = {
     "tokenizer-parity": fx_tokenizer_parity,
     "t5-distill-export": fx_t5_distill_export,
     "anchor-export": fx_anchor_export,
+    "distill-label-loss": fx_distill_label_loss,
 }
 
 

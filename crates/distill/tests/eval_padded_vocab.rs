@@ -1,9 +1,11 @@
 //! Evaluation on a tiny T5 fixture. T5 pads its vocabulary past the tokenizer's (32128 rows for
 //! 32100 pieces): a prediction that uses a padding row must score as wrong, not stop the
-//! evaluation with an error. The gold-label cross-entropy is per token, whatever the batching.
+//! evaluation with an error. The gold-label cross-entropy is HF's loss, per token, whatever the
+//! batching.
 
 use burn::backend::NdArray;
 use kiln_core::Tokenizer;
+use kiln_core::seq2seq::Seq2SeqLm;
 use kiln_distill::data::{Example, Task};
 use kiln_distill::eval::{EvalOptions, evaluate, label_cross_entropy};
 use kiln_distill::train::Mode;
@@ -38,25 +40,44 @@ fn padding_rows_in_predictions_are_not_an_error() {
     assert_eq!((r.total, r.correct), (1, 0));
 }
 
-/// Labels of different lengths (EOS alone, a few tokens, many): averaging per batch instead of per
-/// token would make batches of one and a batch of three disagree.
+/// Against HF's own loss (`tools/make_fixtures.py --only distill-label-loss`: `labels=` on the
+/// three examples in one padded batch, the mean over every label token), in batches of one and
+/// of three. The labels have different lengths (EOS alone, a few tokens, many): averaging per
+/// batch instead of per token would make the batches of one miss the oracle.
 #[test]
-fn label_cross_entropy_is_per_token_whatever_the_batch() {
+fn label_cross_entropy_is_hf_loss_per_token_whatever_the_batch() {
     let (model, tokenizer) = fixture();
-    let example = |input: &str, label: &str| Example {
-        input: input.into(),
-        label: label.into(),
-        llm_label: None,
-        rationale: None,
-    };
-    let examples = [
-        example("The robot walked into the old library.", ""),
-        example("How many apples are left?", "( 5.0 - 2.0 )"),
-        example(
-            "Where do birds sleep?",
-            "in a nest made of small sticks and grass",
-        ),
-    ];
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/distill-label-loss/reference.json");
+    let oracle: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let hf = oracle["mean_nats_per_token"].as_f64().unwrap();
+    let inputs = oracle["inputs"].as_array().unwrap();
+    let labels = oracle["labels"].as_array().unwrap();
+    let examples: Vec<Example> = inputs
+        .iter()
+        .zip(labels)
+        .map(|(i, l)| Example {
+            // The oracle's inputs carry the step-by-step prefix kiln adds itself.
+            input: i
+                .as_str()
+                .unwrap()
+                .strip_prefix("predict: ")
+                .unwrap()
+                .into(),
+            label: l.as_str().unwrap().into(),
+            llm_label: None,
+            rationale: None,
+        })
+        .collect();
+    // The same label tokens as HF's (EOS appended).
+    let eos = model.eos_token_ids()[0];
+    for (label, want) in labels.iter().zip(oracle["label_ids"].as_array().unwrap()) {
+        let mut ids = tokenizer.encode(label.as_str().unwrap(), false).unwrap();
+        ids.push(eos);
+        let want: Vec<u32> = serde_json::from_value(want.clone()).unwrap();
+        assert_eq!(ids, want, "{label}");
+    }
     let ce = |batch_size| {
         let options = EvalOptions {
             mode: Mode::StepByStep,
@@ -67,9 +88,10 @@ fn label_cross_entropy_is_per_token_whatever_the_batch() {
         label_cross_entropy(&model, &tokenizer, &examples, &options, 64).unwrap()
     };
     let (one, three) = (ce(1), ce(3));
-    assert!(one.is_finite() && one > 0.0, "{one}");
-    assert!(
-        (one - three).abs() < 1e-5 * one,
-        "batch 1: {one}, batch 3: {three}"
-    );
+    for (batch, got) in [(1, one), (3, three)] {
+        assert!(
+            (got - hf).abs() < 1e-5 * hf,
+            "batch {batch}: {got}, HF {hf}"
+        );
+    }
 }
