@@ -6,6 +6,8 @@
 //! ```text
 //! cargo run --release --example packed_matmul -- --rows 5632 --cols 2048
 //! cargo run --release --example packed_matmul -- --rows 49152 --cols 576 --m 1
+//! cargo run --release --example packed_matmul -- --rows 49152 --cols 4096 --m 1 --vecmat \
+//!     --activations f32 --formats f32,f16,bf16,q8_0    # DeePEn's dense relative matrix
 //! ```
 
 use std::time::Instant;
@@ -33,6 +35,9 @@ struct Args {
     /// Formats to time (default: all).
     #[arg(long, value_delimiter = ',')]
     formats: Vec<String>,
+    /// Also time `x · W` (`PackedMatrix::vecmat`, DeePEn's `p · R`) for one vector over the rows.
+    #[arg(long)]
+    vecmat: bool,
 }
 
 fn main() {
@@ -63,6 +68,24 @@ fn main() {
             let w = PackedMatrix::from_f32(args.rows, args.cols, &values, format)
                 .unwrap()
                 .with_activations(act);
+            if args.vecmat && act == ActivationPrecision::F32 {
+                // A distribution with no zero entries: every row is read.
+                let x: Vec<f32> = (0..args.rows).map(|i| 1.0 + (i % 7) as f32).collect();
+                std::hint::black_box(w.vecmat(&x));
+                let mut best = f64::INFINITY;
+                for _ in 0..args.repeats {
+                    let t = Instant::now();
+                    std::hint::black_box(w.vecmat(&x));
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                println!(
+                    "{format:>5}     {}x{} vecmat {:8.3} ms  {:6.1} GB/s of weights",
+                    args.rows,
+                    args.cols,
+                    best * 1e3,
+                    w.byte_len() as f64 / best / 1e9
+                );
+            }
             for &m in &args.m {
                 let x: Vec<f32> = (0..m * args.cols).map(|i| (i as f32 * 0.1).cos()).collect();
                 std::hint::black_box(w.matmul_t(&x, m));

@@ -872,73 +872,148 @@ unsafe fn dequant_k<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
 unsafe fn dequant<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
     for b in 0..blocks {
         unsafe {
-            let p = src.as_ptr().add(b * block_bytes::<F>());
-            let v = match F {
-                Q8_0 => {
-                    let d = _mm256_set1_ps(h2f(p));
-                    [
-                        _mm256_mul_ps(i8x8(p.add(2)), d),
-                        _mm256_mul_ps(i8x8(p.add(10)), d),
-                        _mm256_mul_ps(i8x8(p.add(18)), d),
-                        _mm256_mul_ps(i8x8(p.add(26)), d),
-                    ]
-                }
-                Q4_0 | Q4_1 => {
-                    let d = _mm256_set1_ps(h2f(p));
-                    let qs = _mm_loadu_si128(p.add(if F == Q4_0 { 2 } else { 4 }).cast());
-                    let mask = _mm_set1_epi8(0x0F);
-                    let lo = _mm_and_si128(qs, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                    let q = [
-                        _mm256_cvtepu8_epi32(lo),
-                        _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
-                        _mm256_cvtepu8_epi32(hi),
-                        _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
-                    ];
-                    if F == Q4_0 {
-                        let eight = _mm256_set1_epi32(8);
-                        [
-                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[0], eight)), d),
-                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[1], eight)), d),
-                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[2], eight)), d),
-                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[3], eight)), d),
-                        ]
-                    } else {
-                        let m = _mm256_set1_ps(h2f(p.add(2)));
-                        [
-                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), d), m),
-                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[1]), d), m),
-                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[2]), d), m),
-                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[3]), d), m),
-                        ]
-                    }
-                }
-                Q5_0 | Q5_1 => {
-                    let d = _mm256_set1_ps(h2f(p));
-                    let (lo, hi) = small_quants::<F>(p);
-                    let widen = |v: __m256i| {
-                        [
-                            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)),
-                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v)),
-                        ]
-                    };
-                    let ([a, b], [c, e]) = (widen(lo), widen(hi));
-                    let q = [a, b, c, e];
-                    if F == Q5_0 {
-                        let s = _mm256_set1_epi32(16);
-                        q.map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, s)), d))
-                    } else {
-                        let m = _mm256_set1_ps(h2f(p.add(2)));
-                        q.map(|q| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m))
-                    }
-                }
-                _ => load::<F>(p),
-            };
+            let v = block_values::<F>(src.as_ptr().add(b * block_bytes::<F>()));
             let out = dst.as_mut_ptr().add(b * 32);
             _mm256_storeu_ps(out, v[0]);
             _mm256_storeu_ps(out.add(8), v[1]);
             _mm256_storeu_ps(out.add(16), v[2]);
             _mm256_storeu_ps(out.add(24), v[3]);
+        }
+    }
+}
+
+/// `acc += Σᵢ a[i] · rowᵢ` for whole rows of `format` (`acc.len()` values each): the rows of a
+/// group are dequantised block by block in registers and multiplied into the same accumulator
+/// registers, so `acc` is loaded and stored once per group rather than once per row. False
+/// where there is no such kernel (the K-quants, widths that are not whole 32-value blocks).
+pub(super) fn axpy_rows(format: PackedFormat, rows: &[&[u8]], a: &[f32], acc: &mut [f32]) -> bool {
+    let n = acc.len();
+    if format.is_k_quant()
+        || !n.is_multiple_of(32)
+        || rows.len() != a.len()
+        || rows.iter().any(|r| r.len() != format.row_bytes(n))
+    {
+        return false;
+    }
+    // Safety: `available()` was checked by the caller; lengths checked above.
+    unsafe {
+        match format {
+            PackedFormat::F32 => axpy_rows_f::<F32>(rows, a, acc),
+            PackedFormat::F16 => axpy_rows_f::<F16>(rows, a, acc),
+            PackedFormat::BF16 => axpy_rows_f::<BF16>(rows, a, acc),
+            PackedFormat::Q8_0 => axpy_rows_f::<Q8_0>(rows, a, acc),
+            PackedFormat::Q4_0 => axpy_rows_f::<Q4_0>(rows, a, acc),
+            PackedFormat::Q4_1 => axpy_rows_f::<Q4_1>(rows, a, acc),
+            PackedFormat::Q5_0 => axpy_rows_f::<Q5_0>(rows, a, acc),
+            PackedFormat::Q5_1 => axpy_rows_f::<Q5_1>(rows, a, acc),
+            PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => return false,
+        }
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_rows_f<const F: u8>(rows: &[&[u8]], a: &[f32], acc: &mut [f32]) {
+    for b in 0..acc.len() / 32 {
+        unsafe {
+            let out = acc.as_mut_ptr().add(b * 32);
+            let mut s = [
+                _mm256_loadu_ps(out),
+                _mm256_loadu_ps(out.add(8)),
+                _mm256_loadu_ps(out.add(16)),
+                _mm256_loadu_ps(out.add(24)),
+            ];
+            for (row, &ai) in rows.iter().zip(a) {
+                let p = row.as_ptr().add(b * block_bytes::<F>());
+                if F == Q8_0 {
+                    // `q · (d·a)`: one multiply fewer per value than `(q·d) · a`.
+                    let da = _mm256_set1_ps(h2f(p) * ai);
+                    for k in 0..4 {
+                        s[k] = _mm256_fmadd_ps(i8x8(p.add(2 + 8 * k)), da, s[k]);
+                    }
+                    continue;
+                }
+                let v = block_values::<F>(p);
+                let ai = _mm256_set1_ps(ai);
+                for k in 0..4 {
+                    s[k] = _mm256_fmadd_ps(v[k], ai, s[k]);
+                }
+            }
+            _mm256_storeu_ps(out, s[0]);
+            _mm256_storeu_ps(out.add(8), s[1]);
+            _mm256_storeu_ps(out.add(16), s[2]);
+            _mm256_storeu_ps(out.add(24), s[3]);
+        }
+    }
+}
+
+/// One 32-value block of `F` at `p` as four registers, with ggml's dequantisation arithmetic.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_values<const F: u8>(p: *const u8) -> [__m256; 4] {
+    unsafe {
+        match F {
+            Q8_0 => {
+                let d = _mm256_set1_ps(h2f(p));
+                [
+                    _mm256_mul_ps(i8x8(p.add(2)), d),
+                    _mm256_mul_ps(i8x8(p.add(10)), d),
+                    _mm256_mul_ps(i8x8(p.add(18)), d),
+                    _mm256_mul_ps(i8x8(p.add(26)), d),
+                ]
+            }
+            Q4_0 | Q4_1 => {
+                let d = _mm256_set1_ps(h2f(p));
+                let qs = _mm_loadu_si128(p.add(if F == Q4_0 { 2 } else { 4 }).cast());
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                let q = [
+                    _mm256_cvtepu8_epi32(lo),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                    _mm256_cvtepu8_epi32(hi),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                ];
+                if F == Q4_0 {
+                    let eight = _mm256_set1_epi32(8);
+                    [
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[0], eight)), d),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[1], eight)), d),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[2], eight)), d),
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[3], eight)), d),
+                    ]
+                } else {
+                    let m = _mm256_set1_ps(h2f(p.add(2)));
+                    [
+                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), d), m),
+                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[1]), d), m),
+                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[2]), d), m),
+                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[3]), d), m),
+                    ]
+                }
+            }
+            Q5_0 | Q5_1 => {
+                let d = _mm256_set1_ps(h2f(p));
+                let (lo, hi) = small_quants::<F>(p);
+                let widen = |v: __m256i| {
+                    [
+                        _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)),
+                        _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(v)),
+                    ]
+                };
+                let ([a, b], [c, e]) = (widen(lo), widen(hi));
+                let q = [a, b, c, e];
+                if F == Q5_0 {
+                    let s = _mm256_set1_epi32(16);
+                    q.map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, s)), d))
+                } else {
+                    let m = _mm256_set1_ps(h2f(p.add(2)));
+                    q.map(|q| _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m))
+                }
+            }
+            _ => load::<F>(p),
         }
     }
 }

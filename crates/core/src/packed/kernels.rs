@@ -192,6 +192,36 @@ pub(super) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     axpy_portable(a, x, y);
 }
 
+/// `acc += Σᵢ a[i] · rowᵢ` for whole packed rows of `format` (`acc.len()` values each): one
+/// pass over `acc` per group of rows with AVX2 where the format has a kernel there, else each
+/// row dequantised into `scratch` (f32 rows read in place) and added.
+pub(super) fn axpy_rows(
+    format: PackedFormat,
+    rows: &[&[u8]],
+    a: &[f32],
+    acc: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() && super::avx2::axpy_rows(format, rows, a, acc) {
+        return;
+    }
+    let cols = acc.len();
+    for (row, &ai) in rows.iter().zip(a) {
+        if format == PackedFormat::F32 {
+            scratch.clear();
+            scratch.extend(
+                row.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        } else {
+            scratch.resize(cols, 0.0);
+            dequantize_row(format, row, scratch);
+        }
+        axpy(ai, scratch, acc);
+    }
+}
+
 #[inline(always)]
 pub(super) fn axpy_portable(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {

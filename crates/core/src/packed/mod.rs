@@ -194,6 +194,9 @@ impl std::str::FromStr for ActivationPrecision {
 /// `gemm`. Measured with `bench/packed_matmul.rs` (bench/README.md).
 pub const MATVEC_MAX_ROWS: usize = 8;
 
+/// Rows [`PackedMatrix::vecmat`] adds into its running sum per pass over it.
+const VECMAT_GROUP: usize = 8;
+
 /// A `[rows, cols]` matrix (PyTorch's `[d_out, d_in]` for a Linear weight, `[vocab, d]` for
 /// an embedding) held on the host in a [`PackedFormat`].
 #[derive(Clone)]
@@ -446,8 +449,8 @@ impl PackedMatrix {
     /// scaled by its entry of `x` (rows whose entry is 0 are skipped). This is the product
     /// [`matmul_t`](Self::matmul_t) transposes, on the same bytes, so a matrix needed both ways
     /// (DeePEn's relative matrix: `p · R` and `R · g`) is held once. Rows are split into two
-    /// runs per kernel thread, each run dequantised row by row into a scratch row (f32 rows
-    /// used in place) and accumulated into its own sum; the sums are added at the end.
+    /// runs per kernel thread, each with its own sum, added at the end; within a run, rows go
+    /// four at a time through one pass over the sum (AVX2: dequantised in registers).
     ///
     /// Panics if `x.len() != rows`.
     pub fn vecmat(&self, x: &[f32]) -> Vec<f32> {
@@ -466,27 +469,25 @@ impl PackedMatrix {
             let r1 = (r0 + run_rows).min(rows);
             // Safety: each task writes its own `cols` values of `sums`, which outlives the call.
             let acc = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(t * cols), cols) };
-            let mut scratch = vec![
-                0f32;
-                if self.format == PackedFormat::F32 {
-                    0
-                } else {
-                    cols
-                }
-            ];
+            let mut scratch = Vec::new();
+            let (mut rows_in, mut coefs) = (
+                Vec::with_capacity(VECMAT_GROUP),
+                Vec::with_capacity(VECMAT_GROUP),
+            );
             for (r, &xr) in x.iter().enumerate().take(r1).skip(r0) {
                 if xr == 0.0 {
                     continue;
                 }
-                let row: &[f32] = if self.format == PackedFormat::F32 {
-                    let bytes = self.row(r);
-                    // Safety: f32 rows start at multiples of 4 bytes in 8-byte-aligned storage.
-                    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), cols) }
-                } else {
-                    self.dequantize_row(r, &mut scratch);
-                    &scratch
-                };
-                kernels::axpy(xr, row, acc);
+                rows_in.push(self.row(r));
+                coefs.push(xr);
+                if rows_in.len() == VECMAT_GROUP {
+                    kernels::axpy_rows(self.format, &rows_in, &coefs, acc, &mut scratch);
+                    rows_in.clear();
+                    coefs.clear();
+                }
+            }
+            if !rows_in.is_empty() {
+                kernels::axpy_rows(self.format, &rows_in, &coefs, acc, &mut scratch);
             }
         });
         let (first, rest) = sums.split_at_mut(cols);
