@@ -23,6 +23,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Parser;
 use kiln::backend::{Backend, device};
+use kiln::core::packed::PackedFormat;
 use kiln::core::{CausalLm, Tokenizer};
 use kiln::ensemble::{
     AnchorConfig, RelativeConfig, RelativeMatrix, SearchConfig, Vocab, deepen_combine, find_anchors,
@@ -50,6 +51,9 @@ struct Args {
     /// k values for the search agreement.
     #[arg(long, value_delimiter = ',', default_value = "32,128,512")]
     search_ks: Vec<usize>,
+    /// Formats of the dense matrix whose search is compared with the f32 one.
+    #[arg(long, value_delimiter = ',', default_value = "f16,bf16,q8_0")]
+    dense_formats: Vec<PackedFormat>,
     /// Positions of the text at which the searches run.
     #[arg(long, default_value_t = 120)]
     positions: usize,
@@ -103,11 +107,8 @@ fn main() -> Result<()> {
 
     // Part 1: mass kept by each row's top k.
     let dense = RelativeMatrix::build(embeddings.clone(), ids, &RelativeConfig::default())?;
-    let RelativeMatrix::Dense(r) = &dense else {
-        unreachable!()
-    };
     let a = ids.len();
-    let rows: Vec<f32> = r.clone().into_data().convert::<f32>().into_vec().unwrap();
+    let rows: Vec<f32> = dense.to_f32()?;
     let kmax = *args.ks.iter().max().unwrap();
     let kept: Vec<Vec<f32>> = rows
         .par_chunks(a)
@@ -191,8 +192,20 @@ fn main() -> Result<()> {
             )
         })
         .collect::<Result<_, _>>()?;
+    let compressed: Vec<RelativeMatrix<Backend>> = args
+        .dense_formats
+        .iter()
+        .map(|&f| {
+            RelativeMatrix::build(
+                embeddings.clone(),
+                ids,
+                &RelativeConfig::default().with_dense_format(f),
+            )
+        })
+        .collect::<Result<_, _>>()?;
     let search = SearchConfig::default();
     let (mut same, mut moved) = (vec![0usize; sparse.len()], 0usize);
+    let mut same_format = vec![0usize; compressed.len()];
     for pos in start..tokens.len() {
         // Logits for the token after `pos`: the full context, and the last `short` tokens.
         let main = full[(pos - 1) * vocab..pos * vocab].to_vec();
@@ -208,6 +221,9 @@ fn main() -> Result<()> {
         for (s, m) in same.iter_mut().zip(&sparse) {
             *s += usize::from(members(m)? == want);
         }
+        for (s, m) in same_format.iter_mut().zip(&compressed) {
+            *s += usize::from(members(m)? == want);
+        }
     }
     println!(
         "\nsearch over {n} positions of the text (dense search's token differs from the main \
@@ -216,6 +232,12 @@ fn main() -> Result<()> {
     for (k, s) in args.search_ks.iter().zip(&same) {
         println!(
             "  top-{k}: same token as the dense search at {s}/{n} ({:.1}%)",
+            100.0 * *s as f64 / n as f64
+        );
+    }
+    for (f, s) in args.dense_formats.iter().zip(&same_format) {
+        println!(
+            "  dense {f}: same token as the f32 dense search at {s}/{n} ({:.1}%)",
             100.0 * *s as f64 / n as f64
         );
     }

@@ -18,6 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use kiln::backend::{Backend, NAME, device};
+use kiln::core::packed::PackedFormat;
 use kiln::core::{GenerationConfig, Tokenizer};
 use kiln::ensemble::{
     AnchorConfig, DecoderMember, Ensemble, EnsembleConfig, Member, RelativeConfig, SearchConfig,
@@ -45,9 +46,12 @@ struct Args {
     /// Compute the search's gradient with Burn's autodiff instead of its closed form.
     #[arg(long)]
     autodiff: bool,
-    /// Skip the dense ensemble (its matrices are |V| x |A| floats each).
+    /// Skip the dense ensemble (its matrices are |V| x |A| values each).
     #[arg(long)]
     no_dense: bool,
+    /// Formats of the dense matrices to run (f32 is exact; f16, bf16, q8_0 stream fewer bytes).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    dense_formats: Vec<PackedFormat>,
     /// Folder of the real tokenizers.
     #[arg(long, default_value = "../shared/tokenizers")]
     tokenizers: PathBuf,
@@ -238,10 +242,14 @@ fn main() -> Result<()> {
         peak_rss_gb()
     );
     drop(sparse);
-    if !args.no_dense {
-        let (mut dense, build_s) = build(RelativeConfig::default())?;
+    for &format in if args.no_dense {
+        &[][..]
+    } else {
+        &args.dense_formats[..]
+    } {
+        let (mut dense, build_s) = build(RelativeConfig::default().with_dense_format(format))?;
         println!(
-            "dense matrices {:.1} MB, built in {build_s:.1}s",
+            "dense {format} matrices {:.1} MB, built in {build_s:.1}s",
             dense
                 .relative()
                 .iter()
@@ -249,14 +257,34 @@ fn main() -> Result<()> {
                 .sum::<usize>() as f64
                 / 1e6
         );
-        let (s, dense_tokens) = per_token(
-            |n| Ok(dense.generate(&[&args.prompt], &generation(n))?.tokens),
-            args.tokens,
-        )?;
+        // Members and the dense ensemble interleaved again: the ratio is taken in one window.
+        let (mut sums, mut steps, mut dense_tokens) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.reps {
+            let mut sum = 0.0;
+            for m in 0..2 {
+                let run = |n| {
+                    Ok(dense
+                        .generate_member(m, &args.prompt, &generation(n))?
+                        .tokens)
+                };
+                sum += per_token(run, args.tokens)?.0;
+            }
+            sums.push(sum);
+            let (s, tokens) = per_token(
+                |n| Ok(dense.generate(&[&args.prompt], &generation(n))?.tokens),
+                args.tokens,
+            )?;
+            steps.push(s);
+            dense_tokens = tokens;
+        }
+        let (sum, s) = (median(sums), median(steps));
         println!(
-            "| DeePEn dense | {:.1} ms ({:.2}x the sum) | peak RSS {:.2} GB |",
+            "| DeePEn dense {format} | {:.1} ms ({:.2}x the members' {:.1} ms) | combination \
+             alone {:.1} ms | peak RSS {:.2} GB |",
             s * 1e3,
             s / sum,
+            sum * 1e3,
+            combination_ms(&dense)?,
             peak_rss_gb()
         );
         let prefix = sparse_tokens

@@ -9,6 +9,7 @@ use clap::Args;
 use kiln::auto;
 use kiln::backend::{Backend, NAME, device};
 use kiln::core::loading::{read_json_value, resolve_model};
+use kiln::core::packed::PackedFormat;
 use kiln::core::seq2seq::Seq2SeqLm;
 use kiln::core::{GenerationConfig, SamplingConfig, Tokenizer};
 use kiln::ensemble::eval::{Metric, apply_template, choice_tokens, is_correct, read_jsonl};
@@ -74,6 +75,10 @@ pub struct EnsembleArgs {
     /// Keep the k largest entries of each relative-matrix row (sparse; default dense).
     #[arg(long)]
     top_k: Option<usize>,
+    /// How a dense relative matrix is stored: f32 (exact), or f16, bf16, q8_0 (fewer bytes to
+    /// stream per token; held in host memory and mapped by kiln's CPU kernels).
+    #[arg(long, default_value = "f32", value_name = "FORMAT")]
+    dense_format: PackedFormat,
     /// Use only the first N shared tokens as anchors (default: all).
     #[arg(long)]
     max_anchors: Option<usize>,
@@ -232,7 +237,8 @@ pub fn run(args: EnsembleArgs) -> anyhow::Result<()> {
         .with_relative(
             RelativeConfig::default()
                 .with_temperature(args.temperature)
-                .with_top_k(args.top_k),
+                .with_top_k(args.top_k)
+                .with_dense_format(args.dense_format),
         )
         .with_search(
             SearchConfig::default()

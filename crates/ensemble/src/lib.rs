@@ -51,7 +51,8 @@ pub use ensemble::{
 pub use error::{EnsembleError, Result};
 pub use member::{DecoderMember, Member, Seq2SeqMember};
 pub use relative::{
-    RelativeConfig, RelativeMatrix, SparseRelative, anchor_consistency, keep_consistent_anchors,
+    PackedRelative, RelativeConfig, RelativeMatrix, SparseRelative, anchor_consistency,
+    keep_consistent_anchors,
 };
 pub use search::{SearchConfig, SearchGradient, SearchOptimizer, inverse_search};
 pub use vocab::{AnchorConfig, AnchorMatching, Anchors, Spelling, Vocab, find_anchors};

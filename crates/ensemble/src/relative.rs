@@ -9,11 +9,15 @@
 //! The dense matrix is `|V| × |A|` floats (32k × 20k is 2.6 GB); [`RelativeConfig::top_k`] keeps
 //! only each row's `k` largest entries (renormalised), `|V| × k` floats and indices.
 //!
-//! The dense matrix lives on the backend's device and maps with a matmul. The sparse one lives
-//! in host memory ([`SparseRelative`]) and maps with plain loops over its rows, split over the
-//! CPU cores: Burn has no sparse matmul, and its gather/scatter on the CPU backends took 35 ms for
-//! one 49k × 32 map, against ~2 ms for the loops; on a GPU the 49k-float logits cross to the host
-//! once per token, as sampling does anyway.
+//! On a GPU backend the dense matrix lives on the device and maps with a matmul. On the CPU
+//! backends it lives in host memory as a kiln-core [`PackedMatrix`] ([`PackedRelative`]), in
+//! f32 or compressed ([`RelativeConfig::dense_format`]), and maps both ways (`p · R`, `R · g`) with
+//! kiln-core's matrix kernels: a DeePEn step streams the main matrix 11 times, and Burn's CPU
+//! matmul read it at ~6 GB/s where this machine reads ~27. The sparse one lives in host memory
+//! ([`SparseRelative`]) and maps with plain loops over its rows, split over the CPU cores: Burn
+//! has no sparse matmul, and its gather/scatter on the CPU backends took 35 ms for one 49k × 32
+//! map, against ~2 ms for the loops; on a GPU the 49k-float logits cross to the host once per
+//! token, as sampling does anyway.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +27,8 @@ use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::softmax;
 use rayon::prelude::*;
+
+use kiln_core::packed::{PackedFormat, PackedMatrix};
 
 use crate::ensemble::host_vec;
 use crate::error::{EnsembleError, Result};
@@ -37,6 +43,10 @@ pub struct RelativeConfig {
     pub top_k: Option<usize>,
     /// Rows computed at once (bounds the `rows × |A|` intermediate).
     pub chunk_rows: usize,
+    /// How a dense matrix is stored: `F32` (exact) is held on the device on GPU backends and in
+    /// host memory on the CPU ones; a compressed format (`F16`, `BF16`, `Q8_0`, ...: fewer bytes
+    /// to stream per step) is always held in host memory and mapped by kiln-core's kernels.
+    pub dense_format: PackedFormat,
 }
 
 impl Default for RelativeConfig {
@@ -45,6 +55,7 @@ impl Default for RelativeConfig {
             temperature: 100.0,
             top_k: None,
             chunk_rows: 2048,
+            dense_format: PackedFormat::F32,
         }
     }
 }
@@ -64,6 +75,17 @@ impl RelativeConfig {
     pub fn with_chunk_rows(mut self, rows: usize) -> Self {
         self.chunk_rows = rows;
         self
+    }
+    /// Sets how a dense matrix is stored.
+    pub fn with_dense_format(mut self, format: PackedFormat) -> Self {
+        self.dense_format = format;
+        self
+    }
+
+    /// Whether a dense matrix is held in host memory (a [`PackedRelative`]) rather than on the
+    /// device.
+    fn dense_on_host<B: Backend>(&self, device: &B::Device) -> bool {
+        self.dense_format != PackedFormat::F32 || kiln_core::nn::cpu_backend::<B>(device)
     }
 
     fn validate(&self, anchors: usize) -> Result<()> {
@@ -91,10 +113,111 @@ impl RelativeConfig {
 /// A member's relative representation matrix, dense or sparse.
 #[derive(Debug, Clone)]
 pub enum RelativeMatrix<B: Backend> {
-    /// `[vocab, anchors]`, on the device.
+    /// `[vocab, anchors]` in f32, on the device (GPU backends).
     Dense(Tensor<B, 2>),
+    /// `[vocab, anchors]` in host memory (CPU backends, or a compressed format).
+    Packed(PackedRelative),
     /// Each row's `k` largest entries, in host memory.
     Sparse(SparseRelative),
+}
+
+/// A dense relative matrix in host memory, in one of kiln-core's packed formats, mapped by its
+/// matrix kernels: `p · R` by [`PackedMatrix::vecmat`], `R · g` by [`PackedMatrix::matmul_t`],
+/// both on the one copy. Block formats need whole blocks per row, so the anchors are padded with
+/// zero columns (which map to nothing); cheap to clone.
+#[derive(Debug, Clone)]
+pub struct PackedRelative {
+    matrix: Arc<PackedMatrix>,
+    anchors: usize,
+}
+
+impl PackedRelative {
+    /// Wraps `matrix`, whose first `anchors` columns are the anchors and the rest zero padding.
+    pub fn new(matrix: PackedMatrix, anchors: usize) -> Result<Self> {
+        let cols = matrix.cols();
+        if anchors > cols || cols - anchors >= matrix.format().block_len() {
+            return Err(EnsembleError::arg(
+                "relative",
+                format!(
+                    "{anchors} anchors in a {} matrix of {cols} columns",
+                    matrix.format()
+                ),
+            ));
+        }
+        Ok(Self {
+            matrix: Arc::new(matrix),
+            anchors,
+        })
+    }
+
+    /// Vocabulary size (rows).
+    pub fn vocab(&self) -> usize {
+        self.matrix.rows()
+    }
+
+    /// Number of anchors.
+    pub fn anchors(&self) -> usize {
+        self.anchors
+    }
+
+    /// The matrix, padded to whole blocks.
+    pub fn matrix(&self) -> &PackedMatrix {
+        &self.matrix
+    }
+
+    /// `p · R` for one distribution `p` over the vocabulary.
+    pub fn map(&self, p: &[f32]) -> Vec<f32> {
+        let mut q = self.matrix.vecmat(p);
+        q.truncate(self.anchors);
+        q
+    }
+
+    /// `R · w` for one vector `w` over the anchors: the chain rule of [`map`](Self::map).
+    pub fn map_transposed(&self, w: &[f32]) -> Vec<f32> {
+        assert_eq!(w.len(), self.anchors, "one value per anchor");
+        let mut padded = w.to_vec();
+        padded.resize(self.matrix.cols(), 0.0);
+        self.matrix.matmul_t(&padded, 1)
+    }
+
+    /// The matrix as row-major f32 `[vocab, anchors]` (the padding dropped).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let cols = self.matrix.cols();
+        let all = self.matrix.to_f32();
+        if cols == self.anchors {
+            return all;
+        }
+        all.chunks_exact(cols.max(1))
+            .flat_map(|row| &row[..self.anchors])
+            .copied()
+            .collect()
+    }
+}
+
+/// The maps the host-side search needs; [`SparseRelative`] and [`PackedRelative`] have them.
+pub(crate) trait HostMap {
+    /// `p · R`.
+    fn map(&self, p: &[f32]) -> Vec<f32>;
+    /// `R · w`.
+    fn map_transposed(&self, w: &[f32]) -> Vec<f32>;
+}
+
+impl HostMap for SparseRelative {
+    fn map(&self, p: &[f32]) -> Vec<f32> {
+        SparseRelative::map(self, p)
+    }
+    fn map_transposed(&self, w: &[f32]) -> Vec<f32> {
+        SparseRelative::map_transposed(self, w)
+    }
+}
+
+impl HostMap for PackedRelative {
+    fn map(&self, p: &[f32]) -> Vec<f32> {
+        PackedRelative::map(self, p)
+    }
+    fn map_transposed(&self, w: &[f32]) -> Vec<f32> {
+        PackedRelative::map_transposed(self, w)
+    }
 }
 
 /// Each vocabulary row's `k` largest relative entries (renormalised), row after row, in host
@@ -260,6 +383,17 @@ impl<B: Backend> RelativeMatrix<B> {
         }
         config.validate(anchors)?;
         let device = embeddings.device();
+        let host = config.top_k.is_none() && config.dense_on_host::<B>(&device);
+        // Padded to whole blocks of the format; zero columns map to nothing.
+        let cols = anchors.next_multiple_of(config.dense_format.block_len());
+        let mut packed = if host {
+            Some(
+                PackedMatrix::zeros(vocab, cols, config.dense_format)
+                    .map_err(|e| EnsembleError::arg("dense_format", e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let unit = l2_normalize(embeddings, 1e-8);
         let ids: Vec<i64> = anchor_ids.iter().map(|&i| i as i64).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [anchors]), &device);
@@ -272,9 +406,21 @@ impl<B: Backend> RelativeMatrix<B> {
             let rows = config.chunk_rows.min(vocab - start);
             let cos = unit.clone().narrow(0, start, rows).matmul(anchor_t.clone());
             let probs = softmax(l2_normalize(cos, 1e-12) * config.temperature, 1);
-            match config.top_k {
-                None => dense.push(probs),
-                Some(k) => {
+            match (config.top_k, &mut packed) {
+                (None, Some(packed)) => {
+                    let mut rows_f32 = host_vec(probs, "relative")?;
+                    if cols != anchors {
+                        rows_f32 = rows_f32
+                            .chunks_exact(anchors)
+                            .flat_map(|row| row.iter().copied().chain((anchors..cols).map(|_| 0.0)))
+                            .collect();
+                    }
+                    packed
+                        .set_rows_f32(start, &rows_f32)
+                        .map_err(|e| EnsembleError::arg("dense_format", e.to_string()))?;
+                }
+                (None, None) => dense.push(probs),
+                (Some(k), _) => {
                     let (v, i) = probs.topk_with_indices(k, 1);
                     let v = v.clone() / v.sum_dim(1);
                     vals.extend(host_vec(v, "relative")?);
@@ -285,9 +431,10 @@ impl<B: Backend> RelativeMatrix<B> {
             }
             start += rows;
         }
-        Ok(match config.top_k {
-            None => RelativeMatrix::Dense(Tensor::cat(dense, 0)),
-            Some(k) => RelativeMatrix::Sparse(SparseRelative::new(idx, vals, k, anchors)?),
+        Ok(match (config.top_k, packed) {
+            (None, Some(packed)) => RelativeMatrix::Packed(PackedRelative::new(packed, anchors)?),
+            (None, None) => RelativeMatrix::Dense(Tensor::cat(dense, 0)),
+            (Some(k), _) => RelativeMatrix::Sparse(SparseRelative::new(idx, vals, k, anchors)?),
         })
     }
 
@@ -318,6 +465,7 @@ impl<B: Backend> RelativeMatrix<B> {
     pub fn vocab(&self) -> usize {
         match self {
             RelativeMatrix::Dense(r) => r.dims()[0],
+            RelativeMatrix::Packed(p) => p.vocab(),
             RelativeMatrix::Sparse(s) => s.vocab(),
         }
     }
@@ -326,6 +474,7 @@ impl<B: Backend> RelativeMatrix<B> {
     pub fn anchors(&self) -> usize {
         match self {
             RelativeMatrix::Dense(r) => r.dims()[1],
+            RelativeMatrix::Packed(p) => p.anchors(),
             RelativeMatrix::Sparse(s) => s.anchors(),
         }
     }
@@ -334,7 +483,31 @@ impl<B: Backend> RelativeMatrix<B> {
     pub fn size_bytes(&self) -> usize {
         match self {
             RelativeMatrix::Dense(r) => r.shape().num_elements() * 4,
+            RelativeMatrix::Packed(p) => p.matrix().byte_len(),
             RelativeMatrix::Sparse(s) => s.values().len() * (4 + 4),
+        }
+    }
+
+    /// The matrix as row-major f32 `[vocab, anchors]` (a sparse one with zeros where it keeps
+    /// nothing).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        match self {
+            RelativeMatrix::Dense(r) => host_vec(r.clone(), "relative"),
+            RelativeMatrix::Packed(p) => Ok(p.to_f32()),
+            RelativeMatrix::Sparse(s) => {
+                let mut out = vec![0f32; s.vocab() * s.anchors()];
+                for (r, (idx, val)) in s
+                    .indices()
+                    .chunks_exact(s.k())
+                    .zip(s.values().chunks_exact(s.k()))
+                    .enumerate()
+                {
+                    for (&a, &v) in idx.iter().zip(val) {
+                        out[r * s.anchors() + a as usize] = v;
+                    }
+                }
+                Ok(out)
+            }
         }
     }
 
@@ -343,6 +516,18 @@ impl<B: Backend> RelativeMatrix<B> {
     pub fn map(&self, probs: Tensor<B, 2>) -> Tensor<B, 2> {
         match self {
             RelativeMatrix::Dense(r) => probs.matmul(r.clone()),
+            RelativeMatrix::Packed(r) => {
+                // Not differentiable; the autodiff search converts the matrix to `Dense` first.
+                let [rows, vocab] = probs.dims();
+                let device = probs.device();
+                let probs = probs.into_data().convert::<f32>().into_vec::<f32>();
+                let probs = probs.expect("a tensor converted to f32 reads back as f32");
+                let q: Vec<f32> = probs
+                    .chunks_exact(vocab.max(1))
+                    .flat_map(|p| r.map(p))
+                    .collect();
+                Tensor::from_data(TensorData::new(q, [rows, r.anchors()]), &device)
+            }
             RelativeMatrix::Sparse(s) => s.map_tensor(probs),
         }
     }
@@ -352,6 +537,7 @@ impl<B: Backend> RelativeMatrix<B> {
     pub fn map_host(&self, p: &[f32], device: &B::Device) -> Result<Vec<f32>> {
         match self {
             RelativeMatrix::Sparse(s) => Ok(s.map(p)),
+            RelativeMatrix::Packed(r) => Ok(r.map(p)),
             RelativeMatrix::Dense(r) => {
                 let p =
                     Tensor::<B, 2>::from_data(TensorData::new(p.to_vec(), [1, p.len()]), device);
@@ -360,13 +546,19 @@ impl<B: Backend> RelativeMatrix<B> {
         }
     }
 
-    /// The same matrix on another backend view (for the autodiff search).
+    /// The same matrix on another backend view (for the autodiff search, which needs tensor
+    /// ops: a host dense matrix becomes a device tensor on `device`).
     pub(crate) fn convert<C: Backend>(
         &self,
+        device: &B::Device,
         float: impl Fn(Tensor<B, 2>) -> Tensor<C, 2>,
     ) -> RelativeMatrix<C> {
         match self {
             RelativeMatrix::Dense(r) => RelativeMatrix::Dense(float(r.clone())),
+            RelativeMatrix::Packed(p) => RelativeMatrix::Dense(float(Tensor::from_data(
+                TensorData::new(p.to_f32(), [p.vocab(), p.anchors()]),
+                device,
+            ))),
             RelativeMatrix::Sparse(s) => RelativeMatrix::Sparse(s.clone()),
         }
     }
@@ -379,8 +571,14 @@ impl<B: Backend> RelativeMatrix<B> {
         };
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
+        // Kind 0: f32 rows (from either dense form); 1: sparse; 2: a packed format, named by
+        // the last header word, its rows padded to whole blocks.
         let (kind, vocab, anchors, k) = match self {
             RelativeMatrix::Dense(r) => (0u64, r.dims()[0], r.dims()[1], 0),
+            RelativeMatrix::Packed(p) if p.matrix().format() == PackedFormat::F32 => {
+                (0, p.vocab(), p.anchors(), 0)
+            }
+            RelativeMatrix::Packed(p) => (2, p.vocab(), p.anchors(), format_word(p)),
             RelativeMatrix::Sparse(s) => (1u64, s.vocab(), s.anchors(), s.k()),
         };
         for v in [kind, vocab as u64, anchors as u64, k as u64] {
@@ -398,6 +596,7 @@ impl<B: Backend> RelativeMatrix<B> {
                     out.extend_from_slice(&x.to_le_bytes());
                 }
             }
+            RelativeMatrix::Packed(p) => out.extend_from_slice(p.matrix().bytes()),
             RelativeMatrix::Sparse(s) => {
                 for i in s.indices() {
                     out.extend_from_slice(&i.to_le_bytes());
@@ -433,6 +632,13 @@ impl<B: Backend> RelativeMatrix<B> {
         };
         let (kind, vocab, anchors, k) = (word(0), word(1), word(2), word(3));
         let body = &bytes[40..];
+        // No format takes under half a byte per value: bounds the sizes before any arithmetic.
+        if vocab.max(anchors) / 2 > body.len() {
+            return Err(err(format!(
+                "header ({vocab} x {anchors}) is larger than the {} data bytes",
+                body.len()
+            )));
+        }
         let u32s = |b: &[u8]| -> Vec<u32> {
             b.chunks_exact(4)
                 .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
@@ -443,12 +649,34 @@ impl<B: Backend> RelativeMatrix<B> {
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect()
         };
-        match kind {
-            0 if body.len() == vocab * anchors * 4 => Ok(RelativeMatrix::Dense(Tensor::from_data(
-                TensorData::new(f32s(body), [vocab, anchors]),
-                device,
-            ))),
-            1 if k > 0 && body.len() == vocab * k * 8 => {
+        let packed = |format: PackedFormat, cols: usize| {
+            PackedMatrix::from_bytes(vocab, cols, format, body)
+                .map_err(|e| err(e.to_string()))
+                .and_then(|m| PackedRelative::new(m, anchors).map_err(|e| err(e.to_string())))
+                .map(RelativeMatrix::Packed)
+        };
+        let format = PackedFormat::ALL
+            .into_iter()
+            .find(|&f| kind == 2 && format_code(f) == k as u64);
+        match (kind, format) {
+            (0, _)
+                if vocab.checked_mul(anchors).and_then(|n| n.checked_mul(4))
+                    == Some(body.len()) =>
+            {
+                if kiln_core::nn::cpu_backend::<B>(device) {
+                    packed(PackedFormat::F32, anchors)
+                } else {
+                    Ok(RelativeMatrix::Dense(Tensor::from_data(
+                        TensorData::new(f32s(body), [vocab, anchors]),
+                        device,
+                    )))
+                }
+            }
+            (2, Some(format)) => packed(format, anchors.next_multiple_of(format.block_len())),
+            (1, _)
+                if k > 0
+                    && vocab.checked_mul(k).and_then(|n| n.checked_mul(8)) == Some(body.len()) =>
+            {
                 let (ids, vals) = body.split_at(vocab * k * 4);
                 SparseRelative::new(u32s(ids), f32s(vals), k, anchors)
                     .map(RelativeMatrix::Sparse)
@@ -463,6 +691,17 @@ impl<B: Backend> RelativeMatrix<B> {
 }
 
 const MAGIC: &[u8; 8] = b"KILNREL1";
+
+/// A packed format's name in a header word: its bytes, little-endian, zero-padded.
+fn format_code(format: PackedFormat) -> u64 {
+    let mut word = [0u8; 8];
+    word[..format.name().len()].copy_from_slice(format.name().as_bytes());
+    u64::from_le_bytes(word)
+}
+
+fn format_word(p: &PackedRelative) -> usize {
+    format_code(p.matrix().format()) as usize
+}
 
 /// Each anchor's cross-model consistency, as the reference's optional anchor selection
 /// (`get_anchor_point_list_our`) scores it: in every member, the anchor's row of cosine
@@ -594,9 +833,11 @@ pub fn cache_path<B: Backend>(
     for id in anchor_ids {
         fnv1a(&mut anchors, &id.to_le_bytes());
     }
-    let k = config
-        .top_k
-        .map_or("dense".to_string(), |k| format!("top{k}"));
+    let k = match (config.top_k, config.dense_format) {
+        (Some(k), _) => format!("top{k}"),
+        (None, PackedFormat::F32) => "dense".to_string(),
+        (None, format) => format!("dense-{format}"),
+    };
     Ok(dir.join(format!(
         "rel-{hash:016x}-{anchors:016x}-t{}-{k}.bin",
         config.temperature
@@ -637,14 +878,80 @@ mod tests {
         // Cosines: [1,0], [0,1], [1/√2, 1/√2]; rows already unit; softmax(1, 0) = (e, 1)/(e+1).
         let e = std::f32::consts::E;
         let (hi, lo) = (e / (e + 1.0), 1.0 / (e + 1.0));
-        let RelativeMatrix::Dense(r) = tiny(None) else {
-            panic!()
-        };
-        close(&host(r), &[hi, lo, lo, hi, 0.5, 0.5]);
+        let r = tiny(None);
+        assert!(
+            matches!(r, RelativeMatrix::Packed(_)),
+            "dense on a CPU backend is packed"
+        );
+        close(&r.to_f32().unwrap(), &[hi, lo, lo, hi, 0.5, 0.5]);
         // p = (0.5, 0.25, 0.25): p·R = 0.5 (hi, lo) + 0.25 (lo, hi) + 0.25 (0.5, 0.5).
         let p = Tensor::<B, 2>::from_data([[0.5, 0.25, 0.25]], &Default::default());
         let want = [0.5 * hi + 0.25 * lo + 0.125, 0.5 * lo + 0.25 * hi + 0.125];
         close(&host(tiny(None).map(p)), &want);
+    }
+
+    #[test]
+    fn compressed_dense_formats_map_within_their_rounding() {
+        // 40 anchors: not a whole Q8_0 block, so the zero padding is crossed.
+        let (vocab, dim, anchors) = (300, 16, 40usize);
+        let e: Vec<f32> = (0..vocab * dim)
+            .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * (1.0 + (i % 3) as f32))
+            .collect();
+        let e = Tensor::<B, 2>::from_data(TensorData::new(e, [vocab, dim]), &Default::default());
+        let ids: Vec<u32> = (0..anchors as u32).map(|i| i * 7).collect();
+        let config = RelativeConfig::default().with_temperature(3.0);
+        let exact = RelativeMatrix::build(e.clone(), &ids, &config).unwrap();
+        let p: Vec<f32> = (0..vocab).map(|v| ((v * 31) % 17) as f32 + 0.5).collect();
+        let sum: f32 = p.iter().sum();
+        let p: Vec<f32> = p.iter().map(|x| x / sum).collect();
+        let want = exact.map_host(&p, &Default::default()).unwrap();
+        let dir = std::env::temp_dir().join(format!("kiln-rel-formats-{}", std::process::id()));
+        // Bounds: f16 and bf16 round each entry to 2⁻¹¹ and 2⁻⁸ of itself; Q8_0 by half a
+        // step of its block, amax/254, here at most ~1% of the mapped values.
+        for (format, bound) in [
+            (PackedFormat::F16, 1e-3),
+            (PackedFormat::BF16, 5e-3),
+            (PackedFormat::Q8_0, 2e-2),
+        ] {
+            let config = config.clone().with_dense_format(format);
+            let r = RelativeMatrix::build(e.clone(), &ids, &config).unwrap();
+            let RelativeMatrix::Packed(packed) = &r else {
+                panic!("{format}: not packed")
+            };
+            assert_eq!(packed.matrix().format(), format);
+            assert_eq!(
+                packed.matrix().cols(),
+                anchors.next_multiple_of(format.block_len())
+            );
+            let q = r.map_host(&p, &Default::default()).unwrap();
+            assert_eq!(q.len(), anchors);
+            for (a, b) in q.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= bound * b.abs() + 1e-6,
+                    "{format}: {a} vs {b}"
+                );
+            }
+            // The two maps are adjoint across the padding: ⟨p·R, w⟩ = ⟨p, R·w⟩.
+            let w: Vec<f32> = (0..anchors).map(|a| (a as f32 * 0.37).sin()).collect();
+            let back = packed.map_transposed(&w);
+            let lhs: f64 = q.iter().zip(&w).map(|(a, b)| (a * b) as f64).sum();
+            let rhs: f64 = p.iter().zip(&back).map(|(a, b)| (a * b) as f64).sum();
+            assert!((lhs - rhs).abs() < 1e-5, "{format}: {lhs} vs {rhs}");
+            // The cache keeps the format and the bytes.
+            let a = RelativeMatrix::build_cached(e.clone(), &ids, &config, &dir).unwrap();
+            let path = cache_path(&dir, &e, &ids, &config).unwrap();
+            assert!(
+                path.to_string_lossy()
+                    .ends_with(&format!("-dense-{format}.bin"))
+            );
+            let b = RelativeMatrix::<B>::load(&path, &Default::default()).unwrap();
+            let (RelativeMatrix::Packed(a), RelativeMatrix::Packed(b)) = (&a, &b) else {
+                panic!("{format}: the cached matrix is not packed")
+            };
+            assert_eq!(a.matrix().bytes(), b.matrix().bytes());
+            assert_eq!((a.anchors(), b.matrix().format()), (anchors, format));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

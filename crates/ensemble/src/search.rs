@@ -3,7 +3,8 @@
 //! aggregated relative representation.
 //!
 //! The gradient is closed-form (`s ⊙ (g − ⟨s, g⟩)` with `g = −(t / q) · Rᵀ`): two passes over
-//! `R` per step, matmuls on the device for a dense matrix, loops on the host for a sparse one
+//! `R` per step: matmuls on the device for a dense matrix on a GPU, kiln-core's matrix kernels
+//! on the host for a dense one on the CPU, loops on the host for a sparse one
 //! (see [`crate::relative`]). Burn's autodiff computes the same gradient
 //! ([`SearchGradient::Autodiff`]; the tests hold the two together) but records a graph and
 //! replays it each step, and its sparse map runs through gather/scatter: the search cost 2–3×
@@ -20,7 +21,7 @@ use burn::tensor::activation::softmax;
 
 use crate::ensemble::host_vec;
 use crate::error::{EnsembleError, Result};
-use crate::relative::{RelativeMatrix, SparseRelative};
+use crate::relative::{HostMap, RelativeMatrix};
 
 /// The update rule of the search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,14 +156,9 @@ fn dense_gradient<B: Backend>(
     s * (ds - dot)
 }
 
-/// The same for a sparse matrix, on the host; `g` receives the gradient.
-fn sparse_gradient(
-    z: &[f32],
-    target: &[f32],
-    relative: &SparseRelative,
-    mean: bool,
-    g: &mut [f32],
-) {
+/// The same for a matrix in host memory (sparse, or dense packed), on the host; `g` receives
+/// the gradient.
+fn host_gradient(z: &[f32], target: &[f32], relative: &dyn HostMap, mean: bool, g: &mut [f32]) {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut s: Vec<f32> = z.iter().map(|&x| (x - max).exp()).collect();
     let sum: f32 = s.iter().sum();
@@ -226,13 +222,17 @@ pub fn inverse_search<B: Backend>(
     // The reference code's KLDivLoss averages over anchors; the paper's plain step sums.
     let mean = config.optimizer == SearchOptimizer::AdamW;
     let device = logits.device();
-    if let (SearchGradient::Analytic, RelativeMatrix::Sparse(sparse)) = (config.gradient, relative)
-    {
+    let host: Option<&dyn HostMap> = match (config.gradient, relative) {
+        (SearchGradient::Analytic, RelativeMatrix::Sparse(s)) => Some(s),
+        (SearchGradient::Analytic, RelativeMatrix::Packed(p)) => Some(p),
+        _ => None,
+    };
+    if let Some(host) = host {
         let mut z = host_vec(logits, "logits")?;
         let target = host_vec(target, "target")?;
         let (mut m, mut v, mut g) = (vec![0f32; vocab], vec![0f32; vocab], vec![0f32; vocab]);
         for t in 0..config.steps {
-            sparse_gradient(&z, &target, sparse, mean, &mut g);
+            host_gradient(&z, &target, host, mean, &mut g);
             match config.optimizer {
                 SearchOptimizer::Sgd => z.iter_mut().zip(&g).for_each(|(z, g)| *z -= lr0 * g),
                 SearchOptimizer::AdamW => {
@@ -253,7 +253,7 @@ pub fn inverse_search<B: Backend>(
     // The autodiff view of the matrix and target, built once for all steps.
     let autodiff = (config.gradient == SearchGradient::Autodiff).then(|| {
         (
-            relative.convert(Tensor::from_inner),
+            relative.convert(&device, Tensor::from_inner),
             Tensor::<Autodiff<B>, 2>::from_inner(target.clone()),
         )
     });
@@ -263,7 +263,9 @@ pub fn inverse_search<B: Backend>(
         let g = match (&autodiff, relative) {
             (Some((rel, target)), _) => autodiff_gradient(z.clone(), target, rel, mean)?,
             (None, RelativeMatrix::Dense(r)) => dense_gradient(z.clone(), target.clone(), r, mean),
-            (None, RelativeMatrix::Sparse(_)) => unreachable!("handled on the host above"),
+            (None, RelativeMatrix::Sparse(_) | RelativeMatrix::Packed(_)) => {
+                unreachable!("handled on the host above")
+            }
         };
         z = match config.optimizer {
             SearchOptimizer::Sgd => z - g * lr0,
@@ -401,25 +403,47 @@ mod tests {
         (r, z, t)
     }
 
+    /// The dense matrix as a device tensor (what GPU backends hold), from the host one.
+    fn on_device(r: &RelativeMatrix<B>) -> RelativeMatrix<B> {
+        let values = r.to_f32().unwrap();
+        RelativeMatrix::Dense(Tensor::from_data(
+            TensorData::new(values, [r.vocab(), r.anchors()]),
+            &Default::default(),
+        ))
+    }
+
     #[test]
     fn analytic_gradient_equals_autodiff() {
-        for top_k in [None, Some(5)] {
+        // Dense on the host (what the CPU backends hold), dense on the device, sparse.
+        let (packed, _, _) = random_case(None);
+        assert!(matches!(packed, RelativeMatrix::Packed(_)));
+        let cases = [
+            (packed.clone(), "host dense"),
+            (on_device(&packed), "device dense"),
+            (random_case(Some(5)).0, "top-5"),
+        ];
+        for (r, what) in cases {
             for mean in [false, true] {
-                let (r, z, t) = random_case(top_k);
+                let (_, z, t) = random_case(None);
                 let analytic: Vec<f32> = match &r {
                     RelativeMatrix::Dense(d) => dense_gradient(z.clone(), t.clone(), d, mean)
                         .into_data()
                         .into_vec()
                         .unwrap(),
-                    RelativeMatrix::Sparse(s) => {
+                    RelativeMatrix::Sparse(_) | RelativeMatrix::Packed(_) => {
+                        let host: &dyn HostMap = match &r {
+                            RelativeMatrix::Sparse(s) => s,
+                            RelativeMatrix::Packed(p) => p,
+                            RelativeMatrix::Dense(_) => unreachable!(),
+                        };
                         let zh: Vec<f32> = z.clone().into_data().into_vec().unwrap();
                         let th: Vec<f32> = t.clone().into_data().into_vec().unwrap();
                         let mut g = vec![0.0; zh.len()];
-                        sparse_gradient(&zh, &th, s, mean, &mut g);
+                        host_gradient(&zh, &th, host, mean, &mut g);
                         g
                     }
                 };
-                let rel = r.convert(Tensor::from_inner);
+                let rel = r.convert(&Default::default(), Tensor::from_inner);
                 let auto: Vec<f32> = autodiff_gradient(z, &Tensor::from_inner(t), &rel, mean)
                     .unwrap()
                     .into_data()
@@ -430,7 +454,7 @@ mod tests {
                 for (a, b) in analytic.iter().zip(&auto) {
                     assert!(
                         (a - b).abs() <= 1e-5 * scale,
-                        "top_k {top_k:?}, mean {mean}: {a} vs {b} (scale {scale})"
+                        "{what}, mean {mean}: {a} vs {b} (scale {scale})"
                     );
                 }
             }
@@ -439,9 +463,11 @@ mod tests {
 
     #[test]
     fn sparse_search_with_every_anchor_equals_dense() {
-        // The host loops (sparse) and the device matmuls (dense) are two codings of one search.
+        // The host loops (sparse), the host kernels (dense, packed) and the device matmuls
+        // (dense) are three codings of one search.
         let (dense, z, t) = random_case(None);
         let (sparse, _, _) = random_case(Some(12));
+        let device = on_device(&dense);
         for optimizer in [SearchOptimizer::Sgd, SearchOptimizer::AdamW] {
             let config = SearchConfig::default()
                 .with_optimizer(optimizer)
@@ -454,9 +480,13 @@ mod tests {
                     .into_vec()
                     .unwrap()
             };
-            let (a, b) = (run(&dense), run(&sparse));
-            for (x, y) in a.iter().zip(&b) {
+            let (a, b, c) = (run(&dense), run(&sparse), run(&device));
+            for ((x, y), w) in a.iter().zip(&b).zip(&c) {
                 assert!((x - y).abs() < 1e-4, "{optimizer:?}: {x} vs {y}");
+                assert!(
+                    (x - w).abs() < 1e-4,
+                    "{optimizer:?}: {x} vs {w} on the device"
+                );
             }
         }
     }
