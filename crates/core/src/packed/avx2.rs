@@ -929,8 +929,8 @@ unsafe fn axpy_rows_f<const F: u8>(rows: &[&[u8]], a: &[f32], acc: &mut [f32]) {
                 if F == Q8_0 {
                     // `q · (d·a)`: one multiply fewer per value than `(q·d) · a`.
                     let da = _mm256_set1_ps(h2f(p) * ai);
-                    for k in 0..4 {
-                        s[k] = _mm256_fmadd_ps(i8x8(p.add(2 + 8 * k)), da, s[k]);
+                    for (k, s) in s.iter_mut().enumerate() {
+                        *s = _mm256_fmadd_ps(i8x8(p.add(2 + 8 * k)), da, *s);
                     }
                     continue;
                 }
