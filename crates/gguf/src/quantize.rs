@@ -89,6 +89,19 @@ fn nearest_int(v: f32) -> i32 {
     (t.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
+/// The value of largest magnitude, the first of equal magnitudes (ggml's `amax`/`max` loop, which
+/// the signed-scale formats divide by so the extreme value gets the extreme quant).
+fn signed_max(x: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
 /// `block_q8_0`: `d = amax/127`, `q = round(x/d)` half away from zero.
 fn q8_0(x: &[f32], y: &mut [u8]) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -103,14 +116,7 @@ fn q8_0(x: &[f32], y: &mut [u8]) {
 /// `block_q4_0 { half d; u8 qs[16]; }`: `d = max/−8` (`max` the value of largest magnitude),
 /// `q = min(15, trunc(x/d + 8.5))`; values `j` and `j + 16` share `qs[j]` (low, high nibble).
 fn q4_0(x: &[f32], y: &mut [u8]) {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    let d = max / -8.0;
+    let d = signed_max(x) / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(&mut y[..2], d);
     for j in 0..16 {
@@ -140,14 +146,7 @@ fn q4_1(x: &[f32], y: &mut [u8]) {
 /// magnitude), `q = min(31, trunc(x/d + 16.5))`; the low four bits of values `j` and `j + 16`
 /// share `qs[j]`, their fifth bits are bits `j` and `j + 16` of `qh`.
 fn q5_0(x: &[f32], y: &mut [u8]) {
-    let (mut amax, mut max) = (0f32, 0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    let d = max / -16.0;
+    let d = signed_max(x) / -16.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(&mut y[..2], d);
     let q = |v: f32| ((v * id + 16.5) as i8).min(31) as u8;
@@ -260,14 +259,8 @@ fn make_qkx2_quants(
 /// the quants offset by `nmax`.
 fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [u8]) -> f32 {
     let n = x.len();
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
+    let max = signed_max(x);
+    if max.abs() < GROUP_MAX_EPS {
         l[..n].fill(0);
         return 0.0;
     }
@@ -427,16 +420,11 @@ fn q5_k(x: &[f32], y: &mut [u8]) {
 fn q6_k(x: &[f32], y: &mut [u8]) {
     let mut l = [0u8; QK_K];
     let mut scales = [0f32; 16];
-    let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
     for ib in 0..16 {
-        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
-        scales[ib] = s;
-        if s.abs() > max_abs_scale {
-            max_abs_scale = s.abs();
-            max_scale = s;
-        }
+        scales[ib] = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
     }
-    if max_abs_scale < GROUP_MAX_EPS {
+    let max_scale = signed_max(&scales);
+    if max_scale.abs() < GROUP_MAX_EPS {
         y.fill(0);
         return;
     }
