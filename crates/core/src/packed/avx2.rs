@@ -743,15 +743,7 @@ pub(super) fn hsum(v: __m256) -> f32 {
 unsafe fn load<const F: u8>(p: *const u8) -> [__m256; 4] {
     unsafe {
         match F {
-            F32 => {
-                let p = p.cast::<f32>();
-                [
-                    _mm256_loadu_ps(p),
-                    _mm256_loadu_ps(p.add(8)),
-                    _mm256_loadu_ps(p.add(16)),
-                    _mm256_loadu_ps(p.add(24)),
-                ]
-            }
+            F32 => load4(p.cast()),
             F16 => [
                 _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
                 _mm256_cvtph_ps(_mm_loadu_si128(p.add(16).cast())),
@@ -765,6 +757,34 @@ unsafe fn load<const F: u8>(p: *const u8) -> [__m256; 4] {
                 bf16x8(p.add(48)),
             ],
         }
+    }
+}
+
+/// 32 f32 at `p` as four registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load4(p: *const f32) -> [__m256; 4] {
+    unsafe {
+        [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ]
+    }
+}
+
+/// Four registers to 32 f32 at `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn store4(p: *mut f32, v: [__m256; 4]) {
+    unsafe {
+        _mm256_storeu_ps(p, v[0]);
+        _mm256_storeu_ps(p.add(8), v[1]);
+        _mm256_storeu_ps(p.add(16), v[2]);
+        _mm256_storeu_ps(p.add(24), v[3]);
     }
 }
 
@@ -873,11 +893,7 @@ unsafe fn dequant<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
     for b in 0..blocks {
         unsafe {
             let v = block_values::<F>(src.as_ptr().add(b * block_bytes::<F>()));
-            let out = dst.as_mut_ptr().add(b * 32);
-            _mm256_storeu_ps(out, v[0]);
-            _mm256_storeu_ps(out.add(8), v[1]);
-            _mm256_storeu_ps(out.add(16), v[2]);
-            _mm256_storeu_ps(out.add(24), v[3]);
+            store4(dst.as_mut_ptr().add(b * 32), v);
         }
     }
 }
@@ -918,12 +934,7 @@ unsafe fn axpy_rows_f<const F: u8>(rows: &[&[u8]], a: &[f32], acc: &mut [f32]) {
     for b in 0..acc.len() / 32 {
         unsafe {
             let out = acc.as_mut_ptr().add(b * 32);
-            let mut s = [
-                _mm256_loadu_ps(out),
-                _mm256_loadu_ps(out.add(8)),
-                _mm256_loadu_ps(out.add(16)),
-                _mm256_loadu_ps(out.add(24)),
-            ];
+            let mut s = load4(out);
             for (row, &ai) in rows.iter().zip(a) {
                 let p = row.as_ptr().add(b * block_bytes::<F>());
                 if F == Q8_0 {
@@ -940,10 +951,7 @@ unsafe fn axpy_rows_f<const F: u8>(rows: &[&[u8]], a: &[f32], acc: &mut [f32]) {
                     s[k] = _mm256_fmadd_ps(v[k], ai, s[k]);
                 }
             }
-            _mm256_storeu_ps(out, s[0]);
-            _mm256_storeu_ps(out.add(8), s[1]);
-            _mm256_storeu_ps(out.add(16), s[2]);
-            _mm256_storeu_ps(out.add(24), s[3]);
+            store4(out, s);
         }
     }
 }
@@ -964,37 +972,7 @@ unsafe fn block_values<const F: u8>(p: *const u8) -> [__m256; 4] {
                     _mm256_mul_ps(i8x8(p.add(26)), d),
                 ]
             }
-            Q4_0 | Q4_1 => {
-                let d = _mm256_set1_ps(h2f(p));
-                let qs = _mm_loadu_si128(p.add(if F == Q4_0 { 2 } else { 4 }).cast());
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(qs, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                let q = [
-                    _mm256_cvtepu8_epi32(lo),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
-                    _mm256_cvtepu8_epi32(hi),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
-                ];
-                if F == Q4_0 {
-                    let eight = _mm256_set1_epi32(8);
-                    [
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[0], eight)), d),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[1], eight)), d),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[2], eight)), d),
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[3], eight)), d),
-                    ]
-                } else {
-                    let m = _mm256_set1_ps(h2f(p.add(2)));
-                    [
-                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), d), m),
-                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[1]), d), m),
-                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[2]), d), m),
-                        _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[3]), d), m),
-                    ]
-                }
-            }
-            Q5_0 | Q5_1 => {
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 => {
                 let d = _mm256_set1_ps(h2f(p));
                 let (lo, hi) = small_quants::<F>(p);
                 let widen = |v: __m256i| {
@@ -1005,8 +983,8 @@ unsafe fn block_values<const F: u8>(p: *const u8) -> [__m256; 4] {
                 };
                 let ([a, b], [c, e]) = (widen(lo), widen(hi));
                 let q = [a, b, c, e];
-                if F == Q5_0 {
-                    let s = _mm256_set1_epi32(16);
+                if F == Q4_0 || F == Q5_0 {
+                    let s = _mm256_set1_epi32(if F == Q4_0 { 8 } else { 16 });
                     q.map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, s)), d))
                 } else {
                     let m = _mm256_set1_ps(h2f(p.add(2)));
