@@ -181,28 +181,24 @@ fn main() -> Result<()> {
             .unwrap()
     };
     let full = logits_at(&tokens, true);
-    let sparse: Vec<RelativeMatrix<Backend>> = args
-        .search_ks
-        .iter()
-        .map(|&k| {
-            RelativeMatrix::build(
-                embeddings.clone(),
-                ids,
-                &RelativeConfig::default().with_top_k(Some(k)),
-            )
-        })
-        .collect::<Result<_, _>>()?;
-    let compressed: Vec<RelativeMatrix<Backend>> = args
-        .dense_formats
-        .iter()
-        .map(|&f| {
-            RelativeMatrix::build(
-                embeddings.clone(),
-                ids,
-                &RelativeConfig::default().with_dense_format(f),
-            )
-        })
-        .collect::<Result<_, _>>()?;
+    let build = |configs: Vec<RelativeConfig>| {
+        configs
+            .iter()
+            .map(|c| RelativeMatrix::build(embeddings.clone(), ids, c))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let sparse = build(
+        args.search_ks
+            .iter()
+            .map(|&k| RelativeConfig::default().with_top_k(Some(k)))
+            .collect(),
+    )?;
+    let compressed = build(
+        args.dense_formats
+            .iter()
+            .map(|&f| RelativeConfig::default().with_dense_format(f))
+            .collect(),
+    )?;
     let search = SearchConfig::default();
     let (mut same, mut moved) = (vec![0usize; sparse.len()], 0usize);
     let mut same_format = vec![0usize; compressed.len()];

@@ -129,6 +129,32 @@ fn per_token(mut run: impl FnMut(usize) -> Result<Vec<u32>>, n: usize) -> Result
     Ok(((all - one) / (n - 1) as f64, tokens))
 }
 
+/// Each member alone and the ensemble, interleaved rep by rep (the machine's speed drifts, so a
+/// ratio is taken within one window): the median seconds per token of each member, of their sum
+/// per rep and of the ensemble, and the ensemble's last tokens.
+fn interleaved(e: &mut Ensemble<Backend>, args: &Args) -> Result<([f64; 2], f64, f64, Vec<u32>)> {
+    let generation = |n| GenerationConfig::default().with_max_new_tokens(n);
+    let (mut alone, mut sums) = ([Vec::new(), Vec::new()], Vec::new());
+    let (mut together, mut tokens) = (Vec::new(), Vec::new());
+    for _ in 0..args.reps {
+        let mut sum = 0.0;
+        for (m, times) in alone.iter_mut().enumerate() {
+            let run = |n| Ok(e.generate_member(m, &args.prompt, &generation(n))?.tokens);
+            let (s, _) = per_token(run, args.tokens)?;
+            times.push(s);
+            sum += s;
+        }
+        sums.push(sum);
+        let (s, t) = per_token(
+            |n| Ok(e.generate(&[&args.prompt], &generation(n))?.tokens),
+            args.tokens,
+        )?;
+        together.push(s);
+        tokens = t;
+    }
+    Ok((alone.map(median), median(sums), median(together), tokens))
+}
+
 /// Milliseconds of one DeePEn combination step (both mappings, the average and the search) on
 /// random logits, without the members' forwards: the median of 9 runs.
 fn combination_ms(ensemble: &Ensemble<Backend>) -> Result<f64> {
@@ -179,7 +205,6 @@ fn main() -> Result<()> {
         let e = Ensemble::new(members, config)?;
         Ok((e, t.elapsed().as_secs_f64()))
     };
-    let generation = |n| GenerationConfig::default().with_max_new_tokens(n);
     println!(
         "backend {NAME}, {} tokens per run, prompt {:?}",
         args.tokens, args.prompt
@@ -197,43 +222,19 @@ fn main() -> Result<()> {
             .sum::<usize>() as f64
             / 1e6
     );
-    // Members alone and the ensemble, interleaved rep by rep (the machine's speed drifts), and
-    // the median of each.
     let names: Vec<String> = (0..2)
         .map(|m| sparse.members()[m].name().to_string())
         .collect();
-    let (mut alone, mut together) = ([Vec::new(), Vec::new()], Vec::new());
-    let mut sparse_tokens = Vec::new();
-    for _ in 0..args.reps {
-        for (m, times) in alone.iter_mut().enumerate() {
-            let (s, _) = per_token(
-                |n| {
-                    Ok(sparse
-                        .generate_member(m, &args.prompt, &generation(n))?
-                        .tokens)
-                },
-                args.tokens,
-            )?;
-            times.push(s);
-        }
-        let (s, tokens) = per_token(
-            |n| Ok(sparse.generate(&[&args.prompt], &generation(n))?.tokens),
-            args.tokens,
-        )?;
-        together.push(s);
-        sparse_tokens = tokens;
-    }
-    let alone = alone.map(median);
+    let (alone, sum, together, sparse_tokens) = interleaved(&mut sparse, &args)?;
     for (name, s) in names.iter().zip(alone) {
         println!("| {name} alone | {:.1} ms | |", s * 1e3);
     }
-    let sum: f64 = alone.iter().sum();
     println!("| sum of members | {:.1} ms | |", sum * 1e3);
     println!(
         "| DeePEn combination alone (map + search) | {:.1} ms | |",
         combination_ms(&sparse)?
     );
-    let s = median(together);
+    let s = together;
     println!(
         "| DeePEn top-{} | {:.1} ms ({:.2}x the sum) | peak RSS {:.2} GB |",
         args.top_k,
@@ -257,27 +258,8 @@ fn main() -> Result<()> {
                 .sum::<usize>() as f64
                 / 1e6
         );
-        // Members and the dense ensemble interleaved again: the ratio is taken in one window.
-        let (mut sums, mut steps, mut dense_tokens) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.reps {
-            let mut sum = 0.0;
-            for m in 0..2 {
-                let run = |n| {
-                    Ok(dense
-                        .generate_member(m, &args.prompt, &generation(n))?
-                        .tokens)
-                };
-                sum += per_token(run, args.tokens)?.0;
-            }
-            sums.push(sum);
-            let (s, tokens) = per_token(
-                |n| Ok(dense.generate(&[&args.prompt], &generation(n))?.tokens),
-                args.tokens,
-            )?;
-            steps.push(s);
-            dense_tokens = tokens;
-        }
-        let (sum, s) = (median(sums), median(steps));
+        // The members again beside the dense ensemble: the ratio is taken in one window.
+        let (_, sum, s, dense_tokens) = interleaved(&mut dense, &args)?;
         println!(
             "| DeePEn dense {format} | {:.1} ms ({:.2}x the members' {:.1} ms) | combination \
              alone {:.1} ms | peak RSS {:.2} GB |",

@@ -175,6 +175,11 @@ impl PackedRelative {
     /// `R · w` for one vector `w` over the anchors: the chain rule of [`map`](Self::map).
     pub fn map_transposed(&self, w: &[f32]) -> Vec<f32> {
         assert_eq!(w.len(), self.anchors, "one value per anchor");
+        if self.matrix.cols() == self.anchors {
+            return self.matrix.matmul_t(w, 1);
+        }
+        // Block formats: zeros for the padding columns (one anchor-length copy beside a read of
+        // the whole matrix).
         let mut padded = w.to_vec();
         padded.resize(self.matrix.cols(), 0.0);
         self.matrix.matmul_t(&padded, 1)
