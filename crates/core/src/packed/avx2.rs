@@ -807,12 +807,23 @@ unsafe fn i8x8(p: *const u8) -> __m256 {
 
 /// One row to f32, with the scalar dequantiser's arithmetic (`(q − 8)·d`, `q·d + m` without a
 /// fused multiply-add, `q·d`), so the results are bit-identical; `false` when the format or
-/// width is not one it handles (the caller falls back to the scalar loop).
+/// width is not one it handles (the caller falls back to the scalar loop). f16/bf16 rows may
+/// have any width.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) -> bool {
+    if src.len() != format.row_bytes(dst.len()) {
+        return false;
+    }
+    if format.block_len() == 1 && !dst.len().is_multiple_of(32) {
+        // f16/bf16 rows of any width: whole 32-value runs here, the last few one by one.
+        let (head, tail) = dst.split_at_mut(dst.len() / 32 * 32);
+        let (src_head, src_tail) = src.split_at(format.row_bytes(head.len()));
+        super::kernels::dequantize_row_scalar(format, src_tail, tail);
+        return head.is_empty() || dequantize_row(format, src_head, head);
+    }
     let blocks = dst.len() / 32;
     let whole = if format.is_k_quant() { 256 } else { 32 };
-    if !dst.len().is_multiple_of(whole) || src.len() != format.row_bytes(dst.len()) {
+    if !dst.len().is_multiple_of(whole) {
         return false;
     }
     // Safety: `available()` was checked by the caller; lengths checked above.
@@ -901,17 +912,37 @@ unsafe fn dequant<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
 /// `acc += Σᵢ a[i] · rowᵢ` for whole rows of `format` (`acc.len()` values each): the rows of a
 /// group are dequantised block by block in registers and multiplied into the same accumulator
 /// registers, so `acc` is loaded and stored once per group rather than once per row. False
-/// where there is no such kernel (the K-quants, widths that are not whole 32-value blocks).
+/// where there is no such kernel (the K-quants).
 pub(super) fn axpy_rows(format: PackedFormat, rows: &[&[u8]], a: &[f32], acc: &mut [f32]) -> bool {
     let n = acc.len();
     if format.is_k_quant()
-        || !n.is_multiple_of(32)
         || rows.len() != a.len()
         || rows.iter().any(|r| r.len() != format.row_bytes(n))
     {
         return false;
     }
-    // Safety: `available()` was checked by the caller; lengths checked above.
+    let acc = if format.block_len() == 1 && !n.is_multiple_of(32) {
+        // Element formats of any width (e.g. DeePEn's relative matrices, one column per
+        // anchor): the last few values one by one here, the whole 32-value runs below (the
+        // kernel reads only the rows' first `acc.len()` values).
+        let (head, tail) = acc.split_at_mut(n / 32 * 32);
+        let split = format.row_bytes(head.len());
+        let mut values = [0f32; 32];
+        for (row, &ai) in rows.iter().zip(a) {
+            let values = &mut values[..tail.len()];
+            super::kernels::dequantize_row_scalar(format, &row[split..], values);
+            for (y, &v) in tail.iter_mut().zip(values.iter()) {
+                *y += ai * v;
+            }
+        }
+        head
+    } else if n.is_multiple_of(32) {
+        acc
+    } else {
+        return false;
+    };
+    // Safety: `available()` was checked by the caller; row lengths checked above, and the
+    // kernels read `acc.len() / 32` whole runs of each row.
     unsafe {
         match format {
             PackedFormat::F32 => axpy_rows_f::<F32>(rows, a, acc),

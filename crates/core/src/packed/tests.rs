@@ -210,9 +210,14 @@ fn gather_rows_is_an_embedding_lookup_and_rejects_ids_past_the_end() {
 
 #[test]
 fn simd_dequantisation_is_bit_identical_to_the_scalar_reference() {
-    let (rows, cols) = (3, 96);
-    let w = values(rows * cols, 11);
-    for format in ALL {
+    // Element formats also at a width with a tail after the SIMD runs.
+    let cases = ALL
+        .iter()
+        .map(|&f| (f, 96))
+        .chain(ALL.iter().filter(|f| f.block_len() == 1).map(|&f| (f, 45)));
+    for (format, cols) in cases {
+        let rows = 3;
+        let w = values(rows * cols, 11);
         let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
         for r in 0..rows {
             let (mut fast, mut slow) = (vec![0f32; cols], vec![0f32; cols]);
@@ -664,9 +669,14 @@ fn k_quants_keep_f32_activations_when_q8_is_asked() {
 #[test]
 fn vecmat_is_the_transposed_product_for_every_format() {
     // x · W against the dequantised rows summed in f64, for row counts that split unevenly over
-    // the runs, with zero entries (skipped rows) and entries of both signs.
-    let cols = 96;
-    for format in ALL {
+    // the runs, with zero entries (skipped rows) and entries of both signs; the element
+    // formats also at widths that are not whole 32-value runs (a tail after SIMD runs, a tail
+    // alone).
+    for (format, cols) in ALL.iter().map(|&f| (f, 96)).chain(
+        ALL.iter()
+            .filter(|f| f.block_len() == 1)
+            .flat_map(|&f| [(f, 45), (f, 13)]),
+    ) {
         for rows in [1, 3, 37, 1000] {
             let w = values(rows * cols, 5);
             let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
