@@ -47,13 +47,10 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let heads = |t: Tensor<B, 3>, heads| t.reshape([batch, seq, heads, self.head_dim]);
         // RoPE in the projections' [batch, seq, heads, head_dim] layout, then heads to the front.
-        let q = rope
-            .q
-            .apply(heads(self.q_proj.forward(x.clone()), self.heads));
-        let k = rope
-            .k
-            .apply(heads(self.k_proj.forward(x.clone()), self.kv_heads));
-        let v = heads(self.v_proj.forward(x), self.kv_heads);
+        let [q, k, v] = TorchLinear::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let q = rope.q.apply(heads(q, self.heads));
+        let k = rope.k.apply(heads(k, self.kv_heads));
+        let v = heads(v, self.kv_heads);
         let (k, v) = cache.update(k.swap_dims(1, 2), v.swap_dims(1, 2), keep);
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = scaled_dot_product_attention(q.swap_dims(1, 2), k, v, mask, None, scale);
@@ -88,8 +85,8 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// `down(silu(gate(x)) · up(x))`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let [gate, up] = TorchLinear::forward_many([&self.gate_proj, &self.up_proj], x);
+        self.down_proj.forward(silu(gate) * up)
     }
 }
 

@@ -79,22 +79,31 @@ impl<B: Backend> M2M100Attention<B> {
             .swap_dims(1, 2)
     }
 
+    /// Keys and values of `x` (the encoder's states, for cross-attention).
     fn key_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        (
-            self.split(self.k_proj.forward(x.clone())),
-            self.split(self.v_proj.forward(x)),
-        )
+        let [k, v] = TorchLinear::forward_many([&self.k_proj, &self.v_proj], x);
+        (self.split(k), self.split(v))
     }
 
+    /// Queries, keys and values of `x` (self-attention).
+    fn query_key_values(&self, x: Tensor<B, 3>) -> [Tensor<B, 4>; 3] {
+        TorchLinear::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], x)
+            .map(|t| self.split(t))
+    }
+
+    fn query(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        self.split(self.q_proj.forward(x))
+    }
+
+    /// Attention of the split queries `q` over `k` and `v`, through `out_proj`.
     fn attend(
         &self,
-        x: Tensor<B, 3>,
+        q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
         mask: Option<&AttentionMask<B>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
-        let q = self.split(self.q_proj.forward(x));
+        let [batch, _, seq, _] = q.dims();
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = scaled_dot_product_attention(q, k, v, mask, None, scale);
         self.out_proj.forward(
@@ -375,12 +384,12 @@ impl<B: Backend> M2M100<B> {
             .zip(cache.cross.iter())
         {
             let h = layer.self_attn_layer_norm.forward(x.clone());
-            let (k, v) = layer.self_attn.key_values(h.clone());
+            let [q, k, v] = layer.self_attn.query_key_values(h);
             let (k, v) = kv.update(k, v, usize::MAX);
-            x = x + layer.self_attn.attend(h, k, v, causal.as_ref());
+            x = x + layer.self_attn.attend(q, k, v, causal.as_ref());
             let h = layer.encoder_attn_layer_norm.forward(x.clone());
             x = x + layer.encoder_attn.attend(
-                h,
+                layer.encoder_attn.query(h),
                 ck.clone(),
                 cv.clone(),
                 cache.encoder_mask.as_ref(),
@@ -463,8 +472,8 @@ impl<B: Backend> Seq2SeqLm<B> for M2M100<B> {
         let mut x = self.embed(input_ids, 0);
         for layer in &self.model.encoder.layers {
             let h = layer.self_attn_layer_norm.forward(x.clone());
-            let (k, v) = layer.self_attn.key_values(h.clone());
-            x = x + layer.self_attn.attend(h, k, v, mask.as_ref());
+            let [q, k, v] = layer.self_attn.query_key_values(h);
+            x = x + layer.self_attn.attend(q, k, v, mask.as_ref());
             let h = layer.final_layer_norm.forward(x.clone());
             x = x + layer
                 .fc2

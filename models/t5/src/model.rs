@@ -83,23 +83,30 @@ impl<B: Backend> T5Attention<B> {
 
     /// Keys and values of `x`, `[batch, heads, seq, d_kv]`.
     fn key_values(&self, x: Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        (
-            self.split(self.k.forward(x.clone())),
-            self.split(self.v.forward(x)),
-        )
+        let [k, v] = TorchLinear::forward_many([&self.k, &self.v], x);
+        (self.split(k), self.split(v))
     }
 
+    /// Queries, keys and values of `x` (self-attention).
+    fn query_key_values(&self, x: Tensor<B, 3>) -> [Tensor<B, 4>; 3] {
+        TorchLinear::forward_many([&self.q, &self.k, &self.v], x).map(|t| self.split(t))
+    }
+
+    fn query(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
+        self.split(self.q.forward(x))
+    }
+
+    /// Attention of the split queries `q` over `k` and `v`, through `o`.
     fn attend(
         &self,
-        x: Tensor<B, 3>,
+        q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
         mask: Option<&AttentionMask<B>>,
         bias: Option<Tensor<B, 4>>,
         dropout: &Dropout,
     ) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
-        let q = self.split(self.q.forward(x));
+        let [batch, _, seq, _] = q.dims();
         let out = attention_with_dropout(q, k, v, mask, bias, 1.0, Some(dropout));
         self.o.forward(
             out.swap_dims(1, 2)
@@ -176,7 +183,10 @@ impl<B: Backend> T5DenseReluDense<B> {
     fn forward(&self, x: Tensor<B, 3>, dropout: &Dropout) -> Tensor<B, 3> {
         let h = match (&self.wi, &self.wi_0, &self.wi_1) {
             (Some(wi), _, _) => self.act(wi.forward(x)),
-            (None, Some(wi_0), Some(wi_1)) => self.act(wi_0.forward(x.clone())) * wi_1.forward(x),
+            (None, Some(wi_0), Some(wi_1)) => {
+                let [gate, up] = TorchLinear::forward_many([wi_0, wi_1], x);
+                self.act(gate) * up
+            }
             _ => unreachable!("T5DenseReluDense built with neither wi nor wi_0/wi_1"),
         };
         self.wo.forward(dropout.forward(h))
@@ -477,15 +487,15 @@ impl<B: Backend> T5<B> {
             let sa = &block.layer[0];
             let attn = sa.SelfAttention.as_ref().expect("self-attention");
             let h = sa.layer_norm.forward(x.clone());
-            let (k, v) = attn.key_values(h.clone());
+            let [q, k, v] = attn.query_key_values(h);
             let (k, v) = kv.update(k, v, usize::MAX);
-            x = x + d.forward(attn.attend(h, k, v, causal.as_ref(), bias.clone(), d));
+            x = x + d.forward(attn.attend(q, k, v, causal.as_ref(), bias.clone(), d));
 
             let ca = &block.layer[1];
             let attn = ca.EncDecAttention.as_ref().expect("cross-attention");
             let h = ca.layer_norm.forward(x.clone());
             let mask = cache.encoder_mask.as_ref();
-            x = x + d.forward(attn.attend(h, ck.clone(), cv.clone(), mask, None, d));
+            x = x + d.forward(attn.attend(attn.query(h), ck.clone(), cv.clone(), mask, None, d));
 
             let ff = &block.layer[2];
             let h = ff.layer_norm.forward(x.clone());
@@ -536,8 +546,8 @@ impl<B: Backend> Seq2SeqLm<B> for T5<B> {
             let sa = &block.layer[0];
             let attn = sa.SelfAttention.as_ref().expect("self-attention");
             let h = sa.layer_norm.forward(x.clone());
-            let (k, v) = attn.key_values(h.clone());
-            x = x + d.forward(attn.attend(h, k, v, mask.as_ref(), bias.clone(), d));
+            let [q, k, v] = attn.query_key_values(h);
+            x = x + d.forward(attn.attend(q, k, v, mask.as_ref(), bias.clone(), d));
             let ff = &block.layer[1];
             let h = ff.layer_norm.forward(x.clone());
             x = x + d.forward(

@@ -15,28 +15,51 @@ pub fn packed_matmul<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w: &PackedMatrix,
 ) -> Tensor<B, D> {
+    let mut y = packed_matmul_many(x, &[w]);
+    y.pop().expect("one product per matrix")
+}
+
+/// [`packed_matmul`] of several matrices of the same width on the same `x`, in one pass of the
+/// kernel threads for decode-sized `x` ([`PackedMatrix::matmul_t_many`]).
+pub fn packed_matmul_many<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    ws: &[&PackedMatrix],
+) -> Vec<Tensor<B, D>> {
     let device = x.device();
     if B::ad_enabled(&device) {
-        return super::linear_out_in(x, dense(w, &device));
+        return ws
+            .iter()
+            .map(|w| super::linear_out_in(x.clone(), dense(w, &device)))
+            .collect();
     }
-    let mut dims = x.dims();
+    let dims = x.dims();
     let m: usize = dims[..D - 1].iter().product();
-    dims[D - 1] = w.rows();
     let data = x.into_data();
     let dtype = data.dtype;
-    let y = match data.as_slice::<f32>() {
-        Ok(xs) => w.matmul_t(xs, m),
-        Err(_) => w.matmul_t(&data.convert::<f32>().into_vec::<f32>().expect("f32"), m),
+    let ys = match data.as_slice::<f32>() {
+        Ok(xs) => PackedMatrix::matmul_t_many(ws, xs, m),
+        Err(_) => PackedMatrix::matmul_t_many(
+            ws,
+            &data.convert::<f32>().into_vec::<f32>().expect("f32"),
+            m,
+        ),
     };
-    let y = TensorData::new(y, dims);
-    Tensor::from_data(
-        if dtype == DType::F32 {
-            y
-        } else {
-            y.convert_dtype(dtype)
-        },
-        &device,
-    )
+    ys.into_iter()
+        .zip(ws)
+        .map(|(y, w)| {
+            let mut dims = dims;
+            dims[D - 1] = w.rows();
+            let y = TensorData::new(y, dims);
+            Tensor::from_data(
+                if dtype == DType::F32 {
+                    y
+                } else {
+                    y.convert_dtype(dtype)
+                },
+                &device,
+            )
+        })
+        .collect()
 }
 
 /// The packed matrix as a dense tensor on `device`.

@@ -68,6 +68,29 @@ impl<B: Backend> TorchLinear<B> {
             Some(packed) => super::host::packed_matmul(x, packed),
             None => linear_out_in(x, self.weight.val()),
         };
+        self.add_bias(y)
+    }
+
+    /// Each layer's [`forward`](Self::forward) of the same `x` (a layer's query, key and value
+    /// projections; its gate and up projections). When all the weights are packed and equally
+    /// wide, a decode step multiplies them in one pass of the host kernel threads
+    /// ([`PackedMatrix::matmul_t_many`]) and waits for the threads once instead of `N` times.
+    pub fn forward_many<const D: usize, const N: usize>(
+        linears: [&Self; N],
+        x: Tensor<B, D>,
+    ) -> [Tensor<B, D>; N] {
+        let packed: Option<Vec<&PackedMatrix>> =
+            linears.iter().map(|l| l.packed.as_deref()).collect();
+        match packed {
+            Some(ws) if N > 1 && ws.iter().all(|w| w.cols() == ws[0].cols()) => {
+                let mut ys = super::host::packed_matmul_many(x, &ws).into_iter();
+                linears.map(|l| l.add_bias(ys.next().expect("one product per layer")))
+            }
+            _ => linears.map(|l| l.forward(x.clone())),
+        }
+    }
+
+    fn add_bias<const D: usize>(&self, y: Tensor<B, D>) -> Tensor<B, D> {
         match &self.bias {
             Some(bias) => y + bias.val().unsqueeze(),
             None => y,

@@ -445,6 +445,33 @@ impl PackedMatrix {
         }
     }
 
+    /// [`matmul_t`](Self::matmul_t) of several matrices that read the same `x` (a layer's
+    /// query, key and value projections; its gate and up projections): the same values, but a
+    /// decode-sized product (up to [`MATVEC_MAX_ROWS`] rows) runs all the matrices in one pass
+    /// of the kernel threads, so the step waits for the threads once instead of once per
+    /// matrix.
+    ///
+    /// Panics if the matrices' widths differ or `x.len() != m * cols`.
+    pub fn matmul_t_many(mats: &[&PackedMatrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let Some(first) = mats.first() else {
+            return Vec::new();
+        };
+        assert!(
+            mats.iter().all(|w| w.cols == first.cols),
+            "matrices of different widths"
+        );
+        if mats.len() == 1 || m == 0 || m > MATVEC_MAX_ROWS {
+            return mats.iter().map(|w| w.matmul_t(x, m)).collect();
+        }
+        assert_eq!(
+            x.len(),
+            m * first.cols,
+            "activation is not [{m}, {}]",
+            first.cols
+        );
+        matvec(mats, x, m)
+    }
+
     /// `x · W` for one vector `x` over the rows: returns `[cols]`, the sum of the rows each
     /// scaled by its entry of `x` (rows whose entry is 0 are skipped). This is the product
     /// [`matmul_t`](Self::matmul_t) transposes, on the same bytes, so a matrix needed both ways
@@ -502,48 +529,7 @@ impl PackedMatrix {
     /// ([`pool`]); each chunk computes every activation row against its weight rows, reading
     /// each weight byte once.
     fn matvec(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let rows = self.rows;
-        let row_bytes = self.row_bytes();
-        // Two equal runs of rows per kernel thread. Measured (2 threads, alternating runs)
-        // against ~32 KiB tasks taken one by one: SmolLM2 Q4_1 decode 102–105 → 121–141 tok/s
-        // with 8-bit activations, 99–104 → 104–114 with f32 ones (one task per thread 125–140,
-        // four 113–136); 32768×1024 f32 at one row 4.7–4.9 → 2.4–2.8 ms, Q8_0 1.3–1.5 → 0.95
-        // ms; NLLB-600M f32 2.05 → 1.82–1.93 s at batch 1. Each thread streams long contiguous
-        // runs the prefetchers follow, takes two contended atomics instead of dozens, and no
-        // thread is left finishing a whole small task after the other is done.
-        let chunk_rows = rows
-            .div_ceil(2 * pool::threads())
-            .next_multiple_of(4)
-            .min(rows.max(1));
-        let kernel = kernels::dot_kernel(self.format, self.activations);
-        let acts = kernels::Acts::new(self.format, self.activations, x, m, self.cols);
-        // [rows, m] while computing, so that each task writes one contiguous run.
-        let mut yt = vec![0f32; rows * m];
-        let out = SendPtr(yt.as_mut_ptr());
-        let bytes = self.bytes();
-        pool::for_each(rows.div_ceil(chunk_rows), &|c| {
-            let r0 = c * chunk_rows;
-            let r1 = (r0 + chunk_rows).min(rows);
-            // Safety: tasks write disjoint row ranges of `yt`, which outlives the call.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(out.ptr().add(r0 * m), (r1 - r0) * m) };
-            kernel(
-                self.format,
-                &bytes[r0 * row_bytes..r1 * row_bytes],
-                &acts,
-                out,
-            );
-        });
-        if m == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; m * rows];
-        for (r, vals) in yt.chunks_exact(m).enumerate() {
-            for (j, v) in vals.iter().enumerate() {
-                y[j * rows + r] = *v;
-            }
-        }
-        y
+        matvec(&[self], x, m).pop().unwrap_or_default()
     }
 
     /// Prefill: each task dequantises a tile of weight rows to f32 (f32 weights are used in
@@ -597,6 +583,94 @@ impl PackedMatrix {
         });
         y
     }
+}
+
+/// The decode-sized product of each matrix in `mats` (all `cols` wide) with `x`, `[m, cols]`:
+/// row-major `[m, rows]` per matrix. The matrices' rows, one after another, are split into two
+/// equal runs per kernel thread (a run may cross from one matrix into the next). Measured (2
+/// threads, alternating runs) against ~32 KiB tasks taken one by one: SmolLM2 Q4_1 decode
+/// 102–105 → 121–141 tok/s with 8-bit activations, 99–104 → 104–114 with f32 ones (one task per
+/// thread 125–140, four 113–136); 32768×1024 f32 at one row 4.7–4.9 → 2.4–2.8 ms, Q8_0 1.3–1.5
+/// → 0.95 ms; NLLB-600M f32 2.05 → 1.82–1.93 s at batch 1. Each thread streams long contiguous
+/// runs the prefetchers follow, takes two contended atomics instead of dozens, and no thread is
+/// left finishing a whole small task after the other is done.
+fn matvec(mats: &[&PackedMatrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+    let starts: Vec<usize> = mats
+        .iter()
+        .scan(0, |at, w| {
+            let start = *at;
+            *at += w.rows;
+            Some(start)
+        })
+        .collect();
+    let total: usize = mats.iter().map(|w| w.rows).sum();
+    if total == 0 || m == 0 {
+        return mats.iter().map(|w| vec![0f32; m * w.rows]).collect();
+    }
+    let chunk_rows = total
+        .div_ceil(2 * pool::threads())
+        .next_multiple_of(4)
+        .min(total.max(1));
+    // One preparation of the activations per kind of kernel (usually one for all).
+    let mut prepared: Vec<(PackedFormat, ActivationPrecision, kernels::Acts)> = Vec::new();
+    let kind: Vec<usize> = mats
+        .iter()
+        .map(|w| {
+            let key = (w.format, w.activations);
+            match prepared.iter().position(|(f, a, _)| (*f, *a) == key) {
+                Some(i) => i,
+                None => {
+                    let acts = kernels::Acts::new(w.format, w.activations, x, m, w.cols);
+                    prepared.push((w.format, w.activations, acts));
+                    prepared.len() - 1
+                }
+            }
+        })
+        .collect();
+    let dots: Vec<kernels::DotKernel> = mats
+        .iter()
+        .map(|w| kernels::dot_kernel(w.format, w.activations))
+        .collect();
+    // [rows, m] while computing, so that each task writes one contiguous run.
+    let mut yts: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; w.rows * m]).collect();
+    let outs: Vec<SendPtr> = yts.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
+    pool::for_each(total.div_ceil(chunk_rows), &|c| {
+        let (g0, g1) = (c * chunk_rows, ((c + 1) * chunk_rows).min(total));
+        for (i, w) in mats.iter().enumerate() {
+            let (r0, r1) = (
+                g0.max(starts[i]) - starts[i],
+                g1.min(starts[i] + w.rows).saturating_sub(starts[i]),
+            );
+            if r0 >= r1 {
+                continue;
+            }
+            // Safety: tasks write disjoint row ranges of each `yts[i]`, which outlive the call.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(outs[i].ptr().add(r0 * m), (r1 - r0) * m) };
+            let rb = w.row_bytes();
+            dots[i](
+                w.format,
+                &w.bytes()[r0 * rb..r1 * rb],
+                &prepared[kind[i]].2,
+                out,
+            );
+        }
+    });
+    if m == 1 {
+        return yts;
+    }
+    yts.into_iter()
+        .zip(mats)
+        .map(|(yt, w)| {
+            let mut y = vec![0f32; m * w.rows];
+            for (r, vals) in yt.chunks_exact(m).enumerate() {
+                for (j, v) in vals.iter().enumerate() {
+                    y[j * w.rows + r] = *v;
+                }
+            }
+            y
+        })
+        .collect()
 }
 
 struct SendPtr(*mut f32);

@@ -737,3 +737,39 @@ fn rows_set_in_chunks_equal_the_whole_conversion() {
     assert!(parts.set_rows_f32(8, &w[..3 * cols]).is_err());
     assert!(parts.set_rows_f32(0, &w[..cols + 1]).is_err());
 }
+
+#[test]
+fn products_sharing_one_pass_match_each_dequantised_product() {
+    // Matrices of different formats and row counts (some fewer than a task's share, so tasks
+    // cross from one matrix into the next), one of them with 8-bit activations, against the
+    // f64 oracle; up to MATVEC_MAX_ROWS activation rows (one pass) and past it (one by one).
+    let cols = 256;
+    let mats = [
+        PackedMatrix::from_f32(5, cols, &values(5 * cols, 1), PackedFormat::F32).unwrap(),
+        PackedMatrix::from_f32(37, cols, &values(37 * cols, 3), PackedFormat::Q8_0)
+            .unwrap()
+            .with_activations(ActivationPrecision::Q8),
+        PackedMatrix::from_f32(1, cols, &values(cols, 4), PackedFormat::Q4_K).unwrap(),
+        PackedMatrix::from_f32(64, cols, &values(64 * cols, 2), PackedFormat::Q4_1).unwrap(),
+    ];
+    let refs: Vec<&PackedMatrix> = mats.iter().collect();
+    for m in [1, 3, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1] {
+        let x = values(m * cols, 7);
+        let got = PackedMatrix::matmul_t_many(&refs, &x, m);
+        assert_eq!(got.len(), mats.len());
+        for (w, y) in mats.iter().zip(&got) {
+            let what = format!("{} [{}, {cols}] at m = {m}", w.format(), w.rows());
+            if w.activations() == ActivationPrecision::Q8 && m <= MATVEC_MAX_ROWS {
+                // The oracle with the activations rounded to ggml's 8-bit blocks.
+                let rounded: Vec<f32> = q8_blocks(&x)
+                    .into_iter()
+                    .flat_map(|(q, d)| q.into_iter().map(move |q| q as f32 * d))
+                    .collect();
+                assert_close(y, &reference(w, &rounded, m), &what);
+            } else {
+                assert_close(y, &reference(w, &x, m), &what);
+            }
+        }
+    }
+    assert!(PackedMatrix::matmul_t_many(&[], &[], 1).is_empty());
+}
