@@ -595,13 +595,23 @@ unsafe fn k_weights<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
+    let q = unsafe { k_bytes::<F>(p, s) };
+    let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+    if F == Q6_K {
+        (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi))
+    } else {
+        (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
+    }
+}
+
+/// Sub-block `s` (values `32s..32s + 32`) of the K-quant super-block at `p` as 32 bytes in
+/// order: Q4_K 0..15 and Q5_K 0..31 unsigned, Q6_K `q − 32` signed. `F` is one of this
+/// module's K-quant constants ([`K_Q4`], [`K_Q5`], [`K_Q6`] outside it).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn k_bytes<const F: u8>(p: *const u8, s: usize) -> __m256i {
     let low4 = _mm256_set1_epi8(0x0F);
-    let halves = |q: __m256i| {
-        (
-            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-            _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q)),
-        )
-    };
     unsafe {
         match F {
             Q4_K | Q5_K => {
@@ -609,14 +619,14 @@ unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
                 let qs = if F == Q4_K { 16 } else { 48 };
                 let bytes = _mm256_loadu_si256(p.add(qs + 32 * (s / 2)).cast());
                 let shift = _mm_cvtsi32_si128(4 * (s as i32 & 1));
-                let mut q = _mm256_and_si256(_mm256_srl_epi16(bytes, shift), low4);
+                let q = _mm256_and_si256(_mm256_srl_epi16(bytes, shift), low4);
                 if F == Q5_K {
                     let bit = _mm256_set1_epi8((1u8 << s) as i8);
                     let qh = _mm256_loadu_si256(p.add(16).cast());
                     let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
-                    q = _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                    return _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
                 }
-                halves(q)
+                q
             }
             _ => {
                 // s = 4n + k: low 4 bits in ql[64n + 32(k & 1)..] (high nibble for k ≥ 2),
@@ -632,18 +642,21 @@ unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
                     _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k as i32)),
                     _mm256_set1_epi8(3),
                 );
-                let q = _mm256_sub_epi8(
+                _mm256_sub_epi8(
                     _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi)),
                     _mm256_set1_epi8(32),
-                );
-                (
-                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)),
-                    _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q)),
                 )
             }
         }
     }
 }
+
+/// [`k_bytes`]'s format constants for the other kernel modules.
+pub(super) const K_Q4: u8 = Q4_K;
+/// See [`K_Q4`].
+pub(super) const K_Q5: u8 = Q5_K;
+/// See [`K_Q4`].
+pub(super) const K_Q6: u8 = Q6_K;
 
 /// `M` activation rows against one weight row: full 32-value blocks only.
 #[cfg(target_arch = "x86_64")]

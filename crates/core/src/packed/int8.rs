@@ -1,9 +1,11 @@
 //! The opt-in 8-bit activation path ([`ActivationPrecision::Q8`](super::ActivationPrecision)):
-//! for Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights, each 32-value block of an activation row is
+//! for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and K-quant weights, each 32-value block of an activation row is
 //! rounded to i8 with one f32 scale (ggml's `quantize_row_q8_0` rule: `d = amax/127`,
 //! `q = round(x/d)`), and the dot products run on integers: `vpmaddubsw` + `vpmaddwd` per
 //! block, one f32 multiply-add by `d_w·d_x`. This is what llama.cpp does for these formats
-//! (`ggml_vec_dot_q4_1_q8_1` and its siblings). It does a third of the integer work of the default path's two i16 parts, and
+//! (`ggml_vec_dot_q4_1_q8_1` and its siblings; for the K-quants llama.cpp rounds per 256 values,
+//! `block_q8_K`, where kiln keeps the 32-value blocks and takes each K-quant sub-block against
+//! one). It does a third of the integer work of the default path's two i16 parts, and
 //! the Q8_0 kernel skips the widening to f32; the price is activations held to half a step of
 //! `amax/127` instead of f32 precision.
 //!
@@ -23,6 +25,9 @@ pub(super) fn applies(format: PackedFormat) -> bool {
             | PackedFormat::Q4_1
             | PackedFormat::Q5_0
             | PackedFormat::Q5_1
+            | PackedFormat::Q4_K
+            | PackedFormat::Q5_K
+            | PackedFormat::Q6_K
     )
 }
 
@@ -118,7 +123,14 @@ pub(super) fn kernels(format: PackedFormat) -> Vec<(&'static str, DotKernel)> {
 /// `vnni`, AVX512-VNNI) is available.
 #[cfg(target_arch = "x86_64")]
 fn simd_kernel(format: PackedFormat, vnni: bool) -> DotKernel {
+    use super::avx2::{K_Q4, K_Q5, K_Q6};
     match (format, vnni) {
+        (PackedFormat::Q4_K, true) => avx2::entry_k::<K_Q4, true>,
+        (PackedFormat::Q5_K, true) => avx2::entry_k::<K_Q5, true>,
+        (PackedFormat::Q6_K, true) => avx2::entry_k::<K_Q6, true>,
+        (PackedFormat::Q4_K, false) => avx2::entry_k::<K_Q4, false>,
+        (PackedFormat::Q5_K, false) => avx2::entry_k::<K_Q5, false>,
+        (PackedFormat::Q6_K, false) => avx2::entry_k::<K_Q6, false>,
         (PackedFormat::Q8_0, true) => avx2::entry::<{ avx2::Q8_0 }, true>,
         (PackedFormat::Q4_0, true) => avx2::entry::<{ avx2::Q4_0 }, true>,
         (PackedFormat::Q5_0, true) => avx2::entry::<{ avx2::Q5_0 }, true>,
@@ -137,7 +149,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::PackedFormat;
-    use super::super::avx2::{h2f, hmax, hsum};
+    use super::super::avx2::{K_Q4, K_Q5, K_Q6, h2f, hmax, hsum, k_bytes};
     use super::Acts;
 
     pub(super) const Q8_0: u8 = 0;
@@ -207,6 +219,145 @@ mod avx2 {
                     }
                 }
                 j += n;
+            }
+        }
+    }
+
+    /// [`entry`] for the K-quants (`F` one of [`K_Q4`], [`K_Q5`], [`K_Q6`]): rows of
+    /// 256-value super-blocks, each 32-value sub-block taken against one 8-bit activation block
+    /// ([`group_k_body`]).
+    pub(super) fn entry_k<const F: u8, const VNNI: bool>(
+        format: PackedFormat,
+        w: &[u8],
+        acts: &Acts,
+        out: &mut [f32],
+    ) {
+        let (cols, m) = (acts.cols, acts.m);
+        let blocks = cols / 32;
+        assert!(m > 0 && out.len().is_multiple_of(m) && cols.is_multiple_of(256));
+        assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
+        assert_eq!(format.block_bytes(), k_block_bytes::<F>());
+        assert!(acts.q8.len() >= m * cols);
+        assert!(acts.q8_scale.len() >= m * blocks && acts.q8_sum.len() >= m * blocks);
+        let rb = format.row_bytes(cols);
+        for (r, o) in out.chunks_exact_mut(m).enumerate() {
+            let wr = &w[r * rb..(r + 1) * rb];
+            let mut j = 0;
+            while j < m {
+                let n = (m - j).min(4);
+                let a = Rows {
+                    q: &acts.q8[j * cols..],
+                    scale: &acts.q8_scale[j * blocks..],
+                    sum: &acts.q8_sum[j * blocks..],
+                };
+                let o = &mut o[j..j + n];
+                // Safety: as in `entry` (whole super-blocks: `cols` is a multiple of 256).
+                unsafe {
+                    match (VNNI, n) {
+                        (true, 4) => group_k_vnni::<F, 4>(wr, &a, cols, o),
+                        (true, 3) => group_k_vnni::<F, 3>(wr, &a, cols, o),
+                        (true, 2) => group_k_vnni::<F, 2>(wr, &a, cols, o),
+                        (true, _) => group_k_vnni::<F, 1>(wr, &a, cols, o),
+                        (false, 4) => group_k::<F, 4>(wr, &a, cols, o),
+                        (false, 3) => group_k::<F, 3>(wr, &a, cols, o),
+                        (false, 2) => group_k::<F, 2>(wr, &a, cols, o),
+                        (false, _) => group_k::<F, 1>(wr, &a, cols, o),
+                    }
+                }
+                j += n;
+            }
+        }
+    }
+
+    const fn k_block_bytes<const F: u8>() -> usize {
+        match F {
+            K_Q4 => 144,
+            K_Q5 => 176,
+            _ => 210,
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_k<const F: u8, const M: usize>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        unsafe { group_k_body::<F, M, false>(w, a, cols, out) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn group_k_vnni<const F: u8, const M: usize>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        unsafe { group_k_body::<F, M, true>(w, a, cols, out) }
+    }
+
+    /// `M` activation rows against one row of K-quant super-blocks, one 32-value sub-block
+    /// (its quants from [`k_bytes`]) per 8-bit activation block. Q4_K/Q5_K: the unsigned quants
+    /// times the activations as in [`group`] (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd`),
+    /// scaled by `d·sc · d_x`; the offset `−dmin·m` multiplies the block's `d_x·Σq`. Q6_K: the
+    /// signed `q − 32` through the sign trick, and `vpmaddwd` multiplies each half's pair sums
+    /// by that half's i8 scale (16 values each), so the sum stays an exact integer until the
+    /// one `d · d_x`. Even and odd sub-blocks use separate accumulators.
+    #[inline(always)]
+    unsafe fn group_k_body<const F: u8, const M: usize, const VNNI: bool>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        out: &mut [f32],
+    ) {
+        // Safety: the callers' target features cover every intrinsic; reads are bounded by
+        // `entry_k`'s asserts.
+        unsafe {
+            let blocks = cols / 32;
+            let mut acc = [[_mm256_setzero_ps(); M]; 2];
+            let mut off = [0f32; M];
+            let ones = _mm256_set1_epi16(1);
+            for sb in 0..cols / 256 {
+                let p = w.as_ptr().add(sb * k_block_bytes::<F>());
+                let (sc, mn) = if F == K_Q6 {
+                    ([h2f(p.add(208)); 8], [0f32; 8])
+                } else {
+                    super::super::kquant::sub_scales(std::slice::from_raw_parts(p, 16))
+                };
+                for s in 0..8 {
+                    let q = k_bytes::<F>(p, s);
+                    // (unsigned quants, signs for the activations, per-half scales)
+                    let (u, sign, halves) = if F == K_Q6 {
+                        let scale = |g: usize| _mm_set1_epi16(*p.add(192 + g) as i8 as i16);
+                        let halves = _mm256_set_m128i(scale(2 * s + 1), scale(2 * s));
+                        (_mm256_sign_epi8(q, q), Some(q), Some(halves))
+                    } else {
+                        (q, None, None)
+                    };
+                    let b = sb * 8 + s;
+                    for j in 0..M {
+                        let x = _mm256_loadu_si256(a.q.as_ptr().add(j * cols + b * 32).cast());
+                        let sumi = match (sign, halves) {
+                            (Some(sg), Some(h)) => _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(u, _mm256_sign_epi8(x, sg)),
+                                h,
+                            ),
+                            _ if VNNI => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x),
+                            _ => _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones),
+                        };
+                        let k = j * blocks + b;
+                        let scale = _mm256_set1_ps(sc[s] * *a.scale.get_unchecked(k));
+                        let acc = &mut acc[s & 1][j];
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), scale, *acc);
+                        if F != K_Q6 {
+                            off[j] -= mn[s] * *a.sum.get_unchecked(k);
+                        }
+                    }
+                }
+            }
+            for j in 0..M {
+                out[j] = hsum(_mm256_add_ps(acc[0][j], acc[1][j])) + off[j];
             }
         }
     }

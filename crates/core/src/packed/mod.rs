@@ -163,7 +163,7 @@ impl std::fmt::Display for PackedFormat {
 }
 
 /// What the matrix-vector kernels (decode steps, up to [`MATVEC_MAX_ROWS`] rows) do with the
-/// activations when the weights are Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 blocks. Float and K-quant
+/// activations when the weights are Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or K-quant blocks. Float
 /// weights, and prefill (more rows), always multiply f32 activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ActivationPrecision {

@@ -302,20 +302,24 @@ fn q8_blocks(x: &[f32]) -> Vec<(Vec<i32>, f32)> {
 
 #[test]
 fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
-    // 37 x 160 (five blocks, rows not a multiple of any chunk), 1..=8 activation rows: every
+    // 37 x 160 (five blocks, rows not a multiple of any chunk; K-quants 37 x 512), 1..=8 activation rows: every
     // group size of the SIMD kernels, every kernel this CPU runs, against an f64 product
     // of the dequantised weights and the activations rounded as ggml rounds them. The same
     // output must also stay within half an activation step of the f32 product (Σ|w|·d/2),
     // and differ from it (the 8-bit path is in use).
-    let (rows, cols) = (37, 160);
-    let w = values(rows * cols, 21);
-    for format in [
-        PackedFormat::Q8_0,
-        PackedFormat::Q4_0,
-        PackedFormat::Q4_1,
-        PackedFormat::Q5_0,
-        PackedFormat::Q5_1,
+    // The K-quants at 512 (two super-blocks).
+    let rows = 37;
+    for (format, cols) in [
+        (PackedFormat::Q8_0, 160),
+        (PackedFormat::Q4_0, 160),
+        (PackedFormat::Q4_1, 160),
+        (PackedFormat::Q5_0, 160),
+        (PackedFormat::Q5_1, 160),
+        (PackedFormat::Q4_K, 512),
+        (PackedFormat::Q5_K, 512),
+        (PackedFormat::Q6_K, 512),
     ] {
+        let w = values(rows * cols, 21);
         let packed = PackedMatrix::from_f32(rows, cols, &w, format)
             .unwrap()
             .with_activations(ActivationPrecision::Q8);
@@ -646,23 +650,6 @@ fn k_quant_non_finite_scales_are_found_by_row() {
         bytes[at..at + 2].copy_from_slice(&[0x00, 0x7E]);
         let bad = PackedMatrix::from_bytes(rows, cols, format, &bytes).unwrap();
         assert_eq!(bad.first_non_finite_row(), Some(2), "{format}");
-    }
-}
-
-/// `--activations q8` has no K-quant kernels: those matrices keep f32 activations.
-#[test]
-fn k_quants_keep_f32_activations_when_q8_is_asked() {
-    let (rows, cols) = (5, 256);
-    let w = values(rows * cols, 25);
-    let x = values(2 * cols, 26);
-    for format in K_FORMATS {
-        let f32_acts = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
-        let q8_acts = f32_acts.clone().with_activations(ActivationPrecision::Q8);
-        assert_eq!(
-            f32_acts.matmul_t(&x, 2),
-            q8_acts.matmul_t(&x, 2),
-            "{format}"
-        );
     }
 }
 
