@@ -31,41 +31,51 @@ pub(super) fn applies(format: PackedFormat) -> bool {
     )
 }
 
-/// Rounds whole 32-value blocks of `x` to i8: per block, `q` (32 values), the scale `d`, and
-/// `d·Σq` (what a block offset, Q4_1's `m` or Q4_0's `−8·d_w`, multiplies).
-pub(super) fn quantize(x: &[f32], acts: &mut Acts) {
-    let blocks = x.len() / 32;
-    acts.q8 = vec![0; blocks * 32];
+/// The values one activation scale covers for `format`: 32 (ggml's `block_q8_0`), or 256 for
+/// the K-quants (ggml's `block_q8_K`, one scale per super-block, so a super-block's integer
+/// sums add up before any float multiply).
+pub(super) fn scale_len(format: PackedFormat) -> usize {
+    if format.is_k_quant() { 256 } else { 32 }
+}
+
+/// Rounds `x` to i8 with one scale per `block` values (32 or 256; ggml's rule: `d = amax/127`,
+/// `q = round(x/d)`): the quants, the scales, and per 32 values `d·Σq` (what a block offset,
+/// Q4_1's `m`, Q4_0's `−8·d_w`, a K-quant's `−dmin·m`, multiplies).
+pub(super) fn quantize(x: &[f32], acts: &mut Acts, block: usize) {
+    let blocks = x.len() / block;
+    acts.q8 = vec![0; blocks * block];
     acts.q8_scale = vec![0.0; blocks];
-    acts.q8_sum = vec![0.0; blocks];
+    acts.q8_sum = vec![0.0; blocks * block / 32];
     #[cfg(target_arch = "x86_64")]
     if super::avx2::available() {
         // Safety: AVX2 is available; the buffers were sized for `blocks` just above.
-        unsafe { avx2::quantize(x, acts, blocks) };
+        unsafe { avx2::quantize(x, acts, blocks, block / 32) };
         return;
     }
-    quantize_scalar(x, acts);
+    quantize_scalar(x, acts, block);
 }
 
 /// [`quantize`] one value at a time (rounding half away from zero, as ggml's reference; the
 /// AVX2 loop rounds half to even, which moves a tie by one step).
-pub(super) fn quantize_scalar(x: &[f32], acts: &mut Acts) {
+pub(super) fn quantize_scalar(x: &[f32], acts: &mut Acts, block: usize) {
     for (b, (xb, qb)) in x
-        .chunks_exact(32)
-        .zip(acts.q8.chunks_exact_mut(32))
+        .chunks_exact(block)
+        .zip(acts.q8.chunks_exact_mut(block))
         .enumerate()
     {
         let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in qb.iter_mut().zip(xb) {
-            let t = (v * id).round().clamp(-127.0, 127.0) as i32;
-            *q = t as i8;
-            sum += t;
+        for (c, (x32, q32)) in xb.chunks_exact(32).zip(qb.chunks_exact_mut(32)).enumerate() {
+            let mut sum = 0i32;
+            for (q, v) in q32.iter_mut().zip(x32) {
+                let t = (v * id).round().clamp(-127.0, 127.0) as i32;
+                *q = t as i8;
+                sum += t;
+            }
+            acts.q8_sum[b * block / 32 + c] = d * sum as f32;
         }
         acts.q8_scale[b] = d;
-        acts.q8_sum[b] = d * sum as f32;
     }
 }
 
@@ -86,7 +96,7 @@ pub(super) fn dot_portable(format: PackedFormat, w: &[u8], acts: &Acts, out: &mu
                     let q = &acts.q8[(j * blocks + b) * 32..][..32];
                     let w = &row[b * 32..(b + 1) * 32];
                     let s: f32 = w.iter().zip(q).map(|(w, &q)| w * q as f32).sum();
-                    s * acts.q8_scale[j * blocks + b]
+                    s * acts.q8_scale[(j * cols + b * 32) / scale_len(format)]
                 })
                 .sum();
         }
@@ -125,12 +135,9 @@ pub(super) fn kernels(format: PackedFormat) -> Vec<(&'static str, DotKernel)> {
 fn simd_kernel(format: PackedFormat, vnni: bool) -> DotKernel {
     use super::avx2::{K_Q4, K_Q5, K_Q6};
     match (format, vnni) {
-        (PackedFormat::Q4_K, true) => avx2::entry_k::<K_Q4, true>,
-        (PackedFormat::Q5_K, true) => avx2::entry_k::<K_Q5, true>,
-        (PackedFormat::Q6_K, true) => avx2::entry_k::<K_Q6, true>,
-        (PackedFormat::Q4_K, false) => avx2::entry_k::<K_Q4, false>,
-        (PackedFormat::Q5_K, false) => avx2::entry_k::<K_Q5, false>,
-        (PackedFormat::Q6_K, false) => avx2::entry_k::<K_Q6, false>,
+        (PackedFormat::Q4_K, _) => avx2::entry_k::<K_Q4>,
+        (PackedFormat::Q5_K, _) => avx2::entry_k::<K_Q5>,
+        (PackedFormat::Q6_K, _) => avx2::entry_k::<K_Q6>,
         (PackedFormat::Q8_0, true) => avx2::entry::<{ avx2::Q8_0 }, true>,
         (PackedFormat::Q4_0, true) => avx2::entry::<{ avx2::Q4_0 }, true>,
         (PackedFormat::Q5_0, true) => avx2::entry::<{ avx2::Q5_0 }, true>,
@@ -224,21 +231,21 @@ mod avx2 {
     }
 
     /// [`entry`] for the K-quants (`F` one of [`K_Q4`], [`K_Q5`], [`K_Q6`]): rows of
-    /// 256-value super-blocks, each 32-value sub-block taken against one 8-bit activation block
-    /// ([`group_k_body`]).
-    pub(super) fn entry_k<const F: u8, const VNNI: bool>(
+    /// 256-value super-blocks against activations with one scale per 256 values
+    /// ([`super::scale_len`]), [`group_k`].
+    pub(super) fn entry_k<const F: u8>(
         format: PackedFormat,
         w: &[u8],
         acts: &Acts,
         out: &mut [f32],
     ) {
         let (cols, m) = (acts.cols, acts.m);
-        let blocks = cols / 32;
+        let (supers, chunks) = (cols / 256, cols / 32);
         assert!(m > 0 && out.len().is_multiple_of(m) && cols.is_multiple_of(256));
         assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
         assert_eq!(format.block_bytes(), k_block_bytes::<F>());
         assert!(acts.q8.len() >= m * cols);
-        assert!(acts.q8_scale.len() >= m * blocks && acts.q8_sum.len() >= m * blocks);
+        assert!(acts.q8_scale.len() >= m * supers && acts.q8_sum.len() >= m * chunks);
         let rb = format.row_bytes(cols);
         for (r, o) in out.chunks_exact_mut(m).enumerate() {
             let wr = &w[r * rb..(r + 1) * rb];
@@ -247,21 +254,17 @@ mod avx2 {
                 let n = (m - j).min(4);
                 let a = Rows {
                     q: &acts.q8[j * cols..],
-                    scale: &acts.q8_scale[j * blocks..],
-                    sum: &acts.q8_sum[j * blocks..],
+                    scale: &acts.q8_scale[j * supers..],
+                    sum: &acts.q8_sum[j * chunks..],
                 };
                 let o = &mut o[j..j + n];
                 // Safety: as in `entry` (whole super-blocks: `cols` is a multiple of 256).
                 unsafe {
-                    match (VNNI, n) {
-                        (true, 4) => group_k_vnni::<F, 4>(wr, &a, cols, o),
-                        (true, 3) => group_k_vnni::<F, 3>(wr, &a, cols, o),
-                        (true, 2) => group_k_vnni::<F, 2>(wr, &a, cols, o),
-                        (true, _) => group_k_vnni::<F, 1>(wr, &a, cols, o),
-                        (false, 4) => group_k::<F, 4>(wr, &a, cols, o),
-                        (false, 3) => group_k::<F, 3>(wr, &a, cols, o),
-                        (false, 2) => group_k::<F, 2>(wr, &a, cols, o),
-                        (false, _) => group_k::<F, 1>(wr, &a, cols, o),
+                    match n {
+                        4 => group_k::<F, 4>(wr, &a, cols, o),
+                        3 => group_k::<F, 3>(wr, &a, cols, o),
+                        2 => group_k::<F, 2>(wr, &a, cols, o),
+                        _ => group_k::<F, 1>(wr, &a, cols, o),
                     }
                 }
                 j += n;
@@ -277,6 +280,13 @@ mod avx2 {
         }
     }
 
+    /// `M` activation rows against one row of K-quant super-blocks, as llama.cpp's
+    /// `ggml_vec_dot_q4_K_q8_K` and siblings: each 32-value sub-block's quants ([`k_bytes`])
+    /// times the i8 activations by `vpmaddubsw`, and `vpmaddwd` multiplies the pair sums by the
+    /// sub-block's integer scale (Q6_K: each 16-value half's i8 scale, its signed `q − 32`
+    /// through the sign trick), so a super-block's sum stays an exact i32 until one multiply
+    /// by `d · d_x`. Q4_K/Q5_K's mins take `−dmin · Σ m·(d_x·Σq)` per super-block. (`vpdpbusd`
+    /// would still need the scale multiply, so there is no VNNI form.)
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group_k<const F: u8, const M: usize>(
         w: &[u8],
@@ -284,80 +294,82 @@ mod avx2 {
         cols: usize,
         out: &mut [f32],
     ) {
-        unsafe { group_k_body::<F, M, false>(w, a, cols, out) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn group_k_vnni<const F: u8, const M: usize>(
-        w: &[u8],
-        a: &Rows,
-        cols: usize,
-        out: &mut [f32],
-    ) {
-        unsafe { group_k_body::<F, M, true>(w, a, cols, out) }
-    }
-
-    /// `M` activation rows against one row of K-quant super-blocks, one 32-value sub-block
-    /// (its quants from [`k_bytes`]) per 8-bit activation block. Q4_K/Q5_K: the unsigned quants
-    /// times the activations as in [`group`] (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd`),
-    /// scaled by `d·sc · d_x`; the offset `−dmin·m` multiplies the block's `d_x·Σq`. Q6_K: the
-    /// signed `q − 32` through the sign trick, and `vpmaddwd` multiplies each half's pair sums
-    /// by that half's i8 scale (16 values each), so the sum stays an exact integer until the
-    /// one `d · d_x`. Even and odd sub-blocks use separate accumulators.
-    #[inline(always)]
-    unsafe fn group_k_body<const F: u8, const M: usize, const VNNI: bool>(
-        w: &[u8],
-        a: &Rows,
-        cols: usize,
-        out: &mut [f32],
-    ) {
-        // Safety: the callers' target features cover every intrinsic; reads are bounded by
-        // `entry_k`'s asserts.
+        // Safety: reads are bounded by `entry_k`'s asserts.
         unsafe {
-            let blocks = cols / 32;
-            let mut acc = [[_mm256_setzero_ps(); M]; 2];
+            let (supers, chunks) = (cols / 256, cols / 32);
+            let mut acc = [_mm256_setzero_ps(); M];
             let mut off = [0f32; M];
-            let ones = _mm256_set1_epi16(1);
-            for sb in 0..cols / 256 {
+            for sb in 0..supers {
                 let p = w.as_ptr().add(sb * k_block_bytes::<F>());
-                let (sc, mn) = if F == K_Q6 {
-                    ([h2f(p.add(208)); 8], [0f32; 8])
+                let (d, dmin) = if F == K_Q6 {
+                    (h2f(p.add(208)), 0.0)
                 } else {
-                    super::super::kquant::sub_scales(std::slice::from_raw_parts(p, 16))
+                    (h2f(p), h2f(p.add(2)))
                 };
+                // The eight 6-bit scales and mins, unpacked on 32-bit words as ggml does
+                // (`scale_min_k4` for all eight at once): bytes 0..8 scales, 8..16 mins.
+                let mut sm = [0u8; 16];
+                if F != K_Q6 {
+                    let word = |i: usize| p.add(4 + 4 * i).cast::<u32>().read_unaligned();
+                    let (u0, u1, u2) = (word(0), word(1), word(2));
+                    let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+                    let words = [
+                        u0 & k1,
+                        (u2 & k2) | (((u0 >> 6) & k3) << 4),
+                        u1 & k1,
+                        ((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4),
+                    ];
+                    for (i, w) in words.iter().enumerate() {
+                        sm[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+                    }
+                }
+                let (sc, mn) = sm.split_at(8);
+                let mut sums = [_mm256_setzero_si256(); M];
                 for s in 0..8 {
                     let q = k_bytes::<F>(p, s);
-                    // (unsigned quants, signs for the activations, per-half scales)
-                    let (u, sign, halves) = if F == K_Q6 {
-                        let scale = |g: usize| _mm_set1_epi16(*p.add(192 + g) as i8 as i16);
-                        let halves = _mm256_set_m128i(scale(2 * s + 1), scale(2 * s));
-                        (_mm256_sign_epi8(q, q), Some(q), Some(halves))
+                    // (unsigned quants, signs for the activations, scales of the pair sums)
+                    let (u, sign, scale) = if F == K_Q6 {
+                        let g = |g: usize| _mm_set1_epi16(*p.add(192 + g) as i8 as i16);
+                        (
+                            _mm256_sign_epi8(q, q),
+                            Some(q),
+                            _mm256_set_m128i(g(2 * s + 1), g(2 * s)),
+                        )
                     } else {
-                        (q, None, None)
+                        (q, None, _mm256_set1_epi16(sc[s] as i16))
                     };
-                    let b = sb * 8 + s;
-                    for j in 0..M {
-                        let x = _mm256_loadu_si256(a.q.as_ptr().add(j * cols + b * 32).cast());
-                        let sumi = match (sign, halves) {
-                            (Some(sg), Some(h)) => _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(u, _mm256_sign_epi8(x, sg)),
-                                h,
-                            ),
-                            _ if VNNI => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x),
-                            _ => _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones),
+                    for (j, sum) in sums.iter_mut().enumerate() {
+                        let x = _mm256_loadu_si256(
+                            a.q.as_ptr().add(j * cols + sb * 256 + 32 * s).cast(),
+                        );
+                        let x = match sign {
+                            Some(sg) => _mm256_sign_epi8(x, sg),
+                            None => x,
                         };
-                        let k = j * blocks + b;
-                        let scale = _mm256_set1_ps(sc[s] * *a.scale.get_unchecked(k));
-                        let acc = &mut acc[s & 1][j];
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), scale, *acc);
-                        if F != K_Q6 {
-                            off[j] -= mn[s] * *a.sum.get_unchecked(k);
-                        }
+                        *sum = _mm256_add_epi32(
+                            *sum,
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), scale),
+                        );
+                    }
+                }
+                for j in 0..M {
+                    let dx = *a.scale.get_unchecked(j * supers + sb);
+                    acc[j] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(sums[j]),
+                        _mm256_set1_ps(d * dx),
+                        acc[j],
+                    );
+                    if F != K_Q6 {
+                        let bsum = a
+                            .sum
+                            .get_unchecked(j * chunks + sb * 8..j * chunks + sb * 8 + 8);
+                        let m: f32 = mn.iter().zip(bsum).map(|(&m, s)| m as f32 * s).sum();
+                        off[j] -= dmin * m;
                     }
                 }
             }
             for j in 0..M {
-                out[j] = hsum(_mm256_add_ps(acc[0][j], acc[1][j])) + off[j];
+                out[j] = hsum(acc[j]) + off[j];
             }
         }
     }
@@ -491,44 +503,51 @@ mod avx2 {
     }
 
     /// [`super::quantize`] eight lanes at a time (ggml's `quantize_row_q8_0` AVX2 loop, with
-    /// the scale kept in f32).
+    /// the scale kept in f32), `chunks` 32-value chunks per scale.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quantize(x: &[f32], acts: &mut Acts, blocks: usize) {
+    pub(super) unsafe fn quantize(x: &[f32], acts: &mut Acts, blocks: usize, chunks: usize) {
         const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
         let sign = _mm256_set1_ps(-0.0);
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        assert!(x.len() >= blocks * 32 && acts.q8.len() >= blocks * 32);
-        assert!(acts.q8_scale.len() >= blocks && acts.q8_sum.len() >= blocks);
+        assert!(x.len() >= blocks * chunks * 32 && acts.q8.len() >= blocks * chunks * 32);
+        assert!(acts.q8_scale.len() >= blocks && acts.q8_sum.len() >= blocks * chunks);
+        let abs = |v| _mm256_andnot_ps(sign, v);
         for b in 0..blocks {
             unsafe {
-                let p = x.as_ptr().add(b * 32);
-                let v = [
-                    _mm256_loadu_ps(p),
-                    _mm256_loadu_ps(p.add(8)),
-                    _mm256_loadu_ps(p.add(16)),
-                    _mm256_loadu_ps(p.add(24)),
-                ];
-                let abs = |v| _mm256_andnot_ps(sign, v);
-                let amax = hmax(_mm256_max_ps(
-                    _mm256_max_ps(abs(v[0]), abs(v[1])),
-                    _mm256_max_ps(abs(v[2]), abs(v[3])),
-                ));
-                let d = amax / 127.0;
+                let p = x.as_ptr().add(b * chunks * 32);
+                let mut m = _mm256_setzero_ps();
+                for k in 0..chunks * 4 {
+                    m = _mm256_max_ps(m, abs(_mm256_loadu_ps(p.add(8 * k))));
+                }
+                let d = hmax(m) / 127.0;
                 let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-                let q =
-                    v.map(|v| _mm256_cvtps_epi32(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(v, id))));
-                let total =
-                    _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-                let total = hsum(_mm256_cvtepi32_ps(total));
-                // packs works per 128-bit lane; the permutation puts the values back in order.
-                let q16 = [
-                    _mm256_packs_epi32(q[0], q[1]),
-                    _mm256_packs_epi32(q[2], q[3]),
-                ];
-                let q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16[0], q16[1]), order);
-                _mm256_storeu_si256(acts.q8.as_mut_ptr().add(b * 32).cast(), q8);
+                for c in 0..chunks {
+                    let p = p.add(32 * c);
+                    let v = [
+                        _mm256_loadu_ps(p),
+                        _mm256_loadu_ps(p.add(8)),
+                        _mm256_loadu_ps(p.add(16)),
+                        _mm256_loadu_ps(p.add(24)),
+                    ];
+                    let q = v.map(|v| {
+                        _mm256_cvtps_epi32(_mm256_round_ps::<NEAREST>(_mm256_mul_ps(v, id)))
+                    });
+                    let total = _mm256_add_epi32(
+                        _mm256_add_epi32(q[0], q[1]),
+                        _mm256_add_epi32(q[2], q[3]),
+                    );
+                    let total = hsum(_mm256_cvtepi32_ps(total));
+                    // packs works per 128-bit lane; the permutation puts the values back in order.
+                    let q16 = [
+                        _mm256_packs_epi32(q[0], q[1]),
+                        _mm256_packs_epi32(q[2], q[3]),
+                    ];
+                    let q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16[0], q16[1]), order);
+                    let at = b * chunks + c;
+                    _mm256_storeu_si256(acts.q8.as_mut_ptr().add(at * 32).cast(), q8);
+                    *acts.q8_sum.get_unchecked_mut(at) = d * total;
+                }
                 *acts.q8_scale.get_unchecked_mut(b) = d;
-                *acts.q8_sum.get_unchecked_mut(b) = d * total;
             }
         }
     }

@@ -66,7 +66,7 @@ impl<'a> Acts<'a> {
             q8_sum: Vec::new(),
         };
         if activations == ActivationPrecision::Q8 && super::int8::applies(format) {
-            super::int8::quantize(&x[..m * cols], &mut acts);
+            super::int8::quantize(&x[..m * cols], &mut acts, super::int8::scale_len(format));
             return acts;
         }
         if splits_i16(format) {

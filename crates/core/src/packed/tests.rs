@@ -290,7 +290,12 @@ fn four_bit_activation_parts_hold_each_value_to_half_a_low_step() {
 
 /// ggml's `quantize_row_q8_0` rule per 32-value block, written out: `(q, d)`.
 fn q8_blocks(x: &[f32]) -> Vec<(Vec<i32>, f32)> {
-    x.chunks_exact(32)
+    q8_blocks_of(x, 32)
+}
+
+/// The same rule with one scale per `len` values (256: ggml's `block_q8_K`).
+fn q8_blocks_of(x: &[f32], len: usize) -> Vec<(Vec<i32>, f32)> {
+    x.chunks_exact(len)
         .map(|b| {
             let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
@@ -302,7 +307,8 @@ fn q8_blocks(x: &[f32]) -> Vec<(Vec<i32>, f32)> {
 
 #[test]
 fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
-    // 37 x 160 (five blocks, rows not a multiple of any chunk; K-quants 37 x 512), 1..=8 activation rows: every
+    // 37 x 160 (five blocks, rows not a multiple of any chunk; K-quants 37 x 512 with one
+    // activation scale per 256 values), 1..=8 activation rows: every
     // group size of the SIMD kernels, every kernel this CPU runs, against an f64 product
     // of the dequantised weights and the activations rounded as ggml rounds them. The same
     // output must also stay within half an activation step of the f32 product (Σ|w|·d/2),
@@ -326,7 +332,9 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
         let dense = packed.to_f32();
         for m in 1..=MATVEC_MAX_ROWS {
             let x = values(m * cols, 30 + m as u32);
-            let blocks = q8_blocks(&x);
+            // One activation scale per 32 values, per 256 for the K-quants.
+            let len = int8::scale_len(format);
+            let blocks = q8_blocks_of(&x, len);
             let got = packed.matmul_t(&x, m);
             let acts = kernels::Acts::new(format, ActivationPrecision::Q8, &x, m, cols);
             // Every kernel this CPU runs, [rows, m] each.
@@ -344,12 +352,12 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
                 for r in 0..rows {
                     let wr = &dense[r * cols..(r + 1) * cols];
                     let (mut want, mut scale, mut bound) = (0f64, 0f64, 0f64);
-                    for (b, (q, d)) in blocks[j * cols / 32..(j + 1) * cols / 32]
+                    for (b, (q, d)) in blocks[j * cols / len..(j + 1) * cols / len]
                         .iter()
                         .enumerate()
                     {
                         for (k, &q) in q.iter().enumerate() {
-                            let wk = wr[b * 32 + k] as f64;
+                            let wk = wr[b * len + k] as f64;
                             want += wk * q as f64 * *d as f64;
                             scale += (wk * q as f64 * *d as f64).abs();
                             bound += wk.abs() * *d as f64 / 2.0;
@@ -393,7 +401,7 @@ fn eight_bit_activations_are_ggml_q8_0_blocks() {
     let mut acts = kernels::Acts::new(PackedFormat::Q4_1, ActivationPrecision::Q8, &x, 1, cols);
     let mut scalar = kernels::Acts::new(PackedFormat::Q4_1, ActivationPrecision::F32, &x, 1, cols);
     (scalar.q8, scalar.q8_scale, scalar.q8_sum) = (vec![0; cols], vec![0.0; 4], vec![0.0; 4]);
-    int8::quantize_scalar(&x, &mut scalar);
+    int8::quantize_scalar(&x, &mut scalar, 32);
     for (b, (q, d)) in q8_blocks(&x).into_iter().enumerate() {
         assert_eq!(acts.q8_scale[b], d, "block {b} scale");
         assert_eq!(scalar.q8_scale[b], d, "block {b} scale (scalar)");
