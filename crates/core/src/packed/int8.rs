@@ -325,7 +325,7 @@ mod avx2 {
                 }
                 let (sc, mn) = sm.split_at(8);
                 let mut sums = [_mm256_setzero_si256(); M];
-                for s in 0..8 {
+                for (s, &sub_scale) in sc.iter().enumerate() {
                     let q = k_bytes::<F>(p, s);
                     // (unsigned quants, signs for the activations, scales of the pair sums)
                     let (u, sign, scale) = if F == K_Q6 {
@@ -336,7 +336,7 @@ mod avx2 {
                             _mm256_set_m128i(g(2 * s + 1), g(2 * s)),
                         )
                     } else {
-                        (q, None, _mm256_set1_epi16(sc[s] as i16))
+                        (q, None, _mm256_set1_epi16(sub_scale as i16))
                     };
                     for (j, sum) in sums.iter_mut().enumerate() {
                         let x = _mm256_loadu_si256(
