@@ -20,10 +20,11 @@ pub struct PrecisionArgs {
     /// use `--dtype f16`).
     #[arg(long, default_value = "none")]
     pub quant: Quantization,
-    /// Activations of Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 weights in decode steps (CPU backends): `f32`
-    /// keeps the result equal to the dequantised weights' product; `q8` rounds them to 8 bits
-    /// per block of 32 and multiplies integers, as llama.cpp does (1.2–1.3× faster decode on
-    /// SmolLM2 Q4_1, whose logits moved by up to 1.0).
+    /// Activations of quantised weights (Q8_0, Q4_0/1, Q5_0/1, Q4_K/Q5_K/Q6_K) in decode steps
+    /// (CPU backends): `f32` keeps the result equal to the dequantised weights' product; `q8`
+    /// rounds them to 8 bits (one scale per 32 values, per 256 for the K-quants) and multiplies
+    /// integers, as llama.cpp does (1.2–1.3× faster decode on SmolLM2 Q4_1, whose logits moved
+    /// by up to 1.0; 1.7–1.8× on a TinyLlama-shaped Q4_K_M file).
     #[arg(long, default_value = "f32")]
     pub activations: ActivationPrecision,
 }
