@@ -1,11 +1,12 @@
 //! The opt-in 8-bit activation path ([`ActivationPrecision::Q8`](super::ActivationPrecision)):
-//! for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and K-quant weights, each 32-value block of an activation row is
+//! for Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 weights, each 32-value block of an activation row is
 //! rounded to i8 with one f32 scale (ggml's `quantize_row_q8_0` rule: `d = amax/127`,
 //! `q = round(x/d)`), and the dot products run on integers: `vpmaddubsw` + `vpmaddwd` per
 //! block, one f32 multiply-add by `d_w·d_x`. This is what llama.cpp does for these formats
-//! (`ggml_vec_dot_q4_1_q8_1` and its siblings; for the K-quants llama.cpp rounds per 256 values,
-//! `block_q8_K`, where kiln keeps the 32-value blocks and takes each K-quant sub-block against
-//! one). It does a third of the integer work of the default path's two i16 parts, and
+//! (`ggml_vec_dot_q4_1_q8_1` and its siblings). For the K-quants each 256 values share one
+//! scale, as in llama.cpp's `block_q8_K`, and a super-block's integer sums (each sub-block's
+//! scaled by its integer scale) add up before one float multiply-add. It does a third of the
+//! integer work of the default path's two i16 parts, and
 //! the Q8_0 kernel skips the widening to f32; the price is activations held to half a step of
 //! `amax/127` instead of f32 precision.
 //!

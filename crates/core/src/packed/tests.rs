@@ -392,40 +392,48 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
 #[test]
 fn eight_bit_activations_are_ggml_q8_0_blocks() {
     // Mixed magnitudes, an all-zero block, one block dominated by a single value, and a block
-    // with -amax.
-    let cols = 128;
-    let mut x = values(cols, 41);
-    x[32..64].fill(0.0);
-    x[64] = 1000.0;
-    x[100] = -77.0;
-    let mut acts = kernels::Acts::new(PackedFormat::Q4_1, ActivationPrecision::Q8, &x, 1, cols);
-    let mut scalar = kernels::Acts::new(PackedFormat::Q4_1, ActivationPrecision::F32, &x, 1, cols);
-    (scalar.q8, scalar.q8_scale, scalar.q8_sum) = (vec![0; cols], vec![0.0; 4], vec![0.0; 4]);
-    int8::quantize_scalar(&x, &mut scalar, 32);
-    for (b, (q, d)) in q8_blocks(&x).into_iter().enumerate() {
-        assert_eq!(acts.q8_scale[b], d, "block {b} scale");
-        assert_eq!(scalar.q8_scale[b], d, "block {b} scale (scalar)");
-        let got: Vec<i32> = acts.q8[b * 32..(b + 1) * 32]
-            .iter()
-            .map(|&v| v as i32)
-            .collect();
-        assert_eq!(got, q, "block {b} quants");
-        let got: Vec<i32> = scalar.q8[b * 32..(b + 1) * 32]
-            .iter()
-            .map(|&v| v as i32)
-            .collect();
-        assert_eq!(got, q, "block {b} quants (scalar)");
-        let sum = d * q.iter().sum::<i32>() as f32;
-        assert_eq!(acts.q8_sum[b], sum, "block {b} sum");
-        assert!(q.iter().all(|v| v.abs() <= 127));
-        for (k, v) in x[b * 32..(b + 1) * 32].iter().enumerate() {
-            assert!(
-                (q[k] as f32 * d - v).abs() <= d * 0.5001,
-                "value {k} of block {b}"
-            );
+    // with -amax; one scale per 32 values (Q4_1) and per 256 (the K-quants, ggml's q8_K).
+    for (format, cols) in [(PackedFormat::Q4_1, 128), (PackedFormat::Q4_K, 512)] {
+        let len = int8::scale_len(format);
+        let mut x = values(cols, 41);
+        x[32..64].fill(0.0);
+        x[64] = 1000.0;
+        x[100] = -77.0;
+        let mut acts = kernels::Acts::new(format, ActivationPrecision::Q8, &x, 1, cols);
+        let mut scalar = kernels::Acts::new(format, ActivationPrecision::F32, &x, 1, cols);
+        (scalar.q8, scalar.q8_scale, scalar.q8_sum) =
+            (vec![0; cols], vec![0.0; cols / len], vec![0.0; cols / 32]);
+        int8::quantize_scalar(&x, &mut scalar, len);
+        for (b, (q, d)) in q8_blocks_of(&x, len).into_iter().enumerate() {
+            let what = format!("{format}: block {b}");
+            assert_eq!(acts.q8_scale[b], d, "{what} scale");
+            assert_eq!(scalar.q8_scale[b], d, "{what} scale (scalar)");
+            for (name, got) in [("simd", &acts.q8), ("scalar", &scalar.q8)] {
+                let got: Vec<i32> = got[b * len..(b + 1) * len]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .collect();
+                assert_eq!(got, q, "{what} quants ({name})");
+            }
+            for (c, q32) in q.chunks_exact(32).enumerate() {
+                let sum = d * q32.iter().sum::<i32>() as f32;
+                assert_eq!(acts.q8_sum[b * len / 32 + c], sum, "{what} sum {c}");
+                assert_eq!(
+                    scalar.q8_sum[b * len / 32 + c],
+                    sum,
+                    "{what} sum {c} (scalar)"
+                );
+            }
+            assert!(q.iter().all(|v| v.abs() <= 127));
+            for (k, v) in x[b * len..(b + 1) * len].iter().enumerate() {
+                assert!(
+                    (q[k] as f32 * d - v).abs() <= d * 0.5001,
+                    "{what} value {k}"
+                );
+            }
         }
+        acts.x = &[];
     }
-    acts.x = &[];
 }
 
 // ---- K-quants (256-value super-blocks) ----
