@@ -193,42 +193,25 @@ mod avx2 {
         acts: &Acts,
         out: &mut [f32],
     ) {
-        let (cols, m) = (acts.cols, acts.m);
-        let blocks = cols / 32;
-        assert!(m > 0 && out.len().is_multiple_of(m) && cols.is_multiple_of(32));
-        assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
         assert_eq!(format.block_bytes(), block_bytes::<F>());
-        assert!(acts.q8.len() >= m * cols);
-        assert!(acts.q8_scale.len() >= m * blocks && acts.q8_sum.len() >= m * blocks);
-        let rb = format.row_bytes(cols);
-        for (r, o) in out.chunks_exact_mut(m).enumerate() {
-            let wr = &w[r * rb..(r + 1) * rb];
-            let mut j = 0;
-            while j < m {
-                let n = (m - j).min(4);
-                let a = Rows {
-                    q: &acts.q8[j * cols..],
-                    scale: &acts.q8_scale[j * blocks..],
-                    sum: &acts.q8_sum[j * blocks..],
-                };
-                let o = &mut o[j..j + n];
-                // Safety: `kernels` hands this out only when AVX2 (and for VNNI, AVX512-VNNI)
-                // is available; the asserts above bound every read (`n` rows of `cols` quants and `blocks` scales from `j`).
-                unsafe {
-                    match (VNNI, n) {
-                        (true, 4) => group_vnni::<F, 4>(wr, &a, cols, o),
-                        (true, 3) => group_vnni::<F, 3>(wr, &a, cols, o),
-                        (true, 2) => group_vnni::<F, 2>(wr, &a, cols, o),
-                        (true, _) => group_vnni::<F, 1>(wr, &a, cols, o),
-                        (false, 4) => group::<F, 4>(wr, &a, cols, o),
-                        (false, 3) => group::<F, 3>(wr, &a, cols, o),
-                        (false, 2) => group::<F, 2>(wr, &a, cols, o),
-                        (false, _) => group::<F, 1>(wr, &a, cols, o),
-                    }
+        let cols = acts.cols;
+        each_group(format, w, acts, out, 32, |wr, a, o| {
+            // Safety: `kernels` hands this out only when AVX2 (and for VNNI, AVX512-VNNI) is
+            // available; `each_group`'s asserts bound every read (`o.len()` rows of `cols`
+            // quants and their scales).
+            unsafe {
+                match (VNNI, o.len()) {
+                    (true, 4) => group_vnni::<F, 4>(wr, a, cols, o),
+                    (true, 3) => group_vnni::<F, 3>(wr, a, cols, o),
+                    (true, 2) => group_vnni::<F, 2>(wr, a, cols, o),
+                    (true, _) => group_vnni::<F, 1>(wr, a, cols, o),
+                    (false, 4) => group::<F, 4>(wr, a, cols, o),
+                    (false, 3) => group::<F, 3>(wr, a, cols, o),
+                    (false, 2) => group::<F, 2>(wr, a, cols, o),
+                    (false, _) => group::<F, 1>(wr, a, cols, o),
                 }
-                j += n;
             }
-        }
+        });
     }
 
     /// [`entry`] for the K-quants (`F` one of [`K_Q4`], [`K_Q5`], [`K_Q6`]): rows of
@@ -240,13 +223,38 @@ mod avx2 {
         acts: &Acts,
         out: &mut [f32],
     ) {
-        let (cols, m) = (acts.cols, acts.m);
-        let (supers, chunks) = (cols / 256, cols / 32);
-        assert!(m > 0 && out.len().is_multiple_of(m) && cols.is_multiple_of(256));
-        assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
         assert_eq!(format.block_bytes(), k_block_bytes::<F>());
+        let cols = acts.cols;
+        each_group(format, w, acts, out, 256, |wr, a, o| {
+            // Safety: as in `entry` (whole super-blocks: `cols` is a multiple of 256).
+            unsafe {
+                match o.len() {
+                    4 => group_k::<F, 4>(wr, a, cols, o),
+                    3 => group_k::<F, 3>(wr, a, cols, o),
+                    2 => group_k::<F, 2>(wr, a, cols, o),
+                    _ => group_k::<F, 1>(wr, a, cols, o),
+                }
+            }
+        });
+    }
+
+    /// Every weight row of `w` against the activation rows in groups of up to four: `kernel`
+    /// gets the row, the group's activations (one scale per `scale_len` values, a sum per 32)
+    /// and the group's outputs. Checks the lengths every kernel relies on.
+    fn each_group(
+        format: PackedFormat,
+        w: &[u8],
+        acts: &Acts,
+        out: &mut [f32],
+        scale_len: usize,
+        mut kernel: impl FnMut(&[u8], &Rows, &mut [f32]),
+    ) {
+        let (cols, m) = (acts.cols, acts.m);
+        let (scales, chunks) = (cols / scale_len, cols / 32);
+        assert!(m > 0 && out.len().is_multiple_of(m) && cols.is_multiple_of(scale_len));
+        assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
         assert!(acts.q8.len() >= m * cols);
-        assert!(acts.q8_scale.len() >= m * supers && acts.q8_sum.len() >= m * chunks);
+        assert!(acts.q8_scale.len() >= m * scales && acts.q8_sum.len() >= m * chunks);
         let rb = format.row_bytes(cols);
         for (r, o) in out.chunks_exact_mut(m).enumerate() {
             let wr = &w[r * rb..(r + 1) * rb];
@@ -255,19 +263,10 @@ mod avx2 {
                 let n = (m - j).min(4);
                 let a = Rows {
                     q: &acts.q8[j * cols..],
-                    scale: &acts.q8_scale[j * supers..],
+                    scale: &acts.q8_scale[j * scales..],
                     sum: &acts.q8_sum[j * chunks..],
                 };
-                let o = &mut o[j..j + n];
-                // Safety: as in `entry` (whole super-blocks: `cols` is a multiple of 256).
-                unsafe {
-                    match n {
-                        4 => group_k::<F, 4>(wr, &a, cols, o),
-                        3 => group_k::<F, 3>(wr, &a, cols, o),
-                        2 => group_k::<F, 2>(wr, &a, cols, o),
-                        _ => group_k::<F, 1>(wr, &a, cols, o),
-                    }
-                }
+                kernel(wr, &a, &mut o[j..j + n]);
                 j += n;
             }
         }
