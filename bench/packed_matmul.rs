@@ -61,8 +61,8 @@ fn main() {
         }
         let block = format.block_len() > 1;
         for &act in &args.activations {
-            // Float and K-quant weights always take f32 activations.
-            if (!block || format.is_k_quant()) && act != ActivationPrecision::F32 {
+            // Float weights always take f32 activations.
+            if !block && act != ActivationPrecision::F32 {
                 continue;
             }
             let w = PackedMatrix::from_f32(args.rows, args.cols, &values, format)
