@@ -63,7 +63,8 @@ struct Args {
     /// Requantise the matrices at load: none, q8_0, q4_0, q4_1.
     #[arg(long, default_value = "none")]
     quant: Quantization,
-    /// Activations of quantised weights in decode steps: f32, or q8 (8-bit, as llama.cpp).
+    /// Activations of quantised weights: f32, or q8 (8-bit, as llama.cpp; decode steps, and
+    /// prefill where the integer kernels are faster).
     #[arg(long, default_value = "f32")]
     activations: ActivationPrecision,
     /// kiln's host kernels for the matrices: auto (on for CPU backends), always, never (Burn's

@@ -198,7 +198,7 @@ fn compare_with_dense(
     worst
 }
 
-/// `--activations q8` (8-bit activation blocks in decode steps, as llama.cpp multiplies these
+/// `--activations q8` (8-bit activation blocks, as llama.cpp multiplies these
 /// formats): the reference prompt's greedy tokens stay HF's (on other prompts a near-tie may
 /// flip, as it does between llama.cpp and HF; bench/README.md), and each cached step's logits stay within the bound
 /// measured on this file (max |Δ| 1.02 against the f32-activation path over 16 steps, logits
@@ -225,8 +225,8 @@ fn eight_bit_activations_keep_the_greedy_tokens() {
     let out = generate(&q8, std::slice::from_ref(&prompt), &config, None, |_, _| {}).unwrap();
     assert_eq!(out[0].tokens, expected);
 
-    // Teacher-forced on HF's tokens, one cached step at a time (the 8-bit kernels run for
-    // decode steps; the prompt's prefill keeps f32 activations).
+    // Teacher-forced on HF's tokens, one cached step at a time (the prompt's prefill, fewer
+    // rows than `INT8_BLOCK32_MAX_ROWS`, runs the 8-bit kernels too).
     let tokens = |ids: &[u32]| {
         let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device)
@@ -309,10 +309,11 @@ fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
     assert_eq!(tp, td);
 
     // With 8-bit activations (K-quants against one scale per 256 values, the rest per 32, as
-    // llama.cpp): teacher-forced on the f32 path's greedy tokens, each step's logits stay within
-    // the bound of the Q4_1 file's test, and where the argmax differs the f32 path's own margin
-    // between the two tokens is smaller than that step's deviation (a near-tie the rounding
-    // flips: ffn_down's inputs, SwiGLU outputs with outliers, lose most to 8 bits).
+    // llama.cpp; in the prompt's prefill too): teacher-forced on the f32 path's greedy tokens,
+    // each step's logits stay within 2.5 (measured 2.02; 1.66 when prefill kept f32
+    // activations), and where the argmax differs the f32 path's own margin between the two
+    // tokens is smaller than that step's deviation (a near-tie the rounding flips: ffn_down's
+    // inputs, SwiGLU outputs with outliers, lose most to 8 bits).
     let q8_options =
         LoadOptions::default().with_activations(kiln::core::packed::ActivationPrecision::Q8);
     let (q8, _) = Llama::<B>::from_gguf_with(&kpath, &device, &q8_options).unwrap();
@@ -350,5 +351,5 @@ fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
          max |Δlogit| {worst:e}, {flips} argmax flips",
         td.len()
     );
-    assert!(worst > 1e-3 && worst < 2.0, "max |Δlogit| {worst}");
+    assert!(worst > 1e-3 && worst < 2.5, "max |Δlogit| {worst}");
 }

@@ -20,11 +20,12 @@ pub struct PrecisionArgs {
     /// use `--dtype f16`).
     #[arg(long, default_value = "none")]
     pub quant: Quantization,
-    /// Activations of quantised weights (Q8_0, Q4_0/1, Q5_0/1, Q4_K/Q5_K/Q6_K) in decode steps
-    /// (CPU backends): `f32` keeps the result equal to the dequantised weights' product; `q8`
-    /// rounds them to 8 bits (one scale per 32 values, per 256 for the K-quants) and multiplies
-    /// integers, as llama.cpp does (1.2–1.3× faster decode on SmolLM2 Q4_1, whose logits moved
-    /// by up to 1.0; 1.7–1.8× on a TinyLlama-shaped Q4_K_M file).
+    /// Activations of quantised weights (Q8_0, Q4_0/1, Q5_0/1, Q4_K/Q5_K/Q6_K) on CPU
+    /// backends: `f32` keeps the result equal to the dequantised weights' product; `q8` rounds
+    /// them to 8 bits (one scale per 32 values, per 256 for the K-quants) and multiplies
+    /// integers, as llama.cpp does, in decode steps and, where that is faster, in prefill
+    /// (1.2–1.3× faster decode on SmolLM2 Q4_1, whose logits moved by up to 1.0; 1.7–1.8×
+    /// decode and 1.3× prefill on a TinyLlama-shaped Q4_K_M file).
     #[arg(long, default_value = "f32")]
     pub activations: ActivationPrecision,
 }

@@ -38,8 +38,8 @@ pub struct LoadOptions {
     pub quantization: Quantization,
     /// Whether matrices are held on the host for kiln's CPU kernels.
     pub host_kernels: HostKernels,
-    /// What the host kernels do with the activations of quantised weights in decode steps:
-    /// f32 (the default: results equal the dequantised weights' product) or 8-bit blocks, as
+    /// What the host kernels do with the activations of quantised weights (decode steps, and
+    /// prefill where the integer kernels are faster): f32 (the default: results equal the dequantised weights' product) or 8-bit blocks, as
     /// llama.cpp multiplies them (faster; see [`ActivationPrecision`]).
     pub activations: ActivationPrecision,
     /// Read the model's tensors from under this key prefix of the checkpoint (e.g.

@@ -14,7 +14,9 @@
 //!   where the CPU has them, chosen at run time, a portable loop elsewhere), in f32, with the
 //!   output rows split over the kernel threads of `pool` (the caller and spinning workers);
 //! * more rows (prefill) dequantise the weight tile by tile into f32 and hand each tile to the
-//!   `gemm` crate, which Burn's flex backend uses for its own matmuls.
+//!   `gemm` crate, which Burn's flex backend uses for its own matmuls; with 8-bit activations
+//!   ([`ActivationPrecision::Q8`]) the integer kernels run instead where they are faster
+//!   (tiles of weight rows against blocks of activation rows, [`INT8_BLOCK32_MAX_ROWS`]).
 //!
 //! The block layouts are ggml's (`block_q8_0`, `block_q4_0`, `block_q4_1`, `block_q4_K`,
 //! `block_q5_K`, `block_q6_K`), so a GGUF file's tensor bytes are used as they are, and
@@ -162,9 +164,12 @@ impl std::fmt::Display for PackedFormat {
     }
 }
 
-/// What the matrix-vector kernels (decode steps, up to [`MATVEC_MAX_ROWS`] rows) do with the
-/// activations when the weights are Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or K-quant blocks. Float
-/// weights, and prefill (more rows), always multiply f32 activations.
+/// What the kernels do with the activations when the weights are Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
+/// or K-quant blocks: in decode steps (up to [`MATVEC_MAX_ROWS`] rows) and, with
+/// [`Q8`](Self::Q8), in prefill too where the integer kernels are faster than dequantising for
+/// `gemm` (the K-quants always, the other block formats up to [`INT8_BLOCK32_MAX_ROWS`] rows),
+/// as llama.cpp also rounds prefill activations. Float weights always multiply f32
+/// activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ActivationPrecision {
     /// As precise as f32 (the 4-bit kernels split each value into two i16 parts, to 2⁻³² of
@@ -193,6 +198,14 @@ impl std::str::FromStr for ActivationPrecision {
 /// (each weight block is read once for all rows); from one more on it dequantises tiles for
 /// `gemm`. Measured with `bench/packed_matmul.rs` (bench/README.md).
 pub const MATVEC_MAX_ROWS: usize = 8;
+
+/// With 8-bit activations, up to this many rows the 32-value block formats (Q8_0, Q4_0, Q4_1,
+/// Q5_0, Q5_1) run the integer kernels in tiles (`tiled_int8`); beyond it, dequantising
+/// tiles for `gemm` is faster. The K-quants' integer kernel is faster at every row count.
+/// Measured with `packed_matmul --m 16,48,96,256 --activations q8` (5632×2048, 2 threads):
+/// Q4_1 2.6 / 7.9 / 15.8 / 41.9 ms integer against 6.5 / 9.9 / 14.9 / 31.7 ms gemm; Q4_K at
+/// 128 rows 12.5 against 18.1 ms.
+pub const INT8_BLOCK32_MAX_ROWS: usize = 64;
 
 /// Rows [`PackedMatrix::vecmat`] adds into its running sum per pass over it.
 const VECMAT_GROUP: usize = 8;
@@ -440,6 +453,8 @@ impl PackedMatrix {
         }
         if m <= MATVEC_MAX_ROWS {
             self.matvec(x, m)
+        } else if self.int8_prefill(m) {
+            self.tiled_int8(x, m)
         } else {
             self.tiled_gemm(x, m)
         }
@@ -530,6 +545,56 @@ impl PackedMatrix {
     /// each weight byte once.
     fn matvec(&self, x: &[f32], m: usize) -> Vec<f32> {
         matvec(&[self], x, m).pop().unwrap_or_default()
+    }
+
+    /// Whether `m` rows (more than [`MATVEC_MAX_ROWS`]) go through [`tiled_int8`](Self::tiled_int8)
+    /// rather than [`tiled_gemm`](Self::tiled_gemm): with 8-bit activations, for the K-quants
+    /// at any row count, for the 32-value block formats up to [`INT8_BLOCK32_MAX_ROWS`].
+    /// `KILN_NO_I8_PREFILL` turns it off, to compare the two.
+    fn int8_prefill(&self, m: usize) -> bool {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        self.activations == ActivationPrecision::Q8
+            && int8::applies(self.format)
+            && (self.format.is_k_quant() || m <= INT8_BLOCK32_MAX_ROWS)
+            && !*OFF.get_or_init(|| std::env::var_os("KILN_NO_I8_PREFILL").is_some())
+    }
+
+    /// Prefill with 8-bit activations: the rows of `x` are rounded in blocks of rows small
+    /// enough to stay in L1/L2 (~64 KiB of i8), and each task runs the matrix-vector kernel of
+    /// a tile of weight rows against every block in turn, so both stay in cache while the
+    /// integer kernel reuses them.
+    fn tiled_int8(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        let block_rows = (65536 / cols.max(1)).clamp(4, 64) / 4 * 4;
+        let blocks: Vec<kernels::Acts> = x
+            .chunks(block_rows * cols)
+            .map(|xb| kernels::Acts::new(self.format, self.activations, xb, xb.len() / cols, cols))
+            .collect();
+        let dot = kernels::dot_kernel(self.format, self.activations);
+        let rb = self.row_bytes();
+        let tile = (262144 / rb.max(1))
+            .clamp(4, 256)
+            .min(rows.div_ceil(4 * pool::threads()).next_multiple_of(4))
+            .max(1);
+        let mut y = vec![0f32; m * rows];
+        let out = SendPtr(y.as_mut_ptr());
+        pool::for_each(rows.div_ceil(tile), &|t| {
+            let r0 = t * tile;
+            let n = tile.min(rows - r0);
+            let w = &self.bytes()[r0 * rb..(r0 + n) * rb];
+            let mut yt = vec![0f32; n * block_rows];
+            for (b, acts) in blocks.iter().enumerate() {
+                let yt = &mut yt[..n * acts.m];
+                dot(self.format, w, acts, yt);
+                for (i, vals) in yt.chunks_exact(acts.m).enumerate() {
+                    for (j, v) in vals.iter().enumerate() {
+                        // Safety: this task alone writes columns r0..r0+n of `y`, [m, rows].
+                        unsafe { *out.ptr().add((b * block_rows + j) * rows + r0 + i) = *v };
+                    }
+                }
+            }
+        });
+        y
     }
 
     /// Prefill: each task dequantises a tile of weight rows to f32 (f32 weights are used in

@@ -308,7 +308,7 @@ fn q8_blocks_of(x: &[f32], len: usize) -> Vec<(Vec<i32>, f32)> {
 #[test]
 fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
     // 37 x 160 (five blocks, rows not a multiple of any chunk; K-quants 37 x 512 with one
-    // activation scale per 256 values), 1..=8 activation rows: every
+    // activation scale per 256 values), 1..=8, 9 and 70 activation rows: every
     // group size of the SIMD kernels, every kernel this CPU runs, against an f64 product
     // of the dequantised weights and the activations rounded as ggml rounds them. The same
     // output must also stay within half an activation step of the f32 product (Σ|w|·d/2),
@@ -330,7 +330,19 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
             .unwrap()
             .with_activations(ActivationPrecision::Q8);
         let dense = packed.to_f32();
-        for m in 1..=MATVEC_MAX_ROWS {
+        // Prefill sizes too: 9 and 70 rows (70 is two blocks of activation rows in
+        // `tiled_int8`, the second not a multiple of four); the 32-value formats keep f32
+        // activations beyond `INT8_BLOCK32_MAX_ROWS`.
+        for m in (1..=MATVEC_MAX_ROWS).chain([9, 70]) {
+            if !format.is_k_quant() && m > INT8_BLOCK32_MAX_ROWS {
+                let x = values(m * cols, 50);
+                assert_close(
+                    &packed.matmul_t(&x, m),
+                    &reference(&packed, &x, m),
+                    &format!("{format} prefill m={m}"),
+                );
+                continue;
+            }
             let x = values(m * cols, 30 + m as u32);
             // One activation scale per 32 values, per 256 for the K-quants.
             let len = int8::scale_len(format);
@@ -378,14 +390,6 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
             }
             assert!(moved, "{format} m={m}: the 8-bit path was not taken");
         }
-        // Prefill (more rows) keeps f32 activations.
-        let m = MATVEC_MAX_ROWS + 1;
-        let x = values(m * cols, 50);
-        assert_close(
-            &packed.matmul_t(&x, m),
-            &reference(&packed, &x, m),
-            &format!("{format} prefill"),
-        );
     }
 }
 
@@ -762,7 +766,8 @@ fn products_sharing_one_pass_match_each_dequantised_product() {
         assert_eq!(got.len(), mats.len());
         for (w, y) in mats.iter().zip(&got) {
             let what = format!("{} [{}, {cols}] at m = {m}", w.format(), w.rows());
-            if w.activations() == ActivationPrecision::Q8 && m <= MATVEC_MAX_ROWS {
+            // (Q8_0 at 9 rows is an 8-bit prefill: `INT8_BLOCK32_MAX_ROWS`.)
+            if w.activations() == ActivationPrecision::Q8 {
                 // The oracle with the activations rounded to ggml's 8-bit blocks.
                 let rounded: Vec<f32> = q8_blocks(&x)
                     .into_iter()
