@@ -198,13 +198,16 @@ fn compare_with_dense(
     worst
 }
 
-/// `--activations q8` (8-bit activation blocks, as llama.cpp multiplies these
-/// formats): the reference prompt's greedy tokens stay HF's (on other prompts a near-tie may
-/// flip, as it does between llama.cpp and HF; bench/README.md), and each cached step's logits stay within the bound
-/// measured on this file (max |Δ| 1.02 against the f32-activation path over 16 steps, logits
-/// between −30 and +29; llama.cpp rounds these activations the same way).
+/// `--activations q8` (8-bit activation blocks, as llama.cpp multiplies these formats):
+/// teacher-forced on HF's greedy tokens, each cached step's logits stay within 2.0 of the
+/// f32-activation path (measured over the 32 steps: max |Δ| 1.06 with the AVX2 kernels, 1.41
+/// with the VNNI ones, logits between −30 and +29; llama.cpp rounds these activations the same
+/// way), and the argmax leaves HF's token only at near-ties. Rounding is discontinuous: the
+/// VNNI kernel's different f32 summation order (1e-4 apart on one product) moves later
+/// layers' 8-bit activations by whole steps, and one of this prompt's 32 steps, a near-tie,
+/// flips with it (as llama.cpp's tokens differ from HF's at near-ties; bench/README.md).
 #[test]
-fn eight_bit_activations_keep_the_greedy_tokens() {
+fn eight_bit_activations_stay_near_the_f32_logits() {
     use burn::prelude::*;
     use kiln::core::CausalLm;
     use kiln::core::loading::LoadOptions;
@@ -221,37 +224,41 @@ fn eight_bit_activations_keep_the_greedy_tokens() {
     let reference = reference();
     let prompt = ids(&reference["prompt_ids"]);
     let expected = ids(&reference["greedy_new_ids"]);
-    let config = GenerationConfig::default().with_max_new_tokens(expected.len());
-    let out = generate(&q8, std::slice::from_ref(&prompt), &config, None, |_, _| {}).unwrap();
-    assert_eq!(out[0].tokens, expected);
 
-    // Teacher-forced on HF's tokens, one cached step at a time (the prompt's prefill, fewer
-    // rows than `INT8_BLOCK32_MAX_ROWS`, runs the 8-bit kernels too).
+    // Teacher-forced on HF's tokens, one cached step at a time (the prompt's prefill runs the
+    // 8-bit kernels too): where the 8-bit argmax is not HF's token, the f32 path's own margin
+    // between the two must be smaller than that step's deviation (a near-tie the rounding
+    // flips), and there may be at most two such steps.
     let tokens = |ids: &[u32]| {
         let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), &device)
     };
+    let logits = |l: Tensor<B, 3>| l.into_data().into_vec::<f32>().unwrap();
     let (mut ca, mut cb) = (q8.new_cache(vec![0]), f32_acts.new_cache(vec![0]));
-    q8.forward(tokens(&prompt), &mut ca, false);
-    f32_acts.forward(tokens(&prompt), &mut cb, false);
-    let mut worst = 0f32;
-    for &t in &expected[..16] {
-        let la = q8
-            .forward(tokens(&[t]), &mut ca, true)
-            .into_data()
-            .into_vec::<f32>()
-            .unwrap();
-        let lb = f32_acts
-            .forward(tokens(&[t]), &mut cb, true)
-            .into_data()
-            .into_vec::<f32>()
-            .unwrap();
+    let (mut la, mut lb) = (
+        logits(q8.forward(tokens(&prompt), &mut ca, false)),
+        logits(f32_acts.forward(tokens(&prompt), &mut cb, false)),
+    );
+    let (mut worst, mut flips) = (0f32, 0);
+    for &t in &expected {
         let diff = max_abs_diff(&la, &lb);
         worst = worst.max(diff);
+        let pick = kiln::core::sampling::argmax(&la) as usize;
+        if pick != t as usize {
+            flips += 1;
+            let margin = lb[t as usize] - lb[pick];
+            assert!(
+                margin < diff,
+                "token {t}: a flip with margin {margin} over a deviation of {diff}"
+            );
+        }
+        la = logits(q8.forward(tokens(&[t]), &mut ca, true));
+        lb = logits(f32_acts.forward(tokens(&[t]), &mut cb, true));
     }
-    eprintln!("8-bit vs f32 activations: max |Δlogit| {worst:e}");
+    eprintln!("8-bit vs f32 activations: max |Δlogit| {worst:e}, {flips} argmax flips");
     assert!(worst > 1e-3, "the 8-bit kernels were not used");
     assert!(worst < 2.0, "max |Δlogit| {worst}");
+    assert!(flips <= 2, "{flips} argmax flips");
 }
 
 /// The same file requantised to llama.cpp's Q4_K_M mix by kiln-gguf's writer. Only `ffn_down`,

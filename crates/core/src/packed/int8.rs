@@ -17,6 +17,16 @@
 use super::PackedFormat;
 use super::kernels::{Acts, DotKernel, dequantize_row};
 
+/// Whether the CPU has AVX512-VNNI (with 256-bit forms), which the 32-value block formats'
+/// fastest kernels use.
+pub(super) fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        return avx2::vnni();
+    }
+    false
+}
+
 /// Whether `format` has 8-bit activation kernels (the block formats).
 pub(super) fn applies(format: PackedFormat) -> bool {
     matches!(
@@ -51,9 +61,36 @@ pub(super) fn quantize(x: &[f32], acts: &mut Acts, block: usize) {
     if super::avx2::available() {
         // Safety: AVX2 is available; the buffers were sized for `blocks` just above.
         unsafe { avx2::quantize(x, acts, blocks, block / 32) };
+        if block == 32 && acts.m >= 2 && vnni() {
+            transpose(acts);
+        }
         return;
     }
     quantize_scalar(x, acts, block);
+}
+
+/// Fills [`Acts::q8t`]: in each row's whole groups of eight blocks, value `4i + e` of block
+/// `k` (plus 128) goes to byte `32i + 4k + e` (the layout `group_t` multiplies).
+pub(super) fn transpose(acts: &mut Acts) {
+    let cols = acts.cols;
+    let groups = cols / 256;
+    acts.q8t = vec![0; acts.m * cols];
+    for (src, dst) in acts
+        .q8
+        .chunks_exact(cols)
+        .zip(acts.q8t.chunks_exact_mut(cols))
+    {
+        for g in 0..groups {
+            let (src, dst) = (&src[g * 256..][..256], &mut dst[g * 256..][..256]);
+            for k in 0..8 {
+                for i in 0..8 {
+                    for e in 0..4 {
+                        dst[32 * i + 4 * k + e] = (src[32 * k + 4 * i + e] as u8) ^ 0x80;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// [`quantize`] one value at a time (rounding half away from zero, as ggml's reference; the
@@ -198,7 +235,15 @@ mod avx2 {
     ) {
         assert_eq!(format.block_bytes(), block_bytes::<F>());
         let cols = acts.cols;
-        each_group(format, w, acts, out, 32, |wr, a, o| {
+        if VNNI && acts.m >= 2 && cols >= 256 && acts.q8t.len() >= acts.m * cols {
+            each_group(format, w, acts, out, 32, 8, |wr, a, o| {
+                // Safety: VNNI is available (`kernels` hands this out only then); `each_group`
+                // bounds the reads, and `q8t` holds `m` rows of `cols` (checked above).
+                unsafe { group_t::<F>(wr, a, cols, o) }
+            });
+            return;
+        }
+        each_group(format, w, acts, out, 32, 4, |wr, a, o| {
             // Safety: `kernels` hands this out only when AVX2 (and for VNNI, AVX512-VNNI) is
             // available; `each_group`'s asserts bound every read (`o.len()` rows of `cols`
             // quants and their scales).
@@ -229,7 +274,7 @@ mod avx2 {
     ) {
         assert_eq!(format.block_bytes(), k_block_bytes::<F>());
         let cols = acts.cols;
-        each_group(format, w, acts, out, 256, |wr, a, o| {
+        each_group(format, w, acts, out, 256, 4, |wr, a, o| {
             // Safety: as in `entry` (whole super-blocks: `cols` is a multiple of 256).
             unsafe {
                 match (VL, o.len()) {
@@ -246,7 +291,7 @@ mod avx2 {
         });
     }
 
-    /// Every weight row of `w` against the activation rows in groups of up to four: `kernel`
+    /// Every weight row of `w` against the activation rows in groups of up to `most`: `kernel`
     /// gets the row, the group's activations (one scale per `scale_len` values, a sum per 32)
     /// and the group's outputs. Checks the lengths every kernel relies on.
     fn each_group(
@@ -255,6 +300,7 @@ mod avx2 {
         acts: &Acts,
         out: &mut [f32],
         scale_len: usize,
+        most: usize,
         mut kernel: impl FnMut(&[u8], &Rows, &mut [f32]),
     ) {
         let (cols, m) = (acts.cols, acts.m);
@@ -268,9 +314,10 @@ mod avx2 {
             let wr = &w[r * rb..(r + 1) * rb];
             let mut j = 0;
             while j < m {
-                let n = (m - j).min(4);
+                let n = (m - j).min(most);
                 let a = Rows {
                     q: &acts.q8[j * cols..],
+                    t: acts.q8t.get(j * cols..).unwrap_or_default(),
                     scale: &acts.q8_scale[j * scales..],
                     sum: &acts.q8_sum[j * chunks..],
                 };
@@ -443,6 +490,8 @@ mod avx2 {
     /// The i8 activations of a group of rows, from its first row on.
     struct Rows<'a> {
         q: &'a [i8],
+        /// [`Acts::q8t`] from the first row on (empty where it was not built).
+        t: &'a [u8],
         scale: &'a [f32],
         sum: &'a [f32],
     }
@@ -480,6 +529,19 @@ mod avx2 {
         cols: usize,
         out: &mut [f32],
     ) {
+        // Safety: as `block_sums`.
+        let sums = unsafe { block_sums::<F, M, VNNI>(w, a, cols, 0) };
+        out[..M].copy_from_slice(&sums);
+    }
+
+    /// The dot products of [`group_body`] over blocks `b0..` only.
+    #[inline(always)]
+    unsafe fn block_sums<const F: u8, const M: usize, const VNNI: bool>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        b0: usize,
+    ) -> [f32; M] {
         // Safety: the callers' target features cover every intrinsic; reads are bounded
         // by `entry`'s asserts.
         unsafe {
@@ -553,7 +615,7 @@ mod avx2 {
                     }
                 }};
             }
-            let mut b = 0;
+            let mut b = b0;
             while b + 1 < blocks {
                 block!(b, acc0, off0);
                 block!(b + 1, acc1, off1);
@@ -562,9 +624,156 @@ mod avx2 {
             if b < blocks {
                 block!(b, acc0, off0);
             }
-            for j in 0..M {
-                out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+            std::array::from_fn(|j| hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]))
+        }
+    }
+
+    /// Two to eight activation rows against one weight row of a 32-value block format, eight
+    /// blocks at a time with each 32-bit lane of the sums holding one block: the eight blocks'
+    /// quants are transposed (an 8×8 transpose of 32-bit words) into the layout of
+    /// [`Acts::q8t`], so that eight `vpdpbusd` of the activations (plus 128, unsigned)
+    /// with them leave block `k`'s integer dot product in lane `k`. Less `128·Σq` per block
+    /// (eight more `vpdpbusd`, once per weight row), converted once, it meets a vector of
+    /// the eight blocks' `d_w·d_x` in one multiply-add, and the offsets' `off·d_x·Σq` in
+    /// another: per row and eight blocks, 8 integer and 4 float operations, where
+    /// [`group_body`] takes 8 and 32 (and Q8_0's 8 sign flips). The transpose is paid once
+    /// per weight row, so one activation row keeps [`group_body`]. Blocks past the last whole
+    /// eight go through [`block_sums`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn group_t<const F: u8>(w: &[u8], a: &Rows, cols: usize, out: &mut [f32]) {
+        // Safety: reads are bounded by `each_group`'s asserts and `entry`'s `q8t` check.
+        unsafe {
+            let (blocks, m) = (cols / 32, out.len());
+            let groups = blocks / 8;
+            let ones = _mm256_set1_epi8(1);
+            let mask = _mm_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for g in 0..groups {
+                let mut q = [_mm256_setzero_si256(); 8];
+                let (mut d, mut off) = ([0f32; 8], [0f32; 8]);
+                for k in 0..8 {
+                    let p = w.as_ptr().add((8 * g + k) * block_bytes::<F>());
+                    d[k] = h2f(p);
+                    (q[k], off[k]) = block_quants::<F>(p, d[k], mask);
+                }
+                let t = transpose8(q);
+                let mut wsum = _mm256_setzero_si256();
+                for ti in &t {
+                    wsum = _mm256_dpbusd_epi32(wsum, ones, *ti);
+                }
+                let wsum = _mm256_slli_epi32::<7>(wsum);
+                let (d, off) = (_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(off.as_ptr()));
+                for (j, acc) in acc.iter_mut().enumerate().take(m) {
+                    let xp = a.t.as_ptr().add(j * cols + 256 * g);
+                    let mut s = _mm256_setzero_si256();
+                    for (i, ti) in t.iter().enumerate() {
+                        s = _mm256_dpbusd_epi32(s, _mm256_loadu_si256(xp.add(32 * i).cast()), *ti);
+                    }
+                    let k = j * blocks + 8 * g;
+                    let dx = _mm256_loadu_ps(a.scale.as_ptr().add(k));
+                    let s = _mm256_cvtepi32_ps(_mm256_sub_epi32(s, wsum));
+                    *acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d, dx), *acc);
+                    if F != Q8_0 {
+                        *acc = _mm256_fmadd_ps(off, _mm256_loadu_ps(a.sum.as_ptr().add(k)), *acc);
+                    }
+                }
             }
+            let tail = if groups * 8 < blocks {
+                // One row at a time (a run-time count of rows).
+                let mut tail = [0f32; 8];
+                for (j, t) in tail.iter_mut().enumerate().take(m) {
+                    let row = Rows {
+                        q: &a.q[j * cols..],
+                        t: &[],
+                        scale: &a.scale[j * blocks..],
+                        sum: &a.sum[j * blocks..],
+                    };
+                    *t = block_sums::<F, 1, true>(w, &row, cols, groups * 8)[0];
+                }
+                tail
+            } else {
+                [0f32; 8]
+            };
+            for j in 0..m {
+                out[j] = hsum(acc[j]) + tail[j];
+            }
+        }
+    }
+
+    /// The 32 quants of the block at `p` as signed bytes (Q8_0 as stored; the 4- and 5-bit
+    /// formats 0..31) and the block's offset (`−8·d`, `−16·d`, or its min).
+    #[inline(always)]
+    unsafe fn block_quants<const F: u8>(p: *const u8, d: f32, mask: __m128i) -> (__m256i, f32) {
+        unsafe {
+            if F == Q8_0 {
+                return (_mm256_loadu_si256(p.add(2).cast()), 0.0);
+            }
+            let (off, at, qh) = match F {
+                Q4_0 => (-8.0 * d, 2, None),
+                Q5_0 => (-16.0 * d, 6, Some(2)),
+                Q5_1 => (h2f(p.add(2)), 8, Some(4)),
+                _ => (h2f(p.add(2)), 4, None),
+            };
+            let qs = _mm_loadu_si128(p.add(at).cast());
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            let u = _mm256_set_m128i(hi, lo);
+            let u = match qh {
+                Some(h) => _mm256_or_si256(u, fifth_bits(p.add(h))),
+                None => u,
+            };
+            (u, off)
+        }
+    }
+
+    /// 16 in byte `v` where bit `v` of the 32-bit mask at `p` is set (ggml's
+    /// `bytes_from_bits_32`): the 5-bit formats' fifth bits.
+    #[inline(always)]
+    unsafe fn fifth_bits(p: *const u8) -> __m256i {
+        unsafe {
+            let bits = p.cast::<i32>().read_unaligned();
+            let shuf = _mm256_setr_epi64x(
+                0,
+                0x0101_0101_0101_0101,
+                0x0202_0202_0202_0202,
+                0x0303_0303_0303_0303,
+            );
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), shuf);
+            let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+            let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+            _mm256_and_si256(set, _mm256_set1_epi8(16))
+        }
+    }
+
+    /// The 8×8 transpose of 32-bit words: word `k` of output `i` is word `i` of input `k`.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+        unsafe {
+            let a: [__m256i; 8] = std::array::from_fn(|n| {
+                let (x, y) = (r[n / 2 * 2], r[n / 2 * 2 + 1]);
+                if n % 2 == 0 {
+                    _mm256_unpacklo_epi32(x, y)
+                } else {
+                    _mm256_unpackhi_epi32(x, y)
+                }
+            });
+            // b[0..4]: words 0 / 1 / 2 / 3 (| 4 / 5 / 6 / 7) of inputs 0..4; b[4..8] of 4..8.
+            let b: [__m256i; 8] = std::array::from_fn(|n| {
+                let (h, i) = (n / 4, n % 4);
+                let (x, y) = (a[4 * h + i / 2], a[4 * h + 2 + i / 2]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_epi64(x, y)
+                } else {
+                    _mm256_unpackhi_epi64(x, y)
+                }
+            });
+            std::array::from_fn(|i| {
+                if i < 4 {
+                    _mm256_permute2x128_si256::<0x20>(b[i], b[4 + i])
+                } else {
+                    _mm256_permute2x128_si256::<0x31>(b[i - 4], b[i])
+                }
+            })
         }
     }
 

@@ -32,6 +32,11 @@ pub(super) struct Acts<'a> {
     pub q8_scale: Vec<f32>,
     /// See `q8`: per row and block, `d·Σq`.
     pub q8_sum: Vec<f32>,
+    /// See `q8`, for the 32-value block formats' VNNI kernel on two or more rows
+    /// (`super::int8`'s `group_t`): each row's quants plus 128 (as u8), every eight blocks
+    /// (256 values) transposed so that 32-bit lane `k` of the `i`-th 32 bytes holds values
+    /// `4i..4i + 4` of block `k`. Empty where that kernel does not run.
+    pub q8t: Vec<u8>,
 }
 
 impl<'a> Acts<'a> {
@@ -64,6 +69,7 @@ impl<'a> Acts<'a> {
             q8: Vec::new(),
             q8_scale: Vec::new(),
             q8_sum: Vec::new(),
+            q8t: Vec::new(),
         };
         if activations == ActivationPrecision::Q8 && super::int8::applies(format) {
             super::int8::quantize(&x[..m * cols], &mut acts, super::int8::scale_len(format));

@@ -307,8 +307,9 @@ fn q8_blocks_of(x: &[f32], len: usize) -> Vec<(Vec<i32>, f32)> {
 
 #[test]
 fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
-    // 37 x 160 (five blocks, rows not a multiple of any chunk; K-quants 37 x 512 with one
-    // activation scale per 256 values), 1..=8, 9 and 70 activation rows: every
+    // 37 x 544 (17 blocks: two groups of eight for the transposing VNNI kernel and one
+    // after them; rows not a multiple of any chunk; K-quants 37 x 512 with one activation
+    // scale per 256 values), 1..=8, 9 and 70 activation rows: every
     // group size of the SIMD kernels, every kernel this CPU runs, against an f64 product
     // of the dequantised weights and the activations rounded as ggml rounds them. The same
     // output must also stay within half an activation step of the f32 product (Σ|w|·d/2),
@@ -316,11 +317,11 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
     // The K-quants at 512 (two super-blocks).
     let rows = 37;
     for (format, cols) in [
-        (PackedFormat::Q8_0, 160),
-        (PackedFormat::Q4_0, 160),
-        (PackedFormat::Q4_1, 160),
-        (PackedFormat::Q5_0, 160),
-        (PackedFormat::Q5_1, 160),
+        (PackedFormat::Q8_0, 544),
+        (PackedFormat::Q4_0, 544),
+        (PackedFormat::Q4_1, 544),
+        (PackedFormat::Q5_0, 544),
+        (PackedFormat::Q5_1, 544),
         (PackedFormat::Q4_K, 512),
         (PackedFormat::Q5_K, 512),
         (PackedFormat::Q6_K, 512),
@@ -331,10 +332,10 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
             .with_activations(ActivationPrecision::Q8);
         let dense = packed.to_f32();
         // Prefill sizes too: 9 and 70 rows (70 is two blocks of activation rows in
-        // `tiled_int8`, the second not a multiple of four); the 32-value formats keep f32
-        // activations beyond `INT8_BLOCK32_MAX_ROWS`.
+        // `tiled_int8`, the second not a multiple of four); without VNNI the 32-value formats
+        // keep f32 activations beyond `INT8_BLOCK32_MAX_ROWS`.
         for m in (1..=MATVEC_MAX_ROWS).chain([9, 70]) {
-            if !format.is_k_quant() && m > INT8_BLOCK32_MAX_ROWS {
+            if m > MATVEC_MAX_ROWS && !packed.int8_prefill(m) {
                 let x = values(m * cols, 50);
                 assert_close(
                     &packed.matmul_t(&x, m),
