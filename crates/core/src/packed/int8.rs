@@ -665,10 +665,14 @@ mod avx2 {
                 let (d, off) = (_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(off.as_ptr()));
                 for (j, acc) in acc.iter_mut().enumerate().take(m) {
                     let xp = a.t.as_ptr().add(j * cols + 256 * g);
-                    let mut s = _mm256_setzero_si256();
-                    for (i, ti) in t.iter().enumerate() {
-                        s = _mm256_dpbusd_epi32(s, _mm256_loadu_si256(xp.add(32 * i).cast()), *ti);
+                    // Two chains of four, so that the adds of `vpdpbusd` overlap.
+                    let (mut s, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for i in 0..4 {
+                        let x = |i: usize| _mm256_loadu_si256(xp.add(32 * i).cast());
+                        s = _mm256_dpbusd_epi32(s, x(2 * i), t[2 * i]);
+                        s1 = _mm256_dpbusd_epi32(s1, x(2 * i + 1), t[2 * i + 1]);
                     }
+                    let s = _mm256_add_epi32(s, s1);
                     let k = j * blocks + 8 * g;
                     let dx = _mm256_loadu_ps(a.scale.as_ptr().add(k));
                     let s = _mm256_cvtepi32_ps(_mm256_sub_epi32(s, wsum));
