@@ -52,6 +52,8 @@ fn main() {
         PackedFormat::Q8_0,
         PackedFormat::Q4_1,
         PackedFormat::Q4_0,
+        PackedFormat::Q5_0,
+        PackedFormat::Q5_1,
         PackedFormat::Q4_K,
         PackedFormat::Q5_K,
         PackedFormat::Q6_K,

@@ -682,22 +682,27 @@ mod avx2 {
                     }
                 }
             }
-            let tail = if groups * 8 < blocks {
-                // One row at a time (a run-time count of rows).
-                let mut tail = [0f32; 8];
-                for (j, t) in tail.iter_mut().enumerate().take(m) {
-                    let row = Rows {
-                        q: &a.q[j * cols..],
-                        t: &[],
-                        scale: &a.scale[j * blocks..],
-                        sum: &a.sum[j * blocks..],
-                    };
-                    *t = block_sums::<F, 1, true>(w, &row, cols, groups * 8)[0];
+            // Blocks after the last whole eight: [`block_sums`], up to four rows at a time.
+            let mut tail = [0f32; 8];
+            let mut j = 0;
+            while groups * 8 < blocks && j < m {
+                let rows = Rows {
+                    q: &a.q[j * cols..],
+                    t: &[],
+                    scale: &a.scale[j * blocks..],
+                    sum: &a.sum[j * blocks..],
+                };
+                let b0 = groups * 8;
+                let n = (m - j).min(4);
+                let dst = &mut tail[j..j + n];
+                match n {
+                    4 => dst.copy_from_slice(&block_sums::<F, 4, true>(w, &rows, cols, b0)),
+                    3 => dst.copy_from_slice(&block_sums::<F, 3, true>(w, &rows, cols, b0)),
+                    2 => dst.copy_from_slice(&block_sums::<F, 2, true>(w, &rows, cols, b0)),
+                    _ => dst.copy_from_slice(&block_sums::<F, 1, true>(w, &rows, cols, b0)),
                 }
-                tail
-            } else {
-                [0f32; 8]
-            };
+                j += n;
+            }
             for j in 0..m {
                 out[j] = hsum(acc[j]) + tail[j];
             }

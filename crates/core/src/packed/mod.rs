@@ -167,8 +167,7 @@ impl std::fmt::Display for PackedFormat {
 /// What the kernels do with the activations when the weights are Q8_0, Q4_0, Q4_1, Q5_0, Q5_1
 /// or K-quant blocks: in decode steps (up to [`MATVEC_MAX_ROWS`] rows) and, with
 /// [`Q8`](Self::Q8), in prefill too where the integer kernels are faster than dequantising for
-/// `gemm` (the K-quants always, the other block formats with AVX512-VNNI always and otherwise
-/// up to [`INT8_BLOCK32_MAX_ROWS`] rows),
+/// `gemm` (the K-quants always, the other block formats as [`INT8_BLOCK32_MAX_ROWS`] says),
 /// as llama.cpp also rounds prefill activations. Float weights always multiply f32
 /// activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -200,15 +199,17 @@ impl std::str::FromStr for ActivationPrecision {
 /// `gemm`. Measured with `bench/packed_matmul.rs` (bench/README.md).
 pub const MATVEC_MAX_ROWS: usize = 8;
 
-/// With 8-bit activations on a CPU without AVX512-VNNI, up to this many rows the 32-value
-/// block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) run the integer kernels in tiles
-/// (`tiled_int8`); beyond it, dequantising tiles for `gemm` is faster. With VNNI (the
-/// transposing kernel, eight blocks per `vpdpbusd` lane set) and for the K-quants, the integer
-/// kernels are faster at every row count. Measured with `packed_matmul --m 16,48,96,256
-/// --activations q8` (5632×2048, 2 threads, Zen 4): AVX2 Q4_1 2.6 / 7.9 / 15.8 / 41.9 ms
-/// integer against 6.5 / 9.9 / 14.9 / 31.7 ms gemm; VNNI Q4_1 at 128 / 512 rows 13.0 / 55.5
-/// ms, Q8_0 11.4 / 46.1, against gemm's 18.8 / 60.8 and 19.0 / 60.6; Q4_K at 128 rows 12.5
-/// against 18.1 ms.
+/// With 8-bit activations, up to this many rows the 32-value block formats (Q8_0, Q4_0, Q4_1,
+/// Q5_0, Q5_1) run the integer kernels in tiles (`tiled_int8`); beyond it, dequantising
+/// tiles for `gemm` is faster on AVX2 alone. With AVX512-VNNI (the transposing kernel) the
+/// integer kernels stay faster at any row count for Q8_0 and for rows of 1024 values or
+/// more; the K-quants' at any row count everywhere. Measured with `packed_matmul
+/// --activations q8` (2 threads, Zen 4), best of alternating runs, integer against gemm:
+/// AVX2 Q4_1 5632×2048 at 16 / 48 / 96 / 256 rows 2.6 / 7.9 / 15.8 / 41.9 ms against
+/// 6.5 / 9.9 / 14.9 / 31.7; VNNI at 128 rows, 5632×2048 Q8_0 11.6 against 22.6 ms, Q4_1
+/// 12.5 / 22.0, Q5_0 13.7 / 22.5; 576×576 Q8_0 0.56 / 0.64, Q4_1 0.63 / 0.59, Q5_0
+/// 0.68 / 0.60; 49152×576 Q8_0 50.8 / 54.3, Q4_1 55.0 / 53.6; 4096×1024 Q8_0 at 192 rows
+/// 8.4 / 9.6; Q4_K 5632×2048 at 128 rows 12.5 against 18.1 ms.
 pub const INT8_BLOCK32_MAX_ROWS: usize = 64;
 
 /// Rows [`PackedMatrix::vecmat`] adds into its running sum per pass over it.
@@ -552,15 +553,16 @@ impl PackedMatrix {
     }
 
     /// Whether `m` rows (more than [`MATVEC_MAX_ROWS`]) go through [`tiled_int8`](Self::tiled_int8)
-    /// rather than [`tiled_gemm`](Self::tiled_gemm): with 8-bit activations, for the K-quants
-    /// at any row count, for the 32-value block formats too with AVX512-VNNI and otherwise up
-    /// to [`INT8_BLOCK32_MAX_ROWS`].
+    /// rather than [`tiled_gemm`](Self::tiled_gemm): with 8-bit activations, where the integer
+    /// kernels were measured faster ([`INT8_BLOCK32_MAX_ROWS`]).
     /// `KILN_NO_I8_PREFILL` turns it off, to compare the two.
     fn int8_prefill(&self, m: usize) -> bool {
         static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         self.activations == ActivationPrecision::Q8
             && int8::applies(self.format)
-            && (self.format.is_k_quant() || int8::vnni() || m <= INT8_BLOCK32_MAX_ROWS)
+            && (self.format.is_k_quant()
+                || m <= INT8_BLOCK32_MAX_ROWS
+                || (int8::vnni() && (self.format == PackedFormat::Q8_0 || self.cols >= 1024)))
             && !*OFF.get_or_init(|| std::env::var_os("KILN_NO_I8_PREFILL").is_some())
     }
 
