@@ -24,8 +24,8 @@ pub struct PrecisionArgs {
     /// backends: `f32` keeps the result equal to the dequantised weights' product; `q8` rounds
     /// them to 8 bits (one scale per 32 values, per 256 for the K-quants) and multiplies
     /// integers, as llama.cpp does, in decode steps and, where that is faster, in prefill
-    /// (1.2–1.3× faster decode on SmolLM2 Q4_1, whose logits moved by up to 1.0; 1.7–1.8×
-    /// decode and 1.3× prefill on a TinyLlama-shaped Q4_K_M file).
+    /// (1.1–1.4× faster decode on SmolLM2 Q4_1, whose logits moved by up to 1.4; 1.9–2.5×
+    /// decode and 1.3–1.4× prefill on a TinyLlama-shaped Q4_K_M file; bench/README.md).
     #[arg(long, default_value = "f32")]
     pub activations: ActivationPrecision,
 }

@@ -453,7 +453,8 @@ impl PackedMatrix {
             "activation is not [{m}, {}]",
             self.cols
         );
-        if m == 0 || self.rows == 0 {
+        if m == 0 || self.rows == 0 || self.cols == 0 {
+            // (No columns: every output is an empty sum.)
             return vec![0f32; m * self.rows];
         }
         if m <= MATVEC_MAX_ROWS {
@@ -676,7 +677,7 @@ fn matvec(mats: &[&PackedMatrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
         })
         .collect();
     let total: usize = mats.iter().map(|w| w.rows).sum();
-    if total == 0 || m == 0 {
+    if total == 0 || m == 0 || mats.iter().any(|w| w.cols == 0) {
         return mats.iter().map(|w| vec![0f32; m * w.rows]).collect();
     }
     let chunk_rows = total

@@ -395,6 +395,31 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
 }
 
 #[test]
+fn empty_matrices_give_empty_or_zero_products() {
+    // No columns (every output is an empty sum) or no rows, at decode and prefill sizes, for
+    // a float, a block and a K-quant format, with either activations: zeros, never a panic.
+    for format in [PackedFormat::F32, PackedFormat::Q8_0, PackedFormat::Q4_K] {
+        for act in [ActivationPrecision::F32, ActivationPrecision::Q8] {
+            for m in [1, MATVEC_MAX_ROWS + 1, 70] {
+                let w = PackedMatrix::from_f32(3, 0, &[], format)
+                    .unwrap()
+                    .with_activations(act);
+                assert_eq!(
+                    w.matmul_t(&[], m),
+                    vec![0f32; 3 * m],
+                    "{format} {act:?} m={m}"
+                );
+                let cols = format.block_len().max(32) * 2;
+                let w = PackedMatrix::from_f32(0, cols, &[], format)
+                    .unwrap()
+                    .with_activations(act);
+                assert!(w.matmul_t(&vec![1.0; m * cols], m).is_empty());
+            }
+        }
+    }
+}
+
+#[test]
 fn eight_bit_activations_are_ggml_q8_0_blocks() {
     // Mixed magnitudes, an all-zero block, one block dominated by a single value, and a block
     // with -amax; one scale per 32 values (Q4_1) and per 256 (the K-quants, ggml's q8_K).
