@@ -243,6 +243,13 @@ mod avx2 {
             });
             return;
         }
+        if VNNI && acts.m == 1 && cols >= 256 {
+            each_group(format, w, acts, out, 32, 1, |wr, a, o| {
+                // Safety: VNNI is available; `each_group` bounds the reads.
+                unsafe { group_h::<F>(wr, a, cols, o) }
+            });
+            return;
+        }
         each_group(format, w, acts, out, 32, 4, |wr, a, o| {
             // Safety: `kernels` hands this out only when AVX2 (and for VNNI, AVX512-VNNI) is
             // available; `each_group`'s asserts bound every read (`o.len()` rows of `cols`
@@ -706,6 +713,77 @@ mod avx2 {
             for j in 0..m {
                 out[j] = hsum(acc[j]) + tail[j];
             }
+        }
+    }
+
+    /// One activation row against one weight row of a 32-value block format, eight blocks at
+    /// a time: eight `vpdpbusd` into separate sums, reduced by `vphaddd` to one vector whose
+    /// lane `k` is block `k`'s integer dot product; the eight blocks' scales (and Q4_1/Q5_1
+    /// mins) come in by one gather and one conversion, so one multiply-add scales eight blocks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn group_h<const F: u8>(w: &[u8], a: &Rows, cols: usize, out: &mut [f32]) {
+        // Safety: reads are bounded by `each_group`'s asserts (the gather reads the first four
+        // bytes of each of eight whole blocks).
+        unsafe {
+            let blocks = cols / 32;
+            let groups = blocks / 8;
+            let mask = _mm_set1_epi8(0x0F);
+            let bb = block_bytes::<F>() as i32;
+            let index = _mm256_setr_epi32(0, bb, 2 * bb, 3 * bb, 4 * bb, 5 * bb, 6 * bb, 7 * bb);
+            // Bytes 0,1 (the f16 `d`) and 2,3 (Q4_1/Q5_1's f16 min) of each 32-bit lane.
+            let lo16 = _mm256_setr_epi8(
+                0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9, 12, 13,
+                -1, -1, -1, -1, -1, -1, -1, -1,
+            );
+            let hi16 = _mm256_add_epi8(lo16, _mm256_set1_epi8(2));
+            let halves = |v: __m256i, sel: __m256i| {
+                let v = _mm256_permute4x64_epi64::<0b1000>(_mm256_shuffle_epi8(v, sel));
+                _mm256_cvtph_ps(_mm256_castsi256_si128(v))
+            };
+            let mut acc = _mm256_setzero_ps();
+            for g in 0..groups {
+                let p0 = w.as_ptr().add(8 * g * block_bytes::<F>());
+                let heads = _mm256_i32gather_epi32::<1>(p0.cast(), index);
+                let d = halves(heads, lo16);
+                let mut sums = [_mm256_setzero_si256(); 8];
+                for (k, sum) in sums.iter_mut().enumerate() {
+                    let p = p0.add(k * block_bytes::<F>());
+                    let x = _mm256_loadu_si256(a.q.as_ptr().add((8 * g + k) * 32).cast());
+                    let (q, _) = block_quants::<F>(p, 0.0, mask);
+                    *sum = if F == Q8_0 {
+                        let u = _mm256_sign_epi8(q, q);
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, _mm256_sign_epi8(x, q))
+                    } else {
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
+                    };
+                }
+                let h01 = _mm256_hadd_epi32(sums[0], sums[1]);
+                let h23 = _mm256_hadd_epi32(sums[2], sums[3]);
+                let h45 = _mm256_hadd_epi32(sums[4], sums[5]);
+                let h67 = _mm256_hadd_epi32(sums[6], sums[7]);
+                let q0 = _mm256_hadd_epi32(h01, h23);
+                let q1 = _mm256_hadd_epi32(h45, h67);
+                let r = _mm256_add_epi32(
+                    _mm256_permute2x128_si256::<0x20>(q0, q1),
+                    _mm256_permute2x128_si256::<0x31>(q0, q1),
+                );
+                let dx = _mm256_loadu_ps(a.scale.as_ptr().add(8 * g));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), _mm256_mul_ps(d, dx), acc);
+                if F != Q8_0 {
+                    let off = match F {
+                        Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+                        Q5_0 => _mm256_mul_ps(d, _mm256_set1_ps(-16.0)),
+                        _ => halves(heads, hi16),
+                    };
+                    acc = _mm256_fmadd_ps(off, _mm256_loadu_ps(a.sum.as_ptr().add(8 * g)), acc);
+                }
+            }
+            let tail = if groups * 8 < blocks {
+                block_sums::<F, 1, true>(w, a, cols, groups * 8)[0]
+            } else {
+                0.0
+            };
+            out[0] = hsum(acc) + tail;
         }
     }
 
