@@ -200,6 +200,19 @@ mod avx2 {
     use super::super::avx2::{K_Q4, K_Q5, K_Q6, h2f, hmax, hsum, k_bytes};
     use super::Acts;
 
+    /// `$kernel::<$f, M>($args)` with `M` the group's row count, 1 to 4 (the kernels take it
+    /// as a constant so that their per-row sums stay in registers).
+    macro_rules! by_rows {
+        ($n:expr, $kernel:ident, $f:ident, ($($arg:expr),*)) => {
+            match $n {
+                4 => $kernel::<$f, 4>($($arg),*),
+                3 => $kernel::<$f, 3>($($arg),*),
+                2 => $kernel::<$f, 2>($($arg),*),
+                _ => $kernel::<$f, 1>($($arg),*),
+            }
+        };
+    }
+
     pub(super) const Q8_0: u8 = 0;
     pub(super) const Q4_0: u8 = 1;
     pub(super) const Q4_1: u8 = 2;
@@ -255,15 +268,10 @@ mod avx2 {
             // available; `each_group`'s asserts bound every read (`o.len()` rows of `cols`
             // quants and their scales).
             unsafe {
-                match (VNNI, o.len()) {
-                    (true, 4) => group_vnni::<F, 4>(wr, a, cols, o),
-                    (true, 3) => group_vnni::<F, 3>(wr, a, cols, o),
-                    (true, 2) => group_vnni::<F, 2>(wr, a, cols, o),
-                    (true, _) => group_vnni::<F, 1>(wr, a, cols, o),
-                    (false, 4) => group::<F, 4>(wr, a, cols, o),
-                    (false, 3) => group::<F, 3>(wr, a, cols, o),
-                    (false, 2) => group::<F, 2>(wr, a, cols, o),
-                    (false, _) => group::<F, 1>(wr, a, cols, o),
+                if VNNI {
+                    by_rows!(o.len(), group_vnni, F, (wr, a, cols, o))
+                } else {
+                    by_rows!(o.len(), group, F, (wr, a, cols, o))
                 }
             }
         });
@@ -284,15 +292,10 @@ mod avx2 {
         each_group(format, w, acts, out, 256, 4, |wr, a, o| {
             // Safety: as in `entry` (whole super-blocks: `cols` is a multiple of 256).
             unsafe {
-                match (VL, o.len()) {
-                    (true, 4) => group_k_vl::<F, 4>(wr, a, cols, o),
-                    (true, 3) => group_k_vl::<F, 3>(wr, a, cols, o),
-                    (true, 2) => group_k_vl::<F, 2>(wr, a, cols, o),
-                    (true, _) => group_k_vl::<F, 1>(wr, a, cols, o),
-                    (false, 4) => group_k::<F, 4>(wr, a, cols, o),
-                    (false, 3) => group_k::<F, 3>(wr, a, cols, o),
-                    (false, 2) => group_k::<F, 2>(wr, a, cols, o),
-                    (false, _) => group_k::<F, 1>(wr, a, cols, o),
+                if VL {
+                    by_rows!(o.len(), group_k_vl, F, (wr, a, cols, o))
+                } else {
+                    by_rows!(o.len(), group_k, F, (wr, a, cols, o))
                 }
             }
         });
