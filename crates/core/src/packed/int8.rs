@@ -571,38 +571,7 @@ mod avx2 {
                         let q = _mm256_loadu_si256(p.add(2).cast());
                         (_mm256_sign_epi8(q, q), Some(q), 0.0)
                     } else {
-                        // (offset, quants at, fifth bits at)
-                        let (off, at, qh) = match F {
-                            Q4_0 => (-8.0 * d, 2, None),
-                            Q5_0 => (-16.0 * d, 6, Some(2)),
-                            Q5_1 => (h2f(p.add(2)), 8, Some(4)),
-                            _ => (h2f(p.add(2)), 4, None),
-                        };
-                        let qs = _mm_loadu_si128(p.add(at).cast());
-                        // Values 0..16 are the low nibbles, 16..32 the high ones (ggml's order).
-                        let lo = _mm_and_si128(qs, mask);
-                        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                        let u = _mm256_set_m128i(hi, lo);
-                        let u = match qh {
-                            // Bit v of `qh` is bit 4 of value v (ggml's `bytes_from_bits_32`).
-                            Some(h) => {
-                                let bits = p.add(h).cast::<i32>().read_unaligned();
-                                let shuf = _mm256_setr_epi64x(
-                                    0,
-                                    0x0101_0101_0101_0101,
-                                    0x0202_0202_0202_0202,
-                                    0x0303_0303_0303_0303,
-                                );
-                                let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), shuf);
-                                let bytes = _mm256_or_si256(
-                                    bytes,
-                                    _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe),
-                                );
-                                let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
-                                _mm256_or_si256(u, _mm256_and_si256(set, _mm256_set1_epi8(16)))
-                            }
-                            None => u,
-                        };
+                        let (u, off) = block_quants::<F>(p, d, mask);
                         (u, None, off)
                     };
                     for j in 0..M {
