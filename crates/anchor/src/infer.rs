@@ -284,7 +284,7 @@ impl<'m, B: Backend> AnchorBatchSession<'m, B> {
         };
         for cache in &mut self.caches {
             if let (Some(k), Some(v)) = (cache.keys(), cache.values()) {
-                *cache = KvCache::from_parts(gather(k), gather(v));
+                *cache = KvCache::from_parts(gather(&k), gather(&v));
             }
         }
     }

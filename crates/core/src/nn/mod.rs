@@ -23,31 +23,53 @@ use burn::tensor::DType;
 
 /// Whether `B` is one of Burn's CPU backends (flex, ndarray), where kiln's host kernels hold
 /// the matrices; the others (wgpu, vulkan, metal, cuda) compute with Burn's CubeCL kernels.
-/// Autodiff over one of them counts too. Asked per attention call in decode, so the answer is
-/// kept per backend type: `B::name` allocates a String.
+/// Autodiff over one of them counts too.
 pub fn cpu_backend<B: Backend>(device: &B::Device) -> bool {
+    backend_kind::<B>(device) != BackendKind::Other
+}
+
+/// Whether `B` is flex itself (not under autodiff): its tensors hand their host buffer out and
+/// take one in without a copy when not shared, which [`KvCache`] builds on.
+pub(crate) fn flex_backend<B: Backend>(device: &B::Device) -> bool {
+    backend_kind::<B>(device) == BackendKind::Flex
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BackendKind {
+    Flex,
+    /// ndarray, or autodiff over flex or ndarray.
+    OtherCpu,
+    Other,
+}
+
+/// Asked per attention call in decode, so the answer is kept per backend type: `B::name`
+/// allocates a String.
+fn backend_kind<B: Backend>(device: &B::Device) -> BackendKind {
     use std::any::TypeId;
     use std::sync::RwLock;
-    static KNOWN: RwLock<Vec<(TypeId, bool)>> = RwLock::new(Vec::new());
+    static KNOWN: RwLock<Vec<(TypeId, BackendKind)>> = RwLock::new(Vec::new());
     let id = TypeId::of::<B>();
     let known = KNOWN
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(&(_, cpu)) = known.iter().find(|(seen, _)| *seen == id) {
-        return cpu;
+    if let Some(&(_, kind)) = known.iter().find(|(seen, _)| *seen == id) {
+        return kind;
     }
     drop(known);
     let name = B::name(device);
     let inner = name
         .strip_prefix("autodiff<")
-        .and_then(|rest| rest.strip_suffix('>'))
-        .unwrap_or(&name);
-    let cpu = matches!(inner, "flex" | "ndarray");
+        .and_then(|rest| rest.strip_suffix('>'));
+    let kind = match (inner, name.as_str()) {
+        (None, "flex") => BackendKind::Flex,
+        (Some("flex" | "ndarray"), _) | (None, "ndarray") => BackendKind::OtherCpu,
+        _ => BackendKind::Other,
+    };
     KNOWN
         .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .push((id, cpu));
-    cpu
+        .push((id, kind));
+    kind
 }
 
 /// The float dtype `device` creates tensors in (the backend's float type unless the device's
@@ -70,6 +92,10 @@ mod tests {
             assert!(super::cpu_backend::<NdArray>(&Default::default()));
             assert!(super::cpu_backend::<Flex>(&Default::default()));
             assert!(super::cpu_backend::<Autodiff<NdArray>>(&Default::default()));
+            assert!(super::cpu_backend::<Autodiff<Flex>>(&Default::default()));
+            assert!(super::flex_backend::<Flex>(&Default::default()));
+            assert!(!super::flex_backend::<Autodiff<Flex>>(&Default::default()));
+            assert!(!super::flex_backend::<NdArray>(&Default::default()));
         }
     }
 }
