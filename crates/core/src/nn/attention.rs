@@ -75,6 +75,15 @@ pub fn attention_with_dropout<B: Backend>(
             burn::tensor::ops::AttentionModuleOptions::default(),
         );
     }
+    // Decode steps on flex: a kernel that reads the cache in place (flex_attention.rs).
+    #[cfg(feature = "flex")]
+    if bias.is_none()
+        && dropout.is_none()
+        && super::flex_backend::<B>(&q.device())
+        && let Some(out) = super::flex_attention::attention(&q, &k, &v, mask, scale)
+    {
+        return out;
+    }
     let q = (q * scale).reshape([batch, kv_heads, group * q_len, head_dim]);
     // One query row per head (a decode step without grouped heads) on CubeCL: cubecl 0.10's
     // matmul autotune can pick a vector-matrix kernel that refuses the layout of the right-hand

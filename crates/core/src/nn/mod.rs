@@ -2,6 +2,8 @@
 
 mod attention;
 mod embedding;
+#[cfg(feature = "flex")]
+mod flex_attention;
 mod host;
 mod kv_cache;
 mod linear;

@@ -29,6 +29,9 @@ mod kernels;
 mod kquant;
 mod pool;
 
+#[cfg(feature = "flex")]
+pub(crate) use pool::{for_each as parallel_for, threads};
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -746,15 +749,15 @@ fn matvec(mats: &[&PackedMatrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 
 impl SendPtr {
     /// A method, so closures capture the whole wrapper rather than its raw-pointer field.
-    fn ptr(&self) -> *mut f32 {
+    pub(crate) fn ptr(&self) -> *mut f32 {
         self.0
     }
 }
-// Safety: tasks write disjoint columns of the output (see `tiled_gemm`).
+// Safety: tasks write disjoint parts of the output (see `tiled_gemm`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

@@ -123,13 +123,13 @@ fn worker(shared: &Shared) {
 }
 
 /// The kernel threads: the caller plus the workers (`KILN_NUM_THREADS`, else one per core).
-pub(super) fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     pool().workers.len() + 1
 }
 
 /// Calls `f(i)` for every `i < tasks`, spread over the calling thread and the pool's workers;
 /// returns when all calls have returned.
-pub(super) fn for_each(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+pub(crate) fn for_each(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     let pool = pool();
     let shared = &*pool.shared;
     if tasks <= 1
