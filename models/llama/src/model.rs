@@ -3,14 +3,13 @@ use std::sync::Arc;
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use kiln_core::loading::{
     LoadOptions, PackSlot, PackSlots, SafetensorsWeights, WeightSource, check_config_sizes,
     load_packed, save_hf_folder,
 };
 use kiln_core::nn::{
     CacheState, Embedding, EmbeddingConfig, KvCache, RmsNorm, RmsNormConfig, RotaryAngles,
-    RotaryEmbedding, TorchLinear, TorchLinearConfig, scaled_dot_product_attention,
+    RotaryEmbedding, TorchLinear, TorchLinearConfig, scaled_dot_product_attention, swiglu,
 };
 use kiln_core::{CausalLm, Result};
 
@@ -86,7 +85,7 @@ impl<B: Backend> Mlp<B> {
     /// `down(silu(gate(x)) · up(x))`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [gate, up] = TorchLinear::forward_many([&self.gate_proj, &self.up_proj], x);
-        self.down_proj.forward(silu(gate) * up)
+        self.down_proj.forward(swiglu(gate, up))
     }
 }
 

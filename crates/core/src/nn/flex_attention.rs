@@ -260,7 +260,7 @@ fn exp_shifted<const AVX: bool>(s: &mut [f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if AVX {
         // Safety: the caller runs with AVX2 and FMA.
-        return unsafe { avx::exp_shifted(s, max) };
+        return unsafe { super::vector_math::exp_shifted(s, max) };
     }
     let mut sum = 0.0;
     for x in s.iter_mut() {
@@ -325,65 +325,6 @@ mod avx {
             let tail: f32 = (whole..dim).map(|e| q[e] * unsafe { *key(t).add(e) }).sum();
             *o = lanes[t] + tail;
         }
-    }
-
-    /// [`super::exp_shifted`], eight at a time: libm's `expf` one by one took most of a
-    /// 1500-key call. Cephes' `expf` (as `ggml_v_expf` and SLEEF do it): `x = n·ln 2 + r`,
-    /// a degree-5 polynomial for `eʳ` on `|r| ≤ ln 2 / 2`, `2ⁿ` put in the exponent bits;
-    /// relative error 1.2e-7 against f64 (the test). Below −87 it returns 0, so hidden
-    /// keys (−∞) weigh exactly nothing.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn exp_shifted(s: &mut [f32], max: f32) -> f32 {
-        let whole = s.len() / 8 * 8;
-        let m = _mm256_set1_ps(max);
-        let mut sum = _mm256_setzero_ps();
-        for i in (0..whole).step_by(8) {
-            let p = unsafe { s.as_mut_ptr().add(i) };
-            let e = exp8(_mm256_sub_ps(unsafe { _mm256_loadu_ps(p) }, m));
-            unsafe { _mm256_storeu_ps(p, e) };
-            sum = _mm256_add_ps(sum, e);
-        }
-        let mut lanes = [0f32; 8];
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-        let mut total: f32 = lanes.iter().sum();
-        for x in &mut s[whole..] {
-            *x = (*x - max).exp();
-            total += *x;
-        }
-        total
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn exp8(x: __m256) -> __m256 {
-        let keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_GE_OQ);
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let y = _mm256_fmadd_ps(
-            _mm256_mul_ps(p, r),
-            r,
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        )));
-        _mm256_and_ps(_mm256_mul_ps(y, scale), keep)
     }
 
     /// [`super::weighted_sum`]: 64 outputs at a time in eight registers, the keys inner.
@@ -625,35 +566,5 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst < 1e-5, "q_len {q_len}, {len} keys: max |Δ| {worst}");
         }
-    }
-
-    /// The vector `exp` against f64's over [−100, 0] (what softmax feeds it), hidden keys
-    /// (−∞) included: relative error within 2⁻²² (measured 1.2e-7 on Zen 4).
-    #[test]
-    fn vector_exp_is_within_a_few_ulp() {
-        let mut s: Vec<f32> = (0..200_001)
-            .map(|i| -100.0 * i as f32 / 200_000.0)
-            .collect();
-        s.push(f32::NEG_INFINITY);
-        let want: Vec<f64> = s.iter().map(|&x| (x as f64).exp()).collect();
-        let sum = super::exp_shifted::<false>(&mut s.clone(), 0.0);
-        #[cfg(target_arch = "x86_64")]
-        let sum = if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // Safety: detected.
-            unsafe { super::avx::exp_shifted(&mut s, 0.0) }
-        } else {
-            sum
-        };
-        let mut worst = 0f64;
-        for (&got, &want) in s.iter().zip(&want) {
-            if want < 1e-37 {
-                assert!(got.abs() < 1e-37, "exp of a hidden key: {got}");
-                continue;
-            }
-            worst = worst.max((got as f64 - want).abs() / want);
-        }
-        assert!(worst < 2f64.powi(-22), "worst relative error {worst:e}");
-        let exact: f64 = want.iter().sum();
-        assert!((sum as f64 - exact).abs() / exact < 1e-5);
     }
 }

@@ -9,7 +9,10 @@ mod kv_cache;
 mod linear;
 mod norm;
 mod rope;
+mod swiglu;
 mod tied;
+#[cfg(target_arch = "x86_64")]
+mod vector_math;
 
 pub use attention::{AttentionMask, attention_with_dropout, scaled_dot_product_attention};
 pub use embedding::{Embedding, EmbeddingConfig};
@@ -18,6 +21,7 @@ pub use kv_cache::{CacheState, CacheStep, KvCache};
 pub use linear::{TorchLinear, TorchLinearConfig, linear_out_in};
 pub use norm::{RmsNorm, RmsNormConfig};
 pub use rope::{RopeScaling, RotaryAngles, RotaryEmbedding};
+pub use swiglu::swiglu;
 pub use tied::tied_lm_head;
 
 use burn::prelude::Backend;
