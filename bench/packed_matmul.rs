@@ -35,7 +35,8 @@ struct Args {
     /// Formats to time (default: all).
     #[arg(long, value_delimiter = ',')]
     formats: Vec<String>,
-    /// Also time `x · W` (`PackedMatrix::vecmat`, DeePEn's `p · R`) for one vector over the rows.
+    /// Also time `x · W` (`PackedMatrix::vecmat`, DeePEn's `p · R`) for one vector over the rows,
+    /// and `matvec_softmax_vecmat` (a search step: `R · g`, softmax, `p · R` in one pass).
     #[arg(long)]
     vecmat: bool,
 }
@@ -82,6 +83,36 @@ fn main() {
                 }
                 println!(
                     "{format:>5}     {}x{} vecmat {:8.3} ms  {:6.1} GB/s of weights",
+                    args.rows,
+                    args.cols,
+                    best * 1e3,
+                    w.byte_len() as f64 / best / 1e9
+                );
+                // DeePEn's search step: `R · g`, a logit per row, `softmax(z) · R` in one pass.
+                // Logits of spread ~6: no softmax weight underflows, so every row is added.
+                let g: Vec<f32> = (0..args.cols).map(|i| (i as f32 * 0.1).cos()).collect();
+                let mut z: Vec<f32> = (0..args.rows).map(|i| (i % 7) as f32).collect();
+                let step = |z: &mut Vec<f32>| {
+                    w.matvec_softmax_vecmat(
+                        &g,
+                        z,
+                        None,
+                        |_| true,
+                        |_, y, z| {
+                            *z = 0.5 * *z + 1e-3 * y.unwrap_or(0.0);
+                            *z
+                        },
+                    )
+                };
+                std::hint::black_box(step(&mut z));
+                let mut best = f64::INFINITY;
+                for _ in 0..args.repeats {
+                    let t = Instant::now();
+                    std::hint::black_box(step(&mut z));
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                println!(
+                    "{format:>5}     {}x{} matvec+softmax+vecmat {:8.3} ms  {:6.1} GB/s of weights",
                     args.rows,
                     args.cols,
                     best * 1e3,

@@ -10,8 +10,8 @@ use kiln_core::{FinishReason, GenerationConfig, Sampler, StreamControl, TokenEve
 
 use crate::error::{EnsembleError, Result};
 use crate::member::Member;
-use crate::relative::{RelativeConfig, RelativeMatrix, keep_consistent_anchors};
-use crate::search::{SearchConfig, inverse_search};
+use crate::relative::{RelativeConfig, RelativeMatrix, host_softmax, keep_consistent_anchors};
+use crate::search::{HostStart, SearchConfig, inverse_search_from};
 use crate::vocab::{AnchorConfig, Anchors, Vocab, find_anchors};
 
 /// How the members' distributions are combined.
@@ -999,6 +999,20 @@ pub fn relative_average<B: Backend>(
     relative: &[RelativeMatrix<B>],
     weights: &[f32],
 ) -> Result<Tensor<B, 1>> {
+    let (aggregate, _) = average_and_main(logits, relative, weights)?;
+    Ok(Tensor::from_data(
+        TensorData::new(aggregate, [relative[0].anchors()]),
+        &logits[0].device(),
+    ))
+}
+
+/// [`relative_average`] on the host, with the main member's logits, softmax and map: where
+/// the search starts from.
+fn average_and_main<B: Backend>(
+    logits: &[Tensor<B, 1>],
+    relative: &[RelativeMatrix<B>],
+    weights: &[f32],
+) -> Result<(Vec<f32>, HostStart)> {
     if logits.is_empty() || logits.len() != relative.len() || logits.len() != weights.len() {
         return Err(EnsembleError::arg(
             "logits",
@@ -1014,6 +1028,7 @@ pub fn relative_average<B: Backend>(
     let device = logits[0].device();
     // The average lives on the host: a sparse matrix maps there, and it is |A| floats.
     let mut aggregate = vec![0f32; anchors];
+    let mut main = None;
     for (i, ((l, r), &w)) in logits.iter().zip(relative).zip(weights).enumerate() {
         if r.anchors() != anchors || r.vocab() != l.dims()[0] {
             return Err(EnsembleError::arg(
@@ -1026,19 +1041,22 @@ pub fn relative_average<B: Backend>(
                 ),
             ));
         }
-        let p = host_vec(softmax(l.clone(), 0), "logits")?;
-        for (a, x) in aggregate.iter_mut().zip(r.map_host(&p, &device)?) {
+        let z = host_vec(l.clone(), "logits")?;
+        let (p, max, sum) = host_softmax(&z);
+        let q = r.map_host(&p, &device)?;
+        for (a, x) in aggregate.iter_mut().zip(&q) {
             *a += w * x;
         }
+        if i == 0 {
+            main = Some(HostStart::new(z, max, sum, q));
+        }
     }
-    Ok(Tensor::from_data(
-        TensorData::new(aggregate, [anchors]),
-        &device,
-    ))
+    let main = main.expect("checked: at least one member");
+    Ok((aggregate, main))
 }
 
 /// One DeePEn step: [`relative_average`] of the members' distributions, mapped back to the main
-/// (first) member's vocabulary by [`inverse_search`] from its logits. What
+/// (first) member's vocabulary by [`inverse_search`](crate::inverse_search) from its logits. What
 /// [`Ensemble::deepen_logits`] runs with the ensemble's own matrices and weights.
 pub fn deepen_combine<B: Backend>(
     logits: &[Tensor<B, 1>],
@@ -1046,8 +1064,12 @@ pub fn deepen_combine<B: Backend>(
     weights: &[f32],
     search: &SearchConfig,
 ) -> Result<Tensor<B, 1>> {
-    let target = relative_average(logits, relative, weights)?;
-    inverse_search(logits[0].clone(), target, &relative[0], search)
+    let (target, main) = average_and_main(logits, relative, weights)?;
+    let target = Tensor::from_data(
+        TensorData::new(target, [relative[0].anchors()]),
+        &logits[0].device(),
+    );
+    inverse_search_from(logits[0].clone(), Some(main), target, &relative[0], search)
 }
 
 /// A tensor's values read back to the host as f32; `what` names it in the error.

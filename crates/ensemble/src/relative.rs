@@ -12,8 +12,9 @@
 //! On a GPU backend the dense matrix lives on the device and maps with a matmul. On the CPU
 //! backends it lives in host memory as a kiln-core [`PackedMatrix`] ([`PackedRelative`]), in
 //! f32 or compressed ([`RelativeConfig::dense_format`]), and maps both ways (`p · R`, `R · g`) with
-//! kiln-core's matrix kernels: a DeePEn step streams the main matrix 11 times, and Burn's CPU
-//! matmul read it at ~6 GB/s where this machine reads ~27. The sparse one lives in host memory
+//! kiln-core's matrix kernels: a DeePEn step of T search steps streams the main matrix T + 1
+//! times (the average's map, then each step's gradient fused with the next step's map, see
+//! [`crate::search`]), and Burn's CPU matmul read it at ~6 GB/s where this machine reads ~27. The sparse one lives in host memory
 //! ([`SparseRelative`]) and maps with plain loops over its rows, split over the CPU cores: Burn
 //! has no sparse matmul, and its gather/scatter on the CPU backends took 35 ms for one 49k × 32
 //! map, against ~2 ms for the loops; on a GPU the 49k-float logits cross to the host once per
@@ -28,7 +29,7 @@ use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::softmax;
 use rayon::prelude::*;
 
-use kiln_core::packed::{PackedFormat, PackedMatrix};
+use kiln_core::packed::{PackedFormat, PackedMatrix, SoftmaxMap};
 
 use crate::ensemble::host_vec;
 use crate::error::{EnsembleError, Result};
@@ -199,12 +200,48 @@ impl PackedRelative {
     }
 }
 
+/// `softmax(z)` on the host, with its max and sum (`s_r = exp(z_r − max) / sum`).
+pub(crate) fn host_softmax(z: &[f32]) -> (Vec<f32>, f32, f32) {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s: Vec<f32> = z.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = s.iter().sum();
+    s.iter_mut().for_each(|x| *x /= sum);
+    (s, max, sum)
+}
+
 /// The maps the host-side search needs; [`SparseRelative`] and [`PackedRelative`] have them.
 pub(crate) trait HostMap {
     /// `p · R`.
     fn map(&self, p: &[f32]) -> Vec<f32>;
     /// `R · w`.
     fn map_transposed(&self, w: &[f32]) -> Vec<f32>;
+    /// A search step's maps, as [`PackedMatrix::matvec_softmax_vecmat`] takes them: `y = R · w`,
+    /// each row's new logit `z_r = update(r, Some(y_r), &mut state[r])` (`None` allowed where
+    /// `needs_product` is false), then `softmax(z) · R`. Here in two passes, every product
+    /// given; a dense packed matrix does it in one.
+    fn map_softmax_step<S: Send>(
+        &self,
+        w: &[f32],
+        state: &mut [S],
+        _likely_max: Option<usize>,
+        _needs_product: impl Fn(&S) -> bool + Sync,
+        update: impl Fn(usize, Option<f32>, &mut S) -> f32 + Sync,
+    ) -> SoftmaxMap {
+        let y = self.map_transposed(w);
+        let z: Vec<f32> = state
+            .iter_mut()
+            .zip(y)
+            .enumerate()
+            .map(|(r, (s, y))| update(r, Some(y), s))
+            .collect();
+        let (p, max, sum) = host_softmax(&z);
+        SoftmaxMap {
+            map: self.map(&p),
+            max,
+            sum,
+            argmax: z.iter().position(|&z| z == max).unwrap_or(0),
+        }
+    }
 }
 
 impl HostMap for SparseRelative {
@@ -222,6 +259,24 @@ impl HostMap for PackedRelative {
     }
     fn map_transposed(&self, w: &[f32]) -> Vec<f32> {
         PackedRelative::map_transposed(self, w)
+    }
+    fn map_softmax_step<S: Send>(
+        &self,
+        w: &[f32],
+        state: &mut [S],
+        likely_max: Option<usize>,
+        needs_product: impl Fn(&S) -> bool + Sync,
+        update: impl Fn(usize, Option<f32>, &mut S) -> f32 + Sync,
+    ) -> SoftmaxMap {
+        assert_eq!(w.len(), self.anchors, "one value per anchor");
+        // Block formats: zeros for the padding columns, dropped again from the map.
+        let mut padded = w.to_vec();
+        padded.resize(self.matrix.cols(), 0.0);
+        let mut out =
+            self.matrix
+                .matvec_softmax_vecmat(&padded, state, likely_max, needs_product, update);
+        out.map.truncate(self.anchors);
+        out
     }
 }
 

@@ -2,10 +2,14 @@
 //! steps on the main model's logits `z` that bring `softmax(z) · R_main` close to the
 //! aggregated relative representation.
 //!
-//! The gradient is closed-form (`s ⊙ (g − ⟨s, g⟩)` with `g = −(t / q) · Rᵀ`): two passes over
-//! `R` per step: matmuls on the device for a dense matrix on a GPU, kiln-core's matrix kernels
-//! on the host for a dense one on the CPU, loops on the host for a sparse one
-//! (see [`crate::relative`]). Burn's autodiff computes the same gradient
+//! The gradient is closed-form (`s ⊙ (g − ⟨s, g⟩)` with `g = −(t / q) · Rᵀ`): matmuls on the
+//! device for a dense matrix on a GPU (two passes over `R` per step), loops on the host for a
+//! sparse one, kiln-core's matrix kernels on the host for a dense one on the CPU (see
+//! [`crate::relative`]). On the host a row's gradient needs only its own row of `R` once
+//! `⟨s, g⟩ = ⟨q, −t / q⟩` is known, so each step reads a dense matrix once: the gradient, the
+//! update and the next step's `softmax(z) · R` from the same rows
+//! ([`PackedMatrix::matvec_softmax_vecmat`](kiln_core::packed::PackedMatrix::matvec_softmax_vecmat)),
+//! and the first step starts from the map the average already made. Burn's autodiff computes the same gradient
 //! ([`SearchGradient::Autodiff`]; the tests hold the two together) but records a graph and
 //! replays it each step, and its sparse map runs through gather/scatter: the search cost 2–3×
 //! both members' forwards that way.
@@ -21,7 +25,7 @@ use burn::tensor::activation::softmax;
 
 use crate::ensemble::host_vec;
 use crate::error::{EnsembleError, Result};
-use crate::relative::{HostMap, RelativeMatrix};
+use crate::relative::{HostMap, RelativeMatrix, host_softmax};
 
 /// The update rule of the search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,25 +160,112 @@ fn dense_gradient<B: Backend>(
     s * (ds - dot)
 }
 
-/// The same for a matrix in host memory (sparse, or dense packed), on the host; `g` receives
-/// the gradient.
-fn host_gradient(z: &[f32], target: &[f32], relative: &dyn HostMap, mean: bool, g: &mut [f32]) {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut s: Vec<f32> = z.iter().map(|&x| (x - max).exp()).collect();
-    let sum: f32 = s.iter().sum();
-    s.iter_mut().for_each(|x| *x /= sum);
-    let q = relative.map(&s);
+/// A row's logit and its AdamW moments, in the host search.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    z: f32,
+    m: f32,
+    v: f32,
+}
+
+/// The anchor-side terms of [`loss`]'s gradient at `q = softmax(z) · R`: `∂L/∂q = −t / q`
+/// (zero where the floor holds) and `⟨q, ∂L/∂q⟩`, which equals `⟨s, ∂L/∂s⟩` because
+/// `∂L/∂s = R · ∂L/∂q`, so a row's gradient `s_r ((R · ∂L/∂q)_r − ⟨s, ∂L/∂s⟩)` needs only its
+/// own row of `R` ([`row_gradient`]).
+fn anchor_terms(q: &[f32], target: &[f32], mean: bool) -> (Vec<f32>, f32) {
     let scale = if mean { -1.0 / q.len() as f32 } else { -1.0 };
     let dq: Vec<f32> = q
         .iter()
         .zip(target)
         .map(|(&q, &t)| if q > Q_FLOOR { scale * t / q } else { 0.0 })
         .collect();
-    let ds = relative.map_transposed(&dq);
-    let dot: f32 = s.iter().zip(&ds).map(|(a, b)| a * b).sum();
-    for ((g, s), ds) in g.iter_mut().zip(&s).zip(&ds) {
-        *g = s * (ds - dot);
+    let dot = q.iter().zip(&dq).map(|(a, b)| a * b).sum();
+    (dq, dot)
+}
+
+/// One row's gradient: `s_r (ds_r − dot)` with `s_r = exp(z_r − max) / sum`.
+#[inline]
+fn row_gradient(z: f32, ds: f32, max: f32, sum: f32, dot: f32) -> f32 {
+    (z - max).exp() / sum * (ds - dot)
+}
+
+/// Where a host search starts: the main model's logits `z`, their softmax (`exp(z_r − max) /
+/// sum`) and its map `q = softmax(z) · R`, which [`relative_average`](crate::relative_average)
+/// has already computed for the main member (one pass over `R` fewer per step of DeePEn).
+pub(crate) struct HostStart {
+    z: Vec<f32>,
+    max: f32,
+    sum: f32,
+    q: Vec<f32>,
+}
+
+impl HostStart {
+    /// From the logits, their softmax's max and sum, and its map.
+    pub(crate) fn new(z: Vec<f32>, max: f32, sum: f32, q: Vec<f32>) -> Self {
+        Self { z, max, sum, q }
     }
+
+    /// From the logits alone: the softmax and one map.
+    fn map<H: HostMap>(z: Vec<f32>, relative: &H) -> Self {
+        let (s, max, sum) = host_softmax(&z);
+        let q = relative.map(&s);
+        Self { z, max, sum, q }
+    }
+}
+
+/// The search for a matrix in host memory (sparse, or dense packed). A step is one pass over
+/// `R` where the matrix allows ([`HostMap::map_softmax_step`]): each row's gradient from
+/// `R · ∂L/∂q`, its update, and the next step's `softmax(z) · R` from the same rows; the last
+/// step needs no map. So T steps read a dense matrix T + 1 times, against 2T as a gradient
+/// then a map.
+fn host_search<H: HostMap>(
+    relative: &H,
+    start: HostStart,
+    target: &[f32],
+    config: &SearchConfig,
+    mean: bool,
+    lr_at: impl Fn(usize) -> f32,
+) -> Vec<f32> {
+    let HostStart {
+        z,
+        mut max,
+        mut sum,
+        mut q,
+    } = start;
+    let mut argmax = z.iter().position(|&z| z == max);
+    let mut rows: Vec<Row> = z.into_iter().map(|z| Row { z, m: 0.0, v: 0.0 }).collect();
+    for t in 0..config.steps {
+        let (dq, dot) = anchor_terms(&q, target, mean);
+        let (lr, step) = (lr_at(t), (t + 1) as i32);
+        let (c1, c2) = (1.0 - BETA1.powi(step), 1.0 - BETA2.powi(step));
+        let (max_t, sum_t) = (max, sum);
+        // A row more than 104 below the max has softmax weight exactly 0 in f32, so gradient 0
+        // whatever its product: the pass need not read it for that.
+        let needs_product = |row: &Row| row.z - max_t >= -104.0;
+        let update = |_: usize, ds: Option<f32>, row: &mut Row| {
+            let g = row_gradient(row.z, ds.unwrap_or(0.0), max_t, sum_t, dot);
+            match config.optimizer {
+                SearchOptimizer::Sgd => row.z -= config.learning_rate * g,
+                SearchOptimizer::AdamW => {
+                    row.m = row.m * BETA1 + g * (1.0 - BETA1);
+                    row.v = row.v * BETA2 + g * g * (1.0 - BETA2);
+                    let (m_hat, v_hat) = (row.m / c1, row.v / c2);
+                    row.z = row.z * (1.0 - lr * WEIGHT_DECAY) - m_hat / (v_hat.sqrt() + EPS) * lr;
+                }
+            }
+            row.z
+        };
+        if t + 1 < config.steps {
+            let next = relative.map_softmax_step(&dq, &mut rows, argmax, needs_product, update);
+            (q, max, sum, argmax) = (next.map, next.max, next.sum, Some(next.argmax));
+        } else {
+            let ds = relative.map_transposed(&dq);
+            for (r, (row, &ds)) in rows.iter_mut().zip(&ds).enumerate() {
+                update(r, Some(ds), row);
+            }
+        }
+    }
+    rows.into_iter().map(|r| r.z).collect()
 }
 
 /// ∇z of [`loss`] through Burn's autodiff.
@@ -194,6 +285,18 @@ fn autodiff_gradient<B: Backend>(
 /// `logits` (`[vocab]`) and returns the logits after `config.steps` steps.
 pub fn inverse_search<B: Backend>(
     logits: Tensor<B, 1>,
+    target: Tensor<B, 1>,
+    relative: &RelativeMatrix<B>,
+    config: &SearchConfig,
+) -> Result<Tensor<B, 1>> {
+    inverse_search_from(logits, None, target, relative, config)
+}
+
+/// [`inverse_search`], where a host search may start from `start` (the logits' softmax and map
+/// already computed; it must be of `logits`).
+pub(crate) fn inverse_search_from<B: Backend>(
+    logits: Tensor<B, 1>,
+    start: Option<HostStart>,
     target: Tensor<B, 1>,
     relative: &RelativeMatrix<B>,
     config: &SearchConfig,
@@ -222,31 +325,23 @@ pub fn inverse_search<B: Backend>(
     // The reference code's KLDivLoss averages over anchors; the paper's plain step sums.
     let mean = config.optimizer == SearchOptimizer::AdamW;
     let device = logits.device();
-    let host: Option<&dyn HostMap> = match (config.gradient, relative) {
-        (SearchGradient::Analytic, RelativeMatrix::Sparse(s)) => Some(s),
-        (SearchGradient::Analytic, RelativeMatrix::Packed(p)) => Some(p),
-        _ => None,
-    };
-    if let Some(host) = host {
-        let mut z = host_vec(logits, "logits")?;
+    if config.gradient == SearchGradient::Analytic
+        && let RelativeMatrix::Sparse(_) | RelativeMatrix::Packed(_) = relative
+    {
         let target = host_vec(target, "target")?;
-        let (mut m, mut v, mut g) = (vec![0f32; vocab], vec![0f32; vocab], vec![0f32; vocab]);
-        for t in 0..config.steps {
-            host_gradient(&z, &target, host, mean, &mut g);
-            match config.optimizer {
-                SearchOptimizer::Sgd => z.iter_mut().zip(&g).for_each(|(z, g)| *z -= lr0 * g),
-                SearchOptimizer::AdamW => {
-                    let (lr, step) = (lr_at(t), (t + 1) as i32);
-                    let (c1, c2) = (1.0 - BETA1.powi(step), 1.0 - BETA2.powi(step));
-                    for (((z, m), v), &g) in z.iter_mut().zip(&mut m).zip(&mut v).zip(&g) {
-                        *m = *m * BETA1 + g * (1.0 - BETA1);
-                        *v = *v * BETA2 + g * g * (1.0 - BETA2);
-                        let (m_hat, v_hat) = (*m / c1, *v / c2);
-                        *z = *z * (1.0 - lr * WEIGHT_DECAY) - m_hat / (v_hat.sqrt() + EPS) * lr;
-                    }
-                }
-            }
-        }
+        let z = match start {
+            Some(start) => Ok(start),
+            None => host_vec(logits, "logits").map(|z| match relative {
+                RelativeMatrix::Sparse(r) => HostStart::map(z, r),
+                RelativeMatrix::Packed(r) => HostStart::map(z, r),
+                RelativeMatrix::Dense(_) => unreachable!("matched above"),
+            }),
+        }?;
+        let z = match relative {
+            RelativeMatrix::Sparse(r) => host_search(r, z, &target, config, mean, lr_at),
+            RelativeMatrix::Packed(r) => host_search(r, z, &target, config, mean, lr_at),
+            RelativeMatrix::Dense(_) => unreachable!("matched above"),
+        };
         return Ok(Tensor::from_data(TensorData::new(z, [vocab]), &device));
     }
     let target = target.unsqueeze::<2>();
@@ -412,6 +507,17 @@ mod tests {
         ))
     }
 
+    /// The host search's gradient at `z`, from its pieces.
+    fn host_gradient<H: HostMap>(z: &[f32], target: &[f32], r: &H, mean: bool) -> Vec<f32> {
+        let (s, max, sum) = host_softmax(z);
+        let (dq, dot) = anchor_terms(&r.map(&s), target, mean);
+        let ds = r.map_transposed(&dq);
+        z.iter()
+            .zip(&ds)
+            .map(|(&z, &ds)| row_gradient(z, ds, max, sum, dot))
+            .collect()
+    }
+
     #[test]
     fn analytic_gradient_equals_autodiff() {
         // Dense on the host (what the CPU backends hold), dense on the device, sparse.
@@ -431,16 +537,13 @@ mod tests {
                         .into_vec()
                         .unwrap(),
                     RelativeMatrix::Sparse(_) | RelativeMatrix::Packed(_) => {
-                        let host: &dyn HostMap = match &r {
-                            RelativeMatrix::Sparse(s) => s,
-                            RelativeMatrix::Packed(p) => p,
-                            RelativeMatrix::Dense(_) => unreachable!(),
-                        };
                         let zh: Vec<f32> = z.clone().into_data().into_vec().unwrap();
                         let th: Vec<f32> = t.clone().into_data().into_vec().unwrap();
-                        let mut g = vec![0.0; zh.len()];
-                        host_gradient(&zh, &th, host, mean, &mut g);
-                        g
+                        match &r {
+                            RelativeMatrix::Sparse(s) => host_gradient(&zh, &th, s, mean),
+                            RelativeMatrix::Packed(p) => host_gradient(&zh, &th, p, mean),
+                            RelativeMatrix::Dense(_) => unreachable!(),
+                        }
                     }
                 };
                 let rel = r.convert(&Default::default(), Tensor::from_inner);

@@ -5,11 +5,13 @@
 use std::arch::x86_64::*;
 
 /// `s[j] = exp(s[j] − max)` (`max` finite), returning their sum; softmax's exponentials,
-/// eight at a time: libm's `expf` one by one took most of a 1500-key decode attention call. Cephes' `expf` (as `ggml_v_expf` and SLEEF do it): `x = n·ln 2 + r`,
+/// eight at a time: libm's `expf` one by one took most of a 1500-key decode attention call.
+/// Cephes' `expf` (as `ggml_v_expf` and SLEEF do it): `x = n·ln 2 + r`,
 /// a degree-5 polynomial for `eʳ` on `|r| ≤ ln 2 / 2`, `2ⁿ` put in the exponent bits;
 /// relative error 1.2e-7 against f64 (the test). Below −87 it returns 0, so hidden
 /// keys (−∞) weigh exactly nothing; above 88 it stays at e⁸⁸ (finite).
 #[target_feature(enable = "avx2,fma")]
+#[cfg_attr(not(feature = "flex"), allow(dead_code))] // the decode attention is flex's
 pub(crate) unsafe fn exp_shifted(s: &mut [f32], max: f32) -> f32 {
     let whole = s.len() / 8 * 8;
     let m = _mm256_set1_ps(max);

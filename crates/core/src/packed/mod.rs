@@ -28,6 +28,9 @@ mod int8;
 mod kernels;
 mod kquant;
 mod pool;
+mod softmax_map;
+
+pub use softmax_map::SoftmaxMap;
 
 #[cfg(feature = "flex")]
 pub(crate) use pool::{for_each as parallel_for, threads};
@@ -520,26 +523,13 @@ impl PackedMatrix {
             let r1 = (r0 + run_rows).min(rows);
             // Safety: each task writes its own `cols` values of `sums`, which outlives the call.
             let acc = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(t * cols), cols) };
-            let mut scratch = Vec::new();
-            let (mut rows_in, mut coefs) = (
-                Vec::with_capacity(VECMAT_GROUP),
-                Vec::with_capacity(VECMAT_GROUP),
-            );
+            let mut group = RowGroup::new(self.format);
             for (r, &xr) in x.iter().enumerate().take(r1).skip(r0) {
-                if xr == 0.0 {
-                    continue;
-                }
-                rows_in.push(self.row(r));
-                coefs.push(xr);
-                if rows_in.len() == VECMAT_GROUP {
-                    kernels::axpy_rows(self.format, &rows_in, &coefs, acc, &mut scratch);
-                    rows_in.clear();
-                    coefs.clear();
+                if xr != 0.0 {
+                    group.push(self.row(r), xr, acc);
                 }
             }
-            if !rows_in.is_empty() {
-                kernels::axpy_rows(self.format, &rows_in, &coefs, acc, &mut scratch);
-            }
+            group.flush(acc);
         });
         let (first, rest) = sums.split_at_mut(cols);
         for part in rest.chunks_exact(cols) {
@@ -747,6 +737,44 @@ fn matvec(mats: &[&PackedMatrix], x: &[f32], m: usize) -> Vec<Vec<f32>> {
             y
         })
         .collect()
+}
+
+/// Rows to add to a running sum, scaled, handed to [`kernels::axpy_rows`] [`VECMAT_GROUP`] at
+/// a time (one pass over the sum per group).
+struct RowGroup<'a> {
+    format: PackedFormat,
+    rows: Vec<&'a [u8]>,
+    coefs: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+impl<'a> RowGroup<'a> {
+    fn new(format: PackedFormat) -> Self {
+        Self {
+            format,
+            rows: Vec::with_capacity(VECMAT_GROUP),
+            coefs: Vec::with_capacity(VECMAT_GROUP),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// `acc += coef · row`, once the group is full.
+    fn push(&mut self, row: &'a [u8], coef: f32, acc: &mut [f32]) {
+        self.rows.push(row);
+        self.coefs.push(coef);
+        if self.rows.len() == VECMAT_GROUP {
+            self.flush(acc);
+        }
+    }
+
+    /// Adds the rows held so far.
+    fn flush(&mut self, acc: &mut [f32]) {
+        if !self.rows.is_empty() {
+            kernels::axpy_rows(self.format, &self.rows, &self.coefs, acc, &mut self.scratch);
+            self.rows.clear();
+            self.coefs.clear();
+        }
+    }
 }
 
 pub(crate) struct SendPtr(pub(crate) *mut f32);

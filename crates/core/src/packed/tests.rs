@@ -807,3 +807,111 @@ fn products_sharing_one_pass_match_each_dequantised_product() {
     }
     assert!(PackedMatrix::matmul_t_many(&[], &[], 1).is_empty());
 }
+
+#[test]
+fn matvec_softmax_vecmat_is_the_three_steps_in_f64() {
+    // Oracle: y = W·x, z_r = f(r, y_r), softmax(z) · W, each in f64 over the dequantised rows.
+    // `f` mixes the row's state and index in, so a wrong row order or state slot shows; logits
+    // rise with the row, a few units over each run of 3000 rows, so that later blocks raise
+    // the running max (the rescaling path) while earlier ones still count; a few are −∞ (rows
+    // not added). Rows 400..1400 do not need their product (f takes 0 there; the kernel must
+    // pass it for every other row), and rows 1000..1200 sit 300 below the rest (weight 0).
+    // Each case runs without a hint, with the true argmax and with a poor hint (row 7).
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for (format, cols, rows) in [
+        (PackedFormat::F32, 45, 3000),
+        (PackedFormat::F16, 96, 37),
+        (PackedFormat::Q8_0, 96, 3000),
+        (PackedFormat::Q4_1, 64, 3),
+        (PackedFormat::Q4_K, 256, 300),
+    ] {
+        let packed = PackedMatrix::from_f32(rows, cols, &values(rows * cols, 7), format).unwrap();
+        let dense = packed.to_f32();
+        let x = values(cols, 8);
+        let needs = |r: usize| !(400..1400).contains(&r);
+        let f = |r: usize, y: f64, s: f64| {
+            if r % 17 == 5 {
+                f64::NEG_INFINITY
+            } else {
+                let low = if (1000..1200).contains(&r) {
+                    300.0
+                } else {
+                    0.0
+                };
+                0.3 * y + s + (r as f64 * 0.002) - low
+            }
+        };
+        let start: Vec<(f32, usize)> = (0..rows).map(|r| ((r % 13) as f32 * 0.5, r)).collect();
+        let want_z: Vec<f64> = (0..rows)
+            .map(|r| {
+                let y: f64 = (0..cols)
+                    .map(|c| x[c] as f64 * dense[r * cols + c] as f64)
+                    .sum();
+                f(r, if needs(r) { y } else { 0.0 }, start[r].0 as f64)
+            })
+            .collect();
+        let want_argmax = (0..rows)
+            .max_by(|&a, &b| want_z[a].total_cmp(&want_z[b]))
+            .unwrap();
+        let want_max = want_z[want_argmax];
+        let want_sum: f64 = want_z.iter().map(|z| (z - want_max).exp()).sum();
+        let tol = if format == PackedFormat::F32 || format == PackedFormat::F16 {
+            1e-4
+        } else {
+            5e-3
+        };
+        for hint in [None, Some(want_argmax), Some(7.min(rows - 1))] {
+            let what = format!("{format} rows={rows} hint {hint:?}");
+            let mut state = start.clone();
+            let skipped = AtomicUsize::new(0);
+            let got = packed.matvec_softmax_vecmat(
+                &x,
+                &mut state,
+                hint,
+                |s| needs(s.1),
+                |r, y, s| {
+                    assert_eq!(r, s.1, "{what}: row {r} got another row's state");
+                    let y = match y {
+                        Some(y) => y as f64,
+                        None => {
+                            assert!(!needs(r), "{what}: row {r}'s product not given");
+                            skipped.fetch_add(1, Ordering::Relaxed);
+                            0.0
+                        }
+                    };
+                    let z = f(r, if needs(r) { y } else { 0.0 }, s.0 as f64) as f32;
+                    s.0 = f32::NAN;
+                    z
+                },
+            );
+            assert!(
+                state.iter().all(|s| s.0.is_nan()),
+                "{what}: a row not updated"
+            );
+            if rows == 3000 {
+                assert!(skipped.into_inner() > 0, "{what}: no block skipped");
+            }
+            assert_eq!(got.argmax, want_argmax, "{what}: argmax");
+            assert!(
+                (got.max as f64 - want_max).abs() <= tol * (1.0 + want_max.abs()),
+                "{what}: max {} vs {want_max}",
+                got.max
+            );
+            assert!(
+                (got.sum as f64 - want_sum).abs() <= tol * want_sum,
+                "{what}: sum {} vs {want_sum}",
+                got.sum
+            );
+            for c in 0..cols {
+                let want: f64 = (0..rows)
+                    .map(|r| (want_z[r] - want_max).exp() / want_sum * dense[r * cols + c] as f64)
+                    .sum();
+                let g = got.map[c] as f64;
+                assert!(
+                    (g - want).abs() <= tol * (1.0 + want.abs()),
+                    "{what}: col {c}: {g} vs {want}"
+                );
+            }
+        }
+    }
+}
