@@ -192,19 +192,23 @@ fn to_finite_f32(bytes: &[u8], dtype: Dtype) -> std::result::Result<Vec<f32>, St
             bytes.len()
         ));
     }
-    let convert: fn(&[u8]) -> f32 = match dtype {
-        Dtype::F32 => |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-        Dtype::F16 => |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32(),
-        Dtype::BF16 => |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-        _ => |c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32,
-    };
+    // One loop per dtype, each with its conversion inlined: through a function pointer, the
+    // call per value was a fifth of an NLLB-600M load's profile.
+    fn fill<const W: usize>(out: &mut [f32], raw: &[u8], convert: impl Fn([u8; W]) -> f32) {
+        for (v, c) in out.iter_mut().zip(raw.chunks_exact(W)) {
+            *v = convert(c.try_into().expect("chunks of W bytes"));
+        }
+    }
     let mut values = vec![0f32; bytes.len() / width];
     let all_finite = values
         .par_chunks_mut(CHUNK)
         .zip(bytes.par_chunks(CHUNK * width))
         .map(|(out, raw)| {
-            for (v, c) in out.iter_mut().zip(raw.chunks_exact(width)) {
-                *v = convert(c);
+            match dtype {
+                Dtype::F32 => fill(out, raw, f32::from_le_bytes),
+                Dtype::F16 => fill(out, raw, |c| half::f16::from_le_bytes(c).to_f32()),
+                Dtype::BF16 => fill(out, raw, |c| half::bf16::from_le_bytes(c).to_f32()),
+                _ => fill(out, raw, |c| f64::from_le_bytes(c) as f32),
             }
             out.iter().all(|v| v.is_finite())
         })
