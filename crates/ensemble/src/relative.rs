@@ -14,11 +14,11 @@
 //! f32 or compressed ([`RelativeConfig::dense_format`]), and maps both ways (`p · R`, `R · g`) with
 //! kiln-core's matrix kernels: a DeePEn step of T search steps streams the main matrix T + 1
 //! times (the average's map, then each step's gradient fused with the next step's map, see
-//! [`crate::search`]), and Burn's CPU matmul read it at ~6 GB/s where this machine reads ~27. The sparse one lives in host memory
-//! ([`SparseRelative`]) and maps with plain loops over its rows, split over the CPU cores: Burn
-//! has no sparse matmul, and its gather/scatter on the CPU backends took 35 ms for one 49k × 32
-//! map, against ~2 ms for the loops; on a GPU the 49k-float logits cross to the host once per
-//! token, as sampling does anyway.
+//! [`crate::search`]), and Burn's CPU matmul read it at ~6 GB/s where this machine reads ~27.
+//! The sparse one lives in host memory ([`SparseRelative`]) and maps with plain loops over its
+//! rows, split over the CPU cores: Burn has no sparse matmul, and its gather/scatter on the CPU
+//! backends took 35 ms for one 49k × 32 map, against ~2 ms for the loops; on a GPU the 49k-float
+//! logits cross to the host once per token, as sampling does anyway.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

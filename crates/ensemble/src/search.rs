@@ -9,10 +9,10 @@
 //! `⟨s, g⟩ = ⟨q, −t / q⟩` is known, so each step reads a dense matrix once: the gradient, the
 //! update and the next step's `softmax(z) · R` from the same rows
 //! ([`PackedMatrix::matvec_softmax_vecmat`](kiln_core::packed::PackedMatrix::matvec_softmax_vecmat)),
-//! and the first step starts from the map the average already made. Burn's autodiff computes the same gradient
-//! ([`SearchGradient::Autodiff`]; the tests hold the two together) but records a graph and
-//! replays it each step, and its sparse map runs through gather/scatter: the search cost 2–3×
-//! both members' forwards that way.
+//! and the first step starts from the map the average already made. Burn's autodiff computes
+//! the same gradient ([`SearchGradient::Autodiff`]; the tests hold the two together) but records
+//! a graph and replays it each step, and its sparse map runs through gather/scatter: the search
+//! cost 2–3× both members' forwards that way.
 //!
 //! The loss is `KL(target ‖ softmax(z) · R_main)`, as the reference code's
 //! `nn.KLDivLoss()(log(softmax(z) · R), target)` (mean over anchors). Its default optimiser is
@@ -217,25 +217,30 @@ impl HostStart {
 /// `R` where the matrix allows ([`HostMap::map_softmax_step`]): each row's gradient from
 /// `R · ∂L/∂q`, its update, and the next step's `softmax(z) · R` from the same rows; the last
 /// step needs no map. So T steps read a dense matrix T + 1 times, against 2T as a gradient
-/// then a map.
-fn host_search<H: HostMap>(
+/// then a map. Starts from `start` where the caller has it, else from `logits`.
+fn host_search<B: Backend, H: HostMap>(
     relative: &H,
-    start: HostStart,
-    target: &[f32],
+    start: Option<HostStart>,
+    logits: &Tensor<B, 1>,
+    target: &Tensor<B, 1>,
     config: &SearchConfig,
     mean: bool,
     lr_at: impl Fn(usize) -> f32,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
+    let target = host_vec(target.clone(), "target")?;
     let HostStart {
         z,
         mut max,
         mut sum,
         mut q,
-    } = start;
+    } = match start {
+        Some(start) => start,
+        None => HostStart::map(host_vec(logits.clone(), "logits")?, relative),
+    };
     let mut argmax = z.iter().position(|&z| z == max);
     let mut rows: Vec<Row> = z.into_iter().map(|z| Row { z, m: 0.0, v: 0.0 }).collect();
     for t in 0..config.steps {
-        let (dq, dot) = anchor_terms(&q, target, mean);
+        let (dq, dot) = anchor_terms(&q, &target, mean);
         let (lr, step) = (lr_at(t), (t + 1) as i32);
         let (c1, c2) = (1.0 - BETA1.powi(step), 1.0 - BETA2.powi(step));
         let (max_t, sum_t) = (max, sum);
@@ -265,7 +270,7 @@ fn host_search<H: HostMap>(
             }
         }
     }
-    rows.into_iter().map(|r| r.z).collect()
+    Ok(rows.into_iter().map(|r| r.z).collect())
 }
 
 /// ∇z of [`loss`] through Burn's autodiff.
@@ -325,23 +330,16 @@ pub(crate) fn inverse_search_from<B: Backend>(
     // The reference code's KLDivLoss averages over anchors; the paper's plain step sums.
     let mean = config.optimizer == SearchOptimizer::AdamW;
     let device = logits.device();
-    if config.gradient == SearchGradient::Analytic
-        && let RelativeMatrix::Sparse(_) | RelativeMatrix::Packed(_) = relative
-    {
-        let target = host_vec(target, "target")?;
-        let z = match start {
-            Some(start) => Ok(start),
-            None => host_vec(logits, "logits").map(|z| match relative {
-                RelativeMatrix::Sparse(r) => HostStart::map(z, r),
-                RelativeMatrix::Packed(r) => HostStart::map(z, r),
-                RelativeMatrix::Dense(_) => unreachable!("matched above"),
-            }),
-        }?;
-        let z = match relative {
-            RelativeMatrix::Sparse(r) => host_search(r, z, &target, config, mean, lr_at),
-            RelativeMatrix::Packed(r) => host_search(r, z, &target, config, mean, lr_at),
-            RelativeMatrix::Dense(_) => unreachable!("matched above"),
-        };
+    let on_host = match (config.gradient, relative) {
+        (SearchGradient::Analytic, RelativeMatrix::Sparse(r)) => Some(host_search(
+            r, start, &logits, &target, config, mean, lr_at,
+        )?),
+        (SearchGradient::Analytic, RelativeMatrix::Packed(r)) => Some(host_search(
+            r, start, &logits, &target, config, mean, lr_at,
+        )?),
+        _ => None,
+    };
+    if let Some(z) = on_host {
         return Ok(Tensor::from_data(TensorData::new(z, [vocab]), &device));
     }
     let target = target.unsqueeze::<2>();

@@ -777,17 +777,20 @@ impl<'a> RowGroup<'a> {
     }
 }
 
-pub(crate) struct SendPtr(pub(crate) *mut f32);
+/// A pointer the kernel threads share to write disjoint elements of one buffer (f32 outputs,
+/// or a caller's per-row state).
+pub(crate) struct SendPtr<T = f32>(pub(crate) *mut T);
 
-impl SendPtr {
+impl<T> SendPtr<T> {
     /// A method, so closures capture the whole wrapper rather than its raw-pointer field.
-    pub(crate) fn ptr(&self) -> *mut f32 {
+    pub(crate) fn ptr(&self) -> *mut T {
         self.0
     }
 }
-// Safety: tasks write disjoint parts of the output (see `tiled_gemm`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+// Safety: tasks write disjoint parts of the buffer (see `tiled_gemm`), whose elements may move
+// between threads.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 fn check_shape(rows: usize, cols: usize, format: PackedFormat) -> Result<()> {
     let _ = rows;

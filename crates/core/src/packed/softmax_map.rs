@@ -25,18 +25,6 @@ pub struct SoftmaxMap {
 /// older cores shared with the sums) between the product and the sum.
 const BLOCK_BYTES: usize = 128 * 1024;
 
-/// A pointer tasks share to write disjoint elements of one slice.
-struct Shared<S>(*mut S);
-
-impl<S> Shared<S> {
-    /// A method, so closures capture the whole wrapper rather than its raw-pointer field.
-    fn ptr(&self) -> *mut S {
-        self.0
-    }
-}
-// Safety: tasks touch disjoint row ranges of the slice (see `matvec_softmax_vecmat`).
-unsafe impl<S: Send> Sync for Shared<S> {}
-
 impl PackedMatrix {
     /// One pass over the rows: for each row `r`, `y_r = W_r · x`, then its logit
     /// `z_r = update(r, Some(y_r), &mut state[r])`, then `softmax(z) · W` summed from the same
@@ -101,8 +89,8 @@ impl PackedMatrix {
         let mut totals = vec![(f32::NEG_INFINITY, 0f32, 0usize); runs];
         let (out, tot, st) = (
             SendPtr(sums.as_mut_ptr()),
-            Shared(totals.as_mut_ptr()),
-            Shared(state.as_mut_ptr()),
+            SendPtr(totals.as_mut_ptr()),
+            SendPtr(state.as_mut_ptr()),
         );
         pool::for_each(runs, &|t| {
             let (r0, r1) = (t * run_rows, ((t + 1) * run_rows).min(rows));
