@@ -4,8 +4,9 @@
 //! `q = round(x/d)`), and the dot products run on integers: `vpmaddubsw` + `vpmaddwd` per
 //! block, one f32 multiply-add by `d_w·d_x`. This is what llama.cpp does for these formats
 //! (`ggml_vec_dot_q4_1_q8_1` and its siblings). For the K-quants each 256 values share one
-//! scale, as in llama.cpp's `block_q8_K`, and a super-block's integer sums (each sub-block's
-//! scaled by its integer scale) add up before one float multiply-add. It does a third of the
+//! scale, as in llama.cpp's `block_q8_K`: one row at a time, a super-block's integer sums
+//! (each sub-block's scaled by its integer scale) add up before one float multiply-add; for
+//! several rows each sub-block's integer sum meets its scale in f32, eight at a time. It does a third of the
 //! integer work of the default path's two i16 parts, and
 //! the Q8_0 kernel skips the widening to f32; the price is activations held to half a step of
 //! `amax/127` instead of f32 precision.
@@ -61,7 +62,8 @@ pub(super) fn quantize(x: &[f32], acts: &mut Acts, block: usize) {
     if super::avx2::available() {
         // Safety: AVX2 is available; the buffers were sized for `blocks` just above.
         unsafe { avx2::quantize(x, acts, blocks, block / 32) };
-        if block == 32 && acts.m >= 2 && vnni() {
+        let rows_t = if block == 32 { 2 } else { avx2::KT_MIN_ROWS };
+        if acts.m >= rows_t && vnni() {
             transpose(acts);
         }
         return;
@@ -279,8 +281,8 @@ mod avx2 {
 
     /// [`entry`] for the K-quants (`F` one of [`K_Q4`], [`K_Q5`], [`K_Q6`]): rows of
     /// 256-value super-blocks against activations with one scale per 256 values
-    /// ([`super::scale_len`]), [`group_k`] (with `VL`, [`group_k_vl`]: only call when the CPU
-    /// has AVX-512VL).
+    /// ([`super::scale_len`]), [`group_k`]. With `VL` (only when the CPU has AVX-512VL and
+    /// VNNI, [`vnni`]), [`group_k_vl`], or [`entry_kt`] from [`KT_MIN_ROWS`] rows on.
     pub(super) fn entry_k<const F: u8, const VL: bool>(
         format: PackedFormat,
         w: &[u8],
@@ -289,6 +291,10 @@ mod avx2 {
     ) {
         assert_eq!(format.block_bytes(), k_block_bytes::<F>());
         let cols = acts.cols;
+        if VL && acts.m >= KT_MIN_ROWS && acts.q8t.len() >= acts.m * cols {
+            entry_kt::<F>(format, w, acts, out);
+            return;
+        }
         each_group(format, w, acts, out, 256, 4, |wr, a, o| {
             // Safety: as in `entry` (whole super-blocks: `cols` is a multiple of 256).
             unsafe {
@@ -354,8 +360,8 @@ mod avx2 {
     /// once. The scales are widened to i16 once per super-block and each sub-block's is
     /// broadcast by one `vpshufb` (as llama.cpp's `get_scale_shuffle_k4`), instead of a scalar
     /// load and broadcast per sub-block: with the vector mins that took Q4_K at one row from
-    /// 27 to 40 GB/s (`packed_matmul`, 32768×2048). (`vpdpbusd` would still need the scale multiply, so there is no VNNI
-    /// form.)
+    /// 27 to 40 GB/s (`packed_matmul`, 32768×2048). [`group_k_vl`] adds the scaled pair sums
+    /// with VNNI's `vpdpwssd`; from [`KT_MIN_ROWS`] rows on, [`group_kt`] takes over.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group_k<const F: u8, const M: usize>(
         w: &[u8],
@@ -363,26 +369,28 @@ mod avx2 {
         cols: usize,
         out: &mut [f32],
     ) {
-        unsafe { group_k_body::<F, M>(w, a, cols, out) }
+        unsafe { group_k_body::<F, M, false>(w, a, cols, out) }
     }
 
     /// [`group_k`] compiled with AVX-512VL, whose 32 vector registers hold a super-block's
-    /// eight unpacked sub-blocks and scales without spilling them (same instructions).
+    /// eight unpacked sub-blocks and scales without spilling them, and VNNI's `vpdpwssd`
+    /// (four rows, 5632×2048 Q4_K: 0.36–0.41 → 0.32 ms).
     /// `packed_matmul`, 5632×2048, four activation rows: Q4_K 0.59 → 0.36 ms, Q6_K 0.84 →
     /// 0.46 ms; at one row, memory-bound, no change.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vl")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
     unsafe fn group_k_vl<const F: u8, const M: usize>(
         w: &[u8],
         a: &Rows,
         cols: usize,
         out: &mut [f32],
     ) {
-        unsafe { group_k_body::<F, M>(w, a, cols, out) }
+        unsafe { group_k_body::<F, M, true>(w, a, cols, out) }
     }
 
-    /// The body of [`group_k`] and [`group_k_vl`].
+    /// The body of [`group_k`] and [`group_k_vl`]; `DP`: `vpdpwssd` (AVX512-VNNI) does the
+    /// scale multiply and the add of the i16 pair sums in one instruction (same integers).
     #[inline(always)]
-    unsafe fn group_k_body<const F: u8, const M: usize>(
+    unsafe fn group_k_body<const F: u8, const M: usize, const DP: bool>(
         w: &[u8],
         a: &Rows,
         cols: usize,
@@ -450,10 +458,12 @@ mod avx2 {
                             Some(sg) => _mm256_sign_epi8(x, sg),
                             None => x,
                         };
-                        *sum = _mm256_add_epi32(
-                            *sum,
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), scale),
-                        );
+                        let pairs = _mm256_maddubs_epi16(u, x);
+                        *sum = if DP {
+                            _mm256_dpwssd_epi32(*sum, pairs, scale)
+                        } else {
+                            _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, scale))
+                        };
                     }
                 }
                 for j in 0..M {
@@ -472,6 +482,175 @@ mod avx2 {
             }
             for j in 0..M {
                 out[j] = hsum(acc[j]);
+            }
+        }
+    }
+
+    /// The fewest activation rows for which [`group_kt`] (its transpose paid once per
+    /// weight row and super-block) beats [`group_k_vl`].
+    pub(super) const KT_MIN_ROWS: usize = 6;
+
+    /// The most activation rows one call of [`group_kt`] takes (its sums live in an array of
+    /// this many vectors per weight row; `tiled_int8`'s blocks of rows fit).
+    const KT_MAX_ROWS: usize = 64;
+
+    /// The K-quant kernel for [`KT_MIN_ROWS`] activation rows or more: [`group_kt`] on the
+    /// weight rows two at a time, the activations [`KT_MAX_ROWS`] rows at a time.
+    fn entry_kt<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+        let (cols, m) = (acts.cols, acts.m);
+        let (supers, chunks, rb) = (cols / 256, cols / 32, format.row_bytes(cols));
+        assert!(m > 0 && out.len().is_multiple_of(m) && cols.is_multiple_of(256));
+        let rows = out.len() / m;
+        assert_eq!(w.len(), rows * rb);
+        assert!(acts.q8t.len() >= m * cols);
+        assert!(acts.q8_scale.len() >= m * supers && acts.q8_sum.len() >= m * chunks);
+        let mut j = 0;
+        while j < m {
+            let n = (m - j).min(KT_MAX_ROWS);
+            let a = Rows {
+                q: &[],
+                t: &acts.q8t[j * cols..],
+                scale: &acts.q8_scale[j * supers..],
+                sum: &acts.q8_sum[j * chunks..],
+            };
+            let mut r = 0;
+            let mut sums = [0f32; 2 * KT_MAX_ROWS];
+            while r < rows {
+                let pair = rows - r >= 2;
+                let wr = &w[r * rb..(r + 1 + usize::from(pair)) * rb];
+                // Safety: VNNI is available (`entry_k` calls this only then); the asserts
+                // above bound every read: `wr` holds whole rows of `cols` values, `a` holds
+                // `n` rows of them from row `j` on.
+                unsafe {
+                    if pair {
+                        group_kt::<F, 2>(wr, &a, cols, n, &mut sums);
+                    } else {
+                        group_kt::<F, 1>(wr, &a, cols, n, &mut sums);
+                    }
+                }
+                for (i, s) in sums
+                    .chunks_exact(KT_MAX_ROWS)
+                    .take(1 + usize::from(pair))
+                    .enumerate()
+                {
+                    out[(r + i) * m + j..][..n].copy_from_slice(&s[..n]);
+                }
+                r += 1 + usize::from(pair);
+            }
+            j += n;
+        }
+    }
+
+    /// `m` (at most [`KT_MAX_ROWS`]) activation rows against `R` rows of K-quant super-blocks
+    /// (`w`, one after the other), as [`group_t`] does for the 32-value formats: each
+    /// super-block's eight sub-blocks of quants (Q6_K's signed `q − 32`) are transposed into
+    /// the layout of [`Acts::q8t`], so that eight `vpdpbusd` with the activations (plus 128)
+    /// leave sub-block `k`'s integer dot product in lane `k` (Q6_K: its two 16-value halves in
+    /// two sums, each with its own scale). Less `128·Σq` per lane (once per weight row and
+    /// super-block), converted once, it meets the vector of the sub-blocks' `d·sc` times
+    /// `d_x` in one multiply-add, and Q4_K/Q5_K's mins `−dmin·m·d_x·Σx` in another. Per row
+    /// and super-block that is 8 integer multiplies where [`group_k_body`] takes 16
+    /// (`vpmaddubsw` and `vpmaddwd` per sub-block); the unpacking and the transpose are paid
+    /// once for all `m` rows, and each activation load serves `R` weight rows (at one, the
+    /// loads from L2 bound it). `out[r * KT_MAX_ROWS + j]` gets weight row `r` times
+    /// activation row `j`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn group_kt<const F: u8, const R: usize>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        m: usize,
+        out: &mut [f32; 2 * KT_MAX_ROWS],
+    ) {
+        // Safety: reads are bounded by `entry_kt`'s asserts.
+        unsafe {
+            let (supers, chunks) = (cols / 256, cols / 32);
+            let rb = w.len() / R;
+            let ones = _mm256_set1_epi8(1);
+            // Q6_K's 16 scales, even ones to the low 8 bytes and odd ones to the high.
+            let evens_odds = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+            let mut acc = [[_mm256_setzero_ps(); KT_MAX_ROWS]; R];
+            for sb in 0..supers {
+                // Per weight row: the transposed quants (word i of every sub-block in t[i]:
+                // i < 4 its first 16 values), `128·Σq` of each lane's words (Q6_K: of t[..4]
+                // and t[4..]), and the float scales (Q6_K: even and odd ones) and mins.
+                let mut t = [[_mm256_setzero_si256(); 8]; R];
+                let mut ws = [[_mm256_setzero_si256(); 2]; R];
+                let mut sc = [[_mm256_setzero_ps(); 2]; R];
+                for r in 0..R {
+                    let p = w.as_ptr().add(r * rb + sb * k_block_bytes::<F>());
+                    t[r] = transpose8(std::array::from_fn(|s| k_bytes::<F>(p, s)));
+                    for (h, ws) in ws[r].iter_mut().enumerate() {
+                        for ti in &t[r][4 * h..4 * h + 4] {
+                            *ws = _mm256_dpbusd_epi32(*ws, ones, *ti);
+                        }
+                        *ws = _mm256_slli_epi32::<7>(*ws);
+                    }
+                    let to_f = |v: __m256i, d: f32| {
+                        _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(v))
+                    };
+                    sc[r] = if F == K_Q6 {
+                        let d = h2f(p.add(208));
+                        let v = _mm_shuffle_epi8(_mm_loadu_si128(p.add(192).cast()), evens_odds);
+                        [
+                            to_f(_mm256_cvtepi8_epi32(v), d),
+                            to_f(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)), d),
+                        ]
+                    } else {
+                        // The eight 6-bit scales and mins, as in `group_k_body`.
+                        let word = |i: usize| p.add(4 + 4 * i).cast::<u32>().read_unaligned();
+                        let (u0, u1, u2) = (word(0), word(1), word(2));
+                        let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+                        let sm = _mm_setr_epi32(
+                            (u0 & k1) as i32,
+                            ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
+                            (u1 & k1) as i32,
+                            (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
+                        );
+                        [
+                            to_f(_mm256_cvtepu8_epi32(sm), h2f(p)),
+                            to_f(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(sm)), h2f(p.add(2))),
+                        ]
+                    };
+                }
+                for j in 0..m {
+                    let xp = a.t.as_ptr().add(j * cols + 256 * sb);
+                    let x: [__m256i; 8] =
+                        std::array::from_fn(|i| _mm256_loadu_si256(xp.add(32 * i).cast()));
+                    let dx = _mm256_set1_ps(*a.scale.get_unchecked(j * supers + sb));
+                    for r in 0..R {
+                        // Two chains of four (Q6_K: the two halves), so the adds overlap.
+                        let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        for i in 0..4 {
+                            lo = _mm256_dpbusd_epi32(lo, x[i], t[r][i]);
+                            hi = _mm256_dpbusd_epi32(hi, x[4 + i], t[r][4 + i]);
+                        }
+                        let (lo, hi) = (
+                            _mm256_sub_epi32(lo, ws[r][0]),
+                            _mm256_sub_epi32(hi, ws[r][1]),
+                        );
+                        let acc = &mut acc[r][j];
+                        if F == K_Q6 {
+                            let v = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(lo),
+                                sc[r][0],
+                                _mm256_mul_ps(_mm256_cvtepi32_ps(hi), sc[r][1]),
+                            );
+                            *acc = _mm256_fmadd_ps(v, dx, *acc);
+                        } else {
+                            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+                            *acc = _mm256_fmadd_ps(s, _mm256_mul_ps(sc[r][0], dx), *acc);
+                            // −dmin·m per sub-block times its d_x·Σq.
+                            let bsum = _mm256_loadu_ps(a.sum.as_ptr().add(j * chunks + sb * 8));
+                            *acc = _mm256_fnmadd_ps(sc[r][1], bsum, *acc);
+                        }
+                    }
+                }
+            }
+            for r in 0..R {
+                for j in 0..m {
+                    out[r * KT_MAX_ROWS + j] = hsum(acc[r][j]);
+                }
             }
         }
     }

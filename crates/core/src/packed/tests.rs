@@ -309,7 +309,8 @@ fn q8_blocks_of(x: &[f32], len: usize) -> Vec<(Vec<i32>, f32)> {
 fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
     // 37 x 544 (17 blocks: two groups of eight for the transposing VNNI kernel and one
     // after them; rows not a multiple of any chunk; K-quants 37 x 512 with one activation
-    // scale per 256 values), 1..=8, 9 and 70 activation rows: every
+    // scale per 256 values; 37 odd, so the K-quant transposing kernel's pairs of rows end
+    // with a single one), 1..=8, 9 and 70 activation rows: every
     // group size of the SIMD kernels, every kernel this CPU runs, against an f64 product
     // of the dequantised weights and the activations rounded as ggml rounds them. The same
     // output must also stay within half an activation step of the f32 product (Σ|w|·d/2),
