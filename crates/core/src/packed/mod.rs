@@ -207,9 +207,12 @@ pub const MATVEC_MAX_ROWS: usize = 8;
 
 /// With 8-bit activations, up to this many rows the 32-value block formats (Q8_0, Q4_0, Q4_1,
 /// Q5_0, Q5_1) run the integer kernels in tiles (`tiled_int8`); beyond it, dequantising
-/// tiles for `gemm` is faster on AVX2 alone. With AVX512-VNNI (the transposing kernel) the
-/// integer kernels stay faster at any row count for Q8_0 and for rows of 1024 values or
-/// more; the K-quants' at any row count everywhere. Measured with `packed_matmul
+/// tiles for `gemm` is faster on AVX2 alone. With AVX512-VNNI (the transposing kernels) the
+/// integer kernels stay faster at any row count; the K-quants' everywhere. Since the
+/// transposing kernels take two weight rows per activation load (Dec 6), at 128 rows:
+/// 1536×576 Q8_0 / Q4_1 / Q5_0 1.16 / 1.18 / 1.23 ms against `gemm`'s 1.56 / 1.55 / 1.56,
+/// 576×576 Q4_1 / Q5_0 0.49 / 0.50 against 0.82 / 0.81. Before that, Q4_1 and Q5_0 rows
+/// under 1024 values were faster through `gemm`. Measured with `packed_matmul
 /// --activations q8` (2 threads, Zen 4), best of alternating runs, integer against gemm:
 /// AVX2 Q4_1 5632×2048 at 16 / 48 / 96 / 256 rows 2.6 / 7.9 / 15.8 / 41.9 ms against
 /// 6.5 / 9.9 / 14.9 / 31.7; VNNI at 128 rows, 5632×2048 Q8_0 11.6 against 22.6 ms, Q4_1
@@ -554,9 +557,7 @@ impl PackedMatrix {
         static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         self.activations == ActivationPrecision::Q8
             && int8::applies(self.format)
-            && (self.format.is_k_quant()
-                || m <= INT8_BLOCK32_MAX_ROWS
-                || (int8::vnni() && (self.format == PackedFormat::Q8_0 || self.cols >= 1024)))
+            && (self.format.is_k_quant() || m <= INT8_BLOCK32_MAX_ROWS || int8::vnni())
             && !*OFF.get_or_init(|| std::env::var_os("KILN_NO_I8_PREFILL").is_some())
     }
 
