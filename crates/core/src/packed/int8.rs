@@ -473,7 +473,8 @@ mod avx2 {
                             None => x,
                         };
                         let pairs = _mm256_maddubs_epi16(u, x);
-                        *sum = if DP {
+                        // (One row: the adds' one-cycle chain, not `vpdpwssd`'s latency.)
+                        *sum = if DP && M > 1 {
                             _mm256_dpwssd_epi32(*sum, pairs, scale)
                         } else {
                             _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, scale))
