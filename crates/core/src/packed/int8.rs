@@ -600,7 +600,7 @@ mod avx2 {
             let mut acc = [[_mm256_setzero_ps(); KT_MAX_ROWS]; R];
             for sb in 0..supers {
                 // Per weight row: the transposed quants (word i of every sub-block in t[i]:
-                // i < 4 its first 16 values), `128·Σq` of each lane's words (Q6_K: of t[..4]
+                // i < 4 its first 16 values), `−128·Σq` of each lane's words (Q6_K: of t[..4]
                 // and t[4..]), and the float scales (Q6_K: even and odd ones) and mins.
                 let mut t = [[_mm256_setzero_si256(); 8]; R];
                 let mut ws = [[_mm256_setzero_si256(); 2]; R];
@@ -612,7 +612,7 @@ mod avx2 {
                         for ti in &t[r][4 * h..4 * h + 4] {
                             *ws = _mm256_dpbusd_epi32(*ws, ones, *ti);
                         }
-                        *ws = _mm256_slli_epi32::<7>(*ws);
+                        *ws = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<7>(*ws));
                     }
                     let to_f = |v: __m256i, d: f32| {
                         _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(v))
@@ -648,15 +648,12 @@ mod avx2 {
                     let dx = _mm256_set1_ps(*a.scale.get_unchecked(j * supers + sb));
                     for r in 0..R {
                         // Two chains of four (Q6_K: the two halves), so the adds overlap.
-                        let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        // (Each starts from its `−128·Σq`.)
+                        let (mut lo, mut hi) = (ws[r][0], ws[r][1]);
                         for i in 0..4 {
                             lo = _mm256_dpbusd_epi32(lo, x[i], t[r][i]);
                             hi = _mm256_dpbusd_epi32(hi, x[4 + i], t[r][4 + i]);
                         }
-                        let (lo, hi) = (
-                            _mm256_sub_epi32(lo, ws[r][0]),
-                            _mm256_sub_epi32(hi, ws[r][1]),
-                        );
                         let acc = &mut acc[r][j];
                         if F == K_Q6 {
                             let v = _mm256_fmadd_ps(
