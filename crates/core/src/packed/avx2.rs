@@ -39,23 +39,46 @@ const Q5_1: u8 = 10;
 /// The AVX2 kernel for `format`. Only call after [`available`] returned true.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
+    if super::int8::vnni() {
+        match format {
+            PackedFormat::Q4_0 => return entry::<Q4_0, true>,
+            PackedFormat::Q4_1 => return entry::<Q4_1, true>,
+            PackedFormat::Q5_0 => return entry::<Q5_0, true>,
+            PackedFormat::Q5_1 => return entry::<Q5_1, true>,
+            PackedFormat::Q4_K => return entry::<Q4_K, true>,
+            PackedFormat::Q5_K => return entry::<Q5_K, true>,
+            PackedFormat::Q6_K => return entry::<Q6_K, true>,
+            _ => {}
+        }
+    }
+    dot_kernel_avx2(format)
+}
+
+/// [`dot_kernel`] without AVX512-VNNI (the tests check both).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn dot_kernel_avx2(format: PackedFormat) -> DotKernel {
     match format {
-        PackedFormat::F32 => entry::<F32>,
-        PackedFormat::F16 => entry::<F16>,
-        PackedFormat::BF16 => entry::<BF16>,
-        PackedFormat::Q8_0 => entry::<Q8_0>,
-        PackedFormat::Q4_0 => entry::<Q4_0>,
-        PackedFormat::Q4_1 => entry::<Q4_1>,
-        PackedFormat::Q5_0 => entry::<Q5_0>,
-        PackedFormat::Q5_1 => entry::<Q5_1>,
-        PackedFormat::Q4_K => entry::<Q4_K>,
-        PackedFormat::Q5_K => entry::<Q5_K>,
-        PackedFormat::Q6_K => entry::<Q6_K>,
+        PackedFormat::F32 => entry::<F32, false>,
+        PackedFormat::F16 => entry::<F16, false>,
+        PackedFormat::BF16 => entry::<BF16, false>,
+        PackedFormat::Q8_0 => entry::<Q8_0, false>,
+        PackedFormat::Q4_0 => entry::<Q4_0, false>,
+        PackedFormat::Q4_1 => entry::<Q4_1, false>,
+        PackedFormat::Q5_0 => entry::<Q5_0, false>,
+        PackedFormat::Q5_1 => entry::<Q5_1, false>,
+        PackedFormat::Q4_K => entry::<Q4_K, false>,
+        PackedFormat::Q5_K => entry::<Q5_K, false>,
+        PackedFormat::Q6_K => entry::<Q6_K, false>,
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+fn entry<const F: u8, const DP: bool>(
+    format: PackedFormat,
+    w: &[u8],
+    acts: &Acts,
+    out: &mut [f32],
+) {
     let (cols, m) = (acts.cols, acts.m);
     assert!(m > 0 && out.len().is_multiple_of(m));
     assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
@@ -67,7 +90,8 @@ fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f3
     }
     // Safety: `dot_kernel` is only handed out when `available()`; the asserts above bound every
     // read (w is `out.len() / m` whole rows; x, q16, sum and scale hold `m` rows).
-    unsafe { weight_rows::<F>(format, w, acts, out) }
+    // With `DP`, `dot_kernel` checked AVX512-VNNI too.
+    unsafe { weight_rows::<F, DP>(format, w, acts, out) }
 }
 
 /// Every weight row of `w` against every activation row. With three or more activation rows,
@@ -79,7 +103,12 @@ fn entry<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f3
 /// once per block): 8.4–12.6 against 7.5–9.1 ms at 8 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weight_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+unsafe fn weight_rows<const F: u8, const DP: bool>(
+    format: PackedFormat,
+    w: &[u8],
+    acts: &Acts,
+    out: &mut [f32],
+) {
     let (cols, m) = (acts.cols, acts.m);
     let rb = format.row_bytes(cols);
     let n = out.len() / m;
@@ -107,13 +136,13 @@ unsafe fn weight_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, 
         }
     }
     while r < n {
+        let (wr, o) = (&w[r * rb..(r + 1) * rb], &mut out[r * m..(r + 1) * m]);
         unsafe {
-            dot_rows::<F>(
-                format,
-                &w[r * rb..(r + 1) * rb],
-                acts,
-                &mut out[r * m..(r + 1) * m],
-            )
+            if DP {
+                dot_rows_vnni::<F>(format, wr, acts, o)
+            } else {
+                dot_rows::<F>(format, wr, acts, o)
+            }
         };
         r += 1;
     }
@@ -237,6 +266,40 @@ const fn block_bytes<const F: u8>() -> usize {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+    unsafe { dot_rows_body::<F, false>(format, w, acts, out) }
+}
+
+/// [`dot_rows`] with AVX512-VNNI's `vpdpwssd` in the 4-bit and K-quant kernels: one
+/// instruction for each `vpmaddwd` and the add after it (the same integers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_rows_vnni<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {
+    unsafe { dot_rows_body::<F, true>(format, w, acts, out) }
+}
+
+/// `acc + Σ` of `vpmaddwd(a, b)`'s pairs: `vpdpwssd` with `DP` (AVX512-VNNI), else
+/// `vpmaddwd` and an add. Only inline it into functions with those features.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn madd_add<const DP: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    unsafe {
+        if DP {
+            _mm256_dpwssd_epi32(acc, a, b)
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+        }
+    }
+}
+
+/// The body of [`dot_rows`] and [`dot_rows_vnni`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_rows_body<const F: u8, const DP: bool>(
+    format: PackedFormat,
+    w: &[u8],
+    acts: &Acts,
+    out: &mut [f32],
+) {
     let (x, cols) = (acts.x, acts.cols);
     let m = out.len();
     debug_assert_eq!(m, acts.m);
@@ -256,17 +319,17 @@ unsafe fn dot_rows<const F: u8>(format: PackedFormat, w: &[u8], acts: &Acts, out
                 };
                 if matches!(F, Q4_K | Q5_K | Q6_K) {
                     match n {
-                        4 => group_k::<F, 4>(w, &q, cols, o),
-                        3 => group_k::<F, 3>(w, &q, cols, o),
-                        2 => group_k::<F, 2>(w, &q, cols, o),
-                        _ => group_k::<F, 1>(w, &q, cols, o),
+                        4 => group_k::<F, 4, DP>(w, &q, cols, o),
+                        3 => group_k::<F, 3, DP>(w, &q, cols, o),
+                        2 => group_k::<F, 2, DP>(w, &q, cols, o),
+                        _ => group_k::<F, 1, DP>(w, &q, cols, o),
                     }
                 } else {
                     match n {
-                        4 => group_q4::<F, 4>(w, &q, cols, o),
-                        3 => group_q4::<F, 3>(w, &q, cols, o),
-                        2 => group_q4::<F, 2>(w, &q, cols, o),
-                        _ => group_q4::<F, 1>(w, &q, cols, o),
+                        4 => group_q4::<F, 4, DP>(w, &q, cols, o),
+                        3 => group_q4::<F, 3, DP>(w, &q, cols, o),
+                        2 => group_q4::<F, 2, DP>(w, &q, cols, o),
+                        _ => group_q4::<F, 1, DP>(w, &q, cols, o),
                     }
                 }
             } else if F == Q8_0 {
@@ -392,52 +455,55 @@ struct Q16<'a> {
 /// loop-carried adds overlap; all of them are locals (an accumulator behind a reference or a
 /// run-time index stayed in memory, and the store-to-load chain was a third of the time).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn group_q4<const F: u8, const M: usize>(
+#[inline(always)]
+unsafe fn group_q4<const F: u8, const M: usize, const DP: bool>(
     w: &[u8],
     acts: &Q16,
     cols: usize,
     out: &mut [f32],
 ) {
-    let blocks = cols / 32;
-    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
-    let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
-    let wp = w.as_ptr();
-    let inv = _mm256_set1_ps(1.0 / 65536.0);
-    macro_rules! block {
-        ($b:expr, $acc:ident, $off:ident) => {{
-            let b = $b;
-            let p = wp.add(b * block_bytes::<F>());
-            let d = h2f(p);
-            let off = match F {
-                Q4_0 => -8.0 * d,
-                Q5_0 => -16.0 * d,
-                _ => h2f(p.add(2)),
-            };
-            let (lo, hi) = small_quants::<F>(p);
-            for j in 0..M {
-                let xq = acts.q.as_ptr().add(j * cols + b * 32);
-                let xl = acts.lo.as_ptr().add(j * cols + b * 32);
-                // Integer sums, exact: |q·x| < 2²² per lane.
-                let s = _mm256_add_epi32(
-                    _mm256_madd_epi16(lo, _mm256_loadu_si256(xq.cast())),
-                    _mm256_madd_epi16(hi, _mm256_loadu_si256(xq.add(16).cast())),
-                );
-                let r = _mm256_add_epi32(
-                    _mm256_madd_epi16(lo, _mm256_loadu_si256(xl.cast())),
-                    _mm256_madd_epi16(hi, _mm256_loadu_si256(xl.add(16).cast())),
-                );
-                let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(s));
-                let k = j * blocks + b;
-                let scale = _mm256_set1_ps(d * *acts.scale.get_unchecked(k));
-                $acc[j] = _mm256_fmadd_ps(t, scale, $acc[j]);
-                $off[j] += off * *acts.sum.get_unchecked(k);
-            }
-        }};
-    }
-    let mut b = 0;
+    // Safety: inlined only into the callers whose target features cover it; they
+    // bound the reads.
     unsafe {
+        let blocks = cols / 32;
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+        let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
+        let wp = w.as_ptr();
+        let inv = _mm256_set1_ps(1.0 / 65536.0);
+        macro_rules! block {
+            ($b:expr, $acc:ident, $off:ident) => {{
+                let b = $b;
+                let p = wp.add(b * block_bytes::<F>());
+                let d = h2f(p);
+                let off = match F {
+                    Q4_0 => -8.0 * d,
+                    Q5_0 => -16.0 * d,
+                    _ => h2f(p.add(2)),
+                };
+                let (lo, hi) = small_quants::<F>(p);
+                for j in 0..M {
+                    let xq = acts.q.as_ptr().add(j * cols + b * 32);
+                    let xl = acts.lo.as_ptr().add(j * cols + b * 32);
+                    // Integer sums, exact: |q·x| < 2²² per lane.
+                    let s = madd_add::<DP>(
+                        _mm256_madd_epi16(lo, _mm256_loadu_si256(xq.cast())),
+                        hi,
+                        _mm256_loadu_si256(xq.add(16).cast()),
+                    );
+                    let r = madd_add::<DP>(
+                        _mm256_madd_epi16(lo, _mm256_loadu_si256(xl.cast())),
+                        hi,
+                        _mm256_loadu_si256(xl.add(16).cast()),
+                    );
+                    let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(s));
+                    let k = j * blocks + b;
+                    let scale = _mm256_set1_ps(d * *acts.scale.get_unchecked(k));
+                    $acc[j] = _mm256_fmadd_ps(t, scale, $acc[j]);
+                    $off[j] += off * *acts.sum.get_unchecked(k);
+                }
+            }};
+        }
+        let mut b = 0;
         while b + 1 < blocks {
             block!(b, acc0, off0);
             block!(b + 1, acc1, off1);
@@ -446,9 +512,9 @@ unsafe fn group_q4<const F: u8, const M: usize>(
         if b < blocks {
             block!(b, acc0, off0);
         }
-    }
-    for j in 0..M {
-        out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+        for j in 0..M {
+            out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+        }
     }
 }
 
@@ -512,41 +578,49 @@ unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
 /// Q6_K's per-16 scales are folded into its integer weights, so its sub-block scale is `d`.
 /// Even and odd sub-blocks go to separate local accumulators (see [`group_q4`]).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn group_k<const F: u8, const M: usize>(w: &[u8], acts: &Q16, cols: usize, out: &mut [f32]) {
-    let (blocks, subs) = (cols / 256, cols / 32);
-    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
-    let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
-    let inv = _mm256_set1_ps(1.0 / 65536.0);
-    macro_rules! sub {
-        ($p:expr, $b:expr, $s:expr, $sc:expr, $mn:expr, $acc:ident, $off:ident) => {{
-            let s = $s;
-            let (w0, w1) = k_weights::<F>($p, s);
-            for j in 0..M {
-                let at = j * cols + $b * 256 + s * 32;
-                let (xq, xl) = (acts.q.as_ptr().add(at), acts.lo.as_ptr().add(at));
-                // Integer sums, exact: |w·x| < 2²⁹ per lane (Q6_K's |w| ≤ 32·128).
-                let si = _mm256_add_epi32(
-                    _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.cast())),
-                    _mm256_madd_epi16(w1, _mm256_loadu_si256(xq.add(16).cast())),
-                );
-                let r = _mm256_add_epi32(
-                    _mm256_madd_epi16(w0, _mm256_loadu_si256(xl.cast())),
-                    _mm256_madd_epi16(w1, _mm256_loadu_si256(xl.add(16).cast())),
-                );
-                let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(si));
-                let k = j * subs + $b * 8 + s;
-                let scale = _mm256_set1_ps($sc[s] * *acts.scale.get_unchecked(k));
-                $acc[j] = _mm256_fmadd_ps(t, scale, $acc[j]);
-                if F != Q6_K {
-                    $off[j] -= $mn[s] * *acts.sum.get_unchecked(k);
+#[inline(always)]
+unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
+    w: &[u8],
+    acts: &Q16,
+    cols: usize,
+    out: &mut [f32],
+) {
+    // Safety: inlined only into the callers whose target features cover it; they
+    // bound the reads.
+    unsafe {
+        let (blocks, subs) = (cols / 256, cols / 32);
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
+        let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
+        let inv = _mm256_set1_ps(1.0 / 65536.0);
+        macro_rules! sub {
+            ($p:expr, $b:expr, $s:expr, $sc:expr, $mn:expr, $acc:ident, $off:ident) => {{
+                let s = $s;
+                let (w0, w1) = k_weights::<F>($p, s);
+                for j in 0..M {
+                    let at = j * cols + $b * 256 + s * 32;
+                    let (xq, xl) = (acts.q.as_ptr().add(at), acts.lo.as_ptr().add(at));
+                    // Integer sums, exact: |w·x| < 2²⁹ per lane (Q6_K's |w| ≤ 32·128).
+                    let si = madd_add::<DP>(
+                        _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.cast())),
+                        w1,
+                        _mm256_loadu_si256(xq.add(16).cast()),
+                    );
+                    let r = madd_add::<DP>(
+                        _mm256_madd_epi16(w0, _mm256_loadu_si256(xl.cast())),
+                        w1,
+                        _mm256_loadu_si256(xl.add(16).cast()),
+                    );
+                    let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(si));
+                    let k = j * subs + $b * 8 + s;
+                    let scale = _mm256_set1_ps($sc[s] * *acts.scale.get_unchecked(k));
+                    $acc[j] = _mm256_fmadd_ps(t, scale, $acc[j]);
+                    if F != Q6_K {
+                        $off[j] -= $mn[s] * *acts.sum.get_unchecked(k);
+                    }
                 }
-            }
-        }};
-    }
-    for b in 0..blocks {
-        unsafe {
+            }};
+        }
+        for b in 0..blocks {
             let p = w.as_ptr().add(b * block_bytes::<F>());
             let (sc, mn) = if F == Q6_K {
                 ([h2f(p.add(208)); 8], [0f32; 8])
@@ -563,9 +637,9 @@ unsafe fn group_k<const F: u8, const M: usize>(w: &[u8], acts: &Q16, cols: usize
             sub!(p, b, 6, sc, mn, acc0, off0);
             sub!(p, b, 7, sc, mn, acc1, off1);
         }
-    }
-    for j in 0..M {
-        out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+        for j in 0..M {
+            out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+        }
     }
 }
 

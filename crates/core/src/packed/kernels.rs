@@ -139,6 +139,20 @@ pub(super) fn dot_kernel(format: PackedFormat, activations: ActivationPrecision)
     dot_portable
 }
 
+/// Every f32-activation kernel this CPU runs for `format`, fastest first, by name (the tests
+/// check each).
+#[cfg(test)]
+pub(super) fn kernels(format: PackedFormat) -> Vec<(&'static str, DotKernel)> {
+    let mut all: Vec<(&'static str, DotKernel)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        all.push(("simd", super::avx2::dot_kernel(format)));
+        all.push(("avx2", super::avx2::dot_kernel_avx2(format)));
+    }
+    all.push(("portable", dot_portable));
+    all
+}
+
 /// Dequantises the row into a per-thread buffer, then takes plain dot products (eight partial
 /// sums, so the compiler can vectorise them).
 pub(super) fn dot_portable(format: PackedFormat, w: &[u8], acts: &Acts, out: &mut [f32]) {

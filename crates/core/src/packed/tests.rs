@@ -107,20 +107,18 @@ fn portable_and_simd_kernels_agree() {
             let acts = kernels::Acts::new(format, ActivationPrecision::F32, &x, m, cols);
             let mut portable = vec![0f32; rows * m];
             kernels::dot_portable(format, packed.bytes(), &acts, &mut portable);
-            let mut fast = vec![0f32; rows * m];
-            kernels::dot_kernel(format, ActivationPrecision::F32)(
-                format,
-                packed.bytes(),
-                &acts,
-                &mut fast,
-            );
-            // The portable kernel is the f32 reference: allow the fast one its activation
-            // rounding. Both are [rows, m]; the oracle's bound is [m, rows].
+            // The portable kernel is the f32 reference: allow the fast ones their activation
+            // rounding. All are [rows, m]; the oracle's bound is [m, rows].
             let (_, bound) = reference(&packed, &x, m);
             let bound: Vec<f32> = (0..rows * m)
                 .map(|i| bound[(i % m) * rows + i / m])
                 .collect();
-            assert_close(&fast, &(portable, bound), &format!("{format} m={m}"));
+            for (name, kernel) in kernels::kernels(format) {
+                let mut fast = vec![0f32; rows * m];
+                kernel(format, packed.bytes(), &acts, &mut fast);
+                let want = (portable.clone(), bound.clone());
+                assert_close(&fast, &want, &format!("{format} m={m} {name}"));
+            }
         }
     }
 }
@@ -574,13 +572,6 @@ fn k_quant_simd_and_portable_kernels_agree_on_random_blocks() {
             let acts = kernels::Acts::new(format, ActivationPrecision::F32, &x, m, cols);
             let mut portable = vec![0f32; rows * m];
             kernels::dot_portable(format, packed.bytes(), &acts, &mut portable);
-            let mut fast = vec![0f32; rows * m];
-            kernels::dot_kernel(format, ActivationPrecision::F32)(
-                format,
-                packed.bytes(),
-                &acts,
-                &mut fast,
-            );
             // Random scales make large terms that cancel: allow f32 accumulation its rounding
             // of Σ|w·x| (2⁻²⁰ of it) besides the activations' split.
             let (want, bound) = reference(&packed, &x, m);
@@ -596,12 +587,17 @@ fn k_quant_simd_and_portable_kernels_agree_on_random_blocks() {
             let want: Vec<f32> = (0..rows * m)
                 .map(|i| want[(i % m) * rows + i / m])
                 .collect();
-            assert_close(
-                &fast,
-                &(portable.clone(), bound.clone()),
-                &format!("{format} m={m}"),
-            );
-            assert_close(&fast, &(want, bound), &format!("{format} m={m} vs f64"));
+            for (name, kernel) in kernels::kernels(format) {
+                let mut fast = vec![0f32; rows * m];
+                kernel(format, packed.bytes(), &acts, &mut fast);
+                let what = format!("{format} m={m} {name}");
+                assert_close(&fast, &(portable.clone(), bound.clone()), &what);
+                assert_close(
+                    &fast,
+                    &(want.clone(), bound.clone()),
+                    &format!("{what} vs f64"),
+                );
+            }
         }
     }
 }
