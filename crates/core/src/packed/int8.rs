@@ -865,27 +865,8 @@ mod avx2 {
                     }
                 }
             }
-            // Blocks after the last whole eight: [`block_sums`], up to four rows at a time.
             let mut tail = [0f32; 8];
-            let mut j = 0;
-            while groups * 8 < blocks && j < m {
-                let rows = Rows {
-                    q: &a.q[j * cols..],
-                    t: &[],
-                    scale: &a.scale[j * blocks..],
-                    sum: &a.sum[j * blocks..],
-                };
-                let b0 = groups * 8;
-                let n = (m - j).min(4);
-                let dst = &mut tail[j..j + n];
-                match n {
-                    4 => dst.copy_from_slice(&block_sums::<F, 4, true>(w, &rows, cols, b0)),
-                    3 => dst.copy_from_slice(&block_sums::<F, 3, true>(w, &rows, cols, b0)),
-                    2 => dst.copy_from_slice(&block_sums::<F, 2, true>(w, &rows, cols, b0)),
-                    _ => dst.copy_from_slice(&block_sums::<F, 1, true>(w, &rows, cols, b0)),
-                }
-                j += n;
-            }
+            tail_sums::<F>(w, a, cols, groups * 8, &mut tail[..m]);
             for j in 0..m {
                 out[j] = hsum(acc[j]) + tail[j];
             }
@@ -958,31 +939,48 @@ mod avx2 {
                 }
             }
             for r in 0..R {
-                // Blocks after the last whole eight: [`block_sums`], up to four rows at a time.
-                let wr = &w[r * rb..(r + 1) * rb];
                 let mut tail = [0f32; KT_MAX_ROWS];
-                let mut j = 0;
-                while groups * 8 < blocks && j < m {
-                    let rows = Rows {
-                        q: &a.q[j * cols..],
-                        t: &[],
-                        scale: &a.scale[j * blocks..],
-                        sum: &a.sum[j * blocks..],
-                    };
-                    let b0 = groups * 8;
-                    let n = (m - j).min(4);
-                    let dst = &mut tail[j..j + n];
-                    match n {
-                        4 => dst.copy_from_slice(&block_sums::<F, 4, true>(wr, &rows, cols, b0)),
-                        3 => dst.copy_from_slice(&block_sums::<F, 3, true>(wr, &rows, cols, b0)),
-                        2 => dst.copy_from_slice(&block_sums::<F, 2, true>(wr, &rows, cols, b0)),
-                        _ => dst.copy_from_slice(&block_sums::<F, 1, true>(wr, &rows, cols, b0)),
-                    }
-                    j += n;
-                }
+                tail_sums::<F>(
+                    &w[r * rb..(r + 1) * rb],
+                    a,
+                    cols,
+                    groups * 8,
+                    &mut tail[..m],
+                );
                 for j in 0..m {
                     out[r * KT_MAX_ROWS + j] = hsum(acc[r][j]) + tail[j];
                 }
+            }
+        }
+    }
+
+    /// The blocks of one weight row from block `b0` on (those after the last whole eight of
+    /// [`group_t`] and [`group_tp`]) against `tail.len()` activation rows, by [`block_sums`]
+    /// four rows at a time, into `tail` (zeros where there are none).
+    #[inline(always)]
+    unsafe fn tail_sums<const F: u8>(w: &[u8], a: &Rows, cols: usize, b0: usize, tail: &mut [f32]) {
+        // Safety: the callers' target features cover `block_sums`; reads are bounded by
+        // their callers' asserts.
+        unsafe {
+            let blocks = cols / 32;
+            let m = tail.len();
+            let mut j = 0;
+            while b0 < blocks && j < m {
+                let rows = Rows {
+                    q: &a.q[j * cols..],
+                    t: &[],
+                    scale: &a.scale[j * blocks..],
+                    sum: &a.sum[j * blocks..],
+                };
+                let n = (m - j).min(4);
+                let dst = &mut tail[j..j + n];
+                match n {
+                    4 => dst.copy_from_slice(&block_sums::<F, 4, true>(w, &rows, cols, b0)),
+                    3 => dst.copy_from_slice(&block_sums::<F, 3, true>(w, &rows, cols, b0)),
+                    2 => dst.copy_from_slice(&block_sums::<F, 2, true>(w, &rows, cols, b0)),
+                    _ => dst.copy_from_slice(&block_sums::<F, 1, true>(w, &rows, cols, b0)),
+                }
+                j += n;
             }
         }
     }
