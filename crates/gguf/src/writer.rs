@@ -136,13 +136,17 @@ fn q4_k_m_k_type(name: &str, n_layers: usize) -> GgmlType {
 }
 
 /// Rewrites `file` with the 2-D tensors `pick` names a type for dequantised and quantised to
-/// it ([`crate::quantize`]); the metadata and every other tensor are copied as stored.
-/// `pick` gets the GGUF tensor name, `[rows, cols]` and the stored type.
+/// it ([`crate::quantize`]); the metadata and every other tensor are copied as stored, except
+/// `general.file_type` (llama.cpp's "mostly Q4_1" and so on), which is dropped once a tensor
+/// changes type: it would name the old mix, and readers such as llama.cpp guess the mix from
+/// the tensors without it. `pick` gets the GGUF tensor name, `[rows, cols]` and the stored
+/// type.
 pub fn requantize(
     file: &crate::GgufFile,
     pick: impl Fn(&str, [usize; 2], GgmlType) -> Option<GgmlType>,
 ) -> crate::Result<Vec<u8>> {
     let mut specs = Vec::new();
+    let mut changed = false;
     for info in file.tensors() {
         let name = info.name();
         let stored = file.tensor_bytes(name)?;
@@ -152,6 +156,7 @@ pub fn requantize(
         };
         let (ggml_type, data) = match target {
             Some(t) if t != info.ggml_type() => {
+                changed = true;
                 let (_, values) = file.tensor_f32(name)?;
                 (t, crate::quantize(t, &values)?)
             }
@@ -168,6 +173,7 @@ pub fn requantize(
     let kvs: Vec<(&str, Value)> = file
         .metadata()
         .iter()
+        .filter(|(k, _)| !(changed && k == "general.file_type"))
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
     Ok(write_gguf(file.version(), &kvs, &specs, file.alignment()))
@@ -215,8 +221,16 @@ mod tests {
                 data: f32_bytes(&w[..256]),
             },
         ];
-        let kvs = [("general.name", Value::String("t".into()))];
+        // llama.cpp's `LLAMA_FTYPE_ALL_F32` (0): stale once a matrix is Q4_K.
+        let kvs = [
+            ("general.name", Value::String("t".into())),
+            ("general.file_type", Value::U32(0)),
+        ];
         let file = GgufFile::from_bytes("t.gguf", write_gguf(3, &kvs, &tensors, 32)).unwrap();
+        // Nothing changes type: everything is copied, the file type included.
+        let same = requantize(&file, |_, _, _| None).unwrap();
+        let same = GgufFile::from_bytes("same.gguf", same).unwrap();
+        assert_eq!(same.metadata(), file.metadata());
         let out = requantize(&file, |_, [_, cols], _| q4_k_m_type("x", cols, 1)).unwrap();
         let out = GgufFile::from_bytes("out.gguf", out).unwrap();
         let up = out.tensor_info("blk.0.ffn_up.weight").unwrap();
@@ -226,6 +240,7 @@ mod tests {
         let norm = out.tensor_info("blk.0.ffn_norm.weight").unwrap();
         assert_eq!(norm.ggml_type(), GgmlType::F32);
         assert_eq!(out.tensor_f32("blk.0.ffn_norm.weight").unwrap().1, w[..256]);
-        assert_eq!(out.metadata(), file.metadata());
+        assert_eq!(out.metadata(), &file.metadata()[..1]);
+        assert!(out.get("general.file_type").is_none());
     }
 }
