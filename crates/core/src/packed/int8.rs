@@ -434,17 +434,7 @@ mod avx2 {
                         _mm256_setzero_ps(),
                     )
                 } else {
-                    // The eight 6-bit scales and mins, unpacked on 32-bit words as ggml does
-                    // (`scale_min_k4` for all eight at once): bytes 0..8 scales, 8..16 mins.
-                    let word = |i: usize| p.add(4 + 4 * i).cast::<u32>().read_unaligned();
-                    let (u0, u1, u2) = (word(0), word(1), word(2));
-                    let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
-                    let sm = _mm_setr_epi32(
-                        (u0 & k1) as i32,
-                        ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
-                        (u1 & k1) as i32,
-                        (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
-                    );
+                    let sm = scales_mins_k4(p);
                     let s16 = _mm256_cvtepu8_epi16(sm);
                     let s16 = _mm256_permute2x128_si256::<0x00>(s16, s16);
                     let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(sm)));
@@ -625,16 +615,7 @@ mod avx2 {
                             to_f(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)), d),
                         ]
                     } else {
-                        // The eight 6-bit scales and mins, as in `group_k_body`.
-                        let word = |i: usize| p.add(4 + 4 * i).cast::<u32>().read_unaligned();
-                        let (u0, u1, u2) = (word(0), word(1), word(2));
-                        let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
-                        let sm = _mm_setr_epi32(
-                            (u0 & k1) as i32,
-                            ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
-                            (u1 & k1) as i32,
-                            (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
-                        );
+                        let sm = scales_mins_k4(p);
                         [
                             to_f(_mm256_cvtepu8_epi32(sm), h2f(p)),
                             to_f(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(sm)), h2f(p.add(2))),
@@ -677,6 +658,25 @@ mod avx2 {
                     out[r * KT_MAX_ROWS + j] = hsum(acc[r][j]);
                 }
             }
+        }
+    }
+
+    /// The eight 6-bit scales and mins of the Q4_K / Q5_K super-block at `p`, unpacked on
+    /// 32-bit words as ggml does (`scale_min_k4` for all eight at once): bytes 0..8 the
+    /// scales, 8..16 the mins.
+    #[inline(always)]
+    unsafe fn scales_mins_k4(p: *const u8) -> __m128i {
+        // Safety: the callers' target features cover SSE2; `p` starts a whole super-block.
+        unsafe {
+            let word = |i: usize| p.add(4 + 4 * i).cast::<u32>().read_unaligned();
+            let (u0, u1, u2) = (word(0), word(1), word(2));
+            let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+            _mm_setr_epi32(
+                (u0 & k1) as i32,
+                ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
+                (u1 & k1) as i32,
+                (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
+            )
         }
     }
 
