@@ -84,8 +84,8 @@ fn entry<const F: u8, const DP: bool>(
     assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
     assert!(acts.x.len() >= m * cols);
     if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K) {
-        let blocks = m * (cols / 32);
-        assert!(acts.sum.len() >= blocks && acts.scale.len() >= blocks);
+        let group = super::kernels::scale_group(format);
+        assert!(acts.sum.len() >= m * (cols / 32) && acts.scale.len() >= m * (cols / group));
         assert!(acts.q16.len() >= m * cols && acts.q16_lo.len() >= m * cols);
     }
     // Safety: `dot_kernel` is only handed out when `available()`; the asserts above bound every
@@ -315,7 +315,7 @@ unsafe fn dot_rows_body<const F: u8, const DP: bool>(
                     q: &acts.q16[j * cols..],
                     lo: &acts.q16_lo[j * cols..],
                     sum: &acts.sum[j * blocks..],
-                    scale: &acts.scale[j * blocks..],
+                    scale: &acts.scale[j * (cols / super::kernels::scale_group(format))..],
                 };
                 if matches!(F, Q4_K | Q5_K | Q6_K) {
                     match n {
@@ -367,64 +367,69 @@ unsafe fn dot_rows_body<const F: u8, const DP: bool>(
 
 /// [`Acts::new`]'s split of 4-bit activations into two i16 parts, eight lanes at a time (the
 /// scalar loop, with `roundf` calls, was a twentieth of a SmolLM2 Q4_1 decode step, serial on
-/// the calling thread while the kernel threads waited). Rounds half to even where the scalar
-/// code rounds half away from zero: either way `hi + lo/65536` holds the value to half a step
-/// of `lo`. `x` holds whole 32-value blocks; the `acts` buffers are sized for them.
+/// the calling thread while the kernel threads waited). One scale per `group` values (32, or
+/// 256 for the K-quants); one exact sum per 32. Rounds half to even where the scalar code
+/// rounds half away from zero: either way `hi + lo/65536` holds the value to half a step of
+/// `lo`. `x` holds whole groups; the `acts` buffers are sized for them.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn split_i16(x: &[f32], acts: &mut Acts) {
-    let blocks = x.len() / 32;
-    assert_eq!(x.len(), blocks * 32);
-    assert!(acts.sum.len() >= blocks && acts.scale.len() >= blocks);
+pub(super) fn split_i16(x: &[f32], acts: &mut Acts, group: usize) {
+    assert!(group == 32 || group == 256);
+    let groups = x.len() / group;
+    assert_eq!(x.len(), groups * group);
+    assert!(acts.sum.len() >= x.len() / 32 && acts.scale.len() >= groups);
     assert!(acts.q16.len() >= x.len() && acts.q16_lo.len() >= x.len());
     // Safety: only called when `available()`; the asserts bound every access.
-    unsafe { split_i16_avx2(x, acts, blocks) }
+    unsafe { split_i16_avx2(x, acts, group) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn split_i16_avx2(x: &[f32], acts: &mut Acts, blocks: usize) {
+unsafe fn split_i16_avx2(x: &[f32], acts: &mut Acts, group: usize) {
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let sign = _mm256_set1_ps(-0.0);
     let (lim, neg) = (_mm256_set1_ps(32767.0), _mm256_set1_ps(-32767.0));
     let k16 = _mm256_set1_ps(65536.0);
-    for b in 0..blocks {
+    let abs = |v| _mm256_andnot_ps(sign, v);
+    for (g, xs) in x.chunks_exact(group).enumerate() {
         unsafe {
-            let p = x.as_ptr().add(b * 32);
-            let v = [
-                _mm256_loadu_ps(p),
-                _mm256_loadu_ps(p.add(8)),
-                _mm256_loadu_ps(p.add(16)),
-                _mm256_loadu_ps(p.add(24)),
-            ];
-            let sum = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
-            let abs = |v| _mm256_andnot_ps(sign, v);
-            let amax = _mm256_max_ps(
-                _mm256_max_ps(abs(v[0]), abs(v[1])),
-                _mm256_max_ps(abs(v[2]), abs(v[3])),
-            );
-            let amax = hmax(amax);
-            let scale = amax / 32767.0;
-            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
-            *acts.sum.get_unchecked_mut(b) = hsum(sum);
-            *acts.scale.get_unchecked_mut(b) = scale;
-            let mut hi = [_mm256_setzero_si256(); 4];
-            let mut lo = [_mm256_setzero_si256(); 4];
-            for i in 0..4 {
-                let t = _mm256_mul_ps(v[i], inv);
-                let h = _mm256_max_ps(_mm256_min_ps(_mm256_round_ps::<NEAREST>(t), lim), neg);
-                let r = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(_mm256_sub_ps(t, h), k16));
-                let l = _mm256_max_ps(_mm256_min_ps(r, lim), neg);
-                hi[i] = _mm256_cvtps_epi32(h);
-                lo[i] = _mm256_cvtps_epi32(l);
+            let mut amax = _mm256_setzero_ps();
+            for v in xs.chunks_exact(8) {
+                amax = _mm256_max_ps(amax, abs(_mm256_loadu_ps(v.as_ptr())));
             }
-            // packs works per 128-bit lane: [a0..3 b0..3 a4..7 b4..7] → reorder the quarters.
-            let pack = |a, b| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
-            let q = acts.q16.as_mut_ptr().add(b * 32);
-            let ql = acts.q16_lo.as_mut_ptr().add(b * 32);
-            _mm256_storeu_si256(q.cast(), pack(hi[0], hi[1]));
-            _mm256_storeu_si256(q.add(16).cast(), pack(hi[2], hi[3]));
-            _mm256_storeu_si256(ql.cast(), pack(lo[0], lo[1]));
-            _mm256_storeu_si256(ql.add(16).cast(), pack(lo[2], lo[3]));
+            let scale = hmax(amax) / 32767.0;
+            *acts.scale.get_unchecked_mut(g) = scale;
+            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            for (i, block) in xs.chunks_exact(32).enumerate() {
+                let b = g * group / 32 + i;
+                let p = block.as_ptr();
+                let v = [
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(8)),
+                    _mm256_loadu_ps(p.add(16)),
+                    _mm256_loadu_ps(p.add(24)),
+                ];
+                let sum = _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+                *acts.sum.get_unchecked_mut(b) = hsum(sum);
+                let mut hi = [_mm256_setzero_si256(); 4];
+                let mut lo = [_mm256_setzero_si256(); 4];
+                for i in 0..4 {
+                    let t = _mm256_mul_ps(v[i], inv);
+                    let h = _mm256_max_ps(_mm256_min_ps(_mm256_round_ps::<NEAREST>(t), lim), neg);
+                    let r = _mm256_round_ps::<NEAREST>(_mm256_mul_ps(_mm256_sub_ps(t, h), k16));
+                    let l = _mm256_max_ps(_mm256_min_ps(r, lim), neg);
+                    hi[i] = _mm256_cvtps_epi32(h);
+                    lo[i] = _mm256_cvtps_epi32(l);
+                }
+                // packs works per 128-bit lane: [a0..3 b0..3 a4..7 b4..7] → reorder the quarters.
+                let pack =
+                    |a, b| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+                let q = acts.q16.as_mut_ptr().add(b * 32);
+                let ql = acts.q16_lo.as_mut_ptr().add(b * 32);
+                _mm256_storeu_si256(q.cast(), pack(hi[0], hi[1]));
+                _mm256_storeu_si256(q.add(16).cast(), pack(hi[2], hi[3]));
+                _mm256_storeu_si256(ql.cast(), pack(lo[0], lo[1]));
+                _mm256_storeu_si256(ql.add(16).cast(), pack(lo[2], lo[3]));
+            }
         }
     }
 }
@@ -571,12 +576,18 @@ unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
     }
 }
 
-/// `M` rows of i16 activations against one row of K-quant super-blocks, one 32-value
-/// sub-block at a time: the sub-block's integer weights ([`k_weights`]) times both i16 parts of
-/// the activations by `vpmaddwd` (exact), scaled once by the sub-block's `d·sc` and the
-/// activations' `s`; Q4_K/Q5_K's offset `−dmin·m` multiplies the sub-block's exact f32 sum.
-/// Q6_K's per-16 scales are folded into its integer weights, so its sub-block scale is `d`.
-/// Even and odd sub-blocks go to separate local accumulators (see [`group_q4`]).
+/// `M` rows of i16 activations against one row of K-quant super-blocks. The activations
+/// share one i16 scale per 256 values ([`Acts::new`]), so a super-block's eight sub-blocks
+/// add up in integers: each sub-block's weights times its 6-bit scale (Q6_K: its per-16 i8
+/// scales, [`k_weights`]) stay i16, and `vpmaddwd` with both i16 parts of the activations
+/// gives exact i32 sums. They meet `d` and the activations' scale once per super-block, in
+/// f32; Q4_K/Q5_K's offsets `−dmin·m` multiply the sub-blocks' exact f32 sums, eight lanes at
+/// once. (Scaling every sub-block in f32, as before, cost two conversions and two FMAs per
+/// 32 values and row: TinyLlama Q4_K_M decoded at half the speed of the 8-bit path.)
+///
+/// Integer bounds, per i32 lane of a sum over `n` sub-blocks (four products per sub-block,
+/// activations |x| ≤ 32767): Q4_K |w·sc| ≤ 15·63 and Q5_K ≤ 31·63, 32 products fit; Q6_K
+/// |(q − 32)·sc| ≤ 32·128, only 16 do (16·4096·32767 < 2³¹), so it converts every four.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
@@ -589,57 +600,98 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
     // bound the reads.
     unsafe {
         let (blocks, subs) = (cols / 256, cols / 32);
-        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); M], [_mm256_setzero_ps(); M]);
-        let (mut off0, mut off1) = ([0f32; M], [0f32; M]);
+        let mut acc = [_mm256_setzero_ps(); M];
         let inv = _mm256_set1_ps(1.0 / 65536.0);
-        macro_rules! sub {
-            ($p:expr, $b:expr, $s:expr, $sc:expr, $mn:expr, $acc:ident, $off:ident) => {{
-                let s = $s;
-                let (w0, w1) = k_weights::<F>($p, s);
-                for j in 0..M {
-                    let at = j * cols + $b * 256 + s * 32;
-                    let (xq, xl) = (acts.q.as_ptr().add(at), acts.lo.as_ptr().add(at));
-                    // Integer sums, exact: |w·x| < 2²⁹ per lane (Q6_K's |w| ≤ 32·128).
-                    let si = madd_add::<DP>(
-                        _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.cast())),
-                        w1,
-                        _mm256_loadu_si256(xq.add(16).cast()),
-                    );
-                    let r = madd_add::<DP>(
-                        _mm256_madd_epi16(w0, _mm256_loadu_si256(xl.cast())),
-                        w1,
-                        _mm256_loadu_si256(xl.add(16).cast()),
-                    );
-                    let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(si));
-                    let k = j * subs + $b * 8 + s;
-                    let scale = _mm256_set1_ps($sc[s] * *acts.scale.get_unchecked(k));
-                    $acc[j] = _mm256_fmadd_ps(t, scale, $acc[j]);
-                    if F != Q6_K {
-                        $off[j] -= $mn[s] * *acts.sum.get_unchecked(k);
-                    }
-                }
-            }};
-        }
         for b in 0..blocks {
             let p = w.as_ptr().add(b * block_bytes::<F>());
-            let (sc, mn) = if F == Q6_K {
-                ([h2f(p.add(208)); 8], [0f32; 8])
-            } else {
-                super::kquant::sub_scales(std::slice::from_raw_parts(p, 16))
-            };
+            // Q4_K/Q5_K: bytes 0..8 the sub-blocks' scales, 8..16 their mins.
+            let mut sm = [0u8; 16];
+            if F != Q6_K {
+                _mm_storeu_si128(sm.as_mut_ptr().cast(), scales_mins_k4(p));
+            }
+            let d = _mm256_set1_ps(h2f(p.add(if F == Q6_K { 208 } else { 0 })));
+            let (mut hi, mut lo) = ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
+            macro_rules! sub {
+                ($s:expr) => {{
+                    let s = $s;
+                    let (mut w0, mut w1) = k_weights::<F>(p, s);
+                    if F != Q6_K {
+                        let sc = _mm256_set1_epi16(sm[s] as i16);
+                        (w0, w1) = (_mm256_mullo_epi16(w0, sc), _mm256_mullo_epi16(w1, sc));
+                    }
+                    for j in 0..M {
+                        let at = j * cols + b * 256 + s * 32;
+                        let (xq, xl) = (acts.q.as_ptr().add(at), acts.lo.as_ptr().add(at));
+                        let h = madd_add::<DP>(
+                            _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.cast())),
+                            w1,
+                            _mm256_loadu_si256(xq.add(16).cast()),
+                        );
+                        let l = madd_add::<DP>(
+                            _mm256_madd_epi16(w0, _mm256_loadu_si256(xl.cast())),
+                            w1,
+                            _mm256_loadu_si256(xl.add(16).cast()),
+                        );
+                        hi[j] = _mm256_add_epi32(hi[j], h);
+                        lo[j] = _mm256_add_epi32(lo[j], l);
+                    }
+                    if s == 7 || (F == Q6_K && s == 3) {
+                        for j in 0..M {
+                            let t = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(lo[j]),
+                                inv,
+                                _mm256_cvtepi32_ps(hi[j]),
+                            );
+                            let scale = _mm256_set1_ps(*acts.scale.get_unchecked(j * blocks + b));
+                            acc[j] = _mm256_fmadd_ps(t, _mm256_mul_ps(d, scale), acc[j]);
+                            (hi[j], lo[j]) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        }
+                    }
+                }};
+            }
             // Written out, so that each sub-block's shifts and offsets are constants.
-            sub!(p, b, 0, sc, mn, acc0, off0);
-            sub!(p, b, 1, sc, mn, acc1, off1);
-            sub!(p, b, 2, sc, mn, acc0, off0);
-            sub!(p, b, 3, sc, mn, acc1, off1);
-            sub!(p, b, 4, sc, mn, acc0, off0);
-            sub!(p, b, 5, sc, mn, acc1, off1);
-            sub!(p, b, 6, sc, mn, acc0, off0);
-            sub!(p, b, 7, sc, mn, acc1, off1);
+            sub!(0);
+            sub!(1);
+            sub!(2);
+            sub!(3);
+            sub!(4);
+            sub!(5);
+            sub!(6);
+            sub!(7);
+            if F != Q6_K {
+                let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    sm.as_ptr().add(8).cast(),
+                )));
+                let mins = _mm256_mul_ps(mins, _mm256_set1_ps(h2f(p.add(2))));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let sums = _mm256_loadu_ps(acts.sum.as_ptr().add(j * subs + b * 8));
+                    *acc = _mm256_fnmadd_ps(mins, sums, *acc);
+                }
+            }
         }
         for j in 0..M {
-            out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+            out[j] = hsum(acc[j]);
         }
+    }
+}
+
+/// The eight 6-bit scales and mins of the Q4_K / Q5_K super-block at `p`, unpacked on
+/// 32-bit words as ggml does (`scale_min_k4` for all eight at once): bytes 0..8 the
+/// scales, 8..16 the mins.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn scales_mins_k4(p: *const u8) -> __m128i {
+    // Safety: the callers' target features cover SSE2; `p` starts a whole super-block.
+    unsafe {
+        let word = |i: usize| p.add(4 + 4 * i).cast::<u32>().read_unaligned();
+        let (u0, u1, u2) = (word(0), word(1), word(2));
+        let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+        _mm_setr_epi32(
+            (u0 & k1) as i32,
+            ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
+            (u1 & k1) as i32,
+            (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
+        )
     }
 }
 

@@ -199,7 +199,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::PackedFormat;
-    use super::super::avx2::{K_Q4, K_Q5, K_Q6, h2f, hmax, hsum, k_bytes};
+    use super::super::avx2::{K_Q4, K_Q5, K_Q6, h2f, hmax, hsum, k_bytes, scales_mins_k4};
     use super::Acts;
 
     /// `$kernel::<$f, M>($args)` with `M` the group's row count, 1 to 4 (the kernels take it
@@ -658,25 +658,6 @@ mod avx2 {
                     out[r * KT_MAX_ROWS + j] = hsum(acc[r][j]);
                 }
             }
-        }
-    }
-
-    /// The eight 6-bit scales and mins of the Q4_K / Q5_K super-block at `p`, unpacked on
-    /// 32-bit words as ggml does (`scale_min_k4` for all eight at once): bytes 0..8 the
-    /// scales, 8..16 the mins.
-    #[inline(always)]
-    unsafe fn scales_mins_k4(p: *const u8) -> __m128i {
-        // Safety: the callers' target features cover SSE2; `p` starts a whole super-block.
-        unsafe {
-            let word = |i: usize| p.add(4 + 4 * i).cast::<u32>().read_unaligned();
-            let (u0, u1, u2) = (word(0), word(1), word(2));
-            let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
-            _mm_setr_epi32(
-                (u0 & k1) as i32,
-                ((u2 & k2) | (((u0 >> 6) & k3) << 4)) as i32,
-                (u1 & k1) as i32,
-                (((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)) as i32,
-            )
         }
     }
 

@@ -24,7 +24,8 @@ pub(super) struct Acts<'a> {
     pub q16: Vec<i16>,
     /// See `q16`.
     pub q16_lo: Vec<i16>,
-    /// 4-bit formats: per row and block, the i16 scale (`amax / 32767`).
+    /// 4-bit formats: per row and [`scale_group`] (32 values, 256 for the K-quants), the i16
+    /// scale (`amax / 32767`).
     pub scale: Vec<f32>,
     /// [`ActivationPrecision::Q8`]: the activations rounded to i8 per 32-value block.
     pub q8: Vec<i8>,
@@ -47,7 +48,8 @@ impl<'a> Acts<'a> {
     /// conversion and FMA of every value: those kernels are compute-bound, not memory-bound.
     /// Together the parts hold a value to 2⁻³² of its block's largest, finer than f32's own
     /// rounding (one part alone, 2⁻¹⁶, moved SmolLM2's logits by 0.014 against the f32 path;
-    /// with both, as the f32 kernels). The block offsets stay in f32.
+    /// with both, as the f32 kernels). The block offsets stay in f32. The K-quants' scale
+    /// covers a whole super-block, so that their kernel adds its sub-blocks in integers.
     ///
     /// With [`ActivationPrecision::Q8`] the block formats get i8 activations instead
     /// ([`super::int8`]).
@@ -76,27 +78,27 @@ impl<'a> Acts<'a> {
             return acts;
         }
         if splits_i16(format) {
-            let blocks = m * (cols / 32);
+            let group = scale_group(format);
             #[cfg(target_arch = "x86_64")]
             if super::avx2::available() {
-                acts.sum = vec![0.0; blocks];
-                acts.scale = vec![0.0; blocks];
+                acts.sum = vec![0.0; m * (cols / 32)];
+                acts.scale = vec![0.0; m * (cols / group)];
                 acts.q16 = vec![0; m * cols];
                 acts.q16_lo = vec![0; m * cols];
-                super::avx2::split_i16(&x[..m * cols], &mut acts);
+                super::avx2::split_i16(&x[..m * cols], &mut acts, group);
                 return acts;
             }
-            acts.sum.reserve(blocks);
-            acts.scale.reserve(blocks);
+            acts.sum.reserve(m * (cols / 32));
+            acts.scale.reserve(m * (cols / group));
             acts.q16.reserve(m * cols);
             acts.q16_lo.reserve(m * cols);
-            for row in x.chunks_exact(cols).take(m) {
-                for block in row.chunks_exact(32) {
+            for values in x[..m * cols].chunks_exact(group) {
+                let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let scale = amax / 32767.0;
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                acts.scale.push(scale);
+                for block in values.chunks_exact(32) {
                     acts.sum.push(block.iter().sum());
-                    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-                    let scale = amax / 32767.0;
-                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                    acts.scale.push(scale);
                     for v in block {
                         let hi = (v * inv).round().clamp(-32767.0, 32767.0);
                         // The remainder, in units of scale/65536: at most half a step of `hi`.
@@ -119,6 +121,12 @@ pub(super) fn splits_i16(format: PackedFormat) -> bool {
         format,
         PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q5_0 | PackedFormat::Q5_1
     ) || format.is_k_quant()
+}
+
+/// How many values share one scale of [`Acts::q16`]: a K-quant super-block (256), else a
+/// 32-value block.
+pub(super) fn scale_group(format: PackedFormat) -> usize {
+    if format.is_k_quant() { 256 } else { 32 }
 }
 
 /// A dot-product kernel: `w` holds `n` whole packed weight rows and `out` is `[n, acts.m]`:

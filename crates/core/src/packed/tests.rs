@@ -23,12 +23,14 @@ const ALL: [PackedFormat; 8] = [
 
 /// The oracle: dequantise every row (ggml's arithmetic), multiply in f64. Also returns, per
 /// output, the most the 4-bit kernels' two-part i16 activations may move it:
-/// `Σ |w_k|·amax_b/(32767·131072)` (half a step of the low part), zero for the other formats.
+/// `Σ |w_k|·amax_g/(32767·131072)` (half a step of the low part; `g` the value's scale group,
+/// 32 values or a K-quant's 256), zero for the other formats.
 fn reference(w: &PackedMatrix, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
     let dense = w.to_f32();
     let (rows, cols) = (w.rows(), w.cols());
     // The K-quants take the same two-part i16 activations.
     let four_bit = kernels::splits_i16(w.format());
+    let group = kernels::scale_group(w.format());
     let mut y = vec![0f32; m * rows];
     let mut bound = vec![0f32; m * rows];
     for j in 0..m {
@@ -39,7 +41,7 @@ fn reference(w: &PackedMatrix, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
             if four_bit {
                 bound[j * rows + r] = (0..cols)
                     .map(|k| {
-                        let block = &xr[k / 32 * 32..k / 32 * 32 + 32];
+                        let block = &xr[k / group * group..(k / group + 1) * group];
                         let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
                         wr[k].abs() * amax / (32767.0 * 131072.0)
                     })
@@ -255,33 +257,41 @@ fn non_finite_scales_and_values_are_found_by_row() {
 
 #[test]
 fn four_bit_activation_parts_hold_each_value_to_half_a_low_step() {
-    // Two rows of three blocks: mixed signs and magnitudes, an all-zero block, a block with one
-    // large value, and exact halves of the i16 step (rounding ties).
-    let cols = 96;
-    let mut x = values(2 * cols, 11);
-    x[32..64].fill(0.0);
-    x[64] = 1000.0;
-    for (i, v) in x[96 + 32..96 + 64].iter_mut().enumerate() {
-        *v = (i as f32 - 16.0) + 0.5;
-    }
-    let acts = kernels::Acts::new(PackedFormat::Q4_1, ActivationPrecision::F32, &x, 2, cols);
-    for (b, block) in x.chunks_exact(32).enumerate() {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let scale = acts.scale[b];
-        assert_eq!(scale, amax / 32767.0, "block {b} scale");
-        let sum: f64 = block.iter().map(|&v| v as f64).sum();
-        assert!(
-            (acts.sum[b] as f64 - sum).abs() <= 1e-5 * (1.0 + sum.abs()),
-            "block {b} sum"
-        );
-        for (i, &v) in block.iter().enumerate() {
-            let k = b * 32 + i;
-            let back = scale as f64 * (acts.q16[k] as f64 + acts.q16_lo[k] as f64 / 65536.0);
-            let step = scale as f64 / 131072.0;
+    // Two rows of three scale groups (32 values, a K-quant's 256): mixed signs and magnitudes,
+    // an all-zero group, a group with one large value, and exact halves of the i16 step
+    // (rounding ties). The K-quants' per-32 sums must stay per 32 values.
+    for (format, group) in [(PackedFormat::Q4_1, 32), (PackedFormat::Q4_K, 256)] {
+        assert_eq!(kernels::scale_group(format), group);
+        let cols = 3 * group;
+        let mut x = values(2 * cols, 11);
+        x[group..2 * group].fill(0.0);
+        x[2 * group] = 1000.0;
+        for (i, v) in x[cols + group..cols + 2 * group].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) + 0.5;
+        }
+        let acts = kernels::Acts::new(format, ActivationPrecision::F32, &x, 2, cols);
+        assert_eq!(acts.scale.len(), 2 * cols / group, "{format}");
+        assert_eq!(acts.sum.len(), 2 * cols / 32, "{format}");
+        for (b, block) in x.chunks_exact(32).enumerate() {
+            let sum: f64 = block.iter().map(|&v| v as f64).sum();
             assert!(
-                (back - v as f64).abs() <= step * 1.01 + 1e-6 * (v as f64).abs(),
-                "value {k}: {v} held as {back}"
+                (acts.sum[b] as f64 - sum).abs() <= 1e-5 * (1.0 + sum.abs()),
+                "{format} block {b} sum"
             );
+        }
+        for (g, values) in x.chunks_exact(group).enumerate() {
+            let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = acts.scale[g];
+            assert_eq!(scale, amax / 32767.0, "{format} group {g} scale");
+            for (i, &v) in values.iter().enumerate() {
+                let k = g * group + i;
+                let back = scale as f64 * (acts.q16[k] as f64 + acts.q16_lo[k] as f64 / 65536.0);
+                let step = scale as f64 / 131072.0;
+                assert!(
+                    (back - v as f64).abs() <= step * 1.01 + 1e-6 * (v as f64).abs(),
+                    "{format} value {k}: {v} held as {back}"
+                );
+            }
         }
     }
 }
@@ -907,6 +917,56 @@ fn matvec_softmax_vecmat_is_the_three_steps_in_f64() {
                 assert!(
                     (g - want).abs() <= tol * (1.0 + want.abs()),
                     "{what}: col {c}: {g} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn k_quant_kernels_hold_the_largest_integer_sums() {
+    // Every weight at its format's largest |scale·quant| (Q4_K 15·63, Q5_K 31·63, Q6_K
+    // (0 − 32)·(−128)), every activation equal, so every i16 activation is 32767: the
+    // kernels' i32 sums reach their bounds (Q6_K's only if it converts every four sub-blocks).
+    let block = |format: PackedFormat| -> Vec<u8> {
+        let mut b = vec![0u8; format.block_bytes()];
+        let one = half::f16::from_f32(1.0).to_le_bytes();
+        match format {
+            PackedFormat::Q6_K => {
+                b[192..208].fill(0x80); // scales −128; ql, qh zero: q − 32 = −32
+                b[208..210].copy_from_slice(&one);
+            }
+            _ => {
+                b[0..2].copy_from_slice(&one); // d = 1, dmin = 0
+                // Scales 63, mins 0 (scale_min_k4's split packing for sub-blocks 4..8).
+                b[4..8].fill(0xFF);
+                b[12..16].fill(0x0F);
+                b[16..].fill(0xFF); // Q5_K: qh then qs, all bits set; Q4_K: qs
+            }
+        }
+        b
+    };
+    for format in K_FORMATS {
+        let (rows, cols) = (3, 512);
+        let bytes: Vec<u8> = (0..rows * cols / 256).flat_map(|_| block(format)).collect();
+        let packed = PackedMatrix::from_bytes(rows, cols, format, &bytes).unwrap();
+        let top = match format {
+            PackedFormat::Q4_K => 15.0 * 63.0,
+            PackedFormat::Q5_K => 31.0 * 63.0,
+            _ => 4096.0,
+        };
+        assert_eq!(packed.to_f32()[0], top, "{format} test block");
+        for m in 1..=5 {
+            let x = vec![0.75f32; m * cols];
+            let acts = kernels::Acts::new(format, ActivationPrecision::F32, &x, m, cols);
+            let want = vec![top * 0.75 * cols as f32; rows * m];
+            for (name, kernel) in kernels::kernels(format) {
+                let mut got = vec![0f32; rows * m];
+                kernel(format, packed.bytes(), &acts, &mut got);
+                assert_close(
+                    &got,
+                    &(want.clone(), vec![0.0; rows * m]),
+                    &format!("{format} m={m} {name}"),
                 );
             }
         }
