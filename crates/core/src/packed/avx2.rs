@@ -368,23 +368,23 @@ unsafe fn dot_rows_body<const F: u8, const DP: bool>(
 /// [`Acts::new`]'s split of 4-bit activations into two i16 parts, eight lanes at a time (the
 /// scalar loop, with `roundf` calls, was a twentieth of a SmolLM2 Q4_1 decode step, serial on
 /// the calling thread while the kernel threads waited). One scale per `group` values (32, or
-/// 256 for the K-quants); one exact sum per 32. Rounds half to even where the scalar code
-/// rounds half away from zero: either way `hi + lo/65536` holds the value to half a step of
-/// `lo`. `x` holds whole groups; the `acts` buffers are sized for them.
+/// 256 for the K-quants); one exact sum per 32; with `even_odd`, each 32 values stored even
+/// ones first ([`Acts::q16`]). Rounds half to even: `hi + lo/65536` holds the value to half
+/// a step of `lo`. `x` holds whole groups; the `acts` buffers are sized for them.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn split_i16(x: &[f32], acts: &mut Acts, group: usize) {
+pub(super) fn split_i16(x: &[f32], acts: &mut Acts, group: usize, even_odd: bool) {
     assert!(group == 32 || group == 256);
     let groups = x.len() / group;
     assert_eq!(x.len(), groups * group);
     assert!(acts.sum.len() >= x.len() / 32 && acts.scale.len() >= groups);
     assert!(acts.q16.len() >= x.len() && acts.q16_lo.len() >= x.len());
     // Safety: only called when `available()`; the asserts bound every access.
-    unsafe { split_i16_avx2(x, acts, group) }
+    unsafe { split_i16_avx2(x, acts, group, even_odd) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn split_i16_avx2(x: &[f32], acts: &mut Acts, group: usize) {
+unsafe fn split_i16_avx2(x: &[f32], acts: &mut Acts, group: usize, even_odd: bool) {
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let sign = _mm256_set1_ps(-0.0);
     let (lim, neg) = (_mm256_set1_ps(32767.0), _mm256_set1_ps(-32767.0));
@@ -423,12 +423,25 @@ unsafe fn split_i16_avx2(x: &[f32], acts: &mut Acts, group: usize) {
                 // packs works per 128-bit lane: [a0..3 b0..3 a4..7 b4..7] → reorder the quarters.
                 let pack =
                     |a, b| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+                // Values 0..16 and 16..32 as i16; or even values and odd ones (the i32 words
+                // of i16 pairs, low halves sign-extended, then the high ones).
+                let halves = |v: [__m256i; 4]| {
+                    let (a, b) = (pack(v[0], v[1]), pack(v[2], v[3]));
+                    if !even_odd {
+                        return (a, b);
+                    }
+                    let low = |v| _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(v));
+                    let high = |v| _mm256_srai_epi32::<16>(v);
+                    (pack(low(a), low(b)), pack(high(a), high(b)))
+                };
                 let q = acts.q16.as_mut_ptr().add(b * 32);
                 let ql = acts.q16_lo.as_mut_ptr().add(b * 32);
-                _mm256_storeu_si256(q.cast(), pack(hi[0], hi[1]));
-                _mm256_storeu_si256(q.add(16).cast(), pack(hi[2], hi[3]));
-                _mm256_storeu_si256(ql.cast(), pack(lo[0], lo[1]));
-                _mm256_storeu_si256(ql.add(16).cast(), pack(lo[2], lo[3]));
+                let (h0, h1) = halves(hi);
+                let (l0, l1) = halves(lo);
+                _mm256_storeu_si256(q.cast(), h0);
+                _mm256_storeu_si256(q.add(16).cast(), h1);
+                _mm256_storeu_si256(ql.cast(), l0);
+                _mm256_storeu_si256(ql.add(16).cast(), l1);
             }
         }
     }
@@ -614,11 +627,7 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
             macro_rules! sub {
                 ($s:expr) => {{
                     let s = $s;
-                    let (mut w0, mut w1) = k_weights::<F>(p, s);
-                    if F != Q6_K {
-                        let sc = _mm256_set1_epi16(sm[s] as i16);
-                        (w0, w1) = (_mm256_mullo_epi16(w0, sc), _mm256_mullo_epi16(w1, sc));
-                    }
+                    let (w0, w1) = k_weights::<F>(p, s, sm[s]);
                     for j in 0..M {
                         let at = j * cols + b * 256 + s * 32;
                         let (xq, xl) = (acts.q.as_ptr().add(at), acts.lo.as_ptr().add(at));
@@ -695,22 +704,35 @@ pub(super) unsafe fn scales_mins_k4(p: *const u8) -> __m128i {
     }
 }
 
-/// Sub-block `s` (values `32s..32s + 32`) of the K-quant super-block at `p` as two vectors of
-/// 16 i16: the quants (Q4_K 0..15, Q5_K 0..31), or for Q6_K `(q − 32)·sc` with each group of
-/// 16's own i8 scale.
+/// Sub-block `s` (values `32s..32s + 32`) of the K-quant super-block at `p` times its scales,
+/// as two vectors of 16 i16 in [`Acts::new`]'s K-quant order: the even values (0, 2, …, 30),
+/// then the odd ones. Q4_K/Q5_K: quants times `sc` (the 6-bit scale from `sm`), one
+/// `vpmaddubsw` per vector with `sc` in every other byte, which also widens them (the unpack
+/// and two `vpmullw` it replaces were a sixth of a decode step). Q6_K: `(q − 32)` times each
+/// group of 16's own i8 scale.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn k_weights<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
+unsafe fn k_weights<const F: u8>(p: *const u8, s: usize, sc: u8) -> (__m256i, __m256i) {
     unsafe {
-        let (q0, q1) = k_quants::<F>(p, s);
+        let q = k_bytes::<F>(p, s);
         if F != Q6_K {
-            return (q0, q1);
+            // Bytes (sc, 0) and (0, sc): each i16 lane takes its even or its odd quant.
+            let even = _mm256_set1_epi16(sc as i16);
+            let odd = _mm256_slli_epi16::<8>(even);
+            return (_mm256_maddubs_epi16(q, even), _mm256_maddubs_epi16(q, odd));
         }
+        let even = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(q));
+        let odd = _mm256_srai_epi16::<8>(q);
+        // Lanes 0..8 of either vector hold values of the first 16, lanes 8..16 the second's.
         let sc = p.add(192 + 2 * s).cast::<i8>();
+        let scales = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_set1_epi16(*sc as i16)),
+            _mm_set1_epi16(*sc.add(1) as i16),
+        );
         (
-            _mm256_mullo_epi16(q0, _mm256_set1_epi16(*sc as i16)),
-            _mm256_mullo_epi16(q1, _mm256_set1_epi16(*sc.add(1) as i16)),
+            _mm256_mullo_epi16(even, scales),
+            _mm256_mullo_epi16(odd, scales),
         )
     }
 }

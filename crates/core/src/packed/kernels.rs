@@ -19,8 +19,10 @@ pub(super) struct Acts<'a> {
     /// 4-bit formats: per row and 32-value block, the exact sum of the block (what the block's
     /// offset, `m` or `−8·d`, multiplies).
     pub sum: Vec<f32>,
-    /// 4-bit formats: the activations as i16, per 32-value block scaled to ±32767 (`hi`), and
-    /// what that rounding left, scaled by 2¹⁶ more (`lo`): `x ≈ s·(hi + lo/65536)`.
+    /// 4-bit formats: the activations as i16, per [`scale_group`] scaled to ±32767 (`hi`), and
+    /// what that rounding left, scaled by 2¹⁶ more (`lo`): `x ≈ s·(hi + lo/65536)`. The
+    /// K-quants store each 32 values' even ones first, then the odd ones (their kernel widens
+    /// the weights' bytes to i16 pairwise, `super::avx2`'s `k_weights`).
     pub q16: Vec<i16>,
     /// See `q16`.
     pub q16_lo: Vec<i16>,
@@ -77,37 +79,16 @@ impl<'a> Acts<'a> {
             super::int8::quantize(&x[..m * cols], &mut acts, super::int8::scale_len(format));
             return acts;
         }
-        if splits_i16(format) {
+        // Only the AVX2 kernels read the i16 parts; the portable ones multiply `x`.
+        #[cfg(target_arch = "x86_64")]
+        if splits_i16(format) && super::avx2::available() {
             let group = scale_group(format);
-            #[cfg(target_arch = "x86_64")]
-            if super::avx2::available() {
-                acts.sum = vec![0.0; m * (cols / 32)];
-                acts.scale = vec![0.0; m * (cols / group)];
-                acts.q16 = vec![0; m * cols];
-                acts.q16_lo = vec![0; m * cols];
-                super::avx2::split_i16(&x[..m * cols], &mut acts, group);
-                return acts;
-            }
-            acts.sum.reserve(m * (cols / 32));
-            acts.scale.reserve(m * (cols / group));
-            acts.q16.reserve(m * cols);
-            acts.q16_lo.reserve(m * cols);
-            for values in x[..m * cols].chunks_exact(group) {
-                let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let scale = amax / 32767.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                acts.scale.push(scale);
-                for block in values.chunks_exact(32) {
-                    acts.sum.push(block.iter().sum());
-                    for v in block {
-                        let hi = (v * inv).round().clamp(-32767.0, 32767.0);
-                        // The remainder, in units of scale/65536: at most half a step of `hi`.
-                        let lo = ((v * inv - hi) * 65536.0).round().clamp(-32767.0, 32767.0);
-                        acts.q16.push(hi as i16);
-                        acts.q16_lo.push(lo as i16);
-                    }
-                }
-            }
+            acts.sum = vec![0.0; m * (cols / 32)];
+            acts.scale = vec![0.0; m * (cols / group)];
+            acts.q16 = vec![0; m * cols];
+            acts.q16_lo = vec![0; m * cols];
+            let even_odd = format.is_k_quant();
+            super::avx2::split_i16(&x[..m * cols], &mut acts, group, even_odd);
         }
         acts
     }
