@@ -272,10 +272,17 @@ mod avx2 {
             });
             return;
         }
-        if VNNI && acts.m == 1 && cols >= 256 {
+        if acts.m == 1 && cols >= 256 {
             each_group(format, w, acts, out, 32, 1, |wr, a, o| {
-                // Safety: VNNI is available; `each_group` bounds the reads.
-                unsafe { group_h::<F>(wr, a, cols, o) }
+                // Safety: AVX2, and with `VNNI` AVX512-VNNI, are available (`kernels` hands
+                // this out only then); `each_group` bounds the reads.
+                unsafe {
+                    if VNNI {
+                        group_h_vnni::<F>(wr, a, cols, o)
+                    } else {
+                        group_h::<F>(wr, a, cols, o)
+                    }
+                }
             });
             return;
         }
@@ -967,14 +974,41 @@ mod avx2 {
     }
 
     /// One activation row against one weight row of a 32-value block format, eight blocks at
-    /// a time: eight `vpdpbusd` into separate sums, reduced by `vphaddd` to one vector whose
-    /// lane `k` is block `k`'s integer dot product; the eight blocks' scales (and Q4_1/Q5_1
-    /// mins) come in by one gather and one conversion, so one multiply-add scales eight blocks.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    /// a time: eight `vpdpbusd` (AVX2: `vpmaddubsw` and `vpmaddwd`) into separate sums,
+    /// reduced by `vphaddd` to one vector whose lane `k` is block `k`'s integer dot product;
+    /// the eight blocks' scales (and Q4_1/Q5_1 mins) come in by one gather and one
+    /// conversion, so one multiply-add scales eight blocks where [`block_sums`] takes a
+    /// conversion, a broadcast and two multiply-adds per block.
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group_h<const F: u8>(w: &[u8], a: &Rows, cols: usize, out: &mut [f32]) {
+        unsafe { group_h_body::<F, false>(w, a, cols, out) }
+    }
+
+    /// [`group_h`] with `vpdpbusd`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn group_h_vnni<const F: u8>(w: &[u8], a: &Rows, cols: usize, out: &mut [f32]) {
+        unsafe { group_h_body::<F, true>(w, a, cols, out) }
+    }
+
+    /// The body of [`group_h`] and [`group_h_vnni`].
+    #[inline(always)]
+    unsafe fn group_h_body<const F: u8, const VNNI: bool>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        out: &mut [f32],
+    ) {
         // Safety: reads are bounded by `each_group`'s asserts (the gather reads the first four
-        // bytes of each of eight whole blocks).
+        // bytes of each of eight whole blocks); the callers' target features cover the rest.
         unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let dot = |u, x| {
+                if VNNI {
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+                } else {
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones)
+                }
+            };
             let blocks = cols / 32;
             let groups = blocks / 8;
             let mask = _mm_set1_epi8(0x0F);
@@ -1001,10 +1035,9 @@ mod avx2 {
                     let x = _mm256_loadu_si256(a.q.as_ptr().add((8 * g + k) * 32).cast());
                     let (q, _) = block_quants::<F>(p, 0.0, mask);
                     *sum = if F == Q8_0 {
-                        let u = _mm256_sign_epi8(q, q);
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, _mm256_sign_epi8(x, q))
+                        dot(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
                     } else {
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x)
+                        dot(q, x)
                     };
                 }
                 let h01 = _mm256_hadd_epi32(sums[0], sums[1]);
@@ -1029,7 +1062,7 @@ mod avx2 {
                 }
             }
             let tail = if groups * 8 < blocks {
-                block_sums::<F, 1, true>(w, a, cols, groups * 8)[0]
+                block_sums::<F, 1, VNNI>(w, a, cols, groups * 8)[0]
             } else {
                 0.0
             };
