@@ -291,6 +291,19 @@ unsafe fn madd_add<const DP: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m2
     }
 }
 
+/// The i32 pair sums of 32 i16 weights (`w0` values 0..16 of the block, `w1` 16..32, in
+/// the activations' order) times the 32 i16 activations at `x`. Only inline it into functions
+/// with [`madd_add`]'s features.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot32<const DP: bool>(w0: __m256i, w1: __m256i, x: *const i16) -> __m256i {
+    // Safety: the caller's target features cover it; `x` holds 32 values.
+    unsafe {
+        let a = _mm256_madd_epi16(w0, _mm256_loadu_si256(x.cast()));
+        madd_add::<DP>(a, w1, _mm256_loadu_si256(x.add(16).cast()))
+    }
+}
+
 /// The body of [`dot_rows`] and [`dot_rows_vnni`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -503,16 +516,7 @@ unsafe fn group_q4<const F: u8, const M: usize, const DP: bool>(
                     let xq = acts.q.as_ptr().add(j * cols + b * 32);
                     let xl = acts.lo.as_ptr().add(j * cols + b * 32);
                     // Integer sums, exact: |q·x| < 2²² per lane.
-                    let s = madd_add::<DP>(
-                        _mm256_madd_epi16(lo, _mm256_loadu_si256(xq.cast())),
-                        hi,
-                        _mm256_loadu_si256(xq.add(16).cast()),
-                    );
-                    let r = madd_add::<DP>(
-                        _mm256_madd_epi16(lo, _mm256_loadu_si256(xl.cast())),
-                        hi,
-                        _mm256_loadu_si256(xl.add(16).cast()),
-                    );
+                    let (s, r) = (dot32::<DP>(lo, hi, xq), dot32::<DP>(lo, hi, xl));
                     let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(s));
                     let k = j * blocks + b;
                     let scale = _mm256_set1_ps(d * *acts.scale.get_unchecked(k));
@@ -631,18 +635,8 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
                     for j in 0..M {
                         let at = j * cols + b * 256 + s * 32;
                         let (xq, xl) = (acts.q.as_ptr().add(at), acts.lo.as_ptr().add(at));
-                        let h = madd_add::<DP>(
-                            _mm256_madd_epi16(w0, _mm256_loadu_si256(xq.cast())),
-                            w1,
-                            _mm256_loadu_si256(xq.add(16).cast()),
-                        );
-                        let l = madd_add::<DP>(
-                            _mm256_madd_epi16(w0, _mm256_loadu_si256(xl.cast())),
-                            w1,
-                            _mm256_loadu_si256(xl.add(16).cast()),
-                        );
-                        hi[j] = _mm256_add_epi32(hi[j], h);
-                        lo[j] = _mm256_add_epi32(lo[j], l);
+                        hi[j] = _mm256_add_epi32(hi[j], dot32::<DP>(w0, w1, xq));
+                        lo[j] = _mm256_add_epi32(lo[j], dot32::<DP>(w0, w1, xl));
                     }
                     if s == 7 || (F == Q6_K && s == 3) {
                         for j in 0..M {
