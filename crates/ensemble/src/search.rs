@@ -6,10 +6,10 @@
 //! device for a dense matrix on a GPU (two passes over `R` per step), loops on the host for a
 //! sparse one, kiln-core's matrix kernels on the host for a dense one on the CPU (see
 //! [`crate::relative`]). On the host a row's gradient needs only its own row of `R` once
-//! `⟨s, g⟩ = ⟨q, −t / q⟩` is known, so each step reads a dense matrix once: the gradient, the
-//! update and the next step's `softmax(z) · R` from the same rows
-//! ([`PackedMatrix::matvec_softmax_vecmat`](kiln_core::packed::PackedMatrix::matvec_softmax_vecmat)),
-//! and the first step starts from the map the average already made. Burn's autodiff computes
+//! `⟨s, g⟩ = ⟨q, −t / q⟩` is known, so each step reads the matrix once, dense or sparse: the
+//! gradient, the update and the next step's `softmax(z) · R` from the same rows
+//! ([`PackedMatrix::matvec_softmax_vecmat`](kiln_core::packed::PackedMatrix::matvec_softmax_vecmat),
+//! and its sparse counterpart in [`crate::relative`]), and the first step starts from the map the average already made. Burn's autodiff computes
 //! the same gradient ([`SearchGradient::Autodiff`]; the tests hold the two together) but records
 //! a graph and replays it each step, and its sparse map runs through gather/scatter: the search
 //! cost 2–3× both members' forwards that way.
