@@ -362,3 +362,137 @@ fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
     );
     assert!(worst > 1e-3 && worst < 2.5, "max |Δlogit| {worst}");
 }
+
+/// The SmolLM2 file with some matrices replaced by seeded random blocks of `types` (name
+/// suffix → type; no quantiser for these types here), each scale field set to `d` so the
+/// values stay the size of trained weights.
+fn with_random_blocks(types: &[(&str, kiln_gguf::GgmlType, u16)]) -> tempfile::NamedTempFile {
+    use kiln_gguf::writer::{TensorSpec, write_gguf};
+    let path = smollm2_gguf().expect("checked by the caller");
+    let file = kiln_gguf::GgufFile::open(&path).unwrap();
+    let mut seed = 7u64;
+    let mut next = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as u8
+    };
+    let specs: Vec<TensorSpec> = file
+        .tensors()
+        .iter()
+        .map(|info| {
+            let name = info.name();
+            let (ggml_type, data) = match types.iter().find(|(s, _, _)| name.ends_with(s)) {
+                Some(&(_, t, d)) => {
+                    let blocks = info.shape().iter().product::<usize>() / t.block_size();
+                    let mut data = vec![0u8; blocks * t.type_size()];
+                    // The f16 `d`: Q3_K's at the end of its block, IQ4_NL's and IQ4_XS's first.
+                    let at = if t == kiln_gguf::GgmlType::Q3_K {
+                        108
+                    } else {
+                        0
+                    };
+                    for b in data.chunks_exact_mut(t.type_size()) {
+                        b.iter_mut().for_each(|x| *x = next());
+                        b[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                    }
+                    (t, data)
+                }
+                None => (info.ggml_type(), file.tensor_bytes(name).unwrap().to_vec()),
+            };
+            TensorSpec {
+                name: name.to_string(),
+                dims: info.dims().to_vec(),
+                ggml_type,
+                data,
+            }
+        })
+        .collect();
+    let kvs: Vec<(&str, kiln_gguf::Value)> = file
+        .metadata()
+        .iter()
+        .filter(|(k, _)| k != "general.file_type")
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        out.path(),
+        write_gguf(file.version(), &kvs, &specs, file.alignment()),
+    )
+    .unwrap();
+    out
+}
+
+/// Q3_K and IQ4_NL matrices, which kiln has no kernels for, run on the Q6_K and Q8_0 kernels
+/// as the same values (`kiln_gguf::q3_k_to_q6_k`, `iq4_nl_to_q8_0`): `ffn_down` (1536 wide,
+/// whole 256-value super-blocks) in Q3_K with `d` = 2⁻¹⁰ and `attn_q` in IQ4_NL with
+/// `d` = 2⁻¹⁰ (values up to ~0.12), as llama.cpp's Q3_K_M/Q2_K files mix them. The packed
+/// model against the same file dequantised to f32 by kiln-gguf (bit-exact with gguf-py): the
+/// prompt's and eight cached steps' logits, and 32 greedy tokens. IQ4_XS, requantised to Q8_0
+/// at load, is checked against the dequantised values within Q8_0's rounding.
+#[test]
+fn low_bit_blocks_without_kernels_run_as_the_same_values() {
+    use kiln::core::loading::{HostKernels, LoadOptions};
+    use kiln::core::packed::PackedFormat;
+    use kiln::llama::Llama;
+    use kiln_gguf::GgmlType;
+
+    if smollm2_gguf().is_none() {
+        return;
+    }
+    // f16 2⁻¹⁰ = 0x1400.
+    let file = with_random_blocks(&[
+        ("ffn_down.weight", GgmlType::Q3_K, 0x1400),
+        ("attn_q.weight", GgmlType::IQ4_NL, 0x1400),
+    ]);
+    let device = device();
+    let (packed, _) =
+        Llama::<B>::from_gguf_with(file.path(), &device, &LoadOptions::default()).unwrap();
+    let dense_options = LoadOptions::default().with_host_kernels(HostKernels::Never);
+    let (dense, _) = Llama::<B>::from_gguf_with(file.path(), &device, &dense_options).unwrap();
+    let layer = &packed.model.layers[4];
+    let format = |p: &Option<std::sync::Arc<kiln::core::packed::PackedMatrix>>| {
+        p.as_ref().map(|p| p.format())
+    };
+    assert_eq!(
+        format(&layer.mlp.down_proj.packed),
+        Some(PackedFormat::Q6_K)
+    );
+    assert_eq!(
+        format(&layer.self_attn.q_proj.packed),
+        Some(PackedFormat::Q8_0)
+    );
+
+    let prompt = ids(&reference()["prompt_ids"]);
+    let worst = compare_with_dense(&packed, &dense, &prompt, 8);
+    let config = GenerationConfig::default().with_max_new_tokens(32);
+    let run = |m: &Llama<B>| {
+        generate(m, std::slice::from_ref(&prompt), &config, None, |_, _| {}).unwrap()[0]
+            .tokens
+            .clone()
+    };
+    let (tp, td) = (run(&packed), run(&dense));
+    eprintln!("Q3_K and IQ4_NL rewritten vs dequantised f32: max |Δlogit| {worst:e}");
+    assert_eq!(tp, td);
+
+    // IQ4_XS (d = 2⁻¹⁴ = 0x0400, values up to ~0.25): requantised to Q8_0, each value within
+    // half a step of its 32-value block's scale (max |v| / 127) plus the f16 scale's rounding.
+    let file = with_random_blocks(&[("ffn_down.weight", GgmlType::IQ4_XS, 0x0400)]);
+    let (xs, _) =
+        Llama::<B>::from_gguf_with(file.path(), &device, &LoadOptions::default()).unwrap();
+    let down = xs.model.layers[4].mlp.down_proj.packed.as_ref().unwrap();
+    assert_eq!(down.format(), PackedFormat::Q8_0);
+    let gguf = kiln_gguf::GgufFile::open(file.path()).unwrap();
+    let (_, want) = gguf.tensor_f32("blk.4.ffn_down.weight").unwrap();
+    let got = down.to_f32();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.chunks(32).zip(want.chunks(32)).enumerate() {
+        let max = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, b) in g.iter().zip(w) {
+            assert!(
+                (a - b).abs() <= max / 127.0 * 0.5 + max * 1e-3,
+                "IQ4_XS block {i}: {a} vs {b}"
+            );
+        }
+    }
+}

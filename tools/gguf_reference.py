@@ -46,6 +46,8 @@ BLOCK_SCALES: dict[GGMLQuantizationType, tuple[list[int], list[int]]] = {
     T.Q4_K: ([0], [2]),
     T.Q5_K: ([0], [2]),
     T.Q6_K: ([208], []),
+    T.IQ4_NL: ([0], []),
+    T.IQ4_XS: ([0], []),
 }
 
 # Number of elements per fixture: 2048 (64 blocks of 32, or 8 blocks of 256).

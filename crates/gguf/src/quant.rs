@@ -79,9 +79,9 @@ pub fn dequantize_into(ggml_type: GgmlType, data: &[u8], out: &mut [f32]) -> Res
     Ok(())
 }
 
-type Kernel = fn(&[u8], &mut [f32]);
+pub(crate) type Kernel = fn(&[u8], &mut [f32]);
 
-fn kernel(t: GgmlType) -> Option<Kernel> {
+pub(crate) fn kernel(t: GgmlType) -> Option<Kernel> {
     use GgmlType::*;
     Some(match t {
         F32 => dq_f32,
@@ -97,6 +97,8 @@ fn kernel(t: GgmlType) -> Option<Kernel> {
         Q4_K => dq_q4_k,
         Q5_K => dq_q5_k,
         Q6_K => dq_q6_k,
+        IQ4_NL => dq_iq4_nl,
+        IQ4_XS => dq_iq4_xs,
         _ => return None,
     })
 }
@@ -325,6 +327,43 @@ fn dq_q5_k(src: &[u8], dst: &mut [f32]) {
 
 /// `block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; half d; }`: sixteen groups of 16 with
 /// 8-bit signed scales; `y = d * sc * (q - 32)`.
+/// The sixteen non-uniform levels of IQ4_NL and IQ4_XS (`kvalues_iq4nl`).
+pub(crate) const IQ4_LEVELS: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// `block_iq4_nl { half d; u8 qs[16]; }`: 32 values, `y = d * IQ4_LEVELS[q]`, low nibbles the
+/// first 16.
+fn dq_iq4_nl(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
+        let d = f16_at(b, 0);
+        for (j, &q) in b[2..18].iter().enumerate() {
+            y[j] = d * IQ4_LEVELS[(q & 0x0F) as usize] as f32;
+            y[j + 16] = d * IQ4_LEVELS[(q >> 4) as usize] as f32;
+        }
+    }
+}
+
+/// `block_iq4_xs { half d; u16 scales_h; u8 scales_l[4]; u8 qs[128]; }`: eight sub-blocks of
+/// 32, each an IQ4_NL block under the scale `d * (ls − 32)` with a 6-bit `ls` (low four bits in
+/// `scales_l`, high two in `scales_h`).
+fn dq_iq4_xs(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(136).zip(dst.chunks_exact_mut(256)) {
+        let d = f16_at(b, 0);
+        let scales_h = u16::from_le_bytes([b[2], b[3]]);
+        for (ib, y) in y.chunks_exact_mut(32).enumerate() {
+            let lo = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F;
+            let hi = ((scales_h >> (2 * ib)) & 3) as u8;
+            let dl = d * ((lo | (hi << 4)) as i32 - 32) as f32;
+            let qs = &b[8 + 16 * ib..24 + 16 * ib];
+            for (j, &q) in qs.iter().enumerate() {
+                y[j] = dl * IQ4_LEVELS[(q & 0x0F) as usize] as f32;
+                y[j + 16] = dl * IQ4_LEVELS[(q >> 4) as usize] as f32;
+            }
+        }
+    }
+}
+
 fn dq_q6_k(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(210).zip(dst.chunks_exact_mut(256)) {
         let d = f16_at(b, 208);

@@ -443,6 +443,11 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
             l[i] = (nearest_int(x[i] / d).clamp(-32, 31) + 32) as u8;
         }
     }
+    pack_q6_k(&l, y);
+}
+
+/// Q6_K's quants (0..63, `q + 32`) into its `ql` and `qh` bytes.
+fn pack_q6_k(l: &[u8; QK_K], y: &mut [u8]) {
     let (ql, rest) = y.split_at_mut(128);
     let qh = &mut rest[..64];
     for n in 0..2 {
@@ -456,10 +461,120 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
     }
 }
 
+/// Q3_K blocks (`block_q3_K { u8 hmask[32]; u8 qs[64]; u8 scales[12]; half d; }`) rewritten as
+/// Q6_K blocks holding the same values, bit for bit: both scale sixteen groups of 16 values by
+/// `d · sc` with a signed per-group scale (Q3_K's 6-bit `sc − 32` fits Q6_K's i8) and multiply
+/// signed quants (Q3_K's −4..3 sit inside Q6_K's −32..31), and both dequantise as
+/// `(d · sc) · q` in f32. So a Q3_K matrix runs on kiln's Q6_K kernels at 6.56 bits a weight
+/// (Q3_K: 3.44) with no rounding, where requantising its values to Q8_0 took 8.5 bits and
+/// rounded them.
+pub fn q3_k_to_q6_k(src: &[u8]) -> Result<Vec<u8>> {
+    let (q3, q6) = (GgmlType::Q3_K.type_size(), GgmlType::Q6_K.type_size());
+    if !src.len().is_multiple_of(q3) {
+        return Err(GgufError::Shape(format!(
+            "{} bytes is not a whole number of Q3_K blocks of {q3}",
+            src.len()
+        )));
+    }
+    let mut out = vec![0u8; src.len() / q3 * q6];
+    for (b, y) in src.chunks_exact(q3).zip(out.chunks_exact_mut(q6)) {
+        let (hm, sb) = (&b[0..32], &b[96..108]);
+        // Value 16k..16k+16 takes scale k in both layouts (ggml's `dequantize_row_q3_K` and
+        // `dequantize_row_q6_K`).
+        for k in 0..16 {
+            let lo = (sb[k % 8] >> (4 * (k / 8))) & 0x0F;
+            let hi = (sb[8 + k % 4] >> (2 * (k / 4))) & 0x03;
+            y[192 + k] = ((lo | (hi << 4)) as i8).wrapping_sub(32) as u8;
+        }
+        y[208..210].copy_from_slice(&b[108..110]);
+        // Q3_K's quant of value 128n + 32j + l: two bits of qs[32n + l] at 2j, minus 4 where
+        // bit 4n + j of hmask[l] is clear; stored for Q6_K as q + 32.
+        let mut l = [0u8; QK_K];
+        for n in 0..2 {
+            let qs = &b[32 + 32 * n..64 + 32 * n];
+            for j in 0..4 {
+                let m = 1u8 << (4 * n + j);
+                for i in 0..32 {
+                    let low = (qs[i] >> (2 * j)) & 3;
+                    let q = low as i8 - if hm[i] & m != 0 { 0 } else { 4 };
+                    l[128 * n + 32 * j + i] = (q + 32) as u8;
+                }
+            }
+        }
+        pack_q6_k(&l, y);
+    }
+    Ok(out)
+}
+
+/// IQ4_NL blocks (`block_iq4_nl { half d; u8 qs[16]; }`, `y = d · IQ4_LEVELS[q]`) rewritten
+/// as Q8_0 blocks holding the same values, bit for bit: the same `d`, and each level (−127..113)
+/// as the i8 quant, which Q8_0 dequantises as `q · d` in f32. 8.5 bits a weight against 4.5, on
+/// kernels kiln has; llama.cpp writes IQ4_NL for the rows of a Q2_K/Q3_K/IQ4_XS file that are
+/// not whole 256-value super-blocks.
+pub fn iq4_nl_to_q8_0(src: &[u8]) -> Result<Vec<u8>> {
+    let (nl, q8) = (GgmlType::IQ4_NL.type_size(), GgmlType::Q8_0.type_size());
+    if !src.len().is_multiple_of(nl) {
+        return Err(GgufError::Shape(format!(
+            "{} bytes is not a whole number of IQ4_NL blocks of {nl}",
+            src.len()
+        )));
+    }
+    let mut out = vec![0u8; src.len() / nl * q8];
+    for (b, y) in src.chunks_exact(nl).zip(out.chunks_exact_mut(q8)) {
+        y[..2].copy_from_slice(&b[..2]);
+        for (j, &q) in b[2..].iter().enumerate() {
+            y[2 + j] = crate::quant::IQ4_LEVELS[(q & 0x0F) as usize] as u8;
+            y[18 + j] = crate::quant::IQ4_LEVELS[(q >> 4) as usize] as u8;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dequantize;
+
+    /// gguf-py's dequantisation of the committed Q3_K blocks (an independent oracle), from the
+    /// same blocks rewritten as Q6_K: equal bit for bit.
+    #[test]
+    fn q3_k_as_q6_k_is_exact() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/");
+        let bytes = std::fs::read(format!("{dir}Q3_K.bin")).unwrap();
+        let want: Vec<f32> = std::fs::read(format!("{dir}Q3_K.f32"))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let q6 = q3_k_to_q6_k(&bytes).unwrap();
+        assert_eq!(q6.len(), bytes.len() / 110 * 210);
+        let got = dequantize(GgmlType::Q6_K, &q6).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
+        }
+        assert!(q3_k_to_q6_k(&bytes[..109]).is_err());
+    }
+
+    /// As [`q3_k_as_q6_k_is_exact`], for IQ4_NL rewritten as Q8_0.
+    #[test]
+    fn iq4_nl_as_q8_0_is_exact() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/");
+        let bytes = std::fs::read(format!("{dir}IQ4_NL.bin")).unwrap();
+        let want: Vec<f32> = std::fs::read(format!("{dir}IQ4_NL.f32"))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let q8 = iq4_nl_to_q8_0(&bytes).unwrap();
+        assert_eq!(q8.len(), bytes.len() / 18 * 34);
+        let got = dequantize(GgmlType::Q8_0, &q8).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
+        }
+        assert!(iq4_nl_to_q8_0(&bytes[..17]).is_err());
+    }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;

@@ -175,11 +175,7 @@ impl GgmlType {
 
     /// Whether [`dequantize`](crate::dequantize) handles this type.
     pub fn can_dequantize(self) -> bool {
-        use GgmlType::*;
-        matches!(
-            self,
-            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
-        )
+        crate::quant::kernel(self).is_some()
     }
 
     /// ggml's name of the type (`"Q4_K"`, `"F16"`, …).

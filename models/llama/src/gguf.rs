@@ -1,6 +1,7 @@
 //! Llama-family models from GGUF files (llama.cpp's format): SmolLM2, TinyLlama, Llama 2/3,
-//! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1, Q4_K,
-//! Q5_K, Q6_K) or floats; elsewhere tensors are dequantised one at a time as they load.
+//! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q4_K, Q5_K, Q6_K; Q3_K and IQ4_NL as the same values in Q6_K and Q8_0 blocks) or
+//! floats; elsewhere tensors are dequantised one at a time as they load.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -143,6 +144,9 @@ impl GgufWeights {
     }
 }
 
+/// A lossless rewrite of one block type's bytes into another's.
+type Rewrite = fn(&[u8]) -> kiln_gguf::Result<Vec<u8>>;
+
 fn gguf_err_msg(path: &Path, tensor: &str, e: impl std::fmt::Display) -> Error {
     Error::TensorData {
         tensor: tensor.to_string(),
@@ -194,9 +198,10 @@ impl WeightSource for GgufWeights {
     }
 
     /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16 and F32 tensors are handed
-    /// over as their bytes (with the Q/K rows unpermuted); other block types (Q2_K, Q3_K, the
-    /// IQ types) are dequantised and, when the stored format is asked for, requantised to Q8_0,
-    /// with a note.
+    /// over as their bytes (with the Q/K rows unpermuted), Q3_K and IQ4_NL as Q6_K and Q8_0
+    /// blocks with the same values ([`kiln_gguf::q3_k_to_q6_k`], [`kiln_gguf::iq4_nl_to_q8_0`]),
+    /// with a note; Q2_K and IQ4_XS are dequantised and, when the stored format is asked for,
+    /// requantised to Q8_0, with a note; other IQ types are an error.
     fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
         let gguf = self.gguf_name(name)?;
         let info = self
@@ -217,7 +222,10 @@ impl WeightSource for GgufWeights {
             GgmlType::Q5_1 => Some(PackedFormat::Q5_1),
             GgmlType::Q4_K => Some(PackedFormat::Q4_K),
             GgmlType::Q5_K => Some(PackedFormat::Q5_K),
-            GgmlType::Q6_K => Some(PackedFormat::Q6_K),
+            // No Q3_K or IQ4_NL kernels: their blocks become Q6_K and Q8_0 blocks with the
+            // same values (below).
+            GgmlType::Q6_K | GgmlType::Q3_K => Some(PackedFormat::Q6_K),
+            GgmlType::IQ4_NL => Some(PackedFormat::Q8_0),
             _ => None,
         };
         let shape = info.shape();
@@ -226,11 +234,28 @@ impl WeightSource for GgufWeights {
             PackRequest::To(format) => stored.filter(|s| *s == format),
         };
         if let (Some(format), [rows, cols]) = (keep, shape.as_slice()) {
-            let mut bytes = self
+            let stored_bytes = self
                 .file
                 .tensor_bytes(gguf)
-                .map_err(|e| gguf_err(&self.path, e))?
-                .to_vec();
+                .map_err(|e| gguf_err(&self.path, e))?;
+            let rewrite = match info.ggml_type() {
+                GgmlType::Q3_K => Some((kiln_gguf::q3_k_to_q6_k as Rewrite, "6.56 bits", "3.44")),
+                GgmlType::IQ4_NL => Some((kiln_gguf::iq4_nl_to_q8_0 as Rewrite, "8.5 bits", "4.5")),
+                _ => None,
+            };
+            let mut bytes = match rewrite {
+                Some((rewrite, bits, stored_bits)) => {
+                    note_once(&format!(
+                        "{}: {} tensors are held as {format} blocks (the same values, {bits} a \
+                         weight against {stored_bits}; kiln has no {} kernels)",
+                        self.path.display(),
+                        info.ggml_type(),
+                        info.ggml_type()
+                    ));
+                    rewrite(stored_bytes).map_err(|e| gguf_err(&self.path, e))?
+                }
+                None => stored_bytes.to_vec(),
+            };
             self.file.release_tensor(gguf);
             if let Some(heads) = self.permuted_heads(name) {
                 let row_bytes = format.row_bytes(*cols);
@@ -249,7 +274,7 @@ impl WeightSource for GgufWeights {
             return Ok(packed);
         }
         let request = match (request, stored) {
-            (PackRequest::Stored, None) => {
+            (PackRequest::Stored, None) if info.ggml_type().can_dequantize() => {
                 note_once(&format!(
                     "{}: {} tensors have no kiln kernel; requantised to q8_0 at load",
                     self.path.display(),
