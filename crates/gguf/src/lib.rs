@@ -9,7 +9,8 @@
 //! * [`GgufFile::tensor_f32`] dequantises a tensor (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
 //!   Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) bit-exactly as ggml does;
 //!   [`dequantize`] does the same for raw blocks, and [`q3_k_to_q6_k`] and [`iq4_nl_to_q8_0`]
-//!   rewrite Q3_K and IQ4_NL blocks losslessly in block types kiln has kernels for.
+//!   rewrite Q3_K and IQ4_NL blocks losslessly in block types kiln has kernels for
+//!   ([`iq4_xs_to_q8_0`] IQ4_XS, rounding only its scales to f16).
 //! * [`GgufFile::llama_metadata`] gives the hyper-parameters as a plain [`LlamaMetadata`];
 //!   [`hf_tensor_name`] maps tensor names to Hugging Face's and [`unpermute_qk`] undoes
 //!   llama.cpp's row permutation of the Q/K weights.
@@ -58,5 +59,7 @@ pub use error::{GgufError, Result};
 pub use file::{DEFAULT_ALIGNMENT, GgufFile, TensorInfo};
 pub use llama::{LlamaMetadata, RopeScaling, hf_tensor_name, permute_qk, unpermute_qk};
 pub use quant::{dequantize, dequantize_into};
-pub use quantize::{can_quantize, iq4_nl_to_q8_0, q3_k_to_q6_k, quantize, quantize_into};
+pub use quantize::{
+    can_quantize, iq4_nl_to_q8_0, iq4_xs_to_q8_0, q3_k_to_q6_k, quantize, quantize_into,
+};
 pub use types::{GgmlType, Value, ValueType};

@@ -1,6 +1,6 @@
 //! Llama-family models from GGUF files (llama.cpp's format): SmolLM2, TinyLlama, Llama 2/3,
 //! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q4_K, Q5_K, Q6_K; Q3_K and IQ4_NL as the same values in Q6_K and Q8_0 blocks) or
+//! Q5_1, Q4_K, Q5_K, Q6_K; Q3_K, IQ4_NL and IQ4_XS as Q6_K and Q8_0 blocks of their values) or
 //! floats; elsewhere tensors are dequantised one at a time as they load.
 
 use std::collections::HashMap;
@@ -200,8 +200,9 @@ impl WeightSource for GgufWeights {
     /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16 and F32 tensors are handed
     /// over as their bytes (with the Q/K rows unpermuted), Q3_K and IQ4_NL as Q6_K and Q8_0
     /// blocks with the same values ([`kiln_gguf::q3_k_to_q6_k`], [`kiln_gguf::iq4_nl_to_q8_0`]),
-    /// with a note; Q2_K and IQ4_XS are dequantised and, when the stored format is asked for,
-    /// requantised to Q8_0, with a note; other IQ types are an error.
+    /// IQ4_XS as Q8_0 blocks with its scales rounded to f16 ([`kiln_gguf::iq4_xs_to_q8_0`]),
+    /// with a note; Q2_K is dequantised and, when the stored format is asked for, requantised
+    /// to Q8_0, with a note; other IQ types are an error.
     fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
         let gguf = self.gguf_name(name)?;
         let info = self
@@ -222,10 +223,10 @@ impl WeightSource for GgufWeights {
             GgmlType::Q5_1 => Some(PackedFormat::Q5_1),
             GgmlType::Q4_K => Some(PackedFormat::Q4_K),
             GgmlType::Q5_K => Some(PackedFormat::Q5_K),
-            // No Q3_K or IQ4_NL kernels: their blocks become Q6_K and Q8_0 blocks with the
-            // same values (below).
+            // No Q3_K or IQ4 kernels: their blocks become Q6_K and Q8_0 blocks with the same
+            // values (IQ4_XS: its scales rounded to f16), below.
             GgmlType::Q6_K | GgmlType::Q3_K => Some(PackedFormat::Q6_K),
-            GgmlType::IQ4_NL => Some(PackedFormat::Q8_0),
+            GgmlType::IQ4_NL | GgmlType::IQ4_XS => Some(PackedFormat::Q8_0),
             _ => None,
         };
         let shape = info.shape();
@@ -239,15 +240,25 @@ impl WeightSource for GgufWeights {
                 .tensor_bytes(gguf)
                 .map_err(|e| gguf_err(&self.path, e))?;
             let rewrite = match info.ggml_type() {
-                GgmlType::Q3_K => Some((kiln_gguf::q3_k_to_q6_k as Rewrite, "6.56 bits", "3.44")),
-                GgmlType::IQ4_NL => Some((kiln_gguf::iq4_nl_to_q8_0 as Rewrite, "8.5 bits", "4.5")),
+                GgmlType::Q3_K => Some((
+                    kiln_gguf::q3_k_to_q6_k as Rewrite,
+                    "the same values, 6.56 bits a weight against 3.44",
+                )),
+                GgmlType::IQ4_NL => Some((
+                    kiln_gguf::iq4_nl_to_q8_0 as Rewrite,
+                    "the same values, 8.5 bits a weight against 4.5",
+                )),
+                GgmlType::IQ4_XS => Some((
+                    kiln_gguf::iq4_xs_to_q8_0 as Rewrite,
+                    "the same levels under scales rounded to f16, 8.5 bits a weight against 4.25",
+                )),
                 _ => None,
             };
             let mut bytes = match rewrite {
-                Some((rewrite, bits, stored_bits)) => {
+                Some((rewrite, how)) => {
                     note_once(&format!(
-                        "{}: {} tensors are held as {format} blocks (the same values, {bits} a \
-                         weight against {stored_bits}; kiln has no {} kernels)",
+                        "{}: {} tensors are held as {format} blocks ({how}; kiln has no {} \
+                         kernels)",
                         self.path.display(),
                         info.ggml_type(),
                         info.ggml_type()
