@@ -29,7 +29,7 @@ use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::softmax;
 use rayon::prelude::*;
 
-use kiln_core::packed::{PackedFormat, PackedMatrix, SoftmaxMap};
+use kiln_core::packed::{PackedFormat, PackedMatrix, SoftmaxMap, SoftmaxRun};
 
 use crate::ensemble::host_vec;
 use crate::error::{EnsembleError, Result};
@@ -273,13 +273,13 @@ impl HostMap for SparseRelative {
         // Rows per block: their entries (k · 8 bytes each, 128 KiB at k = 32) stay in L2
         // between the products and the sums.
         const BLOCK: usize = 512;
-        let parts: Vec<(Vec<f32>, f32, f32, usize)> = state
+        let parts: Vec<(SoftmaxRun, Vec<f32>)> = state
             .par_chunks_mut(ROWS_PER_TASK)
             .enumerate()
             .map(|(c, state)| {
                 let r0 = c * ROWS_PER_TASK;
                 let mut acc = vec![0f32; anchors];
-                let (mut max, mut sum, mut argmax) = (floor, 0f32, hint.map_or(r0, |(h, _)| h));
+                let mut run = SoftmaxRun::new(floor, hint.map_or(r0, |(h, _)| h));
                 let (mut y, mut z) = ([None; BLOCK], [0f32; BLOCK]);
                 for (b, block) in state.chunks_mut(BLOCK).enumerate() {
                     let b0 = r0 + b * BLOCK;
@@ -298,25 +298,17 @@ impl HostMap for SparseRelative {
                         };
                         if z[i] > block_max {
                             block_max = z[i];
-                            if block_max > max {
-                                argmax = r;
+                            if block_max > run.max {
+                                run.argmax = r;
                             }
                         }
                     }
-                    if block_max > max {
-                        if max > f32::NEG_INFINITY {
-                            let c = (max - block_max).exp();
-                            acc.iter_mut().for_each(|a| *a *= c);
-                            sum *= c;
-                        }
-                        max = block_max;
-                    }
-                    if max == f32::NEG_INFINITY {
+                    if !run.raise(block_max, &mut acc) {
                         continue;
                     }
                     for (i, &zi) in z[..block.len()].iter().enumerate() {
-                        let e = (zi - max).exp();
-                        sum += e;
+                        let e = (zi - run.max).exp();
+                        run.sum += e;
                         if e != 0.0 {
                             let (idx, val) = row(b0 + i);
                             for (&a, &v) in idx.iter().zip(val) {
@@ -325,33 +317,10 @@ impl HostMap for SparseRelative {
                         }
                     }
                 }
-                (acc, max, sum, argmax)
+                (run, acc)
             })
             .collect();
-        let (max, argmax) = parts
-            .iter()
-            .fold((f32::NEG_INFINITY, 0), |(m, a), &(_, mt, _, at)| {
-                if mt > m { (mt, at) } else { (m, a) }
-            });
-        let mut map = vec![0f32; anchors];
-        let mut sum = 0f32;
-        for (part, m, s, _) in &parts {
-            if *m == f32::NEG_INFINITY {
-                continue;
-            }
-            let c = (m - max).exp();
-            sum += c * s;
-            map.iter_mut().zip(part).for_each(|(x, &p)| *x += c * p);
-        }
-        if sum > 0.0 {
-            map.iter_mut().for_each(|v| *v /= sum);
-        }
-        SoftmaxMap {
-            map,
-            max,
-            sum,
-            argmax,
-        }
+        SoftmaxMap::merge(anchors, parts.iter().map(|(run, acc)| (*run, &acc[..])))
     }
 }
 

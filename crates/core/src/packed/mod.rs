@@ -30,7 +30,7 @@ mod kquant;
 mod pool;
 mod softmax_map;
 
-pub use softmax_map::SoftmaxMap;
+pub use softmax_map::{SoftmaxMap, SoftmaxRun};
 
 #[cfg(feature = "flex")]
 pub(crate) use pool::{for_each as parallel_for, threads};

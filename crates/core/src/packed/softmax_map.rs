@@ -21,6 +21,76 @@ pub struct SoftmaxMap {
     pub argmax: usize,
 }
 
+/// One run of an online softmax-weighted sum (`Σ_r exp(z_r − max) · W_r` over the rows it has
+/// seen, kept in a caller's accumulator): its largest logit so far (at least the floor it
+/// started from), `Σ exp(z_r − max)`, and the row of that largest logit. Runs are merged by
+/// [`SoftmaxMap::merge`]. Public so that kiln-ensemble's sparse matrices reuse it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SoftmaxRun {
+    /// The largest logit so far, or the starting floor (−∞ for none).
+    pub max: f32,
+    /// `Σ exp(z_r − max)` over the rows added.
+    pub sum: f32,
+    /// The row whose logit is `max` (the caller's starting row until one exceeds the floor).
+    pub argmax: usize,
+}
+
+impl SoftmaxRun {
+    /// A run whose sums start from `floor` (a logit known to be near the top, or −∞).
+    pub fn new(floor: f32, argmax: usize) -> Self {
+        Self {
+            max: floor,
+            sum: 0.0,
+            argmax,
+        }
+    }
+
+    /// Before rows whose largest logit is `block_max` are added: raises the max to it where it
+    /// is higher, scaling the sum and `acc` down to the new max. Returns false while the max
+    /// is still −∞ (every weight is 0: nothing to add).
+    pub fn raise(&mut self, block_max: f32, acc: &mut [f32]) -> bool {
+        if block_max > self.max {
+            if self.max > f32::NEG_INFINITY {
+                let c = (self.max - block_max).exp();
+                acc.iter_mut().for_each(|a| *a *= c);
+                self.sum *= c;
+            }
+            self.max = block_max;
+        }
+        self.max > f32::NEG_INFINITY
+    }
+}
+
+impl SoftmaxMap {
+    /// The runs' sums brought to their common max, added and normalised: `softmax(z) · W` over
+    /// every row the runs saw, `cols` wide.
+    pub fn merge<'a>(cols: usize, runs: impl IntoIterator<Item = (SoftmaxRun, &'a [f32])>) -> Self {
+        let runs: Vec<_> = runs.into_iter().collect();
+        let (max, argmax) = runs.iter().fold((f32::NEG_INFINITY, 0), |(m, a), (r, _)| {
+            if r.max > m { (r.max, r.argmax) } else { (m, a) }
+        });
+        let mut map = vec![0f32; cols];
+        let mut sum = 0f32;
+        for (run, part) in &runs {
+            if run.max == f32::NEG_INFINITY {
+                continue;
+            }
+            let c = (run.max - max).exp();
+            sum += c * run.sum;
+            kernels::axpy(c, part, &mut map);
+        }
+        if sum > 0.0 {
+            map.iter_mut().for_each(|v| *v /= sum);
+        }
+        Self {
+            map,
+            max,
+            sum,
+            argmax,
+        }
+    }
+}
+
 /// Bytes of rows a block reads twice: they stay in a core's L2 (1 MiB on Zen 4, 256 KiB on
 /// older cores shared with the sums) between the product and the sum.
 const BLOCK_BYTES: usize = 128 * 1024;
@@ -85,8 +155,7 @@ impl PackedMatrix {
             _ => f32::NEG_INFINITY,
         };
         let mut sums = vec![0f32; runs * cols];
-        // Per run: its largest logit (at least `floor`), the sum of exp(z − it), its row.
-        let mut totals = vec![(f32::NEG_INFINITY, 0f32, 0usize); runs];
+        let mut totals = vec![SoftmaxRun::new(f32::NEG_INFINITY, 0); runs];
         let (out, tot, st) = (
             SendPtr(sums.as_mut_ptr()),
             SendPtr(totals.as_mut_ptr()),
@@ -98,7 +167,7 @@ impl PackedMatrix {
             // `totals` and rows r0..r1 of `state`, all of which outlive the call.
             let acc = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(t * cols), cols) };
             let state = unsafe { std::slice::from_raw_parts_mut(st.ptr().add(r0), r1 - r0) };
-            let (mut max, mut sum, mut argmax) = (floor, 0f32, hint.map_or(r0, |(h, _)| h));
+            let mut run = SoftmaxRun::new(floor, hint.map_or(r0, |(h, _)| h));
             let (mut y, mut z) = (vec![0f32; block], vec![0f32; block]);
             let mut group = RowGroup::new(self.format);
             for b0 in (r0..r1).step_by(block) {
@@ -121,25 +190,17 @@ impl PackedMatrix {
                     };
                     if z[i] > block_max {
                         block_max = z[i];
-                        if block_max > max {
-                            argmax = b0 + i;
+                        if block_max > run.max {
+                            run.argmax = b0 + i;
                         }
                     }
                 }
-                if block_max > max {
-                    if max > f32::NEG_INFINITY {
-                        let c = (max - block_max).exp();
-                        acc.iter_mut().for_each(|a| *a *= c);
-                        sum *= c;
-                    }
-                    max = block_max;
-                }
-                if max == f32::NEG_INFINITY {
+                if !run.raise(block_max, acc) {
                     continue;
                 }
                 for (i, &zi) in z[..n].iter().enumerate() {
-                    let w = (zi - max).exp();
-                    sum += w;
+                    let w = (zi - run.max).exp();
+                    run.sum += w;
                     if w != 0.0 {
                         group.push(self.row(b0 + i), w, acc);
                     }
@@ -148,31 +209,8 @@ impl PackedMatrix {
                 group.flush(acc);
             }
             // Safety: as above.
-            unsafe { *tot.ptr().add(t) = (max, sum, argmax) };
+            unsafe { *tot.ptr().add(t) = run };
         });
-        let (max, argmax) = totals
-            .iter()
-            .fold((f32::NEG_INFINITY, 0), |(m, a), &(mt, _, at)| {
-                if mt > m { (mt, at) } else { (m, a) }
-            });
-        let mut map = vec![0f32; cols];
-        let mut sum = 0f32;
-        for (&(m, s, _), part) in totals.iter().zip(sums.chunks_exact(cols)) {
-            if m == f32::NEG_INFINITY {
-                continue;
-            }
-            let c = (m - max).exp();
-            sum += c * s;
-            kernels::axpy(c, part, &mut map);
-        }
-        if sum > 0.0 {
-            map.iter_mut().for_each(|v| *v /= sum);
-        }
-        SoftmaxMap {
-            map,
-            max,
-            sum,
-            argmax,
-        }
+        SoftmaxMap::merge(cols, totals.into_iter().zip(sums.chunks_exact(cols)))
     }
 }
