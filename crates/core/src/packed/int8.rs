@@ -63,7 +63,8 @@ pub(super) fn quantize(x: &[f32], acts: &mut Acts, block: usize) {
         // Safety: AVX2 is available; the buffers were sized for `blocks` just above.
         unsafe { avx2::quantize(x, acts, blocks, block / 32) };
         let rows_t = if block == 32 { 2 } else { avx2::KT_MIN_ROWS };
-        if acts.m >= rows_t && vnni() {
+        // Without VNNI only the 32-value formats' `group_t_avx2` (2..=8 rows) reads it.
+        if acts.m >= rows_t && (vnni() || (block == 32 && acts.m <= 8)) {
             transpose(acts);
         }
         return;
@@ -269,6 +270,14 @@ mod avx2 {
                         group_tp::<F, 1>(wr, a, cols, n, sums)
                     }
                 }
+            });
+            return;
+        }
+        if !VNNI && (2..=8).contains(&acts.m) && cols >= 256 && acts.q8t.len() >= acts.m * cols {
+            each_group(format, w, acts, out, 32, 8, |wr, a, o| {
+                // Safety: AVX2 is available (`kernels` hands this out only then); `each_group`
+                // bounds the reads, and `q8t` holds `m` rows of `cols` (checked above).
+                unsafe { group_t_avx2::<F>(wr, a, cols, o) }
             });
             return;
         }
@@ -854,7 +863,75 @@ mod avx2 {
                 }
             }
             let mut tail = [0f32; 8];
-            tail_sums::<F>(w, a, cols, groups * 8, &mut tail[..m]);
+            tail_sums::<F, true>(w, a, cols, groups * 8, &mut tail[..m]);
+            for j in 0..m {
+                out[j] = hsum(acc[j]) + tail[j];
+            }
+        }
+    }
+
+    /// [`group_t`] without VNNI: the same transposed layouts, so that each 32-bit lane of the
+    /// sums holds one block and one float multiply-add scales eight blocks, where
+    /// [`group_body`] converts and scales every block of every row. The activations come back
+    /// to signed bytes (`q8t` holds them plus 128) and, as in [`group_body`], Q8_0's signed
+    /// weights go through the sign trick (`|w|` × `x·sign(w)`, at most 2·128·127 per pair, so
+    /// `vpmaddubsw` never saturates); the 4- and 5-bit quants are unsigned already. Per row
+    /// and eight blocks: 8 loads, 8 flips, 8 `vpmaddubsw`, 8 `vpmaddwd`, 8 adds (Q8_0: 8 sign
+    /// flips more) and 3 float operations; the weights' transpose is paid once per row of
+    /// weights, so this serves two to eight activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_t_avx2<const F: u8>(w: &[u8], a: &Rows, cols: usize, out: &mut [f32]) {
+        // Safety: reads are bounded by `each_group`'s asserts and `entry`'s `q8t` check.
+        unsafe {
+            let (blocks, m) = (cols / 32, out.len());
+            let groups = blocks / 8;
+            let ones = _mm256_set1_epi16(1);
+            let flip = _mm256_set1_epi8(-128);
+            let mask = _mm_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for g in 0..groups {
+                let mut q = [_mm256_setzero_si256(); 8];
+                let (mut d, mut off) = ([0f32; 8], [0f32; 8]);
+                for k in 0..8 {
+                    let p = w.as_ptr().add((8 * g + k) * block_bytes::<F>());
+                    d[k] = h2f(p);
+                    (q[k], off[k]) = block_quants::<F>(p, d[k], mask);
+                }
+                let t = transpose8(q);
+                let u: [__m256i; 8] = if F == Q8_0 {
+                    std::array::from_fn(|i| _mm256_sign_epi8(t[i], t[i]))
+                } else {
+                    t
+                };
+                let (d, off) = (_mm256_loadu_ps(d.as_ptr()), _mm256_loadu_ps(off.as_ptr()));
+                for (j, acc) in acc.iter_mut().enumerate().take(m) {
+                    let xp = a.t.as_ptr().add(j * cols + 256 * g);
+                    let x = |i: usize| {
+                        let x = _mm256_xor_si256(_mm256_loadu_si256(xp.add(32 * i).cast()), flip);
+                        if F == Q8_0 {
+                            _mm256_sign_epi8(x, t[i])
+                        } else {
+                            x
+                        }
+                    };
+                    let dot = |i: usize| _mm256_madd_epi16(_mm256_maddubs_epi16(u[i], x(i)), ones);
+                    // Two chains of four, so that the adds overlap.
+                    let (mut s0, mut s1) = (dot(0), dot(1));
+                    for i in 1..4 {
+                        s0 = _mm256_add_epi32(s0, dot(2 * i));
+                        s1 = _mm256_add_epi32(s1, dot(2 * i + 1));
+                    }
+                    let k = j * blocks + 8 * g;
+                    let dx = _mm256_loadu_ps(a.scale.as_ptr().add(k));
+                    let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                    *acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d, dx), *acc);
+                    if F != Q8_0 {
+                        *acc = _mm256_fmadd_ps(off, _mm256_loadu_ps(a.sum.as_ptr().add(k)), *acc);
+                    }
+                }
+            }
+            let mut tail = [0f32; 8];
+            tail_sums::<F, false>(w, a, cols, groups * 8, &mut tail[..m]);
             for j in 0..m {
                 out[j] = hsum(acc[j]) + tail[j];
             }
@@ -928,7 +1005,7 @@ mod avx2 {
             }
             for r in 0..R {
                 let mut tail = [0f32; KT_MAX_ROWS];
-                tail_sums::<F>(
+                tail_sums::<F, true>(
                     &w[r * rb..(r + 1) * rb],
                     a,
                     cols,
@@ -946,7 +1023,13 @@ mod avx2 {
     /// [`group_t`] and [`group_tp`]) against `tail.len()` activation rows, by [`block_sums`]
     /// four rows at a time, into `tail` (zeros where there are none).
     #[inline(always)]
-    unsafe fn tail_sums<const F: u8>(w: &[u8], a: &Rows, cols: usize, b0: usize, tail: &mut [f32]) {
+    unsafe fn tail_sums<const F: u8, const VNNI: bool>(
+        w: &[u8],
+        a: &Rows,
+        cols: usize,
+        b0: usize,
+        tail: &mut [f32],
+    ) {
         // Safety: the callers' target features cover `block_sums`; reads are bounded by
         // their callers' asserts.
         unsafe {
@@ -963,10 +1046,10 @@ mod avx2 {
                 let n = (m - j).min(4);
                 let dst = &mut tail[j..j + n];
                 match n {
-                    4 => dst.copy_from_slice(&block_sums::<F, 4, true>(w, &rows, cols, b0)),
-                    3 => dst.copy_from_slice(&block_sums::<F, 3, true>(w, &rows, cols, b0)),
-                    2 => dst.copy_from_slice(&block_sums::<F, 2, true>(w, &rows, cols, b0)),
-                    _ => dst.copy_from_slice(&block_sums::<F, 1, true>(w, &rows, cols, b0)),
+                    4 => dst.copy_from_slice(&block_sums::<F, 4, VNNI>(w, &rows, cols, b0)),
+                    3 => dst.copy_from_slice(&block_sums::<F, 3, VNNI>(w, &rows, cols, b0)),
+                    2 => dst.copy_from_slice(&block_sums::<F, 2, VNNI>(w, &rows, cols, b0)),
+                    _ => dst.copy_from_slice(&block_sums::<F, 1, VNNI>(w, &rows, cols, b0)),
                 }
                 j += n;
             }
