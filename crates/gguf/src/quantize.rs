@@ -566,17 +566,23 @@ mod tests {
     use super::*;
     use crate::dequantize;
 
-    /// gguf-py's dequantisation of the committed Q3_K blocks (an independent oracle), from the
-    /// same blocks rewritten as Q6_K: equal bit for bit.
-    #[test]
-    fn q3_k_as_q6_k_is_exact() {
+    /// A committed fixture: the raw blocks of type `name` and gguf-py's dequantisation of them.
+    fn fixture(name: &str) -> (Vec<u8>, Vec<f32>) {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/");
-        let bytes = std::fs::read(format!("{dir}Q3_K.bin")).unwrap();
-        let want: Vec<f32> = std::fs::read(format!("{dir}Q3_K.f32"))
+        let bytes = std::fs::read(format!("{dir}{name}.bin")).unwrap();
+        let values = std::fs::read(format!("{dir}{name}.f32"))
             .unwrap()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect();
+        (bytes, values)
+    }
+
+    /// gguf-py's dequantisation of the committed Q3_K blocks (an independent oracle), from the
+    /// same blocks rewritten as Q6_K: equal bit for bit.
+    #[test]
+    fn q3_k_as_q6_k_is_exact() {
+        let (bytes, want) = fixture("Q3_K");
         let q6 = q3_k_to_q6_k(&bytes).unwrap();
         assert_eq!(q6.len(), bytes.len() / 110 * 210);
         let got = dequantize(GgmlType::Q6_K, &q6).unwrap();
@@ -590,13 +596,7 @@ mod tests {
     /// As [`q3_k_as_q6_k_is_exact`], for IQ4_NL rewritten as Q8_0.
     #[test]
     fn iq4_nl_as_q8_0_is_exact() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/");
-        let bytes = std::fs::read(format!("{dir}IQ4_NL.bin")).unwrap();
-        let want: Vec<f32> = std::fs::read(format!("{dir}IQ4_NL.f32"))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let (bytes, want) = fixture("IQ4_NL");
         let q8 = iq4_nl_to_q8_0(&bytes).unwrap();
         assert_eq!(q8.len(), bytes.len() / 18 * 34);
         let got = dequantize(GgmlType::Q8_0, &q8).unwrap();
@@ -612,13 +612,7 @@ mod tests {
     /// order would miss by whole steps.
     #[test]
     fn iq4_xs_as_q8_0_rounds_only_the_scales() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/");
-        let bytes = std::fs::read(format!("{dir}IQ4_XS.bin")).unwrap();
-        let want: Vec<f32> = std::fs::read(format!("{dir}IQ4_XS.f32"))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let (bytes, want) = fixture("IQ4_XS");
         let q8 = iq4_xs_to_q8_0(&bytes).unwrap();
         assert_eq!(q8.len(), bytes.len() / 136 * 8 * 34);
         let got = dequantize(GgmlType::Q8_0, &q8).unwrap();
