@@ -148,7 +148,9 @@ pub enum GgufError {
     },
 
     /// [`quantize`](crate::quantize) has no quantiser for this type.
-    #[error("quantising to {0} is not supported (Q8_0, Q4_K, Q5_K and Q6_K are)")]
+    #[error(
+        "quantising to {0} is not supported (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K and Q6_K are)"
+    )]
     CannotQuantize(GgmlType),
 
     /// Buffer sizes or a shape do not fit together (free functions such as

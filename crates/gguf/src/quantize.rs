@@ -1,5 +1,5 @@
 //! Quantisation of `f32` rows to ggml blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants
-//! Q4_K, Q5_K and Q6_K, as
+//! Q3_K, Q4_K, Q5_K and Q6_K, as
 //! ggml's reference quantisers (`quantize_row_*_ref` in `ggml-quants.c`, without an importance
 //! matrix) compute them, operation for operation in `f32`, so that kiln can write the files
 //! llama.cpp's `llama-quantize` writes without `--imatrix`.
@@ -27,6 +27,7 @@ pub fn can_quantize(ggml_type: GgmlType) -> bool {
             | GgmlType::Q4_1
             | GgmlType::Q5_0
             | GgmlType::Q5_1
+            | GgmlType::Q3_K
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
@@ -63,6 +64,7 @@ pub fn quantize_into(ggml_type: GgmlType, values: &[f32], out: &mut [u8]) -> Res
         GgmlType::Q4_1 => q4_1,
         GgmlType::Q5_0 => q5_0,
         GgmlType::Q5_1 => q5_1,
+        GgmlType::Q3_K => q3_k,
         GgmlType::Q4_K => q4_k,
         GgmlType::Q5_K => q5_k,
         GgmlType::Q6_K => q6_k,
@@ -446,6 +448,97 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
     pack_q6_k(&l, y);
 }
 
+/// ggml's `make_q3_quants(n, nmax, x, L, true)`: signed quants −nmax..nmax−1 of `x` from
+/// `−nmax / max`, refined by five passes that move single quants where that raises the
+/// x²-weighted fit `(Σwxl)² / Σwl²`; `l` gets them plus `nmax`, the result is the scale.
+fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let max = signed_max(x);
+    if max.abs() < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for (li, &xi) in l.iter_mut().zip(x) {
+        let q = nearest_int(iscale * xi).clamp(-nmax, nmax - 1);
+        *li = q as i8;
+        let w = xi * xi;
+        sumlx += w * xi * q as f32;
+        suml2 += w * q as f32 * q as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for (li, &xi) in l.iter_mut().zip(x) {
+            let w = xi * xi;
+            let q = *li as i32;
+            let mut slx = sumlx - w * xi * q as f32;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * q as f32 * q as f32;
+                let new = nearest_int(xi * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new != q {
+                    slx += w * xi * new as f32;
+                    sl2 += w * new as f32 * new as f32;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        (*li, sumlx, suml2) = (new as i8, slx, sl2);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for li in l.iter_mut() {
+        *li += nmax as i8;
+    }
+    if suml2 > 0.0 { sumlx / suml2 } else { 0.0 }
+}
+
+/// `block_q3_K { u8 hmask[32]; u8 qs[64]; u8 scales[12]; half d; }` (`quantize_row_q3_K_ref`):
+/// per 16 values a signed scale by [`make_q3_quants`], rounded to 6 bits (`sc + 32`) of the
+/// block's largest; quants −4..3 as two low bits in `qs` and a high bit in `hmask`.
+fn q3_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0f32; 16];
+    for j in 0..16 {
+        scales[j] = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
+    }
+    let max_scale = signed_max(&scales);
+    y.fill(0);
+    let sb = 96;
+    if max_scale != 0.0 {
+        let iscale = -32.0 / max_scale;
+        for (j, &s) in scales.iter().enumerate() {
+            let q = (nearest_int(iscale * s).clamp(-32, 31) + 32) as u8;
+            y[sb + j % 8] |= (q & 0x0F) << (4 * (j / 8));
+            y[sb + 8 + j % 4] |= (q >> 4) << (2 * (j / 4));
+        }
+        put_f16(&mut y[108..110], 1.0 / iscale);
+    }
+    let d_all = get_f16(&y[108..110]);
+    for j in 0..16 {
+        let lo = (y[sb + j % 8] >> (4 * (j / 8))) & 0x0F;
+        let hi = (y[sb + 8 + j % 4] >> (2 * (j / 4))) & 0x03;
+        let d = d_all * ((lo | (hi << 4)) as i32 - 32) as f32;
+        if d == 0.0 {
+            continue;
+        }
+        for i in 16 * j..16 * j + 16 {
+            l[i] = (nearest_int(x[i] / d).clamp(-4, 3) + 4) as i8;
+        }
+    }
+    // Value v: its high bit at bit v / 32 of hmask[v % 32], its low two bits at bit
+    // 2·(v % 128 / 32) of qs[32·(v / 128) + v % 32].
+    for (v, &q) in l.iter().enumerate() {
+        let q = q as u8;
+        if q > 3 {
+            y[v % 32] |= 1 << (v / 32);
+        }
+        y[32 + 32 * (v / 128) + v % 32] |= (q & 3) << (2 * (v % 128 / 32));
+    }
+}
+
 /// Q6_K's quants (0..63, `q + 32`) into its `ql` and `qh` bytes.
 fn pack_q6_k(l: &[u8; QK_K], y: &mut [u8]) {
     let (ql, rest) = y.split_at_mut(128);
@@ -658,6 +751,7 @@ mod tests {
             (GgmlType::Q5_1, 0.1),
             (GgmlType::Q5_K, 0.1),
             (GgmlType::Q4_K, 0.2),
+            (GgmlType::Q3_K, 0.35),
         ] {
             let y = dequantize(t, &quantize(t, &x).unwrap()).unwrap();
             let err = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
@@ -671,6 +765,7 @@ mod tests {
     #[test]
     fn zeros_and_exact_grids() {
         for t in [
+            GgmlType::Q3_K,
             GgmlType::Q4_K,
             GgmlType::Q5_K,
             GgmlType::Q6_K,
@@ -689,7 +784,7 @@ mod tests {
     #[test]
     fn rejects_partial_blocks_and_other_types() {
         assert!(quantize(GgmlType::Q4_K, &[0.0; 255]).is_err());
-        assert!(quantize(GgmlType::Q3_K, &[0.0; 256]).is_err());
+        assert!(quantize(GgmlType::Q2_K, &[0.0; 256]).is_err());
         assert!(quantize_into(GgmlType::Q6_K, &[0.0; 256], &mut [0u8; 209]).is_err());
     }
 
