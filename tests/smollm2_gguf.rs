@@ -423,15 +423,15 @@ fn with_random_blocks(types: &[(&str, kiln_gguf::GgmlType, u16)]) -> tempfile::N
     out
 }
 
-/// Q3_K and IQ4_NL matrices, which kiln has no kernels for, run on the Q6_K and Q8_0 kernels
-/// as the same values (`kiln_gguf::q3_k_to_q6_k`, `iq4_nl_to_q8_0`): `ffn_down` (1536 wide,
+/// Q3_K matrices on kiln's Q3_K kernels, and IQ4_NL ones, which kiln has no kernels for, on
+/// the Q8_0 kernels as the same values (`kiln_gguf::iq4_nl_to_q8_0`): `ffn_down` (1536 wide,
 /// whole 256-value super-blocks) in Q3_K with `d` = 2⁻¹⁰ and `attn_q` in IQ4_NL with
 /// `d` = 2⁻¹⁰ (values up to ~0.12), as llama.cpp's Q3_K_M/Q2_K files mix them. The packed
 /// model against the same file dequantised to f32 by kiln-gguf (bit-exact with gguf-py): the
 /// prompt's and eight cached steps' logits, and 32 greedy tokens. IQ4_XS, held as Q8_0 with
 /// its scales rounded to f16, against the dequantised values within that rounding.
 #[test]
-fn low_bit_blocks_without_kernels_run_as_the_same_values() {
+fn q3_k_and_iq4_blocks_run_as_their_dequantised_values() {
     use kiln::core::loading::{HostKernels, LoadOptions};
     use kiln::core::packed::PackedFormat;
     use kiln::llama::Llama;
@@ -456,7 +456,7 @@ fn low_bit_blocks_without_kernels_run_as_the_same_values() {
     };
     assert_eq!(
         format(&layer.mlp.down_proj.packed),
-        Some(PackedFormat::Q6_K)
+        Some(PackedFormat::Q3_K)
     );
     assert_eq!(
         format(&layer.self_attn.q_proj.packed),
@@ -472,7 +472,7 @@ fn low_bit_blocks_without_kernels_run_as_the_same_values() {
             .clone()
     };
     let (tp, td) = (run(&packed), run(&dense));
-    eprintln!("Q3_K and IQ4_NL rewritten vs dequantised f32: max |Δlogit| {worst:e}");
+    eprintln!("Q3_K, and IQ4_NL rewritten, vs dequantised f32: max |Δlogit| {worst:e}");
     assert_eq!(tp, td);
 
     // IQ4_XS (d = 2⁻¹⁴ = 0x0400, values up to ~0.25): held as Q8_0 with each 32-value

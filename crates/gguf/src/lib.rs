@@ -8,15 +8,15 @@
 //!   panic.
 //! * [`GgufFile::tensor_f32`] dequantises a tensor (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
 //!   Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) bit-exactly as ggml does;
-//!   [`dequantize`] does the same for raw blocks, and [`q3_k_to_q6_k`] and [`iq4_nl_to_q8_0`]
-//!   rewrite Q3_K and IQ4_NL blocks losslessly in block types kiln has kernels for
-//!   ([`iq4_xs_to_q8_0`] IQ4_XS, rounding only its scales to f16).
+//!   [`dequantize`] does the same for raw blocks, and [`iq4_nl_to_q8_0`] rewrites IQ4_NL
+//!   blocks losslessly as Q8_0, which kiln has kernels for ([`iq4_xs_to_q8_0`] IQ4_XS,
+//!   rounding only its scales to f16).
 //! * [`GgufFile::llama_metadata`] gives the hyper-parameters as a plain [`LlamaMetadata`];
 //!   [`hf_tensor_name`] maps tensor names to Hugging Face's and [`unpermute_qk`] undoes
 //!   llama.cpp's row permutation of the Q/K weights.
 //! * [`GgufFile::tensor_bytes`] hands over a tensor's stored bytes (kiln keeps Q8_0/Q4_0/Q4_1/
-//!   Q5_0/Q5_1 and Q4_K/Q5_K/Q6_K blocks as they are) and [`GgufFile::release_tensor`] drops its mapped
-//!   pages afterwards; [`writer::write_gguf`] writes files (tests, random-weight benchmark
+//!   Q5_0/Q5_1 and Q3_K/Q4_K/Q5_K/Q6_K blocks as they are) and [`GgufFile::release_tensor`]
+//!   drops its mapped pages afterwards; [`writer::write_gguf`] writes files (tests, random-weight benchmark
 //!   checkpoints), [`quantize`] makes Q8_0, Q5_0, Q5_1 and K-quant blocks as ggml's reference quantisers
 //!   do, and [`writer::requantize`] rewrites a file's matrices in other block types.
 //! * [`GgufFile::tokenizer`] rebuilds the embedded vocabulary as a [`tokenizers::Tokenizer`];
@@ -59,7 +59,5 @@ pub use error::{GgufError, Result};
 pub use file::{DEFAULT_ALIGNMENT, GgufFile, TensorInfo};
 pub use llama::{LlamaMetadata, RopeScaling, hf_tensor_name, permute_qk, unpermute_qk};
 pub use quant::{dequantize, dequantize_into};
-pub use quantize::{
-    can_quantize, iq4_nl_to_q8_0, iq4_xs_to_q8_0, q3_k_to_q6_k, quantize, quantize_into,
-};
+pub use quantize::{can_quantize, iq4_nl_to_q8_0, iq4_xs_to_q8_0, quantize, quantize_into};
 pub use types::{GgmlType, Value, ValueType};

@@ -554,51 +554,6 @@ fn pack_q6_k(l: &[u8; QK_K], y: &mut [u8]) {
     }
 }
 
-/// Q3_K blocks (`block_q3_K { u8 hmask[32]; u8 qs[64]; u8 scales[12]; half d; }`) rewritten as
-/// Q6_K blocks holding the same values, bit for bit: both scale sixteen groups of 16 values by
-/// `d · sc` with a signed per-group scale (Q3_K's 6-bit `sc − 32` fits Q6_K's i8) and multiply
-/// signed quants (Q3_K's −4..3 sit inside Q6_K's −32..31), and both dequantise as
-/// `(d · sc) · q` in f32. So a Q3_K matrix runs on kiln's Q6_K kernels at 6.56 bits a weight
-/// (Q3_K: 3.44) with no rounding, where requantising its values to Q8_0 took 8.5 bits and
-/// rounded them.
-pub fn q3_k_to_q6_k(src: &[u8]) -> Result<Vec<u8>> {
-    let (q3, q6) = (GgmlType::Q3_K.type_size(), GgmlType::Q6_K.type_size());
-    if !src.len().is_multiple_of(q3) {
-        return Err(GgufError::Shape(format!(
-            "{} bytes is not a whole number of Q3_K blocks of {q3}",
-            src.len()
-        )));
-    }
-    let mut out = vec![0u8; src.len() / q3 * q6];
-    for (b, y) in src.chunks_exact(q3).zip(out.chunks_exact_mut(q6)) {
-        let (hm, sb) = (&b[0..32], &b[96..108]);
-        // Value 16k..16k+16 takes scale k in both layouts (ggml's `dequantize_row_q3_K` and
-        // `dequantize_row_q6_K`).
-        for k in 0..16 {
-            let lo = (sb[k % 8] >> (4 * (k / 8))) & 0x0F;
-            let hi = (sb[8 + k % 4] >> (2 * (k / 4))) & 0x03;
-            y[192 + k] = ((lo | (hi << 4)) as i8).wrapping_sub(32) as u8;
-        }
-        y[208..210].copy_from_slice(&b[108..110]);
-        // Q3_K's quant of value 128n + 32j + l: two bits of qs[32n + l] at 2j, minus 4 where
-        // bit 4n + j of hmask[l] is clear; stored for Q6_K as q + 32.
-        let mut l = [0u8; QK_K];
-        for n in 0..2 {
-            let qs = &b[32 + 32 * n..64 + 32 * n];
-            for j in 0..4 {
-                let m = 1u8 << (4 * n + j);
-                for i in 0..32 {
-                    let low = (qs[i] >> (2 * j)) & 3;
-                    let q = low as i8 - if hm[i] & m != 0 { 0 } else { 4 };
-                    l[128 * n + 32 * j + i] = (q + 32) as u8;
-                }
-            }
-        }
-        pack_q6_k(&l, y);
-    }
-    Ok(out)
-}
-
 /// IQ4_NL blocks (`block_iq4_nl { half d; u8 qs[16]; }`, `y = d · IQ4_LEVELS[q]`) rewritten
 /// as Q8_0 blocks holding the same values, bit for bit: the same `d`, and each level (−127..113)
 /// as the i8 quant, which Q8_0 dequantises as `q · d` in f32. 8.5 bits a weight against 4.5, on
@@ -671,22 +626,8 @@ mod tests {
         (bytes, values)
     }
 
-    /// gguf-py's dequantisation of the committed Q3_K blocks (an independent oracle), from the
-    /// same blocks rewritten as Q6_K: equal bit for bit.
-    #[test]
-    fn q3_k_as_q6_k_is_exact() {
-        let (bytes, want) = fixture("Q3_K");
-        let q6 = q3_k_to_q6_k(&bytes).unwrap();
-        assert_eq!(q6.len(), bytes.len() / 110 * 210);
-        let got = dequantize(GgmlType::Q6_K, &q6).unwrap();
-        assert_eq!(got.len(), want.len());
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
-        }
-        assert!(q3_k_to_q6_k(&bytes[..109]).is_err());
-    }
-
-    /// As [`q3_k_as_q6_k_is_exact`], for IQ4_NL rewritten as Q8_0.
+    /// gguf-py's dequantisation of the committed IQ4_NL blocks (an independent oracle), from
+    /// the same blocks rewritten as Q8_0: equal bit for bit.
     #[test]
     fn iq4_nl_as_q8_0_is_exact() {
         let (bytes, want) = fixture("IQ4_NL");

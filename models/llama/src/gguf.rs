@@ -1,6 +1,6 @@
 //! Llama-family models from GGUF files (llama.cpp's format): SmolLM2, TinyLlama, Llama 2/3,
 //! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q4_K, Q5_K, Q6_K; Q3_K, IQ4_NL and IQ4_XS as Q6_K and Q8_0 blocks of their values) or
+//! Q5_1, Q3_K, Q4_K, Q5_K, Q6_K; IQ4_NL and IQ4_XS as Q8_0 blocks of their values) or
 //! floats; elsewhere tensors are dequantised one at a time as they load.
 
 use std::collections::HashMap;
@@ -197,9 +197,9 @@ impl WeightSource for GgufWeights {
         Ok(TensorData::new(values, shape))
     }
 
-    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16, BF16 and F32 tensors are handed
-    /// over as their bytes (with the Q/K rows unpermuted), Q3_K and IQ4_NL as Q6_K and Q8_0
-    /// blocks with the same values ([`kiln_gguf::q3_k_to_q6_k`], [`kiln_gguf::iq4_nl_to_q8_0`]),
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, F16, BF16 and F32 tensors are
+    /// handed over as their bytes (with the Q/K rows unpermuted), IQ4_NL as Q8_0 blocks with
+    /// the same values ([`kiln_gguf::iq4_nl_to_q8_0`]),
     /// IQ4_XS as Q8_0 blocks with its scales rounded to f16 ([`kiln_gguf::iq4_xs_to_q8_0`]),
     /// with a note; Q2_K is dequantised and, when the stored format is asked for, requantised
     /// to Q8_0, with a note; other IQ types are an error.
@@ -221,11 +221,12 @@ impl WeightSource for GgufWeights {
             GgmlType::Q4_1 => Some(PackedFormat::Q4_1),
             GgmlType::Q5_0 => Some(PackedFormat::Q5_0),
             GgmlType::Q5_1 => Some(PackedFormat::Q5_1),
+            GgmlType::Q3_K => Some(PackedFormat::Q3_K),
             GgmlType::Q4_K => Some(PackedFormat::Q4_K),
             GgmlType::Q5_K => Some(PackedFormat::Q5_K),
-            // No Q3_K or IQ4 kernels: their blocks become Q6_K and Q8_0 blocks with the same
-            // values (IQ4_XS: its scales rounded to f16), below.
-            GgmlType::Q6_K | GgmlType::Q3_K => Some(PackedFormat::Q6_K),
+            GgmlType::Q6_K => Some(PackedFormat::Q6_K),
+            // No IQ4 kernels: their blocks become Q8_0 blocks with the same values (IQ4_XS: its
+            // scales rounded to f16), below.
             GgmlType::IQ4_NL | GgmlType::IQ4_XS => Some(PackedFormat::Q8_0),
             _ => None,
         };
@@ -240,10 +241,6 @@ impl WeightSource for GgufWeights {
                 .tensor_bytes(gguf)
                 .map_err(|e| gguf_err(&self.path, e))?;
             let rewrite = match info.ggml_type() {
-                GgmlType::Q3_K => Some((
-                    kiln_gguf::q3_k_to_q6_k as Rewrite,
-                    "the same values, 6.56 bits a weight against 3.44",
-                )),
                 GgmlType::IQ4_NL => Some((
                     kiln_gguf::iq4_nl_to_q8_0 as Rewrite,
                     "the same values, 8.5 bits a weight against 4.5",

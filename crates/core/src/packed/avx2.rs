@@ -35,6 +35,7 @@ const Q5_K: u8 = 7;
 const Q6_K: u8 = 8;
 const Q5_0: u8 = 9;
 const Q5_1: u8 = 10;
+const Q3_K: u8 = 11;
 
 /// The AVX2 kernel for `format`. Only call after [`available`] returned true.
 #[cfg(target_arch = "x86_64")]
@@ -48,6 +49,7 @@ pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
             PackedFormat::Q4_K => return entry::<Q4_K, true>,
             PackedFormat::Q5_K => return entry::<Q5_K, true>,
             PackedFormat::Q6_K => return entry::<Q6_K, true>,
+            PackedFormat::Q3_K => return entry::<Q3_K, true>,
             _ => {}
         }
     }
@@ -69,6 +71,7 @@ pub(super) fn dot_kernel_avx2(format: PackedFormat) -> DotKernel {
         PackedFormat::Q4_K => entry::<Q4_K, false>,
         PackedFormat::Q5_K => entry::<Q5_K, false>,
         PackedFormat::Q6_K => entry::<Q6_K, false>,
+        PackedFormat::Q3_K => entry::<Q3_K, false>,
     }
 }
 
@@ -83,7 +86,7 @@ fn entry<const F: u8, const DP: bool>(
     assert!(m > 0 && out.len().is_multiple_of(m));
     assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
     assert!(acts.x.len() >= m * cols);
-    if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K) {
+    if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q3_K | Q4_K | Q5_K | Q6_K) {
         let group = super::kernels::scale_group(format);
         assert!(acts.sum.len() >= m * (cols / 32) && acts.scale.len() >= m * (cols / group));
         assert!(acts.q16.len() >= m * cols && acts.q16_lo.len() >= m * cols);
@@ -259,6 +262,7 @@ const fn block_bytes<const F: u8>() -> usize {
         Q4_K => 144,
         Q5_K => 176,
         Q6_K => 210,
+        Q3_K => 110,
         _ => 20,
     }
 }
@@ -323,14 +327,14 @@ unsafe fn dot_rows_body<const F: u8, const DP: bool>(
         let xs = &x[j * cols..];
         let o = &mut out[j..j + n];
         unsafe {
-            if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K) {
+            if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q3_K | Q4_K | Q5_K | Q6_K) {
                 let q = Q16 {
                     q: &acts.q16[j * cols..],
                     lo: &acts.q16_lo[j * cols..],
                     sum: &acts.sum[j * blocks..],
                     scale: &acts.scale[j * (cols / super::kernels::scale_group(format))..],
                 };
-                if matches!(F, Q4_K | Q5_K | Q6_K) {
+                if matches!(F, Q3_K | Q4_K | Q5_K | Q6_K) {
                     match n {
                         4 => group_k::<F, 4, DP>(w, &q, cols, o),
                         3 => group_k::<F, 3, DP>(w, &q, cols, o),
@@ -604,7 +608,8 @@ unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
 ///
 /// Integer bounds, per i32 lane of a sum over `n` sub-blocks (four products per sub-block,
 /// activations |x| ≤ 32767): Q4_K |w·sc| ≤ 15·63 and Q5_K ≤ 31·63, 32 products fit; Q6_K
-/// |(q − 32)·sc| ≤ 32·128, only 16 do (16·4096·32767 < 2³¹), so it converts every four.
+/// |(q − 32)·sc| ≤ 32·128, only 16 do (16·4096·32767 < 2³¹), so it converts every four; Q3_K
+/// |q·(sc − 32)| ≤ 4·32, all 32 fit.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
@@ -621,17 +626,20 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
         let inv = _mm256_set1_ps(1.0 / 65536.0);
         for b in 0..blocks {
             let p = w.as_ptr().add(b * block_bytes::<F>());
-            // Q4_K/Q5_K: bytes 0..8 the sub-blocks' scales, 8..16 their mins.
+            // Q4_K/Q5_K: bytes 0..8 the sub-blocks' scales, 8..16 their mins; Q3_K: the
+            // sixteen signed scales.
             let mut sm = [0u8; 16];
-            if F != Q6_K {
+            if has_mins::<F>() {
                 _mm_storeu_si128(sm.as_mut_ptr().cast(), scales_mins_k4(p));
+            } else if F == Q3_K {
+                sm = q3_k_scales(p).map(|v| v as u8);
             }
-            let d = _mm256_set1_ps(h2f(p.add(if F == Q6_K { 208 } else { 0 })));
+            let d = _mm256_set1_ps(h2f(p.add(k_d_at::<F>())));
             let (mut hi, mut lo) = ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
             macro_rules! sub {
                 ($s:expr) => {{
                     let s = $s;
-                    let (w0, w1) = k_weights::<F>(p, s, sm[s]);
+                    let (w0, w1) = k_weights::<F>(p, s, &sm);
                     for j in 0..M {
                         let at = j * cols + b * 256 + s * 32;
                         let (xq, xl) = (acts.q.as_ptr().add(at), acts.lo.as_ptr().add(at));
@@ -661,7 +669,7 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
             sub!(5);
             sub!(6);
             sub!(7);
-            if F != Q6_K {
+            if has_mins::<F>() {
                 let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
                     sm.as_ptr().add(8).cast(),
                 )));
@@ -703,23 +711,28 @@ pub(super) unsafe fn scales_mins_k4(p: *const u8) -> __m128i {
 /// then the odd ones. Q4_K/Q5_K: quants times `sc` (the 6-bit scale from `sm`), one
 /// `vpmaddubsw` per vector with `sc` in every other byte, which also widens them (replacing
 /// an unpack and two `vpmullw`: Q4_K 32000×2048 at one row, 2.78 → 2.35 ms on an AVX2 Zen 3).
-/// Q6_K: `(q − 32)` times each group of 16's own i8 scale.
+/// Q6_K and Q3_K: the signed quant times each group of 16's own scale (Q6_K's i8, Q3_K's
+/// `sc − 32` from `sm`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn k_weights<const F: u8>(p: *const u8, s: usize, sc: u8) -> (__m256i, __m256i) {
+unsafe fn k_weights<const F: u8>(p: *const u8, s: usize, sm: &[u8; 16]) -> (__m256i, __m256i) {
     unsafe {
         let q = k_bytes::<F>(p, s);
-        if F != Q6_K {
+        if has_mins::<F>() {
             // Bytes (sc, 0) and (0, sc): each i16 lane takes its even or its odd quant.
-            let even = _mm256_set1_epi16(sc as i16);
+            let even = _mm256_set1_epi16(sm[s] as i16);
             let odd = _mm256_slli_epi16::<8>(even);
             return (_mm256_maddubs_epi16(q, even), _mm256_maddubs_epi16(q, odd));
         }
         let even = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(q));
         let odd = _mm256_srai_epi16::<8>(q);
         // Lanes 0..8 of either vector hold values of the first 16, lanes 8..16 the second's.
-        let sc = p.add(192 + 2 * s).cast::<i8>();
+        let sc = if F == Q3_K {
+            sm.as_ptr().add(2 * s).cast::<i8>()
+        } else {
+            p.add(192 + 2 * s).cast::<i8>()
+        };
         let scales = _mm256_inserti128_si256::<1>(
             _mm256_castsi128_si256(_mm_set1_epi16(*sc as i16)),
             _mm_set1_epi16(*sc.add(1) as i16),
@@ -732,14 +745,14 @@ unsafe fn k_weights<const F: u8>(p: *const u8, s: usize, sc: u8) -> (__m256i, __
 }
 
 /// Sub-block `s` of the K-quant super-block at `p` as two vectors of 16 i16 quants: Q4_K
-/// 0..15, Q5_K 0..31, Q6_K `q − 32`. Layouts as in [`super::kquant`].
+/// 0..15, Q5_K 0..31, Q6_K `q − 32`, Q3_K −4..3. Layouts as in [`super::kquant`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
     let q = unsafe { k_bytes::<F>(p, s) };
     let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-    if F == Q6_K {
+    if !has_mins::<F>() {
         (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi))
     } else {
         (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
@@ -747,7 +760,7 @@ unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
 }
 
 /// Sub-block `s` (values `32s..32s + 32`) of the K-quant super-block at `p` as 32 bytes in
-/// order: Q4_K 0..15 and Q5_K 0..31 unsigned, Q6_K `q − 32` signed. `F` is one of this
+/// order: Q4_K 0..15 and Q5_K 0..31 unsigned, Q6_K `q − 32` and Q3_K −4..3 signed. `F` is one of this
 /// module's K-quant constants ([`K_Q4`], [`K_Q5`], [`K_Q6`] outside it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -769,6 +782,20 @@ pub(super) unsafe fn k_bytes<const F: u8>(p: *const u8, s: usize) -> __m256i {
                     return _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
                 }
                 q
+            }
+            Q3_K => {
+                // s = 4n + j: two low bits at bit 2j of qs[32n..], the third at bit s of
+                // hmask (set: q, clear: q − 4).
+                let qs = _mm256_loadu_si256(p.add(32 + 32 * (s / 4)).cast());
+                let low = _mm256_and_si256(
+                    _mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * (s as i32 % 4))),
+                    _mm256_set1_epi8(3),
+                );
+                let bit = _mm256_set1_epi8((1u8 << s) as i8);
+                let hm = _mm256_loadu_si256(p.cast());
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+                let four = _mm256_set1_epi8(4);
+                _mm256_sub_epi8(_mm256_or_si256(low, _mm256_and_si256(set, four)), four)
             }
             _ => {
                 // s = 4n + k: low 4 bits in ql[64n + 32(k & 1)..] (high nibble for k ≥ 2),
@@ -799,6 +826,32 @@ pub(super) const K_Q4: u8 = Q4_K;
 pub(super) const K_Q5: u8 = Q5_K;
 /// See [`K_Q4`].
 pub(super) const K_Q6: u8 = Q6_K;
+/// See [`K_Q4`].
+pub(super) const K_Q3: u8 = Q3_K;
+
+/// Whether the K-quant `F` has per-sub-block mins (Q4_K, Q5_K: unsigned quants, `d·sc·q −
+/// dmin·m`) rather than signed quants under signed per-16 scales (Q6_K, Q3_K).
+pub(super) const fn has_mins<const F: u8>() -> bool {
+    F == Q4_K || F == Q5_K
+}
+
+/// Where the K-quant `F`'s f16 `d` sits in its super-block.
+pub(super) const fn k_d_at<const F: u8>() -> usize {
+    match F {
+        Q6_K => 208,
+        Q3_K => 108,
+        _ => 0,
+    }
+}
+
+/// The sixteen signed scales (`sc − 32`) of the Q3_K super-block at `p`
+/// ([`super::kquant::q3_scales`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn q3_k_scales(p: *const u8) -> [i8; 16] {
+    // Safety: `p` starts a whole Q3_K super-block (110 bytes).
+    super::kquant::q3_scales(unsafe { std::slice::from_raw_parts(p, 110) })
+}
 
 /// `M` activation rows against one weight row: full 32-value blocks only.
 #[cfg(target_arch = "x86_64")]
@@ -995,6 +1048,7 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q4_K => dequant_k::<Q4_K>(src, dst, blocks / 8),
             PackedFormat::Q5_K => dequant_k::<Q5_K>(src, dst, blocks / 8),
             PackedFormat::Q6_K => dequant_k::<Q6_K>(src, dst, blocks / 8),
+            PackedFormat::Q3_K => dequant_k::<Q3_K>(src, dst, blocks / 8),
         }
     }
     true
@@ -1008,7 +1062,7 @@ pub(super) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// K-quant super-blocks to f32 (prefill tiles), with [`super::kquant`]'s arithmetic: `d·sc`
-/// and `dmin·m` in f32, then `d·sc · q − dmin·m` (Q4_K, Q5_K) or `(d·sc) · q` (Q6_K), each
+/// and `dmin·m` in f32, then `d·sc · q − dmin·m` (Q4_K, Q5_K) or `(d·sc) · q` (Q6_K, Q3_K), each
 /// rounded as the scalar code rounds it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1024,13 +1078,18 @@ unsafe fn dequant_k<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
         unsafe {
             let p = src.as_ptr().add(b * block_bytes::<F>());
             let out = dst.as_mut_ptr().add(b * 256);
-            if F == Q6_K {
-                let d = h2f(p.add(208));
+            if !has_mins::<F>() {
+                let d = h2f(p.add(k_d_at::<F>()));
+                let sc: [i8; 16] = if F == Q3_K {
+                    q3_k_scales(p)
+                } else {
+                    std::array::from_fn(|g| *p.add(192 + g) as i8)
+                };
                 for s in 0..8 {
                     let (q0, q1) = k_quants::<F>(p, s);
                     for (h, q) in [q0, q1].into_iter().enumerate() {
                         let g = 2 * s + h;
-                        let dsc = _mm256_set1_ps(d * (*p.add(192 + g) as i8) as f32);
+                        let dsc = _mm256_set1_ps(d * sc[g] as f32);
                         let (a, c) = f32x16(q);
                         _mm256_storeu_ps(out.add(16 * g), _mm256_mul_ps(dsc, a));
                         _mm256_storeu_ps(out.add(16 * g + 8), _mm256_mul_ps(dsc, c));
@@ -1108,7 +1167,9 @@ pub(super) fn axpy_rows(format: PackedFormat, rows: &[&[u8]], a: &[f32], acc: &m
             PackedFormat::Q4_1 => axpy_rows_f::<Q4_1>(rows, a, acc),
             PackedFormat::Q5_0 => axpy_rows_f::<Q5_0>(rows, a, acc),
             PackedFormat::Q5_1 => axpy_rows_f::<Q5_1>(rows, a, acc),
-            PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => return false,
+            PackedFormat::Q3_K | PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
+                return false;
+            }
         }
     }
     true

@@ -40,6 +40,7 @@ pub(super) fn applies(format: PackedFormat) -> bool {
             | PackedFormat::Q4_K
             | PackedFormat::Q5_K
             | PackedFormat::Q6_K
+            | PackedFormat::Q3_K
     )
 }
 
@@ -174,8 +175,10 @@ pub(super) fn kernels(format: PackedFormat) -> Vec<(&'static str, DotKernel)> {
 /// `vnni`, AVX512-VNNI) is available.
 #[cfg(target_arch = "x86_64")]
 fn simd_kernel(format: PackedFormat, vnni: bool) -> DotKernel {
-    use super::avx2::{K_Q4, K_Q5, K_Q6};
+    use super::avx2::{K_Q3, K_Q4, K_Q5, K_Q6};
     match (format, vnni) {
+        (PackedFormat::Q3_K, true) => avx2::entry_k::<K_Q3, true>,
+        (PackedFormat::Q3_K, false) => avx2::entry_k::<K_Q3, false>,
         (PackedFormat::Q4_K, true) => avx2::entry_k::<K_Q4, true>,
         (PackedFormat::Q5_K, true) => avx2::entry_k::<K_Q5, true>,
         (PackedFormat::Q6_K, true) => avx2::entry_k::<K_Q6, true>,
@@ -200,7 +203,10 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::PackedFormat;
-    use super::super::avx2::{K_Q4, K_Q5, K_Q6, h2f, hmax, hsum, k_bytes, scales_mins_k4};
+    use super::super::avx2::{
+        K_Q3, K_Q4, K_Q5, K_Q6, h2f, has_mins, hmax, hsum, k_bytes, k_d_at, q3_k_scales,
+        scales_mins_k4,
+    };
     use super::Acts;
 
     /// `$kernel::<$f, M>($args)` with `M` the group's row count, 1 to 4 (the kernels take it
@@ -309,7 +315,7 @@ mod avx2 {
         });
     }
 
-    /// [`entry`] for the K-quants (`F` one of [`K_Q4`], [`K_Q5`], [`K_Q6`]): rows of
+    /// [`entry`] for the K-quants (`F` one of [`K_Q3`], [`K_Q4`], [`K_Q5`], [`K_Q6`]): rows of
     /// 256-value super-blocks against activations with one scale per 256 values
     /// ([`super::scale_len`]), [`group_k`]. With `VL` (only when the CPU has AVX-512VL and
     /// VNNI, [`vnni`]), [`group_k_vl`], or [`entry_kt`] from [`KT_MIN_ROWS`] rows on.
@@ -321,7 +327,9 @@ mod avx2 {
     ) {
         assert_eq!(format.block_bytes(), k_block_bytes::<F>());
         let cols = acts.cols;
-        if VL && acts.m >= KT_MIN_ROWS && acts.q8t.len() >= acts.m * cols {
+        // (No transposing kernel for Q3_K: it was written for VNNI machines, and none was at
+        // hand to test a Q3_K form on.)
+        if VL && F != K_Q3 && acts.m >= KT_MIN_ROWS && acts.q8t.len() >= acts.m * cols {
             entry_kt::<F>(format, w, acts, out);
             return;
         }
@@ -377,6 +385,7 @@ mod avx2 {
         match F {
             K_Q4 => 144,
             K_Q5 => 176,
+            K_Q3 => 110,
             _ => 210,
         }
     }
@@ -431,7 +440,11 @@ mod avx2 {
         unsafe {
             let (supers, chunks) = (cols / 256, cols / 32);
             let masks: [__m256i; 8] = std::array::from_fn(|s| {
-                _mm256_loadu_si256(SCALE_SHUFFLE[usize::from(F == K_Q6)][s].as_ptr().cast())
+                _mm256_loadu_si256(
+                    SCALE_SHUFFLE[usize::from(!has_mins::<F>())][s]
+                        .as_ptr()
+                        .cast(),
+                )
             });
             let mut acc = [_mm256_setzero_ps(); M];
             for sb in 0..supers {
@@ -439,10 +452,15 @@ mod avx2 {
                 // Per sub-block s, `vpshufb(scales[s / 4], masks[s])` is its scale in every i16
                 // lane (Q6_K: the first 16 values' scale in the low half, the next 16's in the
                 // high half).
-                let (d, scales, mins) = if F == K_Q6 {
-                    let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));
+                let (d, scales, mins) = if !has_mins::<F>() {
+                    let s8 = if F == K_Q3 {
+                        _mm_loadu_si128(q3_k_scales(p).as_ptr().cast())
+                    } else {
+                        _mm_loadu_si128(p.add(192).cast())
+                    };
+                    let s16 = _mm256_cvtepi8_epi16(s8);
                     (
-                        h2f(p.add(208)),
+                        h2f(p.add(k_d_at::<F>())),
                         [
                             _mm256_permute2x128_si256::<0x00>(s16, s16),
                             _mm256_permute2x128_si256::<0x11>(s16, s16),
@@ -465,7 +483,7 @@ mod avx2 {
                     let q = k_bytes::<F>(p, s);
                     let scale = _mm256_shuffle_epi8(scales[s / 4], *mask);
                     // (unsigned quants, signs for the activations)
-                    let (u, sign) = if F == K_Q6 {
+                    let (u, sign) = if !has_mins::<F>() {
                         (_mm256_sign_epi8(q, q), Some(q))
                     } else {
                         (q, None)
@@ -494,7 +512,7 @@ mod avx2 {
                         _mm256_set1_ps(d * dx),
                         acc[j],
                     );
-                    if F != K_Q6 {
+                    if has_mins::<F>() {
                         // −dmin·m per sub-block times its d_x·Σq.
                         let bsum = _mm256_loadu_ps(a.sum.as_ptr().add(j * chunks + sb * 8));
                         acc[j] = _mm256_fnmadd_ps(mins, bsum, acc[j]);

@@ -307,7 +307,7 @@ pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut 
                 }
             }
         }
-        PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
+        PackedFormat::Q3_K | PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
             super::kquant::dequantize_row(format, src, dst)
         }
     }
@@ -338,6 +338,7 @@ pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) ->
         | PackedFormat::Q4_1
         | PackedFormat::Q5_0
         | PackedFormat::Q5_1
+        | PackedFormat::Q3_K
         | PackedFormat::Q4_K
         | PackedFormat::Q5_K
         | PackedFormat::Q6_K => {

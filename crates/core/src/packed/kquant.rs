@@ -1,10 +1,10 @@
-//! ggml's K-quant super-blocks (Q4_K, Q5_K, Q6_K): their layouts, the portable dequantisation
+//! ggml's K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K): their layouts, the portable dequantisation
 //! (ggml's `dequantize_row_q*_K`, operation for operation, so bit-identical to it and to
 //! `kiln_gguf::dequantize`), and quantisation through kiln-gguf's port of ggml's reference
 //! quantisers.
 //!
 //! Every K-quant value is `scale · q + offset` with one scale and offset per 32 values (Q4_K,
-//! Q5_K: `d·sc` and `−dmin·m`) or per 16 (Q6_K: `d·sc`, no offset). The SIMD kernels
+//! Q5_K: `d·sc` and `−dmin·m`) or per 16 (Q3_K, Q6_K: `d·sc`, no offset). The SIMD kernels
 //! ([`super::avx2`]) read the same fields through [`sub_scales`].
 
 use half::f16;
@@ -56,6 +56,7 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q4_K => q4_k(b, y),
             PackedFormat::Q5_K => q5_k(b, y),
             PackedFormat::Q6_K => q6_k(b, y),
+            PackedFormat::Q3_K => q3_k(b, y),
             _ => unreachable!("{format} is not a K-quant"),
         }
     }
@@ -103,6 +104,40 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The sixteen signed scales (`sc − 32`, −32..31) of a Q3_K block, from its 12 packed bytes
+/// at 96..108: group `k`'s low four bits in the nibble `k / 8` of byte `k % 8`, its high two
+/// at bit `2·(k / 4)` of byte `8 + k % 4` (ggml's `kmask` unpacking, one group at a time).
+#[inline(always)]
+pub(super) fn q3_scales(b: &[u8]) -> [i8; 16] {
+    let sb = &b[96..108];
+    std::array::from_fn(|k| {
+        let lo = (sb[k % 8] >> (4 * (k / 8))) & 0x0F;
+        let hi = (sb[8 + k % 4] >> (2 * (k / 4))) & 0x03;
+        (lo | (hi << 4)) as i8 - 32
+    })
+}
+
+/// `block_q3_K { u8 hmask[32]; u8 qs[64]; u8 scales[12]; half d; }`: the quant of value
+/// `128n + 32j + l` is bits `2j..2j+2` of `qs[32n + l]`, minus 4 where bit `4n + j` of
+/// `hmask[l]` is clear; group `v / 16` has scale [`q3_scales`]`[v / 16]`.
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 108);
+    let sc = q3_scales(b);
+    for (v, y) in y.iter_mut().enumerate() {
+        // ggml: d * (sc − 32) (a float times an int8), then times the quant.
+        *y = d * sc[v / 16] as f32 * q3_quant(b, v) as f32;
+    }
+}
+
+/// The signed 3-bit quant (−4..3) of value `v` of a Q3_K block (see [`q3_k`]).
+#[inline(always)]
+pub(super) fn q3_quant(b: &[u8], v: usize) -> i32 {
+    let (n, j, l) = (v / 128, v % 128 / 32, v % 32);
+    let low = (b[32 + 32 * n + l] >> (2 * j)) & 3;
+    let high = (b[l] >> (4 * n + j)) & 1;
+    (low | (high << 2)) as i32 - 4
+}
+
 /// The signed 6-bit quant (`q − 32`) of value `v` of a Q6_K block: low 4 bits from `ql`
 /// (byte `64n + 32·(k&1) + l`, high nibble for k ≥ 2), high 2 bits from `qh[32n + l]` at
 /// bit `2k`, where `v = 128n + 32k + l`.
@@ -128,5 +163,6 @@ pub(super) fn ggml_type(format: PackedFormat) -> kiln_gguf::GgmlType {
         PackedFormat::Q4_K => kiln_gguf::GgmlType::Q4_K,
         PackedFormat::Q5_K => kiln_gguf::GgmlType::Q5_K,
         PackedFormat::Q6_K => kiln_gguf::GgmlType::Q6_K,
+        PackedFormat::Q3_K => kiln_gguf::GgmlType::Q3_K,
     }
 }

@@ -1,6 +1,6 @@
 //! Weights held on the host in the precision they ship in (f32, f16, bf16, or ggml's Q8_0,
-//! Q4_0, Q4_1 blocks and its Q4_K, Q5_K, Q6_K super-blocks), and the CPU kernels that multiply
-//! activations by them.
+//! Q4_0, Q4_1, Q5_0, Q5_1 blocks and its Q3_K, Q4_K, Q5_K, Q6_K super-blocks), and the CPU
+//! kernels that multiply activations by them.
 //!
 //! Why kiln has its own kernels here: a decode step is a matrix-vector product per weight, so
 //! its speed is the rate at which the weights stream from memory. Burn 0.21's CPU backends
@@ -75,6 +75,10 @@ pub enum PackedFormat {
     /// ggml `block_q6_K`: 256 6-bit values in sixteen groups of 16 with i8 scales under one
     /// f16 `d` (`y = d·sc·(q − 32)`), 6.5625 bits a weight.
     Q6_K,
+    /// ggml `block_q3_K`: 256 3-bit values (two low bits in `qs`, the third in `hmask`) in
+    /// sixteen groups of 16 with 6-bit signed scales under one f16 `d`
+    /// (`y = d·(sc − 32)·(q − 4)`), 3.4375 bits a weight. Most of a Q3_K_M file.
+    Q3_K,
 }
 
 impl PackedFormat {
@@ -83,7 +87,7 @@ impl PackedFormat {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => 32,
-            Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
+            Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
         }
     }
 
@@ -100,6 +104,7 @@ impl PackedFormat {
             Self::Q4_K => 144,
             Self::Q5_K => 176,
             Self::Q6_K => 210,
+            Self::Q3_K => 110,
         }
     }
 
@@ -117,12 +122,13 @@ impl PackedFormat {
             Self::Q4_K => "q4_k",
             Self::Q5_K => "q5_k",
             Self::Q6_K => "q6_k",
+            Self::Q3_K => "q3_k",
         }
     }
 
     /// Whether this is one of ggml's 256-value K-quant formats.
     pub const fn is_k_quant(self) -> bool {
-        matches!(self, Self::Q4_K | Self::Q5_K | Self::Q6_K)
+        matches!(self, Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K)
     }
 
     /// Bytes one row of `cols` values takes.
@@ -133,7 +139,7 @@ impl PackedFormat {
 
 impl PackedFormat {
     /// Every format, in declaration order.
-    pub const ALL: [PackedFormat; 11] = [
+    pub const ALL: [PackedFormat; 12] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -145,6 +151,7 @@ impl PackedFormat {
         Self::Q4_K,
         Self::Q5_K,
         Self::Q6_K,
+        Self::Q3_K,
     ];
 }
 
@@ -415,6 +422,7 @@ impl PackedMatrix {
                     .chunks_exact(self.format.block_bytes())
                     .all(|b| finite_f16(b, 0) && finite_f16(b, 2)),
                 PackedFormat::Q6_K => row.chunks_exact(210).all(|b| finite_f16(b, 208)),
+                PackedFormat::Q3_K => row.chunks_exact(110).all(|b| finite_f16(b, 108)),
             }
         };
         (0..self.rows).into_par_iter().find_first(|&r| !row_ok(r))

@@ -358,6 +358,7 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
         (PackedFormat::Q4_K, 512),
         (PackedFormat::Q5_K, 512),
         (PackedFormat::Q6_K, 512),
+        (PackedFormat::Q3_K, 512),
     ] {
         let w = values(rows * cols, 21);
         let packed = PackedMatrix::from_f32(rows, cols, &w, format)
@@ -501,7 +502,12 @@ fn eight_bit_activations_are_ggml_q8_0_blocks() {
 
 // ---- K-quants (256-value super-blocks) ----
 
-const K_FORMATS: [PackedFormat; 3] = [PackedFormat::Q4_K, PackedFormat::Q5_K, PackedFormat::Q6_K];
+const K_FORMATS: [PackedFormat; 4] = [
+    PackedFormat::Q3_K,
+    PackedFormat::Q4_K,
+    PackedFormat::Q5_K,
+    PackedFormat::Q6_K,
+];
 
 /// Raw K-quant (or Q5_0/Q5_1) blocks with random quants and scales, and what the `gguf` Python
 /// package dequantises them to (kiln-gguf's fixtures, `tools/gguf_reference.py`).
@@ -514,6 +520,10 @@ fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
         PackedFormat::Q5_K => (
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.bin"),
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.f32"),
+        ),
+        PackedFormat::Q3_K => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q3_K.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q3_K.f32"),
         ),
         PackedFormat::Q6_K => (
             include_bytes!("../../../gguf/tests/fixtures/quant/Q6_K.bin"),
@@ -719,10 +729,14 @@ fn k_quant_non_finite_scales_are_found_by_row() {
     for format in K_FORMATS {
         let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
         assert_eq!(packed.first_non_finite_row(), None, "{format}");
-        // A NaN `d` (Q6_K) or `dmin` (Q4_K, Q5_K) in row 2's second super-block.
+        // A NaN `d` (Q6_K, Q3_K) or `dmin` (Q4_K, Q5_K) in row 2's second super-block.
         let at = 2 * format.row_bytes(cols)
             + format.block_bytes()
-            + if format == PackedFormat::Q6_K { 208 } else { 2 };
+            + match format {
+                PackedFormat::Q6_K => 208,
+                PackedFormat::Q3_K => 108,
+                _ => 2,
+            };
         let mut bytes = packed.bytes().to_vec();
         bytes[at..at + 2].copy_from_slice(&[0x00, 0x7E]);
         let bad = PackedMatrix::from_bytes(rows, cols, format, &bytes).unwrap();
@@ -785,8 +799,8 @@ fn formats_parse_from_their_names() {
         assert_eq!(f.name().parse::<PackedFormat>(), Ok(f));
         assert_eq!(f.name().to_uppercase().parse::<PackedFormat>(), Ok(f));
     }
-    let err = "q3_k".parse::<PackedFormat>().unwrap_err();
-    assert!(err.contains("q3_k") && err.contains("q8_0"), "{err}");
+    let err = "q2_k".parse::<PackedFormat>().unwrap_err();
+    assert!(err.contains("q2_k") && err.contains("q8_0"), "{err}");
 }
 
 #[test]
@@ -950,7 +964,7 @@ fn matvec_softmax_vecmat_is_the_three_steps_in_f64() {
 #[test]
 fn k_quant_kernels_hold_the_largest_integer_sums() {
     // Every weight at its format's largest |scale·quant| (Q4_K 15·63, Q5_K 31·63, Q6_K
-    // (0 − 32)·(−128)), every activation equal, so every i16 activation is 32767: the
+    // (0 − 32)·(−128), Q3_K (0 − 4)·(0 − 32)), every activation equal, so every i16 activation is 32767: the
     // kernels' i32 sums reach their bounds (Q6_K's only if it converts every four sub-blocks).
     let block = |format: PackedFormat| -> Vec<u8> {
         let mut b = vec![0u8; format.block_bytes()];
@@ -960,6 +974,8 @@ fn k_quant_kernels_hold_the_largest_integer_sums() {
                 b[192..208].fill(0x80); // scales −128; ql, qh zero: q − 32 = −32
                 b[208..210].copy_from_slice(&one);
             }
+            // Scales 0 − 32; qs and hmask zero: q − 4 = −4.
+            PackedFormat::Q3_K => b[108..110].copy_from_slice(&one),
             _ => {
                 b[0..2].copy_from_slice(&one); // d = 1, dmin = 0
                 // Scales 63, mins 0 (scale_min_k4's split packing for sub-blocks 4..8).
@@ -977,6 +993,7 @@ fn k_quant_kernels_hold_the_largest_integer_sums() {
         let top = match format {
             PackedFormat::Q4_K => 15.0 * 63.0,
             PackedFormat::Q5_K => 31.0 * 63.0,
+            PackedFormat::Q3_K => 128.0,
             _ => 4096.0,
         };
         assert_eq!(packed.to_f32()[0], top, "{format} test block");
