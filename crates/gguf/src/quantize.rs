@@ -1,5 +1,5 @@
 //! Quantisation of `f32` rows to ggml blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants
-//! Q3_K, Q4_K, Q5_K and Q6_K, as
+//! Q3_K, Q4_K, Q5_K and Q6_K, and IQ4_XS, as
 //! ggml's reference quantisers (`quantize_row_*_ref` in `ggml-quants.c`, without an importance
 //! matrix) compute them, operation for operation in `f32`, so that kiln can write the files
 //! llama.cpp's `llama-quantize` writes without `--imatrix`.
@@ -31,6 +31,7 @@ pub fn can_quantize(ggml_type: GgmlType) -> bool {
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
+            | GgmlType::IQ4_XS
     )
 }
 
@@ -68,6 +69,7 @@ pub fn quantize_into(ggml_type: GgmlType, values: &[f32], out: &mut [u8]) -> Res
         GgmlType::Q4_K => q4_k,
         GgmlType::Q5_K => q5_k,
         GgmlType::Q6_K => q6_k,
+        GgmlType::IQ4_XS => iq4_xs,
         other => return Err(GgufError::CannotQuantize(other)),
     };
     for (x, y) in values.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
@@ -539,6 +541,105 @@ fn q3_k(x: &[f32], y: &mut [u8]) {
     }
 }
 
+/// ggml's `best_index_int8`: the index of the level of `levels` (ascending) nearest to `x`,
+/// the lower one on a tie.
+fn best_index_int8(levels: &[i8; 16], x: f32) -> u8 {
+    if x <= levels[0] as f32 {
+        return 0;
+    }
+    if x >= levels[15] as f32 {
+        return 15;
+    }
+    let (mut ml, mut mu) = (0usize, 15usize);
+    while mu - ml > 1 {
+        let mav = (ml + mu) / 2;
+        if x < levels[mav] as f32 {
+            mu = mav;
+        } else {
+            ml = mav;
+        }
+    }
+    if x - (levels[mu - 1] as f32) < levels[mu] as f32 - x {
+        (mu - 1) as u8
+    } else {
+        mu as u8
+    }
+}
+
+/// `block_iq4_xs { half d; u16 scales_h; u8 scales_l[4]; u8 qs[128]; }`
+/// (`quantize_row_iq4_xs_ref`, i.e. ggml's `quantize_row_iq4_nl_impl(256, 32, …, ntry = 7)`
+/// without an importance matrix): per 32 values the scale that best fits the x²-weighted
+/// values to the non-uniform levels over fifteen trial scales, then a 6-bit `ls − 32` of
+/// `d = −max_scale / 32`, and each value's nearest level under `d·(ls − 32)`.
+fn iq4_xs(x: &[f32], y: &mut [u8]) {
+    let levels = &crate::quant::IQ4_LEVELS;
+    let mut l = [0u8; QK_K];
+    let mut scales = [0f32; 8];
+    let (mut max_scale, mut amax_scale) = (0f32, 0f32);
+    for ib in 0..8 {
+        let xb = &x[32 * ib..32 * ib + 32];
+        let max = signed_max(xb);
+        if max.abs() < GROUP_MAX_EPS {
+            scales[ib] = 0.0;
+            continue;
+        }
+        let mut d = -max / levels[0] as f32;
+        let mut id = 1.0 / d;
+        let (mut sumqx, mut sumq2) = (0f32, 0f32);
+        for (j, &xj) in xb.iter().enumerate() {
+            let li = best_index_int8(levels, id * xj);
+            l[32 * ib + j] = li;
+            let q = levels[li as usize] as f32;
+            let w = xj * xj;
+            sumqx += w * q * xj;
+            sumq2 += w * q * q;
+        }
+        d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
+        let mut best = d * sumqx;
+        for itry in -7..=7 {
+            id = (itry + levels[0] as i32) as f32 / max;
+            let (mut sumqx, mut sumq2) = (0f32, 0f32);
+            for &xj in xb {
+                let q = levels[best_index_int8(levels, id * xj) as usize] as f32;
+                let w = xj * xj;
+                sumqx += w * q * xj;
+                sumq2 += w * q * q;
+            }
+            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                d = sumqx / sumq2;
+                best = d * sumqx;
+            }
+        }
+        scales[ib] = d;
+        if d.abs() > amax_scale {
+            amax_scale = d.abs();
+            max_scale = d;
+        }
+    }
+    y.fill(0);
+    let d = -max_scale / 32.0;
+    put_f16(&mut y[0..2], d);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut scales_h = 0u16;
+    for ib in 0..8 {
+        let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
+        let dl = d * ls as f32;
+        let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
+        for j in 0..32 {
+            l[32 * ib + j] = best_index_int8(levels, idl * x[32 * ib + j]);
+        }
+        let ls = (ls + 32) as u8;
+        y[4 + ib / 2] |= (ls & 0x0F) << (4 * (ib % 2));
+        scales_h |= u16::from(ls >> 4) << (2 * ib);
+    }
+    y[2..4].copy_from_slice(&scales_h.to_le_bytes());
+    for ib in 0..8 {
+        for j in 0..16 {
+            y[8 + 16 * ib + j] = l[32 * ib + j] | (l[32 * ib + 16 + j] << 4);
+        }
+    }
+}
+
 /// Q6_K's quants (0..63, `q + 32`) into its `ql` and `qh` bytes.
 fn pack_q6_k(l: &[u8; QK_K], y: &mut [u8]) {
     let (ql, rest) = y.split_at_mut(128);
@@ -693,6 +794,7 @@ mod tests {
             (GgmlType::Q5_K, 0.1),
             (GgmlType::Q4_K, 0.2),
             (GgmlType::Q3_K, 0.35),
+            (GgmlType::IQ4_XS, 0.2),
         ] {
             let y = dequantize(t, &quantize(t, &x).unwrap()).unwrap();
             let err = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
@@ -706,6 +808,7 @@ mod tests {
     #[test]
     fn zeros_and_exact_grids() {
         for t in [
+            GgmlType::IQ4_XS,
             GgmlType::Q3_K,
             GgmlType::Q4_K,
             GgmlType::Q5_K,

@@ -67,18 +67,20 @@ fn four_and_five_bit_quantisation_matches_gguf_py() {
     }
 }
 
-/// Q3_K blocks quantised by ggml's own C (`tools/ggml_q3_k_reference.c`: `quantize_row_q3_K_ref`
-/// copied from llama.cpp) from values with an all-zero block, an all-zero group of 16 and
-/// unequal group scales, byte for byte.
+/// Q3_K and IQ4_XS blocks quantised by ggml's own C (`tools/ggml_q3_k_reference.c`,
+/// `tools/ggml_iq4_xs_reference.c`: the quantisers copied from llama.cpp) from values with an
+/// all-zero block, an all-zero group and unequal group scales, byte for byte.
 #[test]
-fn q3_k_quantisation_matches_ggml() {
+fn q3_k_and_iq4_xs_quantisation_matches_ggml() {
     let dir = common::fixtures().join("quant");
-    let values = common::read_f32(&dir.join("Q3_K.in.f32"));
-    let expected = std::fs::read(dir.join("Q3_K.quantized")).expect("fixture");
-    let got = quantize(GgmlType::Q3_K, &values).unwrap();
-    assert_eq!(got.len(), expected.len(), "byte count");
-    let first = got.iter().zip(&expected).position(|(a, b)| a != b);
-    assert_eq!(first, None, "first differing byte");
+    for t in [GgmlType::Q3_K, GgmlType::IQ4_XS] {
+        let values = common::read_f32(&dir.join(format!("{t}.in.f32")));
+        let expected = std::fs::read(dir.join(format!("{t}.quantized"))).expect("fixture");
+        let got = quantize(t, &values).unwrap();
+        assert_eq!(got.len(), expected.len(), "{t}: byte count");
+        let first = got.iter().zip(&expected).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{t}: first differing byte");
+    }
 }
 
 #[test]
