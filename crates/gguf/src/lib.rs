@@ -9,8 +9,7 @@
 //! * [`GgufFile::tensor_f32`] dequantises a tensor (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
 //!   Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) bit-exactly as ggml does;
 //!   [`dequantize`] does the same for raw blocks, and [`iq4_nl_to_q8_0`] rewrites IQ4_NL
-//!   blocks losslessly as Q8_0, which kiln has kernels for ([`iq4_xs_to_q8_0`] IQ4_XS,
-//!   rounding only its scales to f16).
+//!   blocks losslessly as Q8_0, which kiln has kernels for.
 //! * [`GgufFile::llama_metadata`] gives the hyper-parameters as a plain [`LlamaMetadata`];
 //!   [`hf_tensor_name`] maps tensor names to Hugging Face's and [`unpermute_qk`] undoes
 //!   llama.cpp's row permutation of the Q/K weights.
@@ -58,6 +57,6 @@ pub mod writer;
 pub use error::{GgufError, Result};
 pub use file::{DEFAULT_ALIGNMENT, GgufFile, TensorInfo};
 pub use llama::{LlamaMetadata, RopeScaling, hf_tensor_name, permute_qk, unpermute_qk};
-pub use quant::{dequantize, dequantize_into};
-pub use quantize::{can_quantize, iq4_nl_to_q8_0, iq4_xs_to_q8_0, quantize, quantize_into};
+pub use quant::{IQ4_LEVELS, dequantize, dequantize_into};
+pub use quantize::{can_quantize, iq4_nl_to_q8_0, quantize, quantize_into};
 pub use types::{GgmlType, Value, ValueType};

@@ -328,7 +328,7 @@ fn dq_q5_k(src: &[u8], dst: &mut [f32]) {
 /// `block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; half d; }`: sixteen groups of 16 with
 /// 8-bit signed scales; `y = d * sc * (q - 32)`.
 /// The sixteen non-uniform levels of IQ4_NL and IQ4_XS (`kvalues_iq4nl`).
-pub(crate) const IQ4_LEVELS: [i8; 16] = [
+pub const IQ4_LEVELS: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 

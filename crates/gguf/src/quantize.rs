@@ -679,37 +679,6 @@ pub fn iq4_nl_to_q8_0(src: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// IQ4_XS super-blocks (`block_iq4_xs { half d; u16 scales_h; u8 scales_l[4]; u8 qs[128]; }`:
-/// eight IQ4_NL-like sub-blocks of 32 under `d · (ls − 32)`) rewritten as eight Q8_0 blocks
-/// each: the levels (−127..113) as the i8 quants and the sub-block's scale `d · (ls − 32)`
-/// (computed in f32, as ggml's dequantisation does) rounded to Q8_0's f16, so each value moves
-/// by at most that rounding (2⁻¹¹ of the scale, relatively) and no value is re-rounded, where
-/// requantising the dequantised values rounded each one to a new grid.
-pub fn iq4_xs_to_q8_0(src: &[u8]) -> Result<Vec<u8>> {
-    let (xs, q8) = (GgmlType::IQ4_XS.type_size(), GgmlType::Q8_0.type_size());
-    if !src.len().is_multiple_of(xs) {
-        return Err(GgufError::Shape(format!(
-            "{} bytes is not a whole number of IQ4_XS blocks of {xs}",
-            src.len()
-        )));
-    }
-    let mut out = vec![0u8; src.len() / xs * 8 * q8];
-    for (b, y) in src.chunks_exact(xs).zip(out.chunks_exact_mut(8 * q8)) {
-        let d = get_f16(&b[0..2]);
-        let scales_h = u16::from_le_bytes([b[2], b[3]]);
-        for (ib, y) in y.chunks_exact_mut(q8).enumerate() {
-            let lo = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F;
-            let hi = ((scales_h >> (2 * ib)) & 3) as u8;
-            put_f16(&mut y[..2], d * ((lo | (hi << 4)) as i32 - 32) as f32);
-            for (j, &q) in b[8 + 16 * ib..24 + 16 * ib].iter().enumerate() {
-                y[2 + j] = crate::quant::IQ4_LEVELS[(q & 0x0F) as usize] as u8;
-                y[18 + j] = crate::quant::IQ4_LEVELS[(q >> 4) as usize] as u8;
-            }
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,26 +709,6 @@ mod tests {
             assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
         }
         assert!(iq4_nl_to_q8_0(&bytes[..17]).is_err());
-    }
-
-    /// IQ4_XS as Q8_0 against gguf-py's dequantisation: each value `dl · level` within the f16
-    /// rounding of `dl` (2⁻¹¹ relative), so within 2⁻¹¹ of itself; a wrong level or sub-block
-    /// order would miss by whole steps.
-    #[test]
-    fn iq4_xs_as_q8_0_rounds_only_the_scales() {
-        let (bytes, want) = fixture("IQ4_XS");
-        let q8 = iq4_xs_to_q8_0(&bytes).unwrap();
-        assert_eq!(q8.len(), bytes.len() / 136 * 8 * 34);
-        let got = dequantize(GgmlType::Q8_0, &q8).unwrap();
-        assert_eq!(got.len(), want.len());
-        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            // (The fixture's scales are normal f16 numbers.)
-            assert!(
-                (a - b).abs() <= b.abs() * 2f32.powi(-11) * 1.001,
-                "value {i}: {a} vs {b}"
-            );
-        }
-        assert!(iq4_xs_to_q8_0(&bytes[..135]).is_err());
     }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -1,6 +1,6 @@
 //! Llama-family models from GGUF files (llama.cpp's format): SmolLM2, TinyLlama, Llama 2/3,
 //! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q3_K, Q4_K, Q5_K, Q6_K; IQ4_NL and IQ4_XS as Q8_0 blocks of their values) or
+//! Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; IQ4_NL as Q8_0 blocks of its values) or
 //! floats; elsewhere tensors are dequantised one at a time as they load.
 
 use std::collections::HashMap;
@@ -197,11 +197,9 @@ impl WeightSource for GgufWeights {
         Ok(TensorData::new(values, shape))
     }
 
-    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, F16, BF16 and F32 tensors are
-    /// handed over as their bytes (with the Q/K rows unpermuted), IQ4_NL as Q8_0 blocks with
-    /// the same values ([`kiln_gguf::iq4_nl_to_q8_0`]),
-    /// IQ4_XS as Q8_0 blocks with its scales rounded to f16 ([`kiln_gguf::iq4_xs_to_q8_0`]),
-    /// with a note; Q2_K is dequantised and, when the stored format is asked for, requantised
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, F16, BF16 and F32 tensors
+    /// are handed over as their bytes (with the Q/K rows unpermuted), IQ4_NL as Q8_0 blocks
+    /// with the same values ([`kiln_gguf::iq4_nl_to_q8_0`]) and a note; Q2_K is dequantised and, when the stored format is asked for, requantised
     /// to Q8_0, with a note; other IQ types are an error.
     fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
         let gguf = self.gguf_name(name)?;
@@ -225,9 +223,9 @@ impl WeightSource for GgufWeights {
             GgmlType::Q4_K => Some(PackedFormat::Q4_K),
             GgmlType::Q5_K => Some(PackedFormat::Q5_K),
             GgmlType::Q6_K => Some(PackedFormat::Q6_K),
-            // No IQ4 kernels: their blocks become Q8_0 blocks with the same values (IQ4_XS: its
-            // scales rounded to f16), below.
-            GgmlType::IQ4_NL | GgmlType::IQ4_XS => Some(PackedFormat::Q8_0),
+            GgmlType::IQ4_XS => Some(PackedFormat::IQ4_XS),
+            // No IQ4_NL kernels: its blocks become Q8_0 blocks with the same values, below.
+            GgmlType::IQ4_NL => Some(PackedFormat::Q8_0),
             _ => None,
         };
         let shape = info.shape();
@@ -244,10 +242,6 @@ impl WeightSource for GgufWeights {
                 GgmlType::IQ4_NL => Some((
                     kiln_gguf::iq4_nl_to_q8_0 as Rewrite,
                     "the same values, 8.5 bits a weight against 4.5",
-                )),
-                GgmlType::IQ4_XS => Some((
-                    kiln_gguf::iq4_xs_to_q8_0 as Rewrite,
-                    "the same levels under scales rounded to f16, 8.5 bits a weight against 4.25",
                 )),
                 _ => None,
             };

@@ -36,6 +36,7 @@ const Q6_K: u8 = 8;
 const Q5_0: u8 = 9;
 const Q5_1: u8 = 10;
 const Q3_K: u8 = 11;
+const IQ4_XS: u8 = 12;
 
 /// The AVX2 kernel for `format`. Only call after [`available`] returned true.
 #[cfg(target_arch = "x86_64")]
@@ -50,6 +51,7 @@ pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
             PackedFormat::Q5_K => return entry::<Q5_K, true>,
             PackedFormat::Q6_K => return entry::<Q6_K, true>,
             PackedFormat::Q3_K => return entry::<Q3_K, true>,
+            PackedFormat::IQ4_XS => return entry::<IQ4_XS, true>,
             _ => {}
         }
     }
@@ -72,6 +74,7 @@ pub(super) fn dot_kernel_avx2(format: PackedFormat) -> DotKernel {
         PackedFormat::Q5_K => entry::<Q5_K, false>,
         PackedFormat::Q6_K => entry::<Q6_K, false>,
         PackedFormat::Q3_K => entry::<Q3_K, false>,
+        PackedFormat::IQ4_XS => entry::<IQ4_XS, false>,
     }
 }
 
@@ -86,7 +89,10 @@ fn entry<const F: u8, const DP: bool>(
     assert!(m > 0 && out.len().is_multiple_of(m));
     assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
     assert!(acts.x.len() >= m * cols);
-    if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q3_K | Q4_K | Q5_K | Q6_K) {
+    if matches!(
+        F,
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
+    ) {
         let group = super::kernels::scale_group(format);
         assert!(acts.sum.len() >= m * (cols / 32) && acts.scale.len() >= m * (cols / group));
         assert!(acts.q16.len() >= m * cols && acts.q16_lo.len() >= m * cols);
@@ -263,6 +269,7 @@ const fn block_bytes<const F: u8>() -> usize {
         Q5_K => 176,
         Q6_K => 210,
         Q3_K => 110,
+        IQ4_XS => 136,
         _ => 20,
     }
 }
@@ -327,14 +334,17 @@ unsafe fn dot_rows_body<const F: u8, const DP: bool>(
         let xs = &x[j * cols..];
         let o = &mut out[j..j + n];
         unsafe {
-            if matches!(F, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q3_K | Q4_K | Q5_K | Q6_K) {
+            if matches!(
+                F,
+                Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
+            ) {
                 let q = Q16 {
                     q: &acts.q16[j * cols..],
                     lo: &acts.q16_lo[j * cols..],
                     sum: &acts.sum[j * blocks..],
                     scale: &acts.scale[j * (cols / super::kernels::scale_group(format))..],
                 };
-                if matches!(F, Q3_K | Q4_K | Q5_K | Q6_K) {
+                if matches!(F, Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS) {
                     match n {
                         4 => group_k::<F, 4, DP>(w, &q, cols, o),
                         3 => group_k::<F, 3, DP>(w, &q, cols, o),
@@ -608,8 +618,8 @@ unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
 ///
 /// Integer bounds, per i32 lane of a sum over `n` sub-blocks (four products per sub-block,
 /// activations |x| ≤ 32767): Q4_K |w·sc| ≤ 15·63 and Q5_K ≤ 31·63, 32 products fit; Q6_K
-/// |(q − 32)·sc| ≤ 32·128, only 16 do (16·4096·32767 < 2³¹), so it converts every four; Q3_K
-/// |q·(sc − 32)| ≤ 4·32, all 32 fit.
+/// |(q − 32)·sc| ≤ 32·128 and IQ4_XS |level·(ls − 32)| ≤ 127·32, only 16 do
+/// (16·4096·32767 < 2³¹), so they convert every four; Q3_K |q·(sc − 32)| ≤ 4·32, all 32 fit.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
@@ -626,13 +636,13 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
         let inv = _mm256_set1_ps(1.0 / 65536.0);
         for b in 0..blocks {
             let p = w.as_ptr().add(b * block_bytes::<F>());
-            // Q4_K/Q5_K: bytes 0..8 the sub-blocks' scales, 8..16 their mins; Q3_K: the
-            // sixteen signed scales.
+            // Q4_K/Q5_K: bytes 0..8 the sub-blocks' scales, 8..16 their mins; Q3_K, IQ4_XS:
+            // the signed scales of the sixteen groups of 16.
             let mut sm = [0u8; 16];
             if has_mins::<F>() {
                 _mm_storeu_si128(sm.as_mut_ptr().cast(), scales_mins_k4(p));
-            } else if F == Q3_K {
-                sm = q3_k_scales(p).map(|v| v as u8);
+            } else if F != Q6_K {
+                sm = signed_scales16::<F>(p).map(|v| v as u8);
             }
             let d = _mm256_set1_ps(h2f(p.add(k_d_at::<F>())));
             let (mut hi, mut lo) = ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
@@ -646,7 +656,7 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
                         hi[j] = _mm256_add_epi32(hi[j], dot32::<DP>(w0, w1, xq));
                         lo[j] = _mm256_add_epi32(lo[j], dot32::<DP>(w0, w1, xl));
                     }
-                    if s == 7 || (F == Q6_K && s == 3) {
+                    if s == 7 || ((F == Q6_K || F == IQ4_XS) && s == 3) {
                         for j in 0..M {
                             let t = _mm256_fmadd_ps(
                                 _mm256_cvtepi32_ps(lo[j]),
@@ -711,8 +721,8 @@ pub(super) unsafe fn scales_mins_k4(p: *const u8) -> __m128i {
 /// then the odd ones. Q4_K/Q5_K: quants times `sc` (the 6-bit scale from `sm`), one
 /// `vpmaddubsw` per vector with `sc` in every other byte, which also widens them (replacing
 /// an unpack and two `vpmullw`: Q4_K 32000×2048 at one row, 2.78 → 2.35 ms on an AVX2 Zen 3).
-/// Q6_K and Q3_K: the signed quant times each group of 16's own scale (Q6_K's i8, Q3_K's
-/// `sc − 32` from `sm`).
+/// Q6_K, Q3_K and IQ4_XS: the signed quant (IQ4_XS: level) times each group of 16's own
+/// scale (Q6_K's i8; Q3_K's and IQ4_XS's from `sm`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -728,7 +738,7 @@ unsafe fn k_weights<const F: u8>(p: *const u8, s: usize, sm: &[u8; 16]) -> (__m2
         let even = _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(q));
         let odd = _mm256_srai_epi16::<8>(q);
         // Lanes 0..8 of either vector hold values of the first 16, lanes 8..16 the second's.
-        let sc = if F == Q3_K {
+        let sc = if F != Q6_K {
             sm.as_ptr().add(2 * s).cast::<i8>()
         } else {
             p.add(192 + 2 * s).cast::<i8>()
@@ -745,7 +755,8 @@ unsafe fn k_weights<const F: u8>(p: *const u8, s: usize, sm: &[u8; 16]) -> (__m2
 }
 
 /// Sub-block `s` of the K-quant super-block at `p` as two vectors of 16 i16 quants: Q4_K
-/// 0..15, Q5_K 0..31, Q6_K `q − 32`, Q3_K −4..3. Layouts as in [`super::kquant`].
+/// 0..15, Q5_K 0..31, Q6_K `q − 32`, Q3_K −4..3, IQ4_XS its levels. Layouts as in
+/// [`super::kquant`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -760,7 +771,8 @@ unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
 }
 
 /// Sub-block `s` (values `32s..32s + 32`) of the K-quant super-block at `p` as 32 bytes in
-/// order: Q4_K 0..15 and Q5_K 0..31 unsigned, Q6_K `q − 32` and Q3_K −4..3 signed. `F` is one of this
+/// order: Q4_K 0..15 and Q5_K 0..31 unsigned, Q6_K `q − 32`, Q3_K −4..3 and IQ4_XS's levels
+/// (−127..113) signed. `F` is one of this
 /// module's K-quant constants ([`K_Q4`], [`K_Q5`], [`K_Q6`] outside it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -782,6 +794,16 @@ pub(super) unsafe fn k_bytes<const F: u8>(p: *const u8, s: usize) -> __m256i {
                     return _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
                 }
                 q
+            }
+            IQ4_XS => {
+                // Sub-block s: low nibbles of qs[16s..16s + 16] are values 0..16, high ones
+                // 16..32; each picks its level by `vpshufb`.
+                let qs = _mm_loadu_si128(p.add(8 + 16 * s).cast());
+                let levels = _mm_loadu_si128(kiln_gguf::IQ4_LEVELS.as_ptr().cast());
+                let low4 = _mm_set1_epi8(0x0F);
+                let lo = _mm_shuffle_epi8(levels, _mm_and_si128(qs, low4));
+                let hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16::<4>(qs), low4));
+                _mm256_set_m128i(hi, lo)
             }
             Q3_K => {
                 // s = 4n + j: two low bits at bit 2j of qs[32n..], the third at bit s of
@@ -828,9 +850,12 @@ pub(super) const K_Q5: u8 = Q5_K;
 pub(super) const K_Q6: u8 = Q6_K;
 /// See [`K_Q4`].
 pub(super) const K_Q3: u8 = Q3_K;
+/// See [`K_Q4`].
+pub(super) const K_IQ4_XS: u8 = IQ4_XS;
 
 /// Whether the K-quant `F` has per-sub-block mins (Q4_K, Q5_K: unsigned quants, `d·sc·q −
-/// dmin·m`) rather than signed quants under signed per-16 scales (Q6_K, Q3_K).
+/// dmin·m`) rather than signed quants under signed per-16 scales (Q6_K, Q3_K; IQ4_XS's
+/// per-32 scales taken twice).
 pub(super) const fn has_mins<const F: u8>() -> bool {
     F == Q4_K || F == Q5_K
 }
@@ -844,13 +869,19 @@ pub(super) const fn k_d_at<const F: u8>() -> usize {
     }
 }
 
-/// The sixteen signed scales (`sc − 32`) of the Q3_K super-block at `p`
-/// ([`super::kquant::q3_scales`]).
+/// The signed scales of the sixteen groups of 16 values of the Q3_K or IQ4_XS super-block at
+/// `p` ([`super::kquant::q3_scales`]; IQ4_XS: each of [`super::kquant::iq4_xs_scales`] twice).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) unsafe fn q3_k_scales(p: *const u8) -> [i8; 16] {
-    // Safety: `p` starts a whole Q3_K super-block (110 bytes).
-    super::kquant::q3_scales(unsafe { std::slice::from_raw_parts(p, 110) })
+pub(super) unsafe fn signed_scales16<const F: u8>(p: *const u8) -> [i8; 16] {
+    // Safety: `p` starts a whole super-block of `F`.
+    let b = unsafe { std::slice::from_raw_parts(p, block_bytes::<F>()) };
+    if F == IQ4_XS {
+        let sc = super::kquant::iq4_xs_scales(b);
+        std::array::from_fn(|g| sc[g / 2])
+    } else {
+        super::kquant::q3_scales(b)
+    }
 }
 
 /// `M` activation rows against one weight row: full 32-value blocks only.
@@ -1049,6 +1080,7 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q5_K => dequant_k::<Q5_K>(src, dst, blocks / 8),
             PackedFormat::Q6_K => dequant_k::<Q6_K>(src, dst, blocks / 8),
             PackedFormat::Q3_K => dequant_k::<Q3_K>(src, dst, blocks / 8),
+            PackedFormat::IQ4_XS => dequant_k::<IQ4_XS>(src, dst, blocks / 8),
         }
     }
     true
@@ -1062,7 +1094,8 @@ pub(super) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// K-quant super-blocks to f32 (prefill tiles), with [`super::kquant`]'s arithmetic: `d·sc`
-/// and `dmin·m` in f32, then `d·sc · q − dmin·m` (Q4_K, Q5_K) or `(d·sc) · q` (Q6_K, Q3_K), each
+/// and `dmin·m` in f32, then `d·sc · q − dmin·m` (Q4_K, Q5_K) or `(d·sc) · q` (Q6_K, Q3_K,
+/// IQ4_XS), each
 /// rounded as the scalar code rounds it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1080,8 +1113,8 @@ unsafe fn dequant_k<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
             let out = dst.as_mut_ptr().add(b * 256);
             if !has_mins::<F>() {
                 let d = h2f(p.add(k_d_at::<F>()));
-                let sc: [i8; 16] = if F == Q3_K {
-                    q3_k_scales(p)
+                let sc: [i8; 16] = if F != Q6_K {
+                    signed_scales16::<F>(p)
                 } else {
                     std::array::from_fn(|g| *p.add(192 + g) as i8)
                 };
@@ -1167,7 +1200,11 @@ pub(super) fn axpy_rows(format: PackedFormat, rows: &[&[u8]], a: &[f32], acc: &m
             PackedFormat::Q4_1 => axpy_rows_f::<Q4_1>(rows, a, acc),
             PackedFormat::Q5_0 => axpy_rows_f::<Q5_0>(rows, a, acc),
             PackedFormat::Q5_1 => axpy_rows_f::<Q5_1>(rows, a, acc),
-            PackedFormat::Q3_K | PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
+            PackedFormat::Q3_K
+            | PackedFormat::Q4_K
+            | PackedFormat::Q5_K
+            | PackedFormat::Q6_K
+            | PackedFormat::IQ4_XS => {
                 return false;
             }
         }

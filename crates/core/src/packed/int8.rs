@@ -41,6 +41,7 @@ pub(super) fn applies(format: PackedFormat) -> bool {
             | PackedFormat::Q5_K
             | PackedFormat::Q6_K
             | PackedFormat::Q3_K
+            | PackedFormat::IQ4_XS
     )
 }
 
@@ -175,8 +176,10 @@ pub(super) fn kernels(format: PackedFormat) -> Vec<(&'static str, DotKernel)> {
 /// `vnni`, AVX512-VNNI) is available.
 #[cfg(target_arch = "x86_64")]
 fn simd_kernel(format: PackedFormat, vnni: bool) -> DotKernel {
-    use super::avx2::{K_Q3, K_Q4, K_Q5, K_Q6};
+    use super::avx2::{K_IQ4_XS, K_Q3, K_Q4, K_Q5, K_Q6};
     match (format, vnni) {
+        (PackedFormat::IQ4_XS, true) => avx2::entry_k::<K_IQ4_XS, true>,
+        (PackedFormat::IQ4_XS, false) => avx2::entry_k::<K_IQ4_XS, false>,
         (PackedFormat::Q3_K, true) => avx2::entry_k::<K_Q3, true>,
         (PackedFormat::Q3_K, false) => avx2::entry_k::<K_Q3, false>,
         (PackedFormat::Q4_K, true) => avx2::entry_k::<K_Q4, true>,
@@ -204,8 +207,8 @@ mod avx2 {
 
     use super::super::PackedFormat;
     use super::super::avx2::{
-        K_Q3, K_Q4, K_Q5, K_Q6, h2f, has_mins, hmax, hsum, k_bytes, k_d_at, q3_k_scales,
-        scales_mins_k4,
+        K_IQ4_XS, K_Q3, K_Q4, K_Q5, K_Q6, h2f, has_mins, hmax, hsum, k_bytes, k_d_at,
+        scales_mins_k4, signed_scales16,
     };
     use super::Acts;
 
@@ -327,9 +330,14 @@ mod avx2 {
     ) {
         assert_eq!(format.block_bytes(), k_block_bytes::<F>());
         let cols = acts.cols;
-        // (No transposing kernel for Q3_K: it was written for VNNI machines, and none was at
-        // hand to test a Q3_K form on.)
-        if VL && F != K_Q3 && acts.m >= KT_MIN_ROWS && acts.q8t.len() >= acts.m * cols {
+        // (No transposing kernel for Q3_K and IQ4_XS: it was written for VNNI machines, and
+        // none was at hand to test their forms on.)
+        if VL
+            && F != K_Q3
+            && F != K_IQ4_XS
+            && acts.m >= KT_MIN_ROWS
+            && acts.q8t.len() >= acts.m * cols
+        {
             entry_kt::<F>(format, w, acts, out);
             return;
         }
@@ -386,6 +394,7 @@ mod avx2 {
             K_Q4 => 144,
             K_Q5 => 176,
             K_Q3 => 110,
+            K_IQ4_XS => 136,
             _ => 210,
         }
     }
@@ -453,8 +462,8 @@ mod avx2 {
                 // lane (Q6_K: the first 16 values' scale in the low half, the next 16's in the
                 // high half).
                 let (d, scales, mins) = if !has_mins::<F>() {
-                    let s8 = if F == K_Q3 {
-                        _mm_loadu_si128(q3_k_scales(p).as_ptr().cast())
+                    let s8 = if F != K_Q6 {
+                        _mm_loadu_si128(signed_scales16::<F>(p).as_ptr().cast())
                     } else {
                         _mm_loadu_si128(p.add(192).cast())
                     };

@@ -307,9 +307,11 @@ pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut 
                 }
             }
         }
-        PackedFormat::Q3_K | PackedFormat::Q4_K | PackedFormat::Q5_K | PackedFormat::Q6_K => {
-            super::kquant::dequantize_row(format, src, dst)
-        }
+        PackedFormat::Q3_K
+        | PackedFormat::Q4_K
+        | PackedFormat::Q5_K
+        | PackedFormat::Q6_K
+        | PackedFormat::IQ4_XS => super::kquant::dequantize_row(format, src, dst),
     }
 }
 
@@ -341,7 +343,8 @@ pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) ->
         | PackedFormat::Q3_K
         | PackedFormat::Q4_K
         | PackedFormat::Q5_K
-        | PackedFormat::Q6_K => {
+        | PackedFormat::Q6_K
+        | PackedFormat::IQ4_XS => {
             kiln_gguf::quantize_into(super::kquant::ggml_type(format), src, dst)
                 .map_err(|e| Error::arg("packed matrix", e.to_string()))?;
         }

@@ -1,4 +1,4 @@
-//! ggml's K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K): their layouts, the portable dequantisation
+//! ggml's K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_XS: their layouts, the portable dequantisation
 //! (ggml's `dequantize_row_q*_K`, operation for operation, so bit-identical to it and to
 //! `kiln_gguf::dequantize`), and quantisation through kiln-gguf's port of ggml's reference
 //! quantisers.
@@ -57,6 +57,7 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q5_K => q5_k(b, y),
             PackedFormat::Q6_K => q6_k(b, y),
             PackedFormat::Q3_K => q3_k(b, y),
+            PackedFormat::IQ4_XS => iq4_xs(b, y),
             _ => unreachable!("{format} is not a K-quant"),
         }
     }
@@ -129,6 +130,37 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The eight sub-block scales (`ls − 32`, −32..31) of an IQ4_XS block: the low four bits
+/// in nibble `ib % 2` of `scales_l[ib / 2]` (bytes 4..8), the high two at bit `2·ib` of the
+/// u16 `scales_h` (bytes 2..4).
+#[inline(always)]
+pub(super) fn iq4_xs_scales(b: &[u8]) -> [i8; 8] {
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    std::array::from_fn(|ib| {
+        let lo = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F;
+        let hi = ((scales_h >> (2 * ib)) & 3) as u8;
+        (lo | (hi << 4)) as i8 - 32
+    })
+}
+
+/// `block_iq4_xs { half d; u16 scales_h; u8 scales_l[4]; u8 qs[128]; }`: value `32ib + j` is
+/// level `qs[8 + 16ib + j] & 15` (j < 16) or that byte's high nibble (`j − 16`) under
+/// `d·(ls − 32)`, computed as ggml's `dequantize_row_iq4_xs`.
+fn iq4_xs(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (ib, (sc, y)) in iq4_xs_scales(b)
+        .into_iter()
+        .zip(y.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let dl = d * sc as f32;
+        for (j, &q) in b[8 + 16 * ib..24 + 16 * ib].iter().enumerate() {
+            y[j] = dl * kiln_gguf::IQ4_LEVELS[(q & 0x0F) as usize] as f32;
+            y[j + 16] = dl * kiln_gguf::IQ4_LEVELS[(q >> 4) as usize] as f32;
+        }
+    }
+}
+
 /// The signed 3-bit quant (−4..3) of value `v` of a Q3_K block (see [`q3_k`]).
 #[inline(always)]
 pub(super) fn q3_quant(b: &[u8], v: usize) -> i32 {
@@ -164,5 +196,6 @@ pub(super) fn ggml_type(format: PackedFormat) -> kiln_gguf::GgmlType {
         PackedFormat::Q5_K => kiln_gguf::GgmlType::Q5_K,
         PackedFormat::Q6_K => kiln_gguf::GgmlType::Q6_K,
         PackedFormat::Q3_K => kiln_gguf::GgmlType::Q3_K,
+        PackedFormat::IQ4_XS => kiln_gguf::GgmlType::IQ4_XS,
     }
 }

@@ -79,6 +79,10 @@ pub enum PackedFormat {
     /// sixteen groups of 16 with 6-bit signed scales under one f16 `d`
     /// (`y = d·(sc − 32)·(q − 4)`), 3.4375 bits a weight. Most of a Q3_K_M file.
     Q3_K,
+    /// ggml `block_iq4_xs`: 256 4-bit indices into sixteen non-uniform levels (−127..113) in
+    /// eight sub-blocks of 32, each with a 6-bit signed scale under one f16 `d`
+    /// (`y = d·(ls − 32)·level[q]`), 4.25 bits a weight.
+    IQ4_XS,
 }
 
 impl PackedFormat {
@@ -87,7 +91,7 @@ impl PackedFormat {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => 32,
-            Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K => 256,
+            Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS => 256,
         }
     }
 
@@ -105,6 +109,7 @@ impl PackedFormat {
             Self::Q5_K => 176,
             Self::Q6_K => 210,
             Self::Q3_K => 110,
+            Self::IQ4_XS => 136,
         }
     }
 
@@ -123,12 +128,17 @@ impl PackedFormat {
             Self::Q5_K => "q5_k",
             Self::Q6_K => "q6_k",
             Self::Q3_K => "q3_k",
+            Self::IQ4_XS => "iq4_xs",
         }
     }
 
-    /// Whether this is one of ggml's 256-value K-quant formats.
+    /// Whether this is one of ggml's 256-value super-block formats (the K-quants, and IQ4_XS,
+    /// which the same kernels take).
     pub const fn is_k_quant(self) -> bool {
-        matches!(self, Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K)
+        matches!(
+            self,
+            Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS
+        )
     }
 
     /// Bytes one row of `cols` values takes.
@@ -139,7 +149,7 @@ impl PackedFormat {
 
 impl PackedFormat {
     /// Every format, in declaration order.
-    pub const ALL: [PackedFormat; 12] = [
+    pub const ALL: [PackedFormat; 13] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -152,6 +162,7 @@ impl PackedFormat {
         Self::Q5_K,
         Self::Q6_K,
         Self::Q3_K,
+        Self::IQ4_XS,
     ];
 }
 
@@ -412,7 +423,10 @@ impl PackedMatrix {
                     .all(|v| f32::from_le_bytes([v[0], v[1], v[2], v[3]]).is_finite()),
                 PackedFormat::F16 => (0..self.cols).all(|i| finite_f16(row, 2 * i)),
                 PackedFormat::BF16 => (0..self.cols).all(|i| bf16_at(row, 2 * i).is_finite()),
-                PackedFormat::Q8_0 | PackedFormat::Q4_0 | PackedFormat::Q5_0 => row
+                PackedFormat::Q8_0
+                | PackedFormat::Q4_0
+                | PackedFormat::Q5_0
+                | PackedFormat::IQ4_XS => row
                     .chunks_exact(self.format.block_bytes())
                     .all(|b| finite_f16(b, 0)),
                 PackedFormat::Q4_1

@@ -359,6 +359,7 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
         (PackedFormat::Q5_K, 512),
         (PackedFormat::Q6_K, 512),
         (PackedFormat::Q3_K, 512),
+        (PackedFormat::IQ4_XS, 512),
     ] {
         let w = values(rows * cols, 21);
         let packed = PackedMatrix::from_f32(rows, cols, &w, format)
@@ -502,7 +503,8 @@ fn eight_bit_activations_are_ggml_q8_0_blocks() {
 
 // ---- K-quants (256-value super-blocks) ----
 
-const K_FORMATS: [PackedFormat; 4] = [
+const K_FORMATS: [PackedFormat; 5] = [
+    PackedFormat::IQ4_XS,
     PackedFormat::Q3_K,
     PackedFormat::Q4_K,
     PackedFormat::Q5_K,
@@ -520,6 +522,10 @@ fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
         PackedFormat::Q5_K => (
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.bin"),
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.f32"),
+        ),
+        PackedFormat::IQ4_XS => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/IQ4_XS.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/IQ4_XS.f32"),
         ),
         PackedFormat::Q3_K => (
             include_bytes!("../../../gguf/tests/fixtures/quant/Q3_K.bin"),
@@ -729,12 +735,14 @@ fn k_quant_non_finite_scales_are_found_by_row() {
     for format in K_FORMATS {
         let packed = PackedMatrix::from_f32(rows, cols, &w, format).unwrap();
         assert_eq!(packed.first_non_finite_row(), None, "{format}");
-        // A NaN `d` (Q6_K, Q3_K) or `dmin` (Q4_K, Q5_K) in row 2's second super-block.
+        // A NaN `d` (Q6_K, Q3_K, IQ4_XS) or `dmin` (Q4_K, Q5_K) in row 2's second
+        // super-block.
         let at = 2 * format.row_bytes(cols)
             + format.block_bytes()
             + match format {
                 PackedFormat::Q6_K => 208,
                 PackedFormat::Q3_K => 108,
+                PackedFormat::IQ4_XS => 0,
                 _ => 2,
             };
         let mut bytes = packed.bytes().to_vec();
@@ -964,7 +972,8 @@ fn matvec_softmax_vecmat_is_the_three_steps_in_f64() {
 #[test]
 fn k_quant_kernels_hold_the_largest_integer_sums() {
     // Every weight at its format's largest |scale·quant| (Q4_K 15·63, Q5_K 31·63, Q6_K
-    // (0 − 32)·(−128), Q3_K (0 − 4)·(0 − 32)), every activation equal, so every i16 activation is 32767: the
+    // (0 − 32)·(−128), Q3_K (0 − 4)·(0 − 32), IQ4_XS level −127 times 0 − 32), every
+    // activation equal, so every i16 activation is 32767: the
     // kernels' i32 sums reach their bounds (Q6_K's only if it converts every four sub-blocks).
     let block = |format: PackedFormat| -> Vec<u8> {
         let mut b = vec![0u8; format.block_bytes()];
@@ -976,6 +985,8 @@ fn k_quant_kernels_hold_the_largest_integer_sums() {
             }
             // Scales 0 − 32; qs and hmask zero: q − 4 = −4.
             PackedFormat::Q3_K => b[108..110].copy_from_slice(&one),
+            // Scales 0 − 32; quants 0: level −127.
+            PackedFormat::IQ4_XS => b[0..2].copy_from_slice(&one),
             _ => {
                 b[0..2].copy_from_slice(&one); // d = 1, dmin = 0
                 // Scales 63, mins 0 (scale_min_k4's split packing for sub-blocks 4..8).
@@ -994,6 +1005,7 @@ fn k_quant_kernels_hold_the_largest_integer_sums() {
             PackedFormat::Q4_K => 15.0 * 63.0,
             PackedFormat::Q5_K => 31.0 * 63.0,
             PackedFormat::Q3_K => 128.0,
+            PackedFormat::IQ4_XS => 4064.0,
             _ => 4096.0,
         };
         assert_eq!(packed.to_f32()[0], top, "{format} test block");
