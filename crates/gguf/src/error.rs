@@ -149,7 +149,7 @@ pub enum GgufError {
 
     /// [`quantize`](crate::quantize) has no quantiser for this type.
     #[error(
-        "quantising to {0} is not supported (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS are)"
+        "quantising to {0} is not supported (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K and IQ4_XS are)"
     )]
     CannotQuantize(GgmlType),
 

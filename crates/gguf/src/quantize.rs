@@ -1,5 +1,5 @@
 //! Quantisation of `f32` rows to ggml blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants
-//! Q3_K, Q4_K, Q5_K and Q6_K, and IQ4_XS, as
+//! Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, and IQ4_XS, as
 //! ggml's reference quantisers (`quantize_row_*_ref` in `ggml-quants.c`, without an importance
 //! matrix) compute them, operation for operation in `f32`, so that kiln can write the files
 //! llama.cpp's `llama-quantize` writes without `--imatrix`.
@@ -27,6 +27,7 @@ pub fn can_quantize(ggml_type: GgmlType) -> bool {
             | GgmlType::Q4_1
             | GgmlType::Q5_0
             | GgmlType::Q5_1
+            | GgmlType::Q2_K
             | GgmlType::Q3_K
             | GgmlType::Q4_K
             | GgmlType::Q5_K
@@ -65,6 +66,7 @@ pub fn quantize_into(ggml_type: GgmlType, values: &[f32], out: &mut [u8]) -> Res
         GgmlType::Q4_1 => q4_1,
         GgmlType::Q5_0 => q5_0,
         GgmlType::Q5_1 => q5_1,
+        GgmlType::Q2_K => q2_k,
         GgmlType::Q3_K => q3_k,
         GgmlType::Q4_K => q4_k,
         GgmlType::Q5_K => q5_k,
@@ -184,7 +186,8 @@ fn put_q5(q: impl Fn(usize) -> u8, y: &mut [u8]) {
 
 /// ggml's `make_qkx2_quants`: the scale and (negated) min of `n` values on `0..=nmax` that
 /// minimise the weighted error, searching `nstep + 1` scales around `nmax/(max − min)` and
-/// solving least squares for each. Returns `(scale, −min)` and fills `l`.
+/// solving least squares for each; `use_mad` weighs absolute errors instead of squared ones
+/// (Q2_K). Returns `(scale, −min)` and fills `l`.
 #[allow(clippy::too_many_arguments)]
 fn make_qkx2_quants(
     nmax: i32,
@@ -195,7 +198,9 @@ fn make_qkx2_quants(
     rmin: f32,
     rdelta: f32,
     nstep: i32,
+    use_mad: bool,
 ) -> (f32, f32) {
+    let err = |d: f32| if use_mad { d.abs() } else { d * d };
     let n = x.len();
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = weights[0];
@@ -221,7 +226,7 @@ fn make_qkx2_quants(
         let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         l[i] = q as u8;
         let diff = scale * q as f32 + min - x[i];
-        best_error += weights[i] * (diff * diff);
+        best_error += weights[i] * err(diff);
     }
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
@@ -245,7 +250,7 @@ fn make_qkx2_quants(
             let mut cur_error = 0f32;
             for i in 0..n {
                 let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                cur_error += weights[i] * (diff * diff);
+                cur_error += weights[i] * err(diff);
             }
             if cur_error < best_error {
                 l[..n].copy_from_slice(&laux[..n]);
@@ -349,6 +354,7 @@ fn k_scales(
             rmin,
             rdelta,
             nstep,
+            false,
         );
         scales[j] = s;
         mins[j] = m;
@@ -448,6 +454,69 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
         }
     }
     pack_q6_k(&l, y);
+}
+
+/// `block_q2_K { u8 scales[16]; u8 qs[64]; half d; half dmin; }` (`quantize_row_q2_K_ref`):
+/// per 16 values a scale and min by [`make_qkx2_quants`] on 0..=3 (absolute errors weighted by
+/// |x|), each rounded to 4 bits of the block's largest (`scales[j]`: scale low, min high);
+/// quants as Q3_K's two low bits.
+fn q2_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    let mut laux = [0u8; 16];
+    let (mut scales, mut mins) = ([0f32; 16], [0f32; 16]);
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..16 {
+        let xs = &x[16 * j..16 * j + 16];
+        let weights: [f32; 16] = std::array::from_fn(|i| xs[i].abs());
+        let (s, m) = make_qkx2_quants(
+            3,
+            xs,
+            &weights,
+            &mut l[16 * j..16 * j + 16],
+            &mut laux,
+            -0.5,
+            0.1,
+            15,
+            true,
+        );
+        (scales[j], mins[j]) = (s, m);
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    y.fill(0);
+    if max_scale > 0.0 {
+        let iscale = 15.0 / max_scale;
+        for j in 0..16 {
+            y[j] = nearest_int(iscale * scales[j]) as u8;
+        }
+        put_f16(&mut y[80..82], max_scale / 15.0);
+    }
+    if max_min > 0.0 {
+        let iscale = 15.0 / max_min;
+        for j in 0..16 {
+            y[j] |= (nearest_int(iscale * mins[j]) as u8) << 4;
+        }
+        put_f16(&mut y[82..84], max_min / 15.0);
+    }
+    let (d_all, dmin_all) = (get_f16(&y[80..82]), get_f16(&y[82..84]));
+    for j in 0..16 {
+        let d = d_all * (y[j] & 0x0F) as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin_all * (y[j] >> 4) as f32;
+        for i in 16 * j..16 * j + 16 {
+            l[i] = nearest_int((x[i] + dm) / d).clamp(0, 3) as u8;
+        }
+    }
+    // Value v's two bits at bit 2·(v % 128 / 32) of qs[32·(v / 128) + v % 32].
+    for (v, &q) in l.iter().enumerate() {
+        y[16 + 32 * (v / 128) + v % 32] |= q << (2 * (v % 128 / 32));
+    }
 }
 
 /// ggml's `make_q3_quants(n, nmax, x, L, true)`: signed quants −nmax..nmax−1 of `x` from
@@ -744,6 +813,7 @@ mod tests {
             (GgmlType::Q4_K, 0.2),
             (GgmlType::Q3_K, 0.35),
             (GgmlType::IQ4_XS, 0.2),
+            (GgmlType::Q2_K, 0.6),
         ] {
             let y = dequantize(t, &quantize(t, &x).unwrap()).unwrap();
             let err = (x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
@@ -757,6 +827,7 @@ mod tests {
     #[test]
     fn zeros_and_exact_grids() {
         for t in [
+            GgmlType::Q2_K,
             GgmlType::IQ4_XS,
             GgmlType::Q3_K,
             GgmlType::Q4_K,
@@ -777,7 +848,7 @@ mod tests {
     #[test]
     fn rejects_partial_blocks_and_other_types() {
         assert!(quantize(GgmlType::Q4_K, &[0.0; 255]).is_err());
-        assert!(quantize(GgmlType::Q2_K, &[0.0; 256]).is_err());
+        assert!(quantize(GgmlType::IQ4_NL, &[0.0; 32]).is_err());
         assert!(quantize_into(GgmlType::Q6_K, &[0.0; 256], &mut [0u8; 209]).is_err());
     }
 
