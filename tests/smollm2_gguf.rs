@@ -364,8 +364,8 @@ fn k_quant_blocks_stay_packed_and_give_the_dequantised_logits() {
 }
 
 /// The SmolLM2 file with some matrices replaced by seeded random blocks of `types` (name
-/// suffix → type; no quantiser for these types here), each scale field set to `d` so the
-/// values stay the size of trained weights.
+/// suffix → type; random bytes reach every bit pattern a quantiser may not), each scale field
+/// (Q2_K: `d` and `dmin`) set to `d` so the values stay the size of trained weights.
 fn with_random_blocks(types: &[(&str, kiln_gguf::GgmlType, u16)]) -> tempfile::NamedTempFile {
     use kiln_gguf::writer::{TensorSpec, write_gguf};
     let path = smollm2_gguf().expect("checked by the caller");
@@ -386,15 +386,18 @@ fn with_random_blocks(types: &[(&str, kiln_gguf::GgmlType, u16)]) -> tempfile::N
                 Some(&(_, t, d)) => {
                     let blocks = info.shape().iter().product::<usize>() / t.block_size();
                     let mut data = vec![0u8; blocks * t.type_size()];
-                    // The f16 `d`: Q3_K's at the end of its block, IQ4_NL's and IQ4_XS's first.
-                    let at = if t == kiln_gguf::GgmlType::Q3_K {
-                        108
-                    } else {
-                        0
+                    // The f16 scales: Q3_K's `d` and Q2_K's `d`, `dmin` at the end of the
+                    // block, IQ4_NL's and IQ4_XS's `d` first.
+                    let at: &[usize] = match t {
+                        kiln_gguf::GgmlType::Q3_K => &[108],
+                        kiln_gguf::GgmlType::Q2_K => &[80, 82],
+                        _ => &[0],
                     };
                     for b in data.chunks_exact_mut(t.type_size()) {
                         b.iter_mut().for_each(|x| *x = next());
-                        b[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                        for &at in at {
+                            b[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                        }
                     }
                     (t, data)
                 }
@@ -423,10 +426,11 @@ fn with_random_blocks(types: &[(&str, kiln_gguf::GgmlType, u16)]) -> tempfile::N
     out
 }
 
-/// Q3_K and IQ4_XS matrices on kiln's own kernels for them, and IQ4_NL ones, which kiln has
-/// no kernels for, on the Q8_0 kernels as the same values (`kiln_gguf::iq4_nl_to_q8_0`):
-/// `ffn_down` (1536 wide, whole 256-value super-blocks) in Q3_K with `d` = 2⁻¹⁰ (layer 4's
-/// in IQ4_XS with `d` = 2⁻¹⁴, values up to ~0.25) and `attn_q` in IQ4_NL with `d` = 2⁻¹⁰
+/// Q2_K, Q3_K and IQ4_XS matrices on kiln's own kernels for them, and IQ4_NL ones, which
+/// kiln has no kernels for, on the Q8_0 kernels as the same values
+/// (`kiln_gguf::iq4_nl_to_q8_0`): `ffn_down` (1536 wide, whole 256-value super-blocks) in
+/// Q3_K with `d` = 2⁻¹⁰ (layer 4's in IQ4_XS with `d` = 2⁻¹⁴, values up to ~0.25, layer 5's
+/// in Q2_K with `d` = `dmin` = 2⁻¹⁰) and `attn_q` in IQ4_NL with `d` = 2⁻¹⁰
 /// (values up to ~0.12), as llama.cpp's Q3_K_M/Q2_K/IQ4_XS files mix them. The packed model
 /// against the same file dequantised to f32 by kiln-gguf (bit-exact with gguf-py): the
 /// prompt's and eight cached steps' logits, and 32 greedy tokens.
@@ -443,6 +447,7 @@ fn low_bit_blocks_run_as_their_dequantised_values() {
     // f16 2⁻¹⁰ = 0x1400, 2⁻¹⁴ = 0x0400 (the first suffix that matches a name wins).
     let file = with_random_blocks(&[
         ("blk.4.ffn_down.weight", GgmlType::IQ4_XS, 0x0400),
+        ("blk.5.ffn_down.weight", GgmlType::Q2_K, 0x1400),
         ("ffn_down.weight", GgmlType::Q3_K, 0x1400),
         ("attn_q.weight", GgmlType::IQ4_NL, 0x1400),
     ]);
@@ -464,6 +469,10 @@ fn low_bit_blocks_run_as_their_dequantised_values() {
         Some(PackedFormat::Q3_K)
     );
     assert_eq!(
+        format(&packed.model.layers[5].mlp.down_proj.packed),
+        Some(PackedFormat::Q2_K)
+    );
+    assert_eq!(
         format(&layer.self_attn.q_proj.packed),
         Some(PackedFormat::Q8_0)
     );
@@ -477,6 +486,8 @@ fn low_bit_blocks_run_as_their_dequantised_values() {
             .clone()
     };
     let (tp, td) = (run(&packed), run(&dense));
-    eprintln!("Q3_K, IQ4_XS, and IQ4_NL rewritten, vs dequantised f32: max |Δlogit| {worst:e}");
+    eprintln!(
+        "Q2_K, Q3_K, IQ4_XS, and IQ4_NL rewritten, vs dequantised f32: max |Δlogit| {worst:e}"
+    );
     assert_eq!(tp, td);
 }

@@ -20,7 +20,7 @@ pub struct PrecisionArgs {
     /// use `--dtype f16`).
     #[arg(long, default_value = "none")]
     pub quant: Quantization,
-    /// Activations of quantised weights (Q8_0, Q4_0/1, Q5_0/1, Q3_K-Q6_K, IQ4_XS) on CPU
+    /// Activations of quantised weights (Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K, IQ4_XS) on CPU
     /// backends: `f32` keeps the result equal to the dequantised weights' product; `q8` rounds
     /// them to 8 bits (one scale per 32 values, per 256 for the K-quants) and multiplies
     /// integers, as llama.cpp does, in decode steps and, where that is faster, in prefill

@@ -15,9 +15,10 @@
 //!   llama.cpp's row permutation of the Q/K weights.
 //! * [`GgufFile::tensor_bytes`] hands over a tensor's stored bytes (kiln keeps Q8_0/Q4_0/Q4_1/
 //!   Q5_0/Q5_1 and Q3_K/Q4_K/Q5_K/Q6_K blocks as they are) and [`GgufFile::release_tensor`]
-//!   drops its mapped pages afterwards; [`writer::write_gguf`] writes files (tests, random-weight benchmark
-//!   checkpoints), [`quantize`] makes Q8_0, Q5_0, Q5_1 and K-quant blocks as ggml's reference quantisers
-//!   do, and [`writer::requantize`] rewrites a file's matrices in other block types.
+//!   drops its mapped pages afterwards; [`writer::write_gguf`] writes files (tests,
+//!   random-weight benchmark checkpoints), [`quantize`] makes Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+//!   K-quant (Q2_K to Q6_K) and IQ4_XS blocks as ggml's reference quantisers do, and
+//!   [`writer::requantize`] rewrites a file's matrices in other block types.
 //! * [`GgufFile::tokenizer`] rebuilds the embedded vocabulary as a [`tokenizers::Tokenizer`];
 //!   [`GgufFile::chat_template`] returns the Jinja chat template.
 //!

@@ -1,6 +1,6 @@
 //! Llama-family models from GGUF files (llama.cpp's format): SmolLM2, TinyLlama, Llama 2/3,
 //! Mistral... On the CPU backends the matrices keep the file's blocks (Q8_0, Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; IQ4_NL as Q8_0 blocks of its values) or
+//! Q5_1, Q2_K to Q6_K, IQ4_XS; IQ4_NL as Q8_0 blocks of its values) or
 //! floats; elsewhere tensors are dequantised one at a time as they load.
 
 use std::collections::HashMap;
@@ -197,10 +197,11 @@ impl WeightSource for GgufWeights {
         Ok(TensorData::new(values, shape))
     }
 
-    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, F16, BF16 and F32 tensors
-    /// are handed over as their bytes (with the Q/K rows unpermuted), IQ4_NL as Q8_0 blocks
-    /// with the same values ([`kiln_gguf::iq4_nl_to_q8_0`]) and a note; Q2_K is dequantised and, when the stored format is asked for, requantised
-    /// to Q8_0, with a note; other IQ types are an error.
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, IQ4_XS, F16, BF16 and F32 tensors are
+    /// handed over as their bytes (with the Q/K rows unpermuted), IQ4_NL as Q8_0 blocks with
+    /// the same values ([`kiln_gguf::iq4_nl_to_q8_0`]) and a note; a type kiln-gguf can
+    /// dequantise but kiln has no kernel for would be requantised to Q8_0, with a note; other
+    /// IQ types are an error.
     fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
         let gguf = self.gguf_name(name)?;
         let info = self
@@ -219,6 +220,7 @@ impl WeightSource for GgufWeights {
             GgmlType::Q4_1 => Some(PackedFormat::Q4_1),
             GgmlType::Q5_0 => Some(PackedFormat::Q5_0),
             GgmlType::Q5_1 => Some(PackedFormat::Q5_1),
+            GgmlType::Q2_K => Some(PackedFormat::Q2_K),
             GgmlType::Q3_K => Some(PackedFormat::Q3_K),
             GgmlType::Q4_K => Some(PackedFormat::Q4_K),
             GgmlType::Q5_K => Some(PackedFormat::Q5_K),

@@ -37,6 +37,7 @@ const Q5_0: u8 = 9;
 const Q5_1: u8 = 10;
 const Q3_K: u8 = 11;
 const IQ4_XS: u8 = 12;
+const Q2_K: u8 = 13;
 
 /// The AVX2 kernel for `format`. Only call after [`available`] returned true.
 #[cfg(target_arch = "x86_64")]
@@ -52,6 +53,7 @@ pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
             PackedFormat::Q6_K => return entry::<Q6_K, true>,
             PackedFormat::Q3_K => return entry::<Q3_K, true>,
             PackedFormat::IQ4_XS => return entry::<IQ4_XS, true>,
+            PackedFormat::Q2_K => return entry::<Q2_K, true>,
             _ => {}
         }
     }
@@ -75,6 +77,7 @@ pub(super) fn dot_kernel_avx2(format: PackedFormat) -> DotKernel {
         PackedFormat::Q6_K => entry::<Q6_K, false>,
         PackedFormat::Q3_K => entry::<Q3_K, false>,
         PackedFormat::IQ4_XS => entry::<IQ4_XS, false>,
+        PackedFormat::Q2_K => entry::<Q2_K, false>,
     }
 }
 
@@ -91,11 +94,14 @@ fn entry<const F: u8, const DP: bool>(
     assert!(acts.x.len() >= m * cols);
     if matches!(
         F,
-        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
     ) {
         let group = super::kernels::scale_group(format);
         assert!(acts.sum.len() >= m * (cols / 32) && acts.scale.len() >= m * (cols / group));
         assert!(acts.q16.len() >= m * cols && acts.q16_lo.len() >= m * cols);
+        if F == Q2_K {
+            assert!(acts.sum16.len() >= m * (cols / 16));
+        }
     }
     // Safety: `dot_kernel` is only handed out when `available()`; the asserts above bound every
     // read (w is `out.len() / m` whole rows; x, q16, sum and scale hold `m` rows).
@@ -270,6 +276,7 @@ const fn block_bytes<const F: u8>() -> usize {
         Q6_K => 210,
         Q3_K => 110,
         IQ4_XS => 136,
+        Q2_K => 84,
         _ => 20,
     }
 }
@@ -336,15 +343,16 @@ unsafe fn dot_rows_body<const F: u8, const DP: bool>(
         unsafe {
             if matches!(
                 F,
-                Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
+                Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
             ) {
                 let q = Q16 {
                     q: &acts.q16[j * cols..],
                     lo: &acts.q16_lo[j * cols..],
                     sum: &acts.sum[j * blocks..],
+                    sum16: acts.sum16.get(j * cols / 16..).unwrap_or_default(),
                     scale: &acts.scale[j * (cols / super::kernels::scale_group(format))..],
                 };
-                if matches!(F, Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS) {
+                if matches!(F, Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS) {
                     match n {
                         4 => group_k::<F, 4, DP>(w, &q, cols, o),
                         3 => group_k::<F, 3, DP>(w, &q, cols, o),
@@ -489,6 +497,7 @@ struct Q16<'a> {
     q: &'a [i16],
     lo: &'a [i16],
     sum: &'a [f32],
+    sum16: &'a [f32],
     scale: &'a [f32],
 }
 
@@ -619,7 +628,8 @@ unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
 /// Integer bounds, per i32 lane of a sum over `n` sub-blocks (four products per sub-block,
 /// activations |x| ≤ 32767): Q4_K |w·sc| ≤ 15·63 and Q5_K ≤ 31·63, 32 products fit; Q6_K
 /// |(q − 32)·sc| ≤ 32·128 and IQ4_XS |level·(ls − 32)| ≤ 127·32, only 16 do
-/// (16·4096·32767 < 2³¹), so they convert every four; Q3_K |q·(sc − 32)| ≤ 4·32, all 32 fit.
+/// (16·4096·32767 < 2³¹), so they convert every four; Q3_K |q·(sc − 32)| ≤ 4·32 and Q2_K
+/// q·sc and its min terms ≤ 3·15, all 32 fit.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
@@ -637,10 +647,13 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
         for b in 0..blocks {
             let p = w.as_ptr().add(b * block_bytes::<F>());
             // Q4_K/Q5_K: bytes 0..8 the sub-blocks' scales, 8..16 their mins; Q3_K, IQ4_XS:
-            // the signed scales of the sixteen groups of 16.
+            // the signed scales of the sixteen groups of 16; Q2_K: its sixteen bytes of
+            // scale (low nibble) and min (high).
             let mut sm = [0u8; 16];
             if has_mins::<F>() {
                 _mm_storeu_si128(sm.as_mut_ptr().cast(), scales_mins_k4(p));
+            } else if F == Q2_K {
+                sm.copy_from_slice(std::slice::from_raw_parts(p, 16));
             } else if F != Q6_K {
                 sm = signed_scales16::<F>(p).map(|v| v as u8);
             }
@@ -679,6 +692,20 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
             sub!(5);
             sub!(6);
             sub!(7);
+            if F == Q2_K {
+                // −dmin·m per group of 16 times its Σx.
+                let dmin = _mm256_set1_ps(h2f(p.add(82)));
+                let m = _mm_srli_epi16::<4>(_mm_loadu_si128(p.cast()));
+                let m = _mm_and_si128(m, _mm_set1_epi8(0x0F));
+                let m0 = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)));
+                let m1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(m)));
+                let m1 = _mm256_mul_ps(dmin, m1);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let s = acts.sum16.as_ptr().add(j * cols / 16 + b * 16);
+                    *acc = _mm256_fnmadd_ps(m0, _mm256_loadu_ps(s), *acc);
+                    *acc = _mm256_fnmadd_ps(m1, _mm256_loadu_ps(s.add(8)), *acc);
+                }
+            }
             if has_mins::<F>() {
                 let mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
                     sm.as_ptr().add(8).cast(),
@@ -729,6 +756,15 @@ pub(super) unsafe fn scales_mins_k4(p: *const u8) -> __m128i {
 unsafe fn k_weights<const F: u8>(p: *const u8, s: usize, sm: &[u8; 16]) -> (__m256i, __m256i) {
     unsafe {
         let q = k_bytes::<F>(p, s);
+        if F == Q2_K {
+            // As below, with each half's own scale (values 0..16 in the low 128 bits).
+            let even = _mm256_set_m128i(
+                _mm_set1_epi16((sm[2 * s + 1] & 0x0F) as i16),
+                _mm_set1_epi16((sm[2 * s] & 0x0F) as i16),
+            );
+            let odd = _mm256_slli_epi16::<8>(even);
+            return (_mm256_maddubs_epi16(q, even), _mm256_maddubs_epi16(q, odd));
+        }
         if has_mins::<F>() {
             // Bytes (sc, 0) and (0, sc): each i16 lane takes its even or its odd quant.
             let even = _mm256_set1_epi16(sm[s] as i16);
@@ -763,7 +799,7 @@ unsafe fn k_weights<const F: u8>(p: *const u8, s: usize, sm: &[u8; 16]) -> (__m2
 unsafe fn k_quants<const F: u8>(p: *const u8, s: usize) -> (__m256i, __m256i) {
     let q = unsafe { k_bytes::<F>(p, s) };
     let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-    if !has_mins::<F>() {
+    if signed::<F>() {
         (_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi))
     } else {
         (_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi))
@@ -794,6 +830,14 @@ pub(super) unsafe fn k_bytes<const F: u8>(p: *const u8, s: usize) -> __m256i {
                     return _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(16)));
                 }
                 q
+            }
+            Q2_K => {
+                // s = 4n + j: two bits at bit 2j of qs[32n..].
+                let qs = _mm256_loadu_si256(p.add(16 + 32 * (s / 4)).cast());
+                _mm256_and_si256(
+                    _mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * (s as i32 % 4))),
+                    _mm256_set1_epi8(3),
+                )
             }
             IQ4_XS => {
                 // Sub-block s: low nibbles of qs[16s..16s + 16] are values 0..16, high ones
@@ -852,10 +896,18 @@ pub(super) const K_Q6: u8 = Q6_K;
 pub(super) const K_Q3: u8 = Q3_K;
 /// See [`K_Q4`].
 pub(super) const K_IQ4_XS: u8 = IQ4_XS;
+/// See [`K_Q4`].
+pub(super) const K_Q2: u8 = Q2_K;
 
-/// Whether the K-quant `F` has per-sub-block mins (Q4_K, Q5_K: unsigned quants, `d·sc·q −
-/// dmin·m`) rather than signed quants under signed per-16 scales (Q6_K, Q3_K; IQ4_XS's
-/// per-32 scales taken twice).
+/// Whether the K-quant `F` has signed quants under signed per-16 scales (Q6_K, Q3_K; IQ4_XS's
+/// per-32 scales taken twice): the 8-bit kernels multiply them by the sign trick.
+pub(super) const fn signed<const F: u8>() -> bool {
+    F == Q6_K || F == Q3_K || F == IQ4_XS
+}
+
+/// Whether the K-quant `F` has per-32 mins (Q4_K, Q5_K: unsigned quants, `d·sc·q − dmin·m`,
+/// the mins against the activations' sums per 32). Q2_K has per-16 ones, which its kernels
+/// take in integers; the [`signed`] formats have none.
 pub(super) const fn has_mins<const F: u8>() -> bool {
     F == Q4_K || F == Q5_K
 }
@@ -865,6 +917,7 @@ pub(super) const fn k_d_at<const F: u8>() -> usize {
     match F {
         Q6_K => 208,
         Q3_K => 108,
+        Q2_K => 80,
         _ => 0,
     }
 }
@@ -1081,6 +1134,7 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q6_K => dequant_k::<Q6_K>(src, dst, blocks / 8),
             PackedFormat::Q3_K => dequant_k::<Q3_K>(src, dst, blocks / 8),
             PackedFormat::IQ4_XS => dequant_k::<IQ4_XS>(src, dst, blocks / 8),
+            PackedFormat::Q2_K => dequant_k::<Q2_K>(src, dst, blocks / 8),
         }
     }
     true
@@ -1111,7 +1165,24 @@ unsafe fn dequant_k<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
         unsafe {
             let p = src.as_ptr().add(b * block_bytes::<F>());
             let out = dst.as_mut_ptr().add(b * 256);
-            if !has_mins::<F>() {
+            if F == Q2_K {
+                let (d, dmin) = (h2f(p.add(80)), h2f(p.add(82)));
+                for s in 0..8 {
+                    let (q0, q1) = k_quants::<F>(p, s);
+                    for (h, q) in [q0, q1].into_iter().enumerate() {
+                        let g = 2 * s + h;
+                        let sc = *p.add(g);
+                        let dl = _mm256_set1_ps(d * (sc & 0x0F) as f32);
+                        let ml = _mm256_set1_ps(dmin * (sc >> 4) as f32);
+                        let (a, c) = f32x16(q);
+                        _mm256_storeu_ps(out.add(16 * g), _mm256_sub_ps(_mm256_mul_ps(dl, a), ml));
+                        _mm256_storeu_ps(
+                            out.add(16 * g + 8),
+                            _mm256_sub_ps(_mm256_mul_ps(dl, c), ml),
+                        );
+                    }
+                }
+            } else if signed::<F>() {
                 let d = h2f(p.add(k_d_at::<F>()));
                 let sc: [i8; 16] = if F != Q6_K {
                     signed_scales16::<F>(p)
@@ -1204,7 +1275,8 @@ pub(super) fn axpy_rows(format: PackedFormat, rows: &[&[u8]], a: &[f32], acc: &m
             | PackedFormat::Q4_K
             | PackedFormat::Q5_K
             | PackedFormat::Q6_K
-            | PackedFormat::IQ4_XS => {
+            | PackedFormat::IQ4_XS
+            | PackedFormat::Q2_K => {
                 return false;
             }
         }

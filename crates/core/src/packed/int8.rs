@@ -42,6 +42,7 @@ pub(super) fn applies(format: PackedFormat) -> bool {
             | PackedFormat::Q6_K
             | PackedFormat::Q3_K
             | PackedFormat::IQ4_XS
+            | PackedFormat::Q2_K
     )
 }
 
@@ -176,8 +177,10 @@ pub(super) fn kernels(format: PackedFormat) -> Vec<(&'static str, DotKernel)> {
 /// `vnni`, AVX512-VNNI) is available.
 #[cfg(target_arch = "x86_64")]
 fn simd_kernel(format: PackedFormat, vnni: bool) -> DotKernel {
-    use super::avx2::{K_IQ4_XS, K_Q3, K_Q4, K_Q5, K_Q6};
+    use super::avx2::{K_IQ4_XS, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6};
     match (format, vnni) {
+        (PackedFormat::Q2_K, true) => avx2::entry_k::<K_Q2, true>,
+        (PackedFormat::Q2_K, false) => avx2::entry_k::<K_Q2, false>,
         (PackedFormat::IQ4_XS, true) => avx2::entry_k::<K_IQ4_XS, true>,
         (PackedFormat::IQ4_XS, false) => avx2::entry_k::<K_IQ4_XS, false>,
         (PackedFormat::Q3_K, true) => avx2::entry_k::<K_Q3, true>,
@@ -207,8 +210,8 @@ mod avx2 {
 
     use super::super::PackedFormat;
     use super::super::avx2::{
-        K_IQ4_XS, K_Q3, K_Q4, K_Q5, K_Q6, h2f, has_mins, hmax, hsum, k_bytes, k_d_at,
-        scales_mins_k4, signed_scales16,
+        K_IQ4_XS, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6, h2f, has_mins, hmax, hsum, k_bytes, k_d_at,
+        scales_mins_k4, signed, signed_scales16,
     };
     use super::Acts;
 
@@ -330,9 +333,10 @@ mod avx2 {
     ) {
         assert_eq!(format.block_bytes(), k_block_bytes::<F>());
         let cols = acts.cols;
-        // (No transposing kernel for Q3_K and IQ4_XS: it was written for VNNI machines, and
-        // none was at hand to test their forms on.)
+        // (No transposing kernel for Q2_K, Q3_K and IQ4_XS: it was written for VNNI machines,
+        // and none was at hand to test their forms on.)
         if VL
+            && F != K_Q2
             && F != K_Q3
             && F != K_IQ4_XS
             && acts.m >= KT_MIN_ROWS
@@ -395,6 +399,7 @@ mod avx2 {
             K_Q5 => 176,
             K_Q3 => 110,
             K_IQ4_XS => 136,
+            K_Q2 => 84,
             _ => 210,
         }
     }
@@ -462,7 +467,9 @@ mod avx2 {
                 // lane (Q6_K: the first 16 values' scale in the low half, the next 16's in the
                 // high half).
                 let (d, scales, mins) = if !has_mins::<F>() {
-                    let s8 = if F != K_Q6 {
+                    let s8 = if F == K_Q2 {
+                        _mm_and_si128(_mm_loadu_si128(p.cast()), _mm_set1_epi8(0x0F))
+                    } else if F != K_Q6 {
                         _mm_loadu_si128(signed_scales16::<F>(p).as_ptr().cast())
                     } else {
                         _mm_loadu_si128(p.add(192).cast())
@@ -488,11 +495,21 @@ mod avx2 {
                     )
                 };
                 let mut sums = [_mm256_setzero_si256(); M];
+                // Q2_K: Σ m·x per row in integers (each group of 16's 4-bit min in its bytes).
+                let mut msums = [_mm256_setzero_si256(); M];
                 for (s, mask) in masks.iter().enumerate() {
                     let q = k_bytes::<F>(p, s);
                     let scale = _mm256_shuffle_epi8(scales[s / 4], *mask);
+                    let m8 = if F == K_Q2 {
+                        _mm256_set_m128i(
+                            _mm_set1_epi8((*p.add(2 * s + 1) >> 4) as i8),
+                            _mm_set1_epi8((*p.add(2 * s) >> 4) as i8),
+                        )
+                    } else {
+                        _mm256_setzero_si256()
+                    };
                     // (unsigned quants, signs for the activations)
-                    let (u, sign) = if !has_mins::<F>() {
+                    let (u, sign) = if signed::<F>() {
                         (_mm256_sign_epi8(q, q), Some(q))
                     } else {
                         (q, None)
@@ -512,6 +529,11 @@ mod avx2 {
                         } else {
                             _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, scale))
                         };
+                        if F == K_Q2 {
+                            let ones = _mm256_set1_epi16(1);
+                            let m = _mm256_madd_epi16(_mm256_maddubs_epi16(m8, x), ones);
+                            msums[j] = _mm256_add_epi32(msums[j], m);
+                        }
                     }
                 }
                 for j in 0..M {
@@ -521,6 +543,13 @@ mod avx2 {
                         _mm256_set1_ps(d * dx),
                         acc[j],
                     );
+                    if F == K_Q2 {
+                        acc[j] = _mm256_fnmadd_ps(
+                            _mm256_cvtepi32_ps(msums[j]),
+                            _mm256_set1_ps(h2f(p.add(82)) * dx),
+                            acc[j],
+                        );
+                    }
                     if has_mins::<F>() {
                         // −dmin·m per sub-block times its d_x·Σq.
                         let bsum = _mm256_loadu_ps(a.sum.as_ptr().add(j * chunks + sb * 8));

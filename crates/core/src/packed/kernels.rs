@@ -19,6 +19,9 @@ pub(super) struct Acts<'a> {
     /// 4-bit formats: per row and 32-value block, the exact sum of the block (what the block's
     /// offset, `m` or `−8·d`, multiplies).
     pub sum: Vec<f32>,
+    /// Q2_K: per row and 16 values, their sum (what each group's min multiplies). Empty for
+    /// the other formats.
+    pub sum16: Vec<f32>,
     /// 4-bit formats: the activations as i16, per [`scale_group`] scaled to ±32767 (`hi`), and
     /// what that rounding left, scaled by 2¹⁶ more (`lo`): `x ≈ s·(hi + lo/65536)`. The
     /// K-quants store each 32 values' even ones first, then the odd ones (their kernel widens
@@ -67,6 +70,7 @@ impl<'a> Acts<'a> {
             m,
             cols,
             sum: Vec::new(),
+            sum16: Vec::new(),
             q16: Vec::new(),
             q16_lo: Vec::new(),
             scale: Vec::new(),
@@ -89,6 +93,12 @@ impl<'a> Acts<'a> {
             acts.q16_lo = vec![0; m * cols];
             let even_odd = format.is_k_quant();
             super::avx2::split_i16(&x[..m * cols], &mut acts, group, even_odd);
+            if format == PackedFormat::Q2_K {
+                acts.sum16 = x[..m * cols]
+                    .chunks_exact(16)
+                    .map(|c| c.iter().sum())
+                    .collect();
+            }
         }
         acts
     }
@@ -307,7 +317,8 @@ pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut 
                 }
             }
         }
-        PackedFormat::Q3_K
+        PackedFormat::Q2_K
+        | PackedFormat::Q3_K
         | PackedFormat::Q4_K
         | PackedFormat::Q5_K
         | PackedFormat::Q6_K
@@ -344,7 +355,8 @@ pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) ->
         | PackedFormat::Q4_K
         | PackedFormat::Q5_K
         | PackedFormat::Q6_K
-        | PackedFormat::IQ4_XS => {
+        | PackedFormat::IQ4_XS
+        | PackedFormat::Q2_K => {
             kiln_gguf::quantize_into(super::kquant::ggml_type(format), src, dst)
                 .map_err(|e| Error::arg("packed matrix", e.to_string()))?;
         }

@@ -1,4 +1,4 @@
-//! ggml's K-quant super-blocks (Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_XS: their layouts, the portable dequantisation
+//! ggml's K-quant super-blocks (Q2_K to Q6_K) and IQ4_XS: their layouts, the portable dequantisation
 //! (ggml's `dequantize_row_q*_K`, operation for operation, so bit-identical to it and to
 //! `kiln_gguf::dequantize`), and quantisation through kiln-gguf's port of ggml's reference
 //! quantisers.
@@ -58,6 +58,7 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q6_K => q6_k(b, y),
             PackedFormat::Q3_K => q3_k(b, y),
             PackedFormat::IQ4_XS => iq4_xs(b, y),
+            PackedFormat::Q2_K => q2_k(b, y),
             _ => unreachable!("{format} is not a K-quant"),
         }
     }
@@ -130,6 +131,21 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// `block_q2_K { u8 scales[16]; u8 qs[64]; half d; half dmin; }`: the quant of value
+/// `128n + 32j + l` is bits `2j..2j+2` of `qs[32n + l]`; group `g = v / 16` has scale
+/// `scales[g] & 15` and min `scales[g] >> 4`, computed as ggml's `dequantize_row_q2_K`.
+fn q2_k(b: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+    for (g, y) in y.chunks_exact_mut(16).enumerate() {
+        let (dl, ml) = (d * (b[g] & 0x0F) as f32, dmin * (b[g] >> 4) as f32);
+        for (i, y) in y.iter_mut().enumerate() {
+            let v = 16 * g + i;
+            let q = (b[16 + 32 * (v / 128) + v % 32] >> (2 * (v % 128 / 32))) & 3;
+            *y = dl * q as f32 - ml;
+        }
+    }
+}
+
 /// The eight sub-block scales (`ls − 32`, −32..31) of an IQ4_XS block: the low four bits
 /// in nibble `ib % 2` of `scales_l[ib / 2]` (bytes 4..8), the high two at bit `2·ib` of the
 /// u16 `scales_h` (bytes 2..4).
@@ -197,5 +213,6 @@ pub(super) fn ggml_type(format: PackedFormat) -> kiln_gguf::GgmlType {
         PackedFormat::Q6_K => kiln_gguf::GgmlType::Q6_K,
         PackedFormat::Q3_K => kiln_gguf::GgmlType::Q3_K,
         PackedFormat::IQ4_XS => kiln_gguf::GgmlType::IQ4_XS,
+        PackedFormat::Q2_K => kiln_gguf::GgmlType::Q2_K,
     }
 }

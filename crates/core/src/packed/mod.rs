@@ -83,6 +83,10 @@ pub enum PackedFormat {
     /// eight sub-blocks of 32, each with a 6-bit signed scale under one f16 `d`
     /// (`y = d·(ls − 32)·level[q]`), 4.25 bits a weight.
     IQ4_XS,
+    /// ggml `block_q2_K`: 256 2-bit values in sixteen groups of 16, each with a 4-bit scale
+    /// and min under f16 `d` and `dmin` (`y = d·sc·q − dmin·m`), 2.625 bits a weight. Most of
+    /// a Q2_K file.
+    Q2_K,
 }
 
 impl PackedFormat {
@@ -91,7 +95,7 @@ impl PackedFormat {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => 32,
-            Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS => 256,
+            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS => 256,
         }
     }
 
@@ -110,6 +114,7 @@ impl PackedFormat {
             Self::Q6_K => 210,
             Self::Q3_K => 110,
             Self::IQ4_XS => 136,
+            Self::Q2_K => 84,
         }
     }
 
@@ -129,6 +134,7 @@ impl PackedFormat {
             Self::Q6_K => "q6_k",
             Self::Q3_K => "q3_k",
             Self::IQ4_XS => "iq4_xs",
+            Self::Q2_K => "q2_k",
         }
     }
 
@@ -137,7 +143,7 @@ impl PackedFormat {
     pub const fn is_k_quant(self) -> bool {
         matches!(
             self,
-            Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS
+            Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS
         )
     }
 
@@ -149,7 +155,7 @@ impl PackedFormat {
 
 impl PackedFormat {
     /// Every format, in declaration order.
-    pub const ALL: [PackedFormat; 13] = [
+    pub const ALL: [PackedFormat; 14] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -163,6 +169,7 @@ impl PackedFormat {
         Self::Q6_K,
         Self::Q3_K,
         Self::IQ4_XS,
+        Self::Q2_K,
     ];
 }
 
@@ -437,6 +444,9 @@ impl PackedMatrix {
                     .all(|b| finite_f16(b, 0) && finite_f16(b, 2)),
                 PackedFormat::Q6_K => row.chunks_exact(210).all(|b| finite_f16(b, 208)),
                 PackedFormat::Q3_K => row.chunks_exact(110).all(|b| finite_f16(b, 108)),
+                PackedFormat::Q2_K => row
+                    .chunks_exact(84)
+                    .all(|b| finite_f16(b, 80) && finite_f16(b, 82)),
             }
         };
         (0..self.rows).into_par_iter().find_first(|&r| !row_ok(r))

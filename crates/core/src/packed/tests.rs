@@ -360,6 +360,7 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
         (PackedFormat::Q6_K, 512),
         (PackedFormat::Q3_K, 512),
         (PackedFormat::IQ4_XS, 512),
+        (PackedFormat::Q2_K, 512),
     ] {
         let w = values(rows * cols, 21);
         let packed = PackedMatrix::from_f32(rows, cols, &w, format)
@@ -503,7 +504,8 @@ fn eight_bit_activations_are_ggml_q8_0_blocks() {
 
 // ---- K-quants (256-value super-blocks) ----
 
-const K_FORMATS: [PackedFormat; 5] = [
+const K_FORMATS: [PackedFormat; 6] = [
+    PackedFormat::Q2_K,
     PackedFormat::IQ4_XS,
     PackedFormat::Q3_K,
     PackedFormat::Q4_K,
@@ -522,6 +524,10 @@ fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
         PackedFormat::Q5_K => (
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.bin"),
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_K.f32"),
+        ),
+        PackedFormat::Q2_K => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q2_K.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/Q2_K.f32"),
         ),
         PackedFormat::IQ4_XS => (
             include_bytes!("../../../gguf/tests/fixtures/quant/IQ4_XS.bin"),
@@ -743,6 +749,7 @@ fn k_quant_non_finite_scales_are_found_by_row() {
                 PackedFormat::Q6_K => 208,
                 PackedFormat::Q3_K => 108,
                 PackedFormat::IQ4_XS => 0,
+                PackedFormat::Q2_K => 82,
                 _ => 2,
             };
         let mut bytes = packed.bytes().to_vec();
@@ -807,8 +814,8 @@ fn formats_parse_from_their_names() {
         assert_eq!(f.name().parse::<PackedFormat>(), Ok(f));
         assert_eq!(f.name().to_uppercase().parse::<PackedFormat>(), Ok(f));
     }
-    let err = "q2_k".parse::<PackedFormat>().unwrap_err();
-    assert!(err.contains("q2_k") && err.contains("q8_0"), "{err}");
+    let err = "iq2_xs".parse::<PackedFormat>().unwrap_err();
+    assert!(err.contains("iq2_xs") && err.contains("q8_0"), "{err}");
 }
 
 #[test]
@@ -987,6 +994,12 @@ fn k_quant_kernels_hold_the_largest_integer_sums() {
             PackedFormat::Q3_K => b[108..110].copy_from_slice(&one),
             // Scales 0 − 32; quants 0: level −127.
             PackedFormat::IQ4_XS => b[0..2].copy_from_slice(&one),
+            // Scales and mins 15, quants 3, d = dmin = 1: 45 − 15.
+            PackedFormat::Q2_K => {
+                b[..80].fill(0xFF);
+                b[80..82].copy_from_slice(&one);
+                b[82..84].copy_from_slice(&one);
+            }
             _ => {
                 b[0..2].copy_from_slice(&one); // d = 1, dmin = 0
                 // Scales 63, mins 0 (scale_min_k4's split packing for sub-blocks 4..8).
@@ -1006,6 +1019,7 @@ fn k_quant_kernels_hold_the_largest_integer_sums() {
             PackedFormat::Q5_K => 31.0 * 63.0,
             PackedFormat::Q3_K => 128.0,
             PackedFormat::IQ4_XS => 4064.0,
+            PackedFormat::Q2_K => 30.0,
             _ => 4096.0,
         };
         assert_eq!(packed.to_f32()[0], top, "{format} test block");
