@@ -503,12 +503,12 @@ fn q2_k(x: &[f32], y: &mut [u8]) {
         put_f16(&mut y[82..84], max_min / 15.0);
     }
     let (d_all, dmin_all) = (get_f16(&y[80..82]), get_f16(&y[82..84]));
-    for j in 0..16 {
-        let d = d_all * (y[j] & 0x0F) as f32;
+    for (j, &sm) in y[..16].iter().enumerate() {
+        let d = d_all * (sm & 0x0F) as f32;
         if d == 0.0 {
             continue;
         }
-        let dm = dmin_all * (y[j] >> 4) as f32;
+        let dm = dmin_all * (sm >> 4) as f32;
         for i in 16 * j..16 * j + 16 {
             l[i] = nearest_int((x[i] + dm) / d).clamp(0, 3) as u8;
         }
