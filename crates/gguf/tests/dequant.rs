@@ -58,12 +58,7 @@ fn four_and_five_bit_quantisation_matches_gguf_py() {
         GgmlType::Q5_0,
         GgmlType::Q5_1,
     ] {
-        let values = common::read_f32(&dir.join(format!("{t}.in.f32")));
-        let expected = std::fs::read(dir.join(format!("{t}.quantized"))).expect("fixture");
-        let got = quantize(t, &values).unwrap();
-        assert_eq!(got.len(), expected.len(), "{t}: byte count");
-        let first = got.iter().zip(&expected).position(|(a, b)| a != b);
-        assert_eq!(first, None, "{t}: first differing byte");
+        assert_quantises_as_fixture(&dir, t);
     }
 }
 
@@ -75,13 +70,18 @@ fn four_and_five_bit_quantisation_matches_gguf_py() {
 fn q2_k_q3_k_and_iq4_xs_quantisation_matches_ggml() {
     let dir = common::fixtures().join("quant");
     for t in [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::IQ4_XS] {
-        let values = common::read_f32(&dir.join(format!("{t}.in.f32")));
-        let expected = std::fs::read(dir.join(format!("{t}.quantized"))).expect("fixture");
-        let got = quantize(t, &values).unwrap();
-        assert_eq!(got.len(), expected.len(), "{t}: byte count");
-        let first = got.iter().zip(&expected).position(|(a, b)| a != b);
-        assert_eq!(first, None, "{t}: first differing byte");
+        assert_quantises_as_fixture(&dir, t);
     }
+}
+
+/// `quantize(t, <t>.in.f32)` against the committed `<t>.quantized`, byte for byte.
+fn assert_quantises_as_fixture(dir: &std::path::Path, t: GgmlType) {
+    let values = common::read_f32(&dir.join(format!("{t}.in.f32")));
+    let expected = std::fs::read(dir.join(format!("{t}.quantized"))).expect("fixture");
+    let got = quantize(t, &values).unwrap();
+    assert_eq!(got.len(), expected.len(), "{t}: byte count");
+    let first = got.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(first, None, "{t}: first differing byte");
 }
 
 #[test]
