@@ -748,8 +748,9 @@ pub(super) unsafe fn scales_mins_k4(p: *const u8) -> __m128i {
 /// then the odd ones. Q4_K/Q5_K: quants times `sc` (the 6-bit scale from `sm`), one
 /// `vpmaddubsw` per vector with `sc` in every other byte, which also widens them (replacing
 /// an unpack and two `vpmullw`: Q4_K 32000×2048 at one row, 2.78 → 2.35 ms on an AVX2 Zen 3).
-/// Q6_K, Q3_K and IQ4_XS: the signed quant (IQ4_XS: level) times each group of 16's own
-/// scale (Q6_K's i8; Q3_K's and IQ4_XS's from `sm`).
+/// Q2_K: the same with each group of 16's own 4-bit scale (its low nibble in `sm`). Q6_K, Q3_K
+/// and IQ4_XS: the signed quant (IQ4_XS: level) times each group of 16's own scale (Q6_K's
+/// i8; Q3_K's and IQ4_XS's from `sm`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
