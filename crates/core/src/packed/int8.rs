@@ -375,6 +375,9 @@ mod avx2 {
         assert_eq!(w.len(), out.len() / m * format.row_bytes(cols));
         assert!(acts.q8.len() >= m * cols);
         assert!(acts.q8_scale.len() >= m * scales && acts.q8_sum.len() >= m * chunks);
+        if format == PackedFormat::Q2_K {
+            assert!(acts.sum16.len() >= m * (cols / 16));
+        }
         let rb = format.row_bytes(cols);
         for (r, o) in out.chunks_exact_mut(m).enumerate() {
             let wr = &w[r * rb..(r + 1) * rb];
@@ -386,6 +389,7 @@ mod avx2 {
                     t: acts.q8t.get(j * cols..).unwrap_or_default(),
                     scale: &acts.q8_scale[j * scales..],
                     sum: &acts.q8_sum[j * chunks..],
+                    sum16: acts.sum16.get(j * cols / 16..).unwrap_or_default(),
                 };
                 kernel(wr, &a, &mut o[j..j + n]);
                 j += n;
@@ -494,20 +498,25 @@ mod avx2 {
                         _mm256_mul_ps(mins, _mm256_set1_ps(h2f(p.add(2)))),
                     )
                 };
+                // Q2_K: `dmin·m` of its sixteen groups.
+                let q2_mins = if F == K_Q2 {
+                    let dmin = _mm256_set1_ps(h2f(p.add(82)));
+                    let m = _mm_srli_epi16::<4>(_mm_loadu_si128(p.cast()));
+                    let m = _mm_and_si128(m, _mm_set1_epi8(0x0F));
+                    [
+                        _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m))),
+                        _mm256_mul_ps(
+                            dmin,
+                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(m))),
+                        ),
+                    ]
+                } else {
+                    [_mm256_setzero_ps(); 2]
+                };
                 let mut sums = [_mm256_setzero_si256(); M];
-                // Q2_K: Σ m·x per row in integers (each group of 16's 4-bit min in its bytes).
-                let mut msums = [_mm256_setzero_si256(); M];
                 for (s, mask) in masks.iter().enumerate() {
                     let q = k_bytes::<F>(p, s);
                     let scale = _mm256_shuffle_epi8(scales[s / 4], *mask);
-                    let m8 = if F == K_Q2 {
-                        _mm256_set_m128i(
-                            _mm_set1_epi8((*p.add(2 * s + 1) >> 4) as i8),
-                            _mm_set1_epi8((*p.add(2 * s) >> 4) as i8),
-                        )
-                    } else {
-                        _mm256_setzero_si256()
-                    };
                     // (unsigned quants, signs for the activations)
                     let (u, sign) = if signed::<F>() {
                         (_mm256_sign_epi8(q, q), Some(q))
@@ -529,11 +538,6 @@ mod avx2 {
                         } else {
                             _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, scale))
                         };
-                        if F == K_Q2 {
-                            let ones = _mm256_set1_epi16(1);
-                            let m = _mm256_madd_epi16(_mm256_maddubs_epi16(m8, x), ones);
-                            msums[j] = _mm256_add_epi32(msums[j], m);
-                        }
                     }
                 }
                 for j in 0..M {
@@ -544,11 +548,10 @@ mod avx2 {
                         acc[j],
                     );
                     if F == K_Q2 {
-                        acc[j] = _mm256_fnmadd_ps(
-                            _mm256_cvtepi32_ps(msums[j]),
-                            _mm256_set1_ps(h2f(p.add(82)) * dx),
-                            acc[j],
-                        );
+                        // −dmin·m per group of 16 times its d_x·Σq.
+                        let s = a.sum16.as_ptr().add(j * cols / 16 + sb * 16);
+                        acc[j] = _mm256_fnmadd_ps(q2_mins[0], _mm256_loadu_ps(s), acc[j]);
+                        acc[j] = _mm256_fnmadd_ps(q2_mins[1], _mm256_loadu_ps(s.add(8)), acc[j]);
                     }
                     if has_mins::<F>() {
                         // −dmin·m per sub-block times its d_x·Σq.
@@ -617,6 +620,7 @@ mod avx2 {
                 t: &acts.q8t[j * cols..],
                 scale: &acts.q8_scale[j * scales..],
                 sum: &acts.q8_sum[j * chunks..],
+                sum16: acts.sum16.get(j * cols / 16..).unwrap_or_default(),
             };
             let mut r = 0;
             while r < rows {
@@ -761,6 +765,8 @@ mod avx2 {
         t: &'a [u8],
         scale: &'a [f32],
         sum: &'a [f32],
+        /// Q2_K: [`Acts::sum16`] from the first row on (empty for other formats).
+        sum16: &'a [f32],
     }
 
     /// `M` activation rows against one weight row. Per block and row: the 32 products summed
@@ -1098,6 +1104,7 @@ mod avx2 {
                     t: &[],
                     scale: &a.scale[j * blocks..],
                     sum: &a.sum[j * blocks..],
+                    sum16: &[],
                 };
                 let n = (m - j).min(4);
                 let dst = &mut tail[j..j + n];

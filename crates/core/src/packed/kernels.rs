@@ -19,8 +19,9 @@ pub(super) struct Acts<'a> {
     /// 4-bit formats: per row and 32-value block, the exact sum of the block (what the block's
     /// offset, `m` or `−8·d`, multiplies).
     pub sum: Vec<f32>,
-    /// Q2_K: per row and 16 values, their sum (what each group's min multiplies). Empty for
-    /// the other formats.
+    /// Q2_K: per row and 16 values, their sum (what each group's min multiplies): of `x`, or
+    /// with [`ActivationPrecision::Q8`] of the rounded values (`d·Σq`). Empty for the other
+    /// formats.
     pub sum16: Vec<f32>,
     /// 4-bit formats: the activations as i16, per [`scale_group`] scaled to ±32767 (`hi`), and
     /// what that rounding left, scaled by 2¹⁶ more (`lo`): `x ≈ s·(hi + lo/65536)`. The
@@ -80,7 +81,19 @@ impl<'a> Acts<'a> {
             q8t: Vec::new(),
         };
         if activations == ActivationPrecision::Q8 && super::int8::applies(format) {
-            super::int8::quantize(&x[..m * cols], &mut acts, super::int8::scale_len(format));
+            let len = super::int8::scale_len(format);
+            super::int8::quantize(&x[..m * cols], &mut acts, len);
+            if format == PackedFormat::Q2_K {
+                acts.sum16 = acts
+                    .q8
+                    .chunks_exact(16)
+                    .enumerate()
+                    .map(|(g, q)| {
+                        let d = acts.q8_scale[g * 16 / len];
+                        d * q.iter().map(|&q| i32::from(q)).sum::<i32>() as f32
+                    })
+                    .collect();
+            }
             return acts;
         }
         // Only the AVX2 kernels read the i16 parts; the portable ones multiply `x`.
