@@ -46,19 +46,7 @@ fn main() {
     let values: Vec<f32> = (0..args.rows * args.cols)
         .map(|i| ((i as f32) * 0.618).sin() * 0.05)
         .collect();
-    for format in [
-        PackedFormat::F32,
-        PackedFormat::F16,
-        PackedFormat::BF16,
-        PackedFormat::Q8_0,
-        PackedFormat::Q4_1,
-        PackedFormat::Q4_0,
-        PackedFormat::Q5_0,
-        PackedFormat::Q5_1,
-        PackedFormat::Q4_K,
-        PackedFormat::Q5_K,
-        PackedFormat::Q6_K,
-    ] {
+    for format in PackedFormat::ALL {
         if !args.formats.is_empty() && !args.formats.iter().any(|f| f == format.name()) {
             continue;
         }

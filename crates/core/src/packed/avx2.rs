@@ -655,7 +655,7 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
             } else if F == Q2_K {
                 sm.copy_from_slice(std::slice::from_raw_parts(p, 16));
             } else if F != Q6_K {
-                sm = signed_scales16::<F>(p).map(|v| v as u8);
+                _mm_storeu_si128(sm.as_mut_ptr().cast(), signed_scales16::<F>(p));
             }
             let d = _mm256_set1_ps(h2f(p.add(k_d_at::<F>())));
             let (mut hi, mut lo) = ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
@@ -694,12 +694,7 @@ unsafe fn group_k<const F: u8, const M: usize, const DP: bool>(
             sub!(7);
             if F == Q2_K {
                 // −dmin·m per group of 16 times its Σx.
-                let dmin = _mm256_set1_ps(h2f(p.add(82)));
-                let m = _mm_srli_epi16::<4>(_mm_loadu_si128(p.cast()));
-                let m = _mm_and_si128(m, _mm_set1_epi8(0x0F));
-                let m0 = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)));
-                let m1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(m)));
-                let m1 = _mm256_mul_ps(dmin, m1);
+                let [m0, m1] = q2_k_mins(p);
                 for (j, acc) in acc.iter_mut().enumerate() {
                     let s = acts.sum16.as_ptr().add(j * cols / 16 + b * 16);
                     *acc = _mm256_fnmadd_ps(m0, _mm256_loadu_ps(s), *acc);
@@ -907,8 +902,8 @@ pub(super) const fn signed<const F: u8>() -> bool {
 }
 
 /// Whether the K-quant `F` has per-32 mins (Q4_K, Q5_K: unsigned quants, `d·sc·q − dmin·m`,
-/// the mins against the activations' sums per 32). Q2_K has per-16 ones, which its kernels
-/// take in integers; the [`signed`] formats have none.
+/// the mins against the activations' sums per 32). Q2_K has per-16 ones ([`q2_k_mins`]); the
+/// [`signed`] formats have none.
 pub(super) const fn has_mins<const F: u8>() -> bool {
     F == Q4_K || F == Q5_K
 }
@@ -924,17 +919,60 @@ pub(super) const fn k_d_at<const F: u8>() -> usize {
 }
 
 /// The signed scales of the sixteen groups of 16 values of the Q3_K or IQ4_XS super-block at
-/// `p` ([`super::kquant::q3_scales`]; IQ4_XS: each of [`super::kquant::iq4_xs_scales`] twice).
+/// `p`, one i8 per byte ([`super::kquant::q3_scales`]; IQ4_XS: each of
+/// [`super::kquant::iq4_xs_scales`] twice). Unpacked on words as ggml's AVX2 kernels do: the
+/// decode kernels call this once per super-block and weight row, where the byte-by-byte form
+/// cost ~100 scalar instructions against ~120 vector ones for the block's products.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-pub(super) unsafe fn signed_scales16<const F: u8>(p: *const u8) -> [i8; 16] {
-    // Safety: `p` starts a whole super-block of `F`.
-    let b = unsafe { std::slice::from_raw_parts(p, block_bytes::<F>()) };
-    if F == IQ4_XS {
-        let sc = super::kquant::iq4_xs_scales(b);
-        std::array::from_fn(|g| sc[g / 2])
-    } else {
-        super::kquant::q3_scales(b)
+pub(super) unsafe fn signed_scales16<const F: u8>(p: *const u8) -> __m128i {
+    // Safety: `p` starts a whole super-block of `F`; SSE2 is x86_64's baseline.
+    unsafe {
+        let word = |at: usize| p.add(at).cast::<u32>().read_unaligned();
+        let (m2, m4) = (0x0303_0303u32, 0x0F0F_0F0Fu32);
+        let unsigned = if F == IQ4_XS {
+            // scales_l (bytes 4..8): scale 2k's low four bits in byte k's low nibble, 2k + 1's
+            // in its high one; scales_h (bytes 2..4): bits 2i..2i + 2 are scale i's high two.
+            let l = word(4);
+            let lo = _mm_unpacklo_epi8(
+                _mm_cvtsi32_si128((l & m4) as i32),
+                _mm_cvtsi32_si128(((l >> 4) & m4) as i32),
+            );
+            // Each 2-bit field of the u16 into its own byte.
+            let mut h = u64::from(p.add(2).cast::<u16>().read_unaligned());
+            h = (h | (h << 24)) & 0x0000_00FF_0000_00FF;
+            h = (h | (h << 12)) & 0x000F_000F_000F_000F;
+            h = (h | (h << 6)) & 0x0303_0303_0303_0303;
+            let v = _mm_or_si128(lo, _mm_cvtsi64_si128((h << 4) as i64));
+            _mm_unpacklo_epi8(v, v)
+        } else {
+            // scales (bytes 96..108): as ggml's `ggml_vec_dot_q3_K_q8_K`.
+            let (a0, a1, a2) = (word(96), word(100), word(104));
+            _mm_setr_epi32(
+                ((a0 & m4) | ((a2 & m2) << 4)) as i32,
+                ((a1 & m4) | (((a2 >> 2) & m2) << 4)) as i32,
+                (((a0 >> 4) & m4) | (((a2 >> 4) & m2) << 4)) as i32,
+                (((a1 >> 4) & m4) | (((a2 >> 6) & m2) << 4)) as i32,
+            )
+        };
+        _mm_sub_epi8(unsigned, _mm_set1_epi8(32))
+    }
+}
+
+/// `dmin·m` of the sixteen groups of 16 of the Q2_K super-block at `p` (each `m` the high
+/// nibble of its scale byte), groups 0..8 then 8..16: the kernels multiply them by the
+/// activations' sums per 16 ([`Acts::sum16`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q2_k_mins(p: *const u8) -> [__m256; 2] {
+    // Safety: `p` starts a whole Q2_K super-block.
+    unsafe {
+        let dmin = _mm256_set1_ps(h2f(p.add(82)));
+        let m = _mm_srli_epi16::<4>(_mm_loadu_si128(p.cast()));
+        let m = _mm_and_si128(m, _mm_set1_epi8(0x0F));
+        let mins = |m| _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m)));
+        [mins(m), mins(_mm_srli_si128::<8>(m))]
     }
 }
 
@@ -1186,7 +1224,9 @@ unsafe fn dequant_k<const F: u8>(src: &[u8], dst: &mut [f32], blocks: usize) {
             } else if signed::<F>() {
                 let d = h2f(p.add(k_d_at::<F>()));
                 let sc: [i8; 16] = if F != Q6_K {
-                    signed_scales16::<F>(p)
+                    let mut sc = [0i8; 16];
+                    _mm_storeu_si128(sc.as_mut_ptr().cast(), signed_scales16::<F>(p));
+                    sc
                 } else {
                     std::array::from_fn(|g| *p.add(192 + g) as i8)
                 };

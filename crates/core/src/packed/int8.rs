@@ -211,7 +211,7 @@ mod avx2 {
     use super::super::PackedFormat;
     use super::super::avx2::{
         K_IQ4_XS, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6, h2f, has_mins, hmax, hsum, k_bytes, k_d_at,
-        scales_mins_k4, signed, signed_scales16,
+        q2_k_mins, scales_mins_k4, signed, signed_scales16,
     };
     use super::Acts;
 
@@ -474,7 +474,7 @@ mod avx2 {
                     let s8 = if F == K_Q2 {
                         _mm_and_si128(_mm_loadu_si128(p.cast()), _mm_set1_epi8(0x0F))
                     } else if F != K_Q6 {
-                        _mm_loadu_si128(signed_scales16::<F>(p).as_ptr().cast())
+                        signed_scales16::<F>(p)
                     } else {
                         _mm_loadu_si128(p.add(192).cast())
                     };
@@ -500,16 +500,7 @@ mod avx2 {
                 };
                 // Q2_K: `dmin·m` of its sixteen groups.
                 let q2_mins = if F == K_Q2 {
-                    let dmin = _mm256_set1_ps(h2f(p.add(82)));
-                    let m = _mm_srli_epi16::<4>(_mm_loadu_si128(p.cast()));
-                    let m = _mm_and_si128(m, _mm_set1_epi8(0x0F));
-                    [
-                        _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(m))),
-                        _mm256_mul_ps(
-                            dmin,
-                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(m))),
-                        ),
-                    ]
+                    q2_k_mins(p)
                 } else {
                     [_mm256_setzero_ps(); 2]
                 };
