@@ -2,9 +2,11 @@
 // without an importance matrix, `best_index_int8`, `nearest_int`), copied unchanged from
 // ggml/src/ggml-quants.c of the llama.cpp vendored in llama-cpp-python 0.3.36 (MIT licence,
 // Copyright (c) 2023-2024 The ggml authors), with the few ggml definitions it needs. It wrote
-// crates/gguf/tests/fixtures/quant/IQ4_XS.quantized:
+// crates/gguf/tests/fixtures/quant/IQ4_XS.quantized and IQ4_NL.quantized (`main` is kiln's):
 //   gcc -O2 -mf16c -o iq4xs tools/ggml_iq4_xs_reference.c -lm
 //   ./iq4xs < crates/gguf/tests/fixtures/quant/IQ4_XS.in.f32 > crates/gguf/tests/fixtures/quant/IQ4_XS.quantized
+//   cp crates/gguf/tests/fixtures/quant/IQ4_XS.in.f32 crates/gguf/tests/fixtures/quant/IQ4_NL.in.f32
+//   ./iq4xs nl < crates/gguf/tests/fixtures/quant/IQ4_NL.in.f32 > crates/gguf/tests/fixtures/quant/IQ4_NL.quantized
 #include <stdio.h>
 #include <stdint.h>
 #include <string.h>
@@ -148,10 +150,25 @@ static void quantize_row_iq4_nl_impl(const int super_block_size, const int block
         }
     }
 }
-// f32 values on stdin (a whole number of 256-value blocks), their IQ4_XS blocks on stdout.
-int main(void) {
+// f32 values on stdin (a whole number of 256-value blocks), their IQ4_XS blocks on stdout;
+// with the argument `nl`, their IQ4_NL blocks (`quantize_iq4_nl`'s call: one block of 32).
+typedef struct { ggml_half d; uint8_t qs[16]; } block_iq4_nl;
+int main(int argc, char ** argv) {
     static float x[QK_K * 64];
     size_t n = fread(x, 4, QK_K * 64, stdin) / QK_K;
+    if (argc > 1 && strcmp(argv[1], "nl") == 0) {
+        static block_iq4_nl y[QK_K * 64 / 32];
+        uint16_t unused_h;
+        uint8_t * unused_l = NULL;
+        float scale, weight[32];
+        uint8_t L[32];
+        for (size_t ib = 0; ib < n * QK_K / 32; ++ib) {
+            quantize_row_iq4_nl_impl(32, 32, x + 32*ib, &y[ib].d, y[ib].qs, &unused_h, unused_l,
+                    &scale, weight, L, kvalues_iq4nl, NULL, 7);
+        }
+        fwrite(y, sizeof(block_iq4_nl), n * QK_K / 32, stdout);
+        return 0;
+    }
     static block_iq4_xs y[64];
     uint8_t L[QK_K];
     float weight[32];

@@ -1,5 +1,5 @@
 //! Quantisation of `f32` rows to ggml blocks: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants
-//! Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, and IQ4_XS, as
+//! Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, and IQ4_NL and IQ4_XS, as
 //! ggml's reference quantisers (`quantize_row_*_ref` in `ggml-quants.c`, without an importance
 //! matrix) compute them, operation for operation in `f32`, so that kiln can write the files
 //! llama.cpp's `llama-quantize` writes without `--imatrix`.
@@ -32,6 +32,7 @@ pub fn can_quantize(ggml_type: GgmlType) -> bool {
             | GgmlType::Q4_K
             | GgmlType::Q5_K
             | GgmlType::Q6_K
+            | GgmlType::IQ4_NL
             | GgmlType::IQ4_XS
     )
 }
@@ -71,6 +72,7 @@ pub fn quantize_into(ggml_type: GgmlType, values: &[f32], out: &mut [u8]) -> Res
         GgmlType::Q4_K => q4_k,
         GgmlType::Q5_K => q5_k,
         GgmlType::Q6_K => q6_k,
+        GgmlType::IQ4_NL => iq4_nl,
         GgmlType::IQ4_XS => iq4_xs,
         other => return Err(GgufError::CannotQuantize(other)),
     };
@@ -635,51 +637,69 @@ fn best_index_int8(levels: &[i8; 16], x: f32) -> u8 {
     }
 }
 
-/// `block_iq4_xs { half d; u16 scales_h; u8 scales_l[4]; u8 qs[128]; }`
-/// (`quantize_row_iq4_xs_ref`, i.e. ggml's `quantize_row_iq4_nl_impl(256, 32, …, ntry = 7)`
-/// without an importance matrix): per 32 values the scale that best fits the x²-weighted
-/// values to the non-uniform levels over fifteen trial scales, then a 6-bit `ls − 32` of
-/// `d = −max_scale / 32`, and each value's nearest level under `d·(ls − 32)`.
-fn iq4_xs(x: &[f32], y: &mut [u8]) {
+/// The scale of 32 values under the non-uniform IQ4 levels, as ggml's
+/// `quantize_row_iq4_nl_impl` finds it with `ntry = 7` and no importance matrix: the least
+/// squares scale, x²-weighted, for the levels nearest to `x / d` over fifteen trial `d`
+/// around `−max / levels[0]`, the best kept. 0 for an all-zero group.
+fn iq4_scale(xb: &[f32]) -> f32 {
     let levels = &crate::quant::IQ4_LEVELS;
-    let mut l = [0u8; QK_K];
-    let mut scales = [0f32; 8];
-    let (mut max_scale, mut amax_scale) = (0f32, 0f32);
-    for ib in 0..8 {
-        let xb = &x[32 * ib..32 * ib + 32];
-        let max = signed_max(xb);
-        if max.abs() < GROUP_MAX_EPS {
-            scales[ib] = 0.0;
-            continue;
-        }
-        let mut d = -max / levels[0] as f32;
-        let mut id = 1.0 / d;
+    let max = signed_max(xb);
+    if max.abs() < GROUP_MAX_EPS {
+        return 0.0;
+    }
+    // The weighted fit of `x` to the levels nearest to `id·x`: (Σ w·q·x, Σ w·q²).
+    let fit = |id: f32| {
         let (mut sumqx, mut sumq2) = (0f32, 0f32);
-        for (j, &xj) in xb.iter().enumerate() {
-            let li = best_index_int8(levels, id * xj);
-            l[32 * ib + j] = li;
-            let q = levels[li as usize] as f32;
+        for &xj in xb {
+            let q = levels[best_index_int8(levels, id * xj) as usize] as f32;
             let w = xj * xj;
             sumqx += w * q * xj;
             sumq2 += w * q * q;
         }
-        d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
-        let mut best = d * sumqx;
-        for itry in -7..=7 {
-            id = (itry + levels[0] as i32) as f32 / max;
-            let (mut sumqx, mut sumq2) = (0f32, 0f32);
-            for &xj in xb {
-                let q = levels[best_index_int8(levels, id * xj) as usize] as f32;
-                let w = xj * xj;
-                sumqx += w * q * xj;
-                sumq2 += w * q * q;
-            }
-            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
-                d = sumqx / sumq2;
-                best = d * sumqx;
-            }
+        (sumqx, sumq2)
+    };
+    let (sumqx, sumq2) = fit(1.0 / (-max / levels[0] as f32));
+    let mut d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
+    let mut best = d * sumqx;
+    for itry in -7..=7 {
+        let (sumqx, sumq2) = fit((itry + levels[0] as i32) as f32 / max);
+        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+            d = sumqx / sumq2;
+            best = d * sumqx;
         }
-        scales[ib] = d;
+    }
+    d
+}
+
+/// Packs 32 level indices: value `j < 16` in the low nibble of byte `j`, `j + 16` in its
+/// high one.
+fn pack_iq4(l: &[u8], y: &mut [u8]) {
+    for j in 0..16 {
+        y[j] = l[j] | (l[16 + j] << 4);
+    }
+}
+
+/// `block_iq4_nl { half d; u8 qs[16]; }` (`quantize_row_iq4_nl_ref`, i.e. ggml's
+/// `quantize_row_iq4_nl_impl(32, 32, …, ntry = 7)`): [`iq4_scale`] as the f16 `d`, and each
+/// value's nearest level under the unrounded scale.
+fn iq4_nl(x: &[f32], y: &mut [u8]) {
+    let d = iq4_scale(x);
+    put_f16(&mut y[0..2], d);
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let l: [u8; 32] =
+        std::array::from_fn(|j| best_index_int8(&crate::quant::IQ4_LEVELS, id * x[j]));
+    pack_iq4(&l, &mut y[2..18]);
+}
+
+/// `block_iq4_xs { half d; u16 scales_h; u8 scales_l[4]; u8 qs[128]; }`
+/// (`quantize_row_iq4_xs_ref`, i.e. ggml's `quantize_row_iq4_nl_impl(256, 32, …, ntry = 7)`
+/// without an importance matrix): [`iq4_scale`] per 32 values, then a 6-bit `ls − 32` of
+/// `d = −max_scale / 32`, and each value's nearest level under `d·(ls − 32)`.
+fn iq4_xs(x: &[f32], y: &mut [u8]) {
+    let levels = &crate::quant::IQ4_LEVELS;
+    let scales: [f32; 8] = std::array::from_fn(|ib| iq4_scale(&x[32 * ib..32 * ib + 32]));
+    let (mut max_scale, mut amax_scale) = (0f32, 0f32);
+    for &d in &scales {
         if d.abs() > amax_scale {
             amax_scale = d.abs();
             max_scale = d;
@@ -694,19 +714,13 @@ fn iq4_xs(x: &[f32], y: &mut [u8]) {
         let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
         let dl = d * ls as f32;
         let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
-        for j in 0..32 {
-            l[32 * ib + j] = best_index_int8(levels, idl * x[32 * ib + j]);
-        }
+        let l: [u8; 32] = std::array::from_fn(|j| best_index_int8(levels, idl * x[32 * ib + j]));
+        pack_iq4(&l, &mut y[8 + 16 * ib..24 + 16 * ib]);
         let ls = (ls + 32) as u8;
         y[4 + ib / 2] |= (ls & 0x0F) << (4 * (ib % 2));
         scales_h |= u16::from(ls >> 4) << (2 * ib);
     }
     y[2..4].copy_from_slice(&scales_h.to_le_bytes());
-    for ib in 0..8 {
-        for j in 0..16 {
-            y[8 + 16 * ib + j] = l[32 * ib + j] | (l[32 * ib + 16 + j] << 4);
-        }
-    }
 }
 
 /// Q6_K's quants (0..63, `q + 32`) into its `ql` and `qh` bytes.
@@ -813,6 +827,7 @@ mod tests {
             (GgmlType::Q4_K, 0.2),
             (GgmlType::Q3_K, 0.35),
             (GgmlType::IQ4_XS, 0.2),
+            (GgmlType::IQ4_NL, 0.2),
             (GgmlType::Q2_K, 0.6),
         ] {
             let y = dequantize(t, &quantize(t, &x).unwrap()).unwrap();
@@ -829,6 +844,7 @@ mod tests {
         for t in [
             GgmlType::Q2_K,
             GgmlType::IQ4_XS,
+            GgmlType::IQ4_NL,
             GgmlType::Q3_K,
             GgmlType::Q4_K,
             GgmlType::Q5_K,
@@ -848,7 +864,7 @@ mod tests {
     #[test]
     fn rejects_partial_blocks_and_other_types() {
         assert!(quantize(GgmlType::Q4_K, &[0.0; 255]).is_err());
-        assert!(quantize(GgmlType::IQ4_NL, &[0.0; 32]).is_err());
+        assert!(quantize(GgmlType::IQ2_XS, &[0.0; 256]).is_err());
         assert!(quantize_into(GgmlType::Q6_K, &[0.0; 256], &mut [0u8; 209]).is_err());
     }
 

@@ -62,14 +62,19 @@ fn four_and_five_bit_quantisation_matches_gguf_py() {
     }
 }
 
-/// Q2_K, Q3_K and IQ4_XS blocks quantised by ggml's own C (`tools/ggml_q2_k_reference.c`,
-/// `ggml_q3_k_reference.c`, `ggml_iq4_xs_reference.c`: the quantisers copied from llama.cpp)
-/// from values with an all-zero block, an all-zero group and unequal group scales (Q2_K also
-/// an all-positive block), byte for byte.
+/// Q2_K, Q3_K, IQ4_XS and IQ4_NL blocks quantised by ggml's own C
+/// (`tools/ggml_q2_k_reference.c`, `ggml_q3_k_reference.c`, `ggml_iq4_xs_reference.c`: the
+/// quantisers copied from llama.cpp) from values with an all-zero block, an all-zero group and
+/// unequal group scales (Q2_K also an all-positive block), byte for byte.
 #[test]
-fn q2_k_q3_k_and_iq4_xs_quantisation_matches_ggml() {
+fn q2_k_q3_k_and_iq4_quantisation_matches_ggml() {
     let dir = common::fixtures().join("quant");
-    for t in [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::IQ4_XS] {
+    for t in [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::IQ4_XS,
+        GgmlType::IQ4_NL,
+    ] {
         assert_quantises_as_fixture(&dir, t);
     }
 }
