@@ -426,9 +426,8 @@ fn with_random_blocks(types: &[(&str, kiln_gguf::GgmlType, u16)]) -> tempfile::N
     out
 }
 
-/// Q2_K, Q3_K and IQ4_XS matrices on kiln's own kernels for them, and IQ4_NL ones, which
-/// kiln has no kernels for, on the Q8_0 kernels as the same values
-/// (`kiln_gguf::iq4_nl_to_q8_0`): `ffn_down` (1536 wide, whole 256-value super-blocks) in
+/// Q2_K, Q3_K, IQ4_XS and IQ4_NL matrices on kiln's own kernels for them, as stored:
+/// `ffn_down` (1536 wide, whole 256-value super-blocks) in
 /// Q3_K with `d` = 2⁻¹⁰ (layer 4's in IQ4_XS with `d` = 2⁻¹⁴, values up to ~0.25, layer 5's
 /// in Q2_K with `d` = `dmin` = 2⁻¹⁰) and `attn_q` in IQ4_NL with `d` = 2⁻¹⁰
 /// (values up to ~0.12), as llama.cpp's Q3_K_M/Q2_K/IQ4_XS files mix them. The packed model
@@ -474,7 +473,7 @@ fn low_bit_blocks_run_as_their_dequantised_values() {
     );
     assert_eq!(
         format(&layer.self_attn.q_proj.packed),
-        Some(PackedFormat::Q8_0)
+        Some(PackedFormat::IQ4_NL)
     );
 
     let prompt = ids(&reference()["prompt_ids"]);
@@ -486,8 +485,6 @@ fn low_bit_blocks_run_as_their_dequantised_values() {
             .clone()
     };
     let (tp, td) = (run(&packed), run(&dense));
-    eprintln!(
-        "Q2_K, Q3_K, IQ4_XS, and IQ4_NL rewritten, vs dequantised f32: max |Δlogit| {worst:e}"
-    );
+    eprintln!("Q2_K, Q3_K, IQ4_XS and IQ4_NL vs dequantised f32: max |Δlogit| {worst:e}");
     assert_eq!(tp, td);
 }

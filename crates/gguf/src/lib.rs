@@ -8,16 +8,15 @@
 //!   panic.
 //! * [`GgufFile::tensor_f32`] dequantises a tensor (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
 //!   Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) bit-exactly as ggml does;
-//!   [`dequantize`] does the same for raw blocks, and [`iq4_nl_to_q8_0`] rewrites IQ4_NL
-//!   blocks losslessly as Q8_0, which kiln has kernels for.
+//!   [`dequantize`] does the same for raw blocks.
 //! * [`GgufFile::llama_metadata`] gives the hyper-parameters as a plain [`LlamaMetadata`];
 //!   [`hf_tensor_name`] maps tensor names to Hugging Face's and [`unpermute_qk`] undoes
 //!   llama.cpp's row permutation of the Q/K weights.
-//! * [`GgufFile::tensor_bytes`] hands over a tensor's stored bytes (kiln keeps Q8_0/Q4_0/Q4_1/
-//!   Q5_0/Q5_1 and Q3_K/Q4_K/Q5_K/Q6_K blocks as they are) and [`GgufFile::release_tensor`]
+//! * [`GgufFile::tensor_bytes`] hands over a tensor's stored bytes (kiln keeps every block
+//!   type above as it is) and [`GgufFile::release_tensor`]
 //!   drops its mapped pages afterwards; [`writer::write_gguf`] writes files (tests,
 //!   random-weight benchmark checkpoints), [`quantize`] makes Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-//!   K-quant (Q2_K to Q6_K) and IQ4_XS blocks as ggml's reference quantisers do, and
+//!   K-quant (Q2_K to Q6_K), IQ4_NL and IQ4_XS blocks as ggml's reference quantisers do, and
 //!   [`writer::requantize`] rewrites a file's matrices in other block types.
 //! * [`GgufFile::tokenizer`] rebuilds the embedded vocabulary as a [`tokenizers::Tokenizer`];
 //!   [`GgufFile::chat_template`] returns the Jinja chat template.
@@ -59,5 +58,5 @@ pub use error::{GgufError, Result};
 pub use file::{DEFAULT_ALIGNMENT, GgufFile, TensorInfo};
 pub use llama::{LlamaMetadata, RopeScaling, hf_tensor_name, permute_qk, unpermute_qk};
 pub use quant::{IQ4_LEVELS, dequantize, dequantize_into};
-pub use quantize::{can_quantize, iq4_nl_to_q8_0, quantize, quantize_into};
+pub use quantize::{can_quantize, quantize, quantize_into};
 pub use types::{GgmlType, Value, ValueType};

@@ -738,61 +738,10 @@ fn pack_q6_k(l: &[u8; QK_K], y: &mut [u8]) {
     }
 }
 
-/// IQ4_NL blocks (`block_iq4_nl { half d; u8 qs[16]; }`, `y = d · IQ4_LEVELS[q]`) rewritten
-/// as Q8_0 blocks holding the same values, bit for bit: the same `d`, and each level (−127..113)
-/// as the i8 quant, which Q8_0 dequantises as `q · d` in f32. 8.5 bits a weight against 4.5, on
-/// kernels kiln has; llama.cpp writes IQ4_NL for the rows of a Q2_K/Q3_K/IQ4_XS file that are
-/// not whole 256-value super-blocks.
-pub fn iq4_nl_to_q8_0(src: &[u8]) -> Result<Vec<u8>> {
-    let (nl, q8) = (GgmlType::IQ4_NL.type_size(), GgmlType::Q8_0.type_size());
-    if !src.len().is_multiple_of(nl) {
-        return Err(GgufError::Shape(format!(
-            "{} bytes is not a whole number of IQ4_NL blocks of {nl}",
-            src.len()
-        )));
-    }
-    let mut out = vec![0u8; src.len() / nl * q8];
-    for (b, y) in src.chunks_exact(nl).zip(out.chunks_exact_mut(q8)) {
-        y[..2].copy_from_slice(&b[..2]);
-        for (j, &q) in b[2..].iter().enumerate() {
-            y[2 + j] = crate::quant::IQ4_LEVELS[(q & 0x0F) as usize] as u8;
-            y[18 + j] = crate::quant::IQ4_LEVELS[(q >> 4) as usize] as u8;
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dequantize;
-
-    /// A committed fixture: the raw blocks of type `name` and gguf-py's dequantisation of them.
-    fn fixture(name: &str) -> (Vec<u8>, Vec<f32>) {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/quant/");
-        let bytes = std::fs::read(format!("{dir}{name}.bin")).unwrap();
-        let values = std::fs::read(format!("{dir}{name}.f32"))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        (bytes, values)
-    }
-
-    /// gguf-py's dequantisation of the committed IQ4_NL blocks (an independent oracle), from
-    /// the same blocks rewritten as Q8_0: equal bit for bit.
-    #[test]
-    fn iq4_nl_as_q8_0_is_exact() {
-        let (bytes, want) = fixture("IQ4_NL");
-        let q8 = iq4_nl_to_q8_0(&bytes).unwrap();
-        assert_eq!(q8.len(), bytes.len() / 18 * 34);
-        let got = dequantize(GgmlType::Q8_0, &q8).unwrap();
-        assert_eq!(got.len(), want.len());
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "value {i}: {g} vs {w}");
-        }
-        assert!(iq4_nl_to_q8_0(&bytes[..17]).is_err());
-    }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;

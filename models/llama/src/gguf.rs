@@ -144,9 +144,6 @@ impl GgufWeights {
     }
 }
 
-/// A lossless rewrite of one block type's bytes into another's.
-type Rewrite = fn(&[u8]) -> kiln_gguf::Result<Vec<u8>>;
-
 fn gguf_err_msg(path: &Path, tensor: &str, e: impl std::fmt::Display) -> Error {
     Error::TensorData {
         tensor: tensor.to_string(),
@@ -197,9 +194,8 @@ impl WeightSource for GgufWeights {
         Ok(TensorData::new(values, shape))
     }
 
-    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, IQ4_XS, F16, BF16 and F32 tensors are
-    /// handed over as their bytes (with the Q/K rows unpermuted), IQ4_NL as Q8_0 blocks with
-    /// the same values ([`kiln_gguf::iq4_nl_to_q8_0`]) and a note; a type kiln-gguf can
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, IQ4_NL, IQ4_XS, F16, BF16 and F32 tensors
+    /// are handed over as their bytes (with the Q/K rows unpermuted); a type kiln-gguf can
     /// dequantise but kiln has no kernel for would be requantised to Q8_0, with a note; other
     /// IQ types are an error.
     fn read_packed(&self, name: &str, request: PackRequest) -> Result<PackedMatrix> {
@@ -226,8 +222,7 @@ impl WeightSource for GgufWeights {
             GgmlType::Q5_K => Some(PackedFormat::Q5_K),
             GgmlType::Q6_K => Some(PackedFormat::Q6_K),
             GgmlType::IQ4_XS => Some(PackedFormat::IQ4_XS),
-            // No IQ4_NL kernels: its blocks become Q8_0 blocks with the same values, below.
-            GgmlType::IQ4_NL => Some(PackedFormat::Q8_0),
+            GgmlType::IQ4_NL => Some(PackedFormat::IQ4_NL),
             _ => None,
         };
         let shape = info.shape();
@@ -240,26 +235,7 @@ impl WeightSource for GgufWeights {
                 .file
                 .tensor_bytes(gguf)
                 .map_err(|e| gguf_err(&self.path, e))?;
-            let rewrite = match info.ggml_type() {
-                GgmlType::IQ4_NL => Some((
-                    kiln_gguf::iq4_nl_to_q8_0 as Rewrite,
-                    "the same values, 8.5 bits a weight against 4.5",
-                )),
-                _ => None,
-            };
-            let mut bytes = match rewrite {
-                Some((rewrite, how)) => {
-                    note_once(&format!(
-                        "{}: {} tensors are held as {format} blocks ({how}; kiln has no {} \
-                         kernels)",
-                        self.path.display(),
-                        info.ggml_type(),
-                        info.ggml_type()
-                    ));
-                    rewrite(stored_bytes).map_err(|e| gguf_err(&self.path, e))?
-                }
-                None => stored_bytes.to_vec(),
-            };
+            let mut bytes = stored_bytes.to_vec();
             self.file.release_tensor(gguf);
             if let Some(heads) = self.permuted_heads(name) {
                 let row_bytes = format.row_bytes(*cols);

@@ -38,6 +38,7 @@ const Q5_1: u8 = 10;
 const Q3_K: u8 = 11;
 const IQ4_XS: u8 = 12;
 const Q2_K: u8 = 13;
+const IQ4_NL: u8 = 14;
 
 /// The AVX2 kernel for `format`. Only call after [`available`] returned true.
 #[cfg(target_arch = "x86_64")]
@@ -54,6 +55,7 @@ pub(super) fn dot_kernel(format: PackedFormat) -> DotKernel {
             PackedFormat::Q3_K => return entry::<Q3_K, true>,
             PackedFormat::IQ4_XS => return entry::<IQ4_XS, true>,
             PackedFormat::Q2_K => return entry::<Q2_K, true>,
+            PackedFormat::IQ4_NL => return entry::<IQ4_NL, true>,
             _ => {}
         }
     }
@@ -78,6 +80,7 @@ pub(super) fn dot_kernel_avx2(format: PackedFormat) -> DotKernel {
         PackedFormat::Q3_K => entry::<Q3_K, false>,
         PackedFormat::IQ4_XS => entry::<IQ4_XS, false>,
         PackedFormat::Q2_K => entry::<Q2_K, false>,
+        PackedFormat::IQ4_NL => entry::<IQ4_NL, false>,
     }
 }
 
@@ -94,7 +97,7 @@ fn entry<const F: u8, const DP: bool>(
     assert!(acts.x.len() >= m * cols);
     if matches!(
         F,
-        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | IQ4_NL | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
     ) {
         let group = super::kernels::scale_group(format);
         assert!(acts.sum.len() >= m * (cols / 32) && acts.scale.len() >= m * (cols / group));
@@ -268,7 +271,7 @@ const fn block_bytes<const F: u8>() -> usize {
         F32 => 128,
         F16 | BF16 => 64,
         Q8_0 => 34,
-        Q4_0 => 18,
+        Q4_0 | IQ4_NL => 18,
         Q5_0 => 22,
         Q5_1 => 24,
         Q4_K => 144,
@@ -343,7 +346,7 @@ unsafe fn dot_rows_body<const F: u8, const DP: bool>(
         unsafe {
             if matches!(
                 F,
-                Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
+                Q4_0 | Q4_1 | Q5_0 | Q5_1 | IQ4_NL | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS
             ) {
                 let q = Q16 {
                     q: &acts.q16[j * cols..],
@@ -502,10 +505,10 @@ struct Q16<'a> {
 }
 
 /// `M` rows of i16 activations against one row of 4- or 5-bit blocks: per block, `vpmaddwd`
-/// of the quants (0..15, or 0..31 for Q5_0/Q5_1: [`small_quants`]) with both i16 parts of the
-/// activations gives exact i32 partial sums, scaled once by `d·s` (s the activations' scale);
-/// the offset (`m` for Q4_1 and Q5_1, `−8·d` for Q4_0, `−16·d` for Q5_0) multiplies the
-/// block's exact f32 sum. Even and odd blocks go to separate accumulators so the
+/// of the quants (0..15, 0..31 for Q5_0/Q5_1, IQ4_NL's levels −127..113: [`small_quants`])
+/// with both i16 parts of the activations gives exact i32 partial sums, scaled once by `d·s`
+/// (s the activations' scale); the offset (`m` for Q4_1 and Q5_1, `−8·d` for Q4_0, `−16·d` for
+/// Q5_0, none for IQ4_NL) multiplies the block's exact f32 sum. Even and odd blocks go to separate accumulators so the
 /// loop-carried adds overlap; all of them are locals (an accumulator behind a reference or a
 /// run-time index stayed in memory, and the store-to-load chain was a third of the time).
 #[cfg(target_arch = "x86_64")]
@@ -532,19 +535,22 @@ unsafe fn group_q4<const F: u8, const M: usize, const DP: bool>(
                 let off = match F {
                     Q4_0 => -8.0 * d,
                     Q5_0 => -16.0 * d,
+                    IQ4_NL => 0.0,
                     _ => h2f(p.add(2)),
                 };
                 let (lo, hi) = small_quants::<F>(p);
                 for j in 0..M {
                     let xq = acts.q.as_ptr().add(j * cols + b * 32);
                     let xl = acts.lo.as_ptr().add(j * cols + b * 32);
-                    // Integer sums, exact: |q·x| < 2²² per lane.
+                    // Integer sums, exact: |q·x| ≤ 127·32767 < 2²² per product.
                     let (s, r) = (dot32::<DP>(lo, hi, xq), dot32::<DP>(lo, hi, xl));
                     let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), inv, _mm256_cvtepi32_ps(s));
                     let k = j * blocks + b;
                     let scale = _mm256_set1_ps(d * *acts.scale.get_unchecked(k));
                     $acc[j] = _mm256_fmadd_ps(t, scale, $acc[j]);
-                    $off[j] += off * *acts.sum.get_unchecked(k);
+                    if F != IQ4_NL {
+                        $off[j] += off * *acts.sum.get_unchecked(k);
+                    }
                 }
             }};
         }
@@ -563,15 +569,16 @@ unsafe fn group_q4<const F: u8, const M: usize, const DP: bool>(
     }
 }
 
-/// The 32 quants of a Q4_0, Q4_1, Q5_0 or Q5_1 block at `p` as two vectors of 16 i16: values
-/// 0..16 (the low nibbles) and 16..32 (the high ones), ggml's order. The 5-bit formats add
-/// bit `v` of their 32-bit mask `qh` as bit 4 of value `v`.
+/// The 32 quants of a Q4_0, Q4_1, Q5_0, Q5_1 or IQ4_NL block at `p` as two vectors of 16 i16:
+/// values 0..16 (the low nibbles) and 16..32 (the high ones), ggml's order. The 5-bit formats
+/// add bit `v` of their 32-bit mask `qh` as bit 4 of value `v`; IQ4_NL's nibbles index its
+/// levels (−127..113), one `vpshufb` per 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
     let (qs, qh) = match F {
-        Q4_0 => (2, None),
+        Q4_0 | IQ4_NL => (2, None),
         Q4_1 => (4, None),
         Q5_0 => (6, Some(2)),
         _ => (8, Some(4)),
@@ -579,6 +586,14 @@ unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
     let mask = _mm_set1_epi8(0x0F);
     unsafe {
         let qs = _mm_loadu_si128(p.add(qs).cast());
+        if F == IQ4_NL {
+            let levels = _mm_loadu_si128(kiln_gguf::IQ4_LEVELS.as_ptr().cast());
+            let level = |n| _mm256_cvtepi8_epi16(_mm_shuffle_epi8(levels, n));
+            return (
+                level(_mm_and_si128(qs, mask)),
+                level(_mm_and_si128(_mm_srli_epi16(qs, 4), mask)),
+            );
+        }
         let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, mask));
         let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), mask));
         let Some(h) = qh else {
@@ -1174,6 +1189,7 @@ pub(super) fn dequantize_row(format: PackedFormat, src: &[u8], dst: &mut [f32]) 
             PackedFormat::Q3_K => dequant_k::<Q3_K>(src, dst, blocks / 8),
             PackedFormat::IQ4_XS => dequant_k::<IQ4_XS>(src, dst, blocks / 8),
             PackedFormat::Q2_K => dequant_k::<Q2_K>(src, dst, blocks / 8),
+            PackedFormat::IQ4_NL => dequant::<IQ4_NL>(src, dst, blocks),
         }
     }
     true
@@ -1312,6 +1328,7 @@ pub(super) fn axpy_rows(format: PackedFormat, rows: &[&[u8]], a: &[f32], acc: &m
             PackedFormat::Q4_1 => axpy_rows_f::<Q4_1>(rows, a, acc),
             PackedFormat::Q5_0 => axpy_rows_f::<Q5_0>(rows, a, acc),
             PackedFormat::Q5_1 => axpy_rows_f::<Q5_1>(rows, a, acc),
+            PackedFormat::IQ4_NL => axpy_rows_f::<IQ4_NL>(rows, a, acc),
             PackedFormat::Q3_K
             | PackedFormat::Q4_K
             | PackedFormat::Q5_K
@@ -1369,7 +1386,7 @@ unsafe fn block_values<const F: u8>(p: *const u8) -> [__m256; 4] {
                     _mm256_mul_ps(i8x8(p.add(26)), d),
                 ]
             }
-            Q4_0 | Q4_1 | Q5_0 | Q5_1 => {
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | IQ4_NL => {
                 let d = _mm256_set1_ps(h2f(p));
                 let (lo, hi) = small_quants::<F>(p);
                 let widen = |v: __m256i| {
@@ -1380,7 +1397,10 @@ unsafe fn block_values<const F: u8>(p: *const u8) -> [__m256; 4] {
                 };
                 let ([a, b], [c, e]) = (widen(lo), widen(hi));
                 let q = [a, b, c, e];
-                if F == Q4_0 || F == Q5_0 {
+                if F == IQ4_NL {
+                    // `d · level`, as ggml's `dequantize_row_iq4_nl`.
+                    q.map(|q| _mm256_mul_ps(d, _mm256_cvtepi32_ps(q)))
+                } else if F == Q4_0 || F == Q5_0 {
                     let s = _mm256_set1_epi32(if F == Q4_0 { 8 } else { 16 });
                     q.map(|q| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, s)), d))
                 } else {

@@ -43,6 +43,7 @@ pub(super) fn applies(format: PackedFormat) -> bool {
             | PackedFormat::Q3_K
             | PackedFormat::IQ4_XS
             | PackedFormat::Q2_K
+            | PackedFormat::IQ4_NL
     )
 }
 
@@ -195,11 +196,13 @@ fn simd_kernel(format: PackedFormat, vnni: bool) -> DotKernel {
         (PackedFormat::Q4_0, true) => avx2::entry::<{ avx2::Q4_0 }, true>,
         (PackedFormat::Q5_0, true) => avx2::entry::<{ avx2::Q5_0 }, true>,
         (PackedFormat::Q5_1, true) => avx2::entry::<{ avx2::Q5_1 }, true>,
+        (PackedFormat::IQ4_NL, true) => avx2::entry::<{ avx2::IQ4_NL }, true>,
         (_, true) => avx2::entry::<{ avx2::Q4_1 }, true>,
         (PackedFormat::Q8_0, false) => avx2::entry::<{ avx2::Q8_0 }, false>,
         (PackedFormat::Q4_0, false) => avx2::entry::<{ avx2::Q4_0 }, false>,
         (PackedFormat::Q5_0, false) => avx2::entry::<{ avx2::Q5_0 }, false>,
         (PackedFormat::Q5_1, false) => avx2::entry::<{ avx2::Q5_1 }, false>,
+        (PackedFormat::IQ4_NL, false) => avx2::entry::<{ avx2::IQ4_NL }, false>,
         (_, false) => avx2::entry::<{ avx2::Q4_1 }, false>,
     }
 }
@@ -233,6 +236,14 @@ mod avx2 {
     pub(super) const Q4_1: u8 = 2;
     pub(super) const Q5_0: u8 = 3;
     pub(super) const Q5_1: u8 = 4;
+    pub(super) const IQ4_NL: u8 = 5;
+
+    /// Whether the 32-value block format `F` has signed quants and no offset (Q8_0, and
+    /// IQ4_NL's levels): its kernels take the sign trick (`|w|` × `x·sign(w)`) where the
+    /// unsigned 4- and 5-bit quants take their offset times the block's `d_x·Σq`.
+    const fn signed_block<const F: u8>() -> bool {
+        F == Q8_0 || F == IQ4_NL
+    }
 
     /// Whether the CPU has AVX512-VNNI with 256-bit forms (checked once; `KILN_NO_VNNI` turns it
     /// off, for comparing the two kernels).
@@ -248,7 +259,7 @@ mod avx2 {
     const fn block_bytes<const F: u8>() -> usize {
         match F {
             Q8_0 => 34,
-            Q4_0 => 18,
+            Q4_0 | IQ4_NL => 18,
             Q5_0 => 22,
             Q5_1 => 24,
             _ => 20,
@@ -821,12 +832,11 @@ mod avx2 {
                     let p = wp.add(b * block_bytes::<F>());
                     let d = h2f(p);
                     // (unsigned weights, their signs for the activations, the block offset)
-                    let (u, sign, off) = if F == Q8_0 {
-                        let q = _mm256_loadu_si256(p.add(2).cast());
-                        (_mm256_sign_epi8(q, q), Some(q), 0.0)
+                    let (q, off) = block_quants::<F>(p, d, mask);
+                    let (u, sign) = if signed_block::<F>() {
+                        (_mm256_sign_epi8(q, q), Some(q))
                     } else {
-                        let (u, off) = block_quants::<F>(p, d, mask);
-                        (u, None, off)
+                        (q, None)
                     };
                     for j in 0..M {
                         let x = _mm256_loadu_si256(a.q.as_ptr().add(j * cols + b * 32).cast());
@@ -842,7 +852,7 @@ mod avx2 {
                         let k = j * blocks + b;
                         let scale = _mm256_set1_ps(d * *a.scale.get_unchecked(k));
                         $acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, $acc[j]);
-                        if F != Q8_0 {
+                        if !signed_block::<F>() {
                             $off[j] += off * *a.sum.get_unchecked(k);
                         }
                     }
@@ -910,7 +920,7 @@ mod avx2 {
                     let dx = _mm256_loadu_ps(a.scale.as_ptr().add(k));
                     let s = _mm256_cvtepi32_ps(_mm256_sub_epi32(s, wsum));
                     *acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d, dx), *acc);
-                    if F != Q8_0 {
+                    if !signed_block::<F>() {
                         *acc = _mm256_fmadd_ps(off, _mm256_loadu_ps(a.sum.as_ptr().add(k)), *acc);
                     }
                 }
@@ -951,7 +961,7 @@ mod avx2 {
                     (q[k], off[k]) = block_quants::<F>(p, d[k], mask);
                 }
                 let t = transpose8(q);
-                let u: [__m256i; 8] = if F == Q8_0 {
+                let u: [__m256i; 8] = if signed_block::<F>() {
                     std::array::from_fn(|i| _mm256_sign_epi8(t[i], t[i]))
                 } else {
                     t
@@ -961,7 +971,7 @@ mod avx2 {
                     let xp = a.t.as_ptr().add(j * cols + 256 * g);
                     let x = |i: usize| {
                         let x = _mm256_xor_si256(_mm256_loadu_si256(xp.add(32 * i).cast()), flip);
-                        if F == Q8_0 {
+                        if signed_block::<F>() {
                             _mm256_sign_epi8(x, t[i])
                         } else {
                             x
@@ -978,7 +988,7 @@ mod avx2 {
                     let dx = _mm256_loadu_ps(a.scale.as_ptr().add(k));
                     let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
                     *acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d, dx), *acc);
-                    if F != Q8_0 {
+                    if !signed_block::<F>() {
                         *acc = _mm256_fmadd_ps(off, _mm256_loadu_ps(a.sum.as_ptr().add(k)), *acc);
                     }
                 }
@@ -1049,7 +1059,7 @@ mod avx2 {
                         let acc = &mut acc[r][j];
                         *acc =
                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d[r], dx), *acc);
-                        if F != Q8_0 {
+                        if !signed_block::<F>() {
                             let sum = _mm256_loadu_ps(a.sum.as_ptr().add(k));
                             *acc = _mm256_fmadd_ps(off[r], sum, *acc);
                         }
@@ -1171,7 +1181,7 @@ mod avx2 {
                     let p = p0.add(k * block_bytes::<F>());
                     let x = _mm256_loadu_si256(a.q.as_ptr().add((8 * g + k) * 32).cast());
                     let (q, _) = block_quants::<F>(p, 0.0, mask);
-                    *sum = if F == Q8_0 {
+                    *sum = if signed_block::<F>() {
                         dot(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q))
                     } else {
                         dot(q, x)
@@ -1189,7 +1199,7 @@ mod avx2 {
                 );
                 let dx = _mm256_loadu_ps(a.scale.as_ptr().add(8 * g));
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(r), _mm256_mul_ps(d, dx), acc);
-                if F != Q8_0 {
+                if !signed_block::<F>() {
                     let off = match F {
                         Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
                         Q5_0 => _mm256_mul_ps(d, _mm256_set1_ps(-16.0)),
@@ -1207,13 +1217,21 @@ mod avx2 {
         }
     }
 
-    /// The 32 quants of the block at `p` as signed bytes (Q8_0 as stored; the 4- and 5-bit
-    /// formats 0..31) and the block's offset (`−8·d`, `−16·d`, or its min).
+    /// The 32 quants of the block at `p` as signed bytes (Q8_0 as stored; IQ4_NL's levels,
+    /// one `vpshufb` per 16; the 4- and 5-bit formats 0..31) and the block's offset (`−8·d`,
+    /// `−16·d`, its min, or none).
     #[inline(always)]
     unsafe fn block_quants<const F: u8>(p: *const u8, d: f32, mask: __m128i) -> (__m256i, f32) {
         unsafe {
             if F == Q8_0 {
                 return (_mm256_loadu_si256(p.add(2).cast()), 0.0);
+            }
+            if F == IQ4_NL {
+                let levels = _mm_loadu_si128(kiln_gguf::IQ4_LEVELS.as_ptr().cast());
+                let qs = _mm_loadu_si128(p.add(2).cast());
+                let lo = _mm_shuffle_epi8(levels, _mm_and_si128(qs, mask));
+                let hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(qs, 4), mask));
+                return (_mm256_set_m128i(hi, lo), 0.0);
             }
             let (off, at, qh) = match F {
                 Q4_0 => (-8.0 * d, 2, None),

@@ -123,7 +123,11 @@ impl<'a> Acts<'a> {
 pub(super) fn splits_i16(format: PackedFormat) -> bool {
     matches!(
         format,
-        PackedFormat::Q4_0 | PackedFormat::Q4_1 | PackedFormat::Q5_0 | PackedFormat::Q5_1
+        PackedFormat::Q4_0
+            | PackedFormat::Q4_1
+            | PackedFormat::Q5_0
+            | PackedFormat::Q5_1
+            | PackedFormat::IQ4_NL
     ) || format.is_k_quant()
 }
 
@@ -297,6 +301,17 @@ pub(super) fn dequantize_row_scalar(format: PackedFormat, src: &[u8], dst: &mut 
                 }
             }
         }
+        PackedFormat::IQ4_NL => {
+            // ggml's `dequantize_row_iq4_nl`: `d · level`, one f32 multiply.
+            for (b, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                let (lo, hi) = y.split_at_mut(16);
+                for j in 0..16 {
+                    lo[j] = d * kiln_gguf::IQ4_LEVELS[(b[2 + j] & 0x0F) as usize] as f32;
+                    hi[j] = d * kiln_gguf::IQ4_LEVELS[(b[2 + j] >> 4) as usize] as f32;
+                }
+            }
+        }
         PackedFormat::Q4_1 => {
             for (b, y) in src.chunks_exact(20).zip(dst.chunks_exact_mut(32)) {
                 let (d, m) = (f16_at(b, 0), f16_at(b, 2));
@@ -369,7 +384,8 @@ pub(super) fn quantize_row(format: PackedFormat, src: &[f32], dst: &mut [u8]) ->
         | PackedFormat::Q5_K
         | PackedFormat::Q6_K
         | PackedFormat::IQ4_XS
-        | PackedFormat::Q2_K => {
+        | PackedFormat::Q2_K
+        | PackedFormat::IQ4_NL => {
             kiln_gguf::quantize_into(super::kquant::ggml_type(format), src, dst)
                 .map_err(|e| Error::arg("packed matrix", e.to_string()))?;
         }

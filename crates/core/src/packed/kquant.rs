@@ -214,5 +214,6 @@ pub(super) fn ggml_type(format: PackedFormat) -> kiln_gguf::GgmlType {
         PackedFormat::Q3_K => kiln_gguf::GgmlType::Q3_K,
         PackedFormat::IQ4_XS => kiln_gguf::GgmlType::IQ4_XS,
         PackedFormat::Q2_K => kiln_gguf::GgmlType::Q2_K,
+        PackedFormat::IQ4_NL => kiln_gguf::GgmlType::IQ4_NL,
     }
 }

@@ -87,6 +87,11 @@ pub enum PackedFormat {
     /// and min under f16 `d` and `dmin` (`y = d·sc·q − dmin·m`), 2.625 bits a weight. Most of
     /// a Q2_K file.
     Q2_K,
+    /// ggml `block_iq4_nl`: blocks of 32 4-bit indices into IQ4_XS's sixteen non-uniform
+    /// levels under one f16 scale (`y = d·level[q]`), 4.5 bits a weight. llama.cpp writes it
+    /// for the matrices of a Q2_K, Q3_K or IQ4_XS file whose rows are not whole 256-value
+    /// super-blocks (all of SmolLM2-135M's, 576 wide), and for every matrix of an IQ4_NL file.
+    IQ4_NL,
 }
 
 impl PackedFormat {
@@ -94,7 +99,7 @@ impl PackedFormat {
     pub const fn block_len(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => 32,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::IQ4_NL => 32,
             Self::Q2_K | Self::Q3_K | Self::Q4_K | Self::Q5_K | Self::Q6_K | Self::IQ4_XS => 256,
         }
     }
@@ -115,6 +120,7 @@ impl PackedFormat {
             Self::Q3_K => 110,
             Self::IQ4_XS => 136,
             Self::Q2_K => 84,
+            Self::IQ4_NL => 18,
         }
     }
 
@@ -135,6 +141,7 @@ impl PackedFormat {
             Self::Q3_K => "q3_k",
             Self::IQ4_XS => "iq4_xs",
             Self::Q2_K => "q2_k",
+            Self::IQ4_NL => "iq4_nl",
         }
     }
 
@@ -155,7 +162,7 @@ impl PackedFormat {
 
 impl PackedFormat {
     /// Every format, in declaration order.
-    pub const ALL: [PackedFormat; 14] = [
+    pub const ALL: [PackedFormat; 15] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -170,6 +177,7 @@ impl PackedFormat {
         Self::Q3_K,
         Self::IQ4_XS,
         Self::Q2_K,
+        Self::IQ4_NL,
     ];
 }
 
@@ -433,7 +441,8 @@ impl PackedMatrix {
                 PackedFormat::Q8_0
                 | PackedFormat::Q4_0
                 | PackedFormat::Q5_0
-                | PackedFormat::IQ4_XS => row
+                | PackedFormat::IQ4_XS
+                | PackedFormat::IQ4_NL => row
                     .chunks_exact(self.format.block_bytes())
                     .all(|b| finite_f16(b, 0)),
                 PackedFormat::Q4_1

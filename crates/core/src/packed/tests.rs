@@ -10,7 +10,7 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-const ALL: [PackedFormat; 8] = [
+const ALL: [PackedFormat; 9] = [
     PackedFormat::F32,
     PackedFormat::F16,
     PackedFormat::BF16,
@@ -19,6 +19,7 @@ const ALL: [PackedFormat; 8] = [
     PackedFormat::Q4_1,
     PackedFormat::Q5_0,
     PackedFormat::Q5_1,
+    PackedFormat::IQ4_NL,
 ];
 
 /// The oracle: dequantise every row (ggml's arithmetic), multiply in f64. Also returns, per
@@ -355,6 +356,7 @@ fn eight_bit_activations_give_the_product_with_the_rounded_activations() {
         (PackedFormat::Q4_1, 544),
         (PackedFormat::Q5_0, 544),
         (PackedFormat::Q5_1, 544),
+        (PackedFormat::IQ4_NL, 544),
         (PackedFormat::Q4_K, 512),
         (PackedFormat::Q5_K, 512),
         (PackedFormat::Q6_K, 512),
@@ -513,7 +515,7 @@ const K_FORMATS: [PackedFormat; 6] = [
     PackedFormat::Q6_K,
 ];
 
-/// Raw K-quant (or Q5_0/Q5_1) blocks with random quants and scales, and what the `gguf` Python
+/// Raw K-quant (or Q5_0/Q5_1/IQ4_NL) blocks with random quants and scales, and what the `gguf` Python
 /// package dequantises them to (kiln-gguf's fixtures, `tools/gguf_reference.py`).
 fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
     let (bin, f32s): (&[u8], &[u8]) = match format {
@@ -549,6 +551,10 @@ fn gguf_py_blocks(format: PackedFormat) -> (Vec<u8>, Vec<f32>) {
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_1.bin"),
             include_bytes!("../../../gguf/tests/fixtures/quant/Q5_1.f32"),
         ),
+        PackedFormat::IQ4_NL => (
+            include_bytes!("../../../gguf/tests/fixtures/quant/IQ4_NL.bin"),
+            include_bytes!("../../../gguf/tests/fixtures/quant/IQ4_NL.f32"),
+        ),
         other => panic!("no gguf-py fixture for {other}"),
     };
     let values = f32s
@@ -578,11 +584,11 @@ fn k_quant_dequantisation_is_ggml_bit_for_bit() {
     }
 }
 
-/// The 5-bit formats' fifth bits and offsets, against gguf-py's dequantisation of random
-/// blocks: the scalar and SIMD paths, bit for bit.
+/// The 5-bit formats' fifth bits and offsets, and IQ4_NL's levels, against gguf-py's
+/// dequantisation of random blocks: the scalar and SIMD paths, bit for bit.
 #[test]
-fn five_bit_dequantisation_is_ggml_bit_for_bit() {
-    for format in [PackedFormat::Q5_0, PackedFormat::Q5_1] {
+fn five_bit_and_iq4_nl_dequantisation_is_ggml_bit_for_bit() {
+    for format in [PackedFormat::Q5_0, PackedFormat::Q5_1, PackedFormat::IQ4_NL] {
         let (bytes, want) = gguf_py_blocks(format);
         let packed = PackedMatrix::from_bytes(2, want.len() / 2, format, &bytes).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
