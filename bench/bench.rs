@@ -60,7 +60,7 @@ struct Args {
     /// Weight precision: auto (what the file holds, f32 for safetensors), f32, f16, bf16.
     #[arg(long, default_value = "auto")]
     dtype: WeightDtype,
-    /// Requantise the matrices at load: none, q8_0, q4_0, q4_1.
+    /// Requantise the matrices at load: none, q8_0, q4_0, q4_1, iq4_nl.
     #[arg(long, default_value = "none")]
     quant: Quantization,
     /// Activations of quantised weights: f32, or q8 (8-bit, as llama.cpp; decode steps, and

@@ -8,19 +8,20 @@ use kiln::core::packed::ActivationPrecision;
 #[derive(Args, Debug, Clone)]
 pub struct PrecisionArgs {
     /// Weight precision: `auto` keeps what the file holds where this backend computes with it
-    /// (on the CPU a GGUF's Q8_0/Q4_0/Q4_1 blocks and f16/bf16 tensors stay as stored, other
-    /// block types become q8_0, safetensors f32; on a GPU f16/bf16 matrices stay half where the
+    /// (on the CPU a GGUF's blocks (Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K, IQ4_NL, IQ4_XS) and
+    /// f16/bf16 tensors stay as stored, other IQ types are an error, safetensors f32; on a GPU f16/bf16 matrices stay half where the
     /// GPU computes in that type, the rest f32), or `f32`, `f16`, `bf16` (half the memory of
     /// f32; on a GPU the matrices are multiplied in f16/bf16, activations stay f32; wgpu has
     /// f16 but no bf16).
     #[arg(long, default_value = "auto")]
     pub dtype: WeightDtype,
     /// Quantise the Linear and embedding matrices at load: `none`, `q8_0` (8.5 bits a weight),
-    /// `q4_0` (4.5 bits) or `q4_1` (5 bits), ggml's block formats. CPU backends only (on a GPU
-    /// use `--dtype f16`).
+    /// `q4_0` (4.5 bits), `q4_1` (5 bits) or `iq4_nl` (4.5 bits, non-uniform levels: closer
+    /// than q4_0, ~16× its time to quantise), ggml's block formats. CPU backends only (on a GPU use
+    /// `--dtype f16`).
     #[arg(long, default_value = "none")]
     pub quant: Quantization,
-    /// Activations of quantised weights (Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K, IQ4_XS) on CPU
+    /// Activations of quantised weights (Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K, IQ4_NL, IQ4_XS) on CPU
     /// backends: `f32` keeps the result equal to the dequantised weights' product; `q8` rounds
     /// them to 8 bits (one scale per 32 values, per 256 for the K-quants) and multiplies
     /// integers, as llama.cpp does, in decode steps and, where that is faster, in prefill

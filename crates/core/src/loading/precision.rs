@@ -46,6 +46,7 @@ impl std::str::FromStr for WeightDtype {
 
 /// Weight quantisation at load (`--quant`): Linear and embedding matrices are requantised to
 /// ggml's block format; norms and biases stay in floats.
+#[allow(non_camel_case_types)] // ggml's names
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Quantization {
     /// Keep the precision [`WeightDtype`] chooses.
@@ -57,6 +58,11 @@ pub enum Quantization {
     Q4_0,
     /// ggml Q4_1: 5 bits a weight.
     Q4_1,
+    /// ggml IQ4_NL: 4.5 bits a weight, as Q4_0, with sixteen non-uniform levels that round
+    /// bell-shaped weights closer (relative RMS error on normal values 0.076 against Q4_0's
+    /// 0.086), found by ggml's scale search: SmolLM2-135M took 18 s to quantise on 2 cores,
+    /// against 1.1 s for Q4_0.
+    IQ4_NL,
 }
 
 impl std::str::FromStr for Quantization {
@@ -68,9 +74,10 @@ impl std::str::FromStr for Quantization {
             "q8" | "q8_0" => Self::Q8_0,
             "q4" | "q4_0" => Self::Q4_0,
             "q4_1" => Self::Q4_1,
+            "iq4_nl" => Self::IQ4_NL,
             other => {
                 return Err(format!(
-                    "unknown quantisation `{other}` (none, q8_0, q4_0, q4_1)"
+                    "unknown quantisation `{other}` (none, q8_0, q4_0, q4_1, iq4_nl)"
                 ));
             }
         })
@@ -84,6 +91,7 @@ impl Quantization {
             Self::Q8_0 => Some(PackedFormat::Q8_0),
             Self::Q4_0 => Some(PackedFormat::Q4_0),
             Self::Q4_1 => Some(PackedFormat::Q4_1),
+            Self::IQ4_NL => Some(PackedFormat::IQ4_NL),
         }
     }
 }
