@@ -612,13 +612,14 @@ fn q3_k(x: &[f32], y: &mut [u8]) {
     }
 }
 
-/// ggml's `best_index_int8`: the index of the level of `levels` (ascending) nearest to `x`,
+/// ggml's `best_index_int8`: the index of the IQ4 level nearest to `x`,
 /// the upper one where ggml's `x − lower < upper − x` says no. ggml finds the pair around `x`
 /// by binary search; here the upper index is the count of levels ≤ `x` (the same pair, since
 /// the search keeps `levels[ml] ≤ x < levels[mu]`), sixteen compares without branches
 /// (`--quant iq4_nl` of SmolLM2-135M, 512 calls per 32-value block: 23.3 → 18.1 s on 2 cores;
 /// the scale search's arithmetic is the rest).
-fn best_index_int8(levels: &[f32; 16], x: f32) -> u8 {
+fn best_index_int8(x: f32) -> u8 {
+    let levels = &IQ4_LEVELS_F32;
     if x <= levels[0] {
         return 0;
     }
@@ -659,7 +660,7 @@ fn iq4_scale(xb: &[f32]) -> f32 {
     let fit = |id: f32| {
         let (mut sumqx, mut sumq2) = (0f32, 0f32);
         for &xj in xb {
-            let q = levels[best_index_int8(&IQ4_LEVELS_F32, id * xj) as usize];
+            let q = levels[best_index_int8(id * xj) as usize];
             let w = xj * xj;
             sumqx += w * q * xj;
             sumq2 += w * q * q;
@@ -694,7 +695,7 @@ fn iq4_nl(x: &[f32], y: &mut [u8]) {
     let d = iq4_scale(x);
     put_f16(&mut y[0..2], d);
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let l: [u8; 32] = std::array::from_fn(|j| best_index_int8(&IQ4_LEVELS_F32, id * x[j]));
+    let l: [u8; 32] = std::array::from_fn(|j| best_index_int8(id * x[j]));
     pack_iq4(&l, &mut y[2..18]);
 }
 
@@ -720,8 +721,7 @@ fn iq4_xs(x: &[f32], y: &mut [u8]) {
         let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
         let dl = d * ls as f32;
         let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
-        let l: [u8; 32] =
-            std::array::from_fn(|j| best_index_int8(&IQ4_LEVELS_F32, idl * x[32 * ib + j]));
+        let l: [u8; 32] = std::array::from_fn(|j| best_index_int8(idl * x[32 * ib + j]));
         pack_iq4(&l, &mut y[8 + 16 * ib..24 + 16 * ib]);
         let ls = (ls + 32) as u8;
         y[4 + ib / 2] |= (ls & 0x0F) << (4 * (ib % 2));

@@ -585,15 +585,14 @@ unsafe fn small_quants<const F: u8>(p: *const u8) -> (__m256i, __m256i) {
     };
     let mask = _mm_set1_epi8(0x0F);
     unsafe {
-        let qs = _mm_loadu_si128(p.add(qs).cast());
         if F == IQ4_NL {
-            let levels = _mm_loadu_si128(kiln_gguf::IQ4_LEVELS.as_ptr().cast());
-            let level = |n| _mm256_cvtepi8_epi16(_mm_shuffle_epi8(levels, n));
+            let v = iq4_levels(p.add(qs));
             return (
-                level(_mm_and_si128(qs, mask)),
-                level(_mm_and_si128(_mm_srli_epi16(qs, 4), mask)),
+                _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v)),
+                _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(v)),
             );
         }
+        let qs = _mm_loadu_si128(p.add(qs).cast());
         let lo = _mm256_cvtepu8_epi16(_mm_and_si128(qs, mask));
         let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), mask));
         let Some(h) = qh else {
@@ -850,16 +849,8 @@ pub(super) unsafe fn k_bytes<const F: u8>(p: *const u8, s: usize) -> __m256i {
                     _mm256_set1_epi8(3),
                 )
             }
-            IQ4_XS => {
-                // Sub-block s: low nibbles of qs[16s..16s + 16] are values 0..16, high ones
-                // 16..32; each picks its level by `vpshufb`.
-                let qs = _mm_loadu_si128(p.add(8 + 16 * s).cast());
-                let levels = _mm_loadu_si128(kiln_gguf::IQ4_LEVELS.as_ptr().cast());
-                let low4 = _mm_set1_epi8(0x0F);
-                let lo = _mm_shuffle_epi8(levels, _mm_and_si128(qs, low4));
-                let hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16::<4>(qs), low4));
-                _mm256_set_m128i(hi, lo)
-            }
+            // Sub-block s: qs[16s..16s + 16].
+            IQ4_XS => iq4_levels(p.add(8 + 16 * s)),
             Q3_K => {
                 // s = 4n + j: two low bits at bit 2j of qs[32n..], the third at bit s of
                 // hmask (set: q, clear: q − 4).
@@ -971,6 +962,23 @@ pub(super) unsafe fn signed_scales16<const F: u8>(p: *const u8) -> __m128i {
             )
         };
         _mm_sub_epi8(unsigned, _mm_set1_epi8(32))
+    }
+}
+
+/// The 32 IQ4_NL / IQ4_XS levels (−127..113, signed bytes) that the 16 bytes at `qs` index:
+/// the low nibbles are values 0..16, the high ones 16..32 (ggml's order); one `vpshufb` each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn iq4_levels(qs: *const u8) -> __m256i {
+    // Safety: `qs` holds 16 bytes.
+    unsafe {
+        let qs = _mm_loadu_si128(qs.cast());
+        let levels = _mm_loadu_si128(kiln_gguf::IQ4_LEVELS.as_ptr().cast());
+        let low4 = _mm_set1_epi8(0x0F);
+        let lo = _mm_shuffle_epi8(levels, _mm_and_si128(qs, low4));
+        let hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16::<4>(qs), low4));
+        _mm256_set_m128i(hi, lo)
     }
 }
 

@@ -213,8 +213,8 @@ mod avx2 {
 
     use super::super::PackedFormat;
     use super::super::avx2::{
-        K_IQ4_XS, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6, h2f, has_mins, hmax, hsum, k_bytes, k_d_at,
-        q2_k_mins, scales_mins_k4, signed, signed_scales16,
+        K_IQ4_XS, K_Q2, K_Q3, K_Q4, K_Q5, K_Q6, h2f, has_mins, hmax, hsum, iq4_levels, k_bytes,
+        k_d_at, q2_k_mins, scales_mins_k4, signed, signed_scales16,
     };
     use super::Acts;
 
@@ -1227,11 +1227,7 @@ mod avx2 {
                 return (_mm256_loadu_si256(p.add(2).cast()), 0.0);
             }
             if F == IQ4_NL {
-                let levels = _mm_loadu_si128(kiln_gguf::IQ4_LEVELS.as_ptr().cast());
-                let qs = _mm_loadu_si128(p.add(2).cast());
-                let lo = _mm_shuffle_epi8(levels, _mm_and_si128(qs, mask));
-                let hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(qs, 4), mask));
-                return (_mm256_set_m128i(hi, lo), 0.0);
+                return (iq4_levels(p.add(2)), 0.0);
             }
             let (off, at, qh) = match F {
                 Q4_0 => (-8.0 * d, 2, None),
